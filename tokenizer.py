@@ -1,0 +1,552 @@
+"""The FQGAN tokenizer: a VQGAN encoder/decoder with k factorized sub-codebooks, in one code path for any k.
+
+Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681.
+  Sec. 3.1      VQGAN backbone (LlamaGen's VQ-16/VQ-8 encoder and decoder)
+  Sec. 3.2      factorized quantization: Eq. (3) shared trunk, Eq. (4) one adapter per sub-codebook,
+                Eq. (5) one quantizer per sub-codebook, Eq. (6) decode the channel-wise concatenation
+  Sec. 3.2.1    disentanglement regularizer, Eq. (7) (computed here, weighted in losses.py)
+  Sec. 3.2.2    feature-prediction heads for representation learning (the loss is in losses.py)
+  Tab. 1        the presets fqgan-dual-16/-8 and fqgan-triple-16/-8; Tab. 3 the single-codebook vqgan-16 baseline
+  IBQ (arXiv 2412.02692) as the second quantizer: preset ibq-16.
+
+Data flow (k branches, concatenated in branch order; official order [vis, sem] / [vis, sem_mid, sem_high]):
+
+  x (B,3,H,W) -> Encoder trunk -> h (B,C,h,w) -+-> branch i: adapter A_i -> GroupNorm -> swish -> conv_out
+                                               |     -> quant_conv -> quantizer Q_i -> z_q^i (B,d,h,w)
+                                               |     [-> feature head P_i (teacher-supervised branches only)]
+                                               +-> ... ; concat z_q^1..z_q^k -> post_quant_conv -> Decoder -> x_rec
+
+Numerics follow the official code where it matters for bit-exact checkpoint parity
+(`../shared/reference/fqgan_tokenizer_spec.md` §7): swish as x*sigmoid(x), bmm attention with the scale after the
+matmul, asymmetric padding before the stride-2 conv, nearest upsampling, exact GELU, LayerNorm eps 1e-5,
+GroupNorm eps 1e-6.
+
+Usage:
+  from tokenizer import Tokenizer, TokenizerConfig, PRESETS
+  tok = Tokenizer(TokenizerConfig(**PRESETS["tiny"]))
+  codes = tok.encode(x)                 # (B, k, h, w) int64, x in [-1, 1]
+  x_rec = tok.decode_codes(codes)       # (B, 3, H, W); keep=[i] decodes from sub-codebook i alone (Fig. 3)
+Smoke demo: python tokenizer.py --preset tiny
+"""
+import argparse
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from quantizer import IBQuantizer, VectorQuantizer, disentangle_loss
+
+
+@dataclass
+class TokenizerConfig:
+    image_size: int | tuple = 256           # int or (H, W); sizes the adapters' and heads' position tables
+    # encoder / decoder (Sec. 3.1, LlamaGen VQ-16: ch_mult (1,1,2,2,4) -> downsample 16; VQ-8: (1,2,2,4))
+    ch: int = 128
+    ch_mult: tuple = (1, 1, 2, 2, 4)
+    num_res_blocks: int = 2                 # the decoder uses num_res_blocks + 1 per level
+    z_channels: int = 256
+    dropout: float = 0.0
+    # quantization (Sec. 3.1-3.2; Tab. 1: K = 16384, d = 8)
+    quantizer: str = "vq"                   # "vq" (FQGAN) or "ibq"
+    num_codebooks: int = 2                  # k
+    codebook_size: int = 16384              # K, per sub-codebook
+    codebook_dim: int = 8                   # d
+    l2_norm: bool = True                    # vq only: cosine-similarity lookup (FQGAN default)
+    beta: float = 0.25                      # commitment weight (Eq. 2)
+    entropy_weight: float = 0.03            # official training scripts (the model default is 0.0)
+    entropy_temperature: float = 0.01
+    # adapters, Eq. (4): a pre-LN transformer over the h*w latent tokens, width = ch * ch_mult[-1]
+    adapter_layers: int = 6                 # 0: no adapter (a plain VQGAN branch)
+    adapter_heads: int = 8
+    # branches and representation learning (Sec. 3.2.2); one entry per sub-codebook, in concatenation order
+    branch_names: tuple = ("vis", "sem")
+    teachers: tuple = (None, "openclip:ViT-L-14:openai")   # frozen teacher per branch (built in losses.py)
+    head_dims: tuple = (0, 1024)            # feature-head width per branch = teacher feature width; 0: no head
+    head_layers: int = 3
+    head_heads: int = 8
+
+    def __post_init__(self):
+        k = self.num_codebooks
+        for name in ("branch_names", "teachers", "head_dims"):
+            if len(getattr(self, name)) != k:
+                raise ValueError(f"{name} must have one entry per sub-codebook (num_codebooks={k}), "
+                                 f"got {getattr(self, name)}")
+        if self.quantizer not in ("vq", "ibq"):
+            raise ValueError(f"quantizer must be 'vq' or 'ibq', got {self.quantizer!r}")
+
+    @property
+    def downsample(self):
+        return 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def grid(self):
+        """(h, w) of the latent grid for the configured image size: grid = image_size // downsample."""
+        size = (self.image_size,) * 2 if isinstance(self.image_size, int) else tuple(self.image_size)
+        for s in size:
+            if s % self.downsample:
+                raise ValueError(f"image size {size} is not divisible by the downsample factor {self.downsample}")
+        return size[0] // self.downsample, size[1] // self.downsample
+
+
+_DUAL = dict(branch_names=("vis", "sem"), teachers=(None, "openclip:ViT-L-14:openai"), head_dims=(0, 1024))
+_TRIPLE = dict(num_codebooks=3, branch_names=("vis", "sem_mid", "sem_high"),
+               teachers=(None, "timm:vit_small_patch14_dinov2.lvd142m", "openclip:ViT-B-16:openai"),
+               head_dims=(0, 384, 768))
+_SINGLE = dict(num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,), head_dims=(0,))
+PRESETS = {
+    # Tab. 1: FQGAN-Dual / -Triple at downsample 16 (16x16 tokens at 256 px) and 8 (32x32 tokens)
+    "fqgan-dual-16": dict(**_DUAL),
+    "fqgan-triple-16": dict(**_TRIPLE),
+    "fqgan-dual-8": dict(ch_mult=(1, 2, 2, 4), **_DUAL),
+    "fqgan-triple-8": dict(ch_mult=(1, 2, 2, 4), **_TRIPLE),
+    # Tab. 3 baseline: LlamaGen's VQ-16, one 16384 x 8 codebook, no adapter
+    "vqgan-16": dict(**_SINGLE),
+    # IBQ (arXiv 2412.02692): one 16384 x 256 codebook, raw inner-product logits, 4 res blocks per level.
+    # NOTE(paper≠code): IBQ's own encoder is taming's (attention at 16x16 in every block); we reuse ours.
+    "ibq-16": dict(quantizer="ibq", codebook_dim=256, num_res_blocks=4, entropy_weight=0.05, l2_norm=False,
+                   **_SINGLE),
+    # CPU size: 64 px, downsample 8 -> 8x8 grid, two 512-entry sub-codebooks, no teacher (no weights offline)
+    "tiny": dict(image_size=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64, codebook_size=512,
+                 adapter_layers=2, adapter_heads=4, branch_names=("vis", "sem"), teachers=(None, None),
+                 head_dims=(0, 0)),
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building blocks (LlamaGen / taming VQGAN)
+
+def swish(x):
+    return x * torch.sigmoid(x)     # not F.silu: that differs by up to 1e-6 and breaks bit-exact parity
+
+
+def Normalize(channels):
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout, dropout=0.0):
+        super().__init__()
+        self.norm1, self.conv1 = Normalize(cin), nn.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2, self.conv2 = Normalize(cout), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.dropout = nn.Dropout(dropout)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(self.dropout(swish(self.norm2(h))))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head spatial self-attention at the lowest resolution, with a residual connection."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.norm = Normalize(c)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        y = self.norm(x)
+        q = self.q(y).reshape(b, c, h * w).permute(0, 2, 1)          # (B, C, h, w) -> (B, hw, C)
+        k = self.k(y).reshape(b, c, h * w)                            # (B, C, hw)
+        v = self.v(y).reshape(b, c, h * w)                            # (B, C, hw)
+        # official op order (bit-exact): bmm, then scale, softmax over keys, bmm with the transposed weights
+        attn = (torch.bmm(q, k) * c ** -0.5).softmax(dim=2)           # (B, hw_q, hw_k)
+        out = torch.bmm(v, attn.permute(0, 2, 1)).reshape(b, c, h, w)  # (B, C, hw_q) -> (B, C, h, w)
+        return x + self.proj_out(out)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 2, 0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))                      # pad right/bottom by 1, then stride 2
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, 1, 1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: res blocks, attention after each of them (lowest resolution only), resampling."""
+
+    def __init__(self, cin, cout, n_res, attn, resample, dropout):
+        super().__init__()
+        self.res = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, dropout) for i in range(n_res))
+        self.attn = nn.ModuleList(AttnBlock(cout) for _ in range(n_res)) if attn else nn.ModuleList()
+        if resample is not None:    # registered as .downsample / .upsample (official names)
+            setattr(self, resample.__name__.lower(), resample(cout))
+        self.resample = resample.__name__.lower() if resample else None
+
+    def forward(self, x):
+        for i, res in enumerate(self.res):
+            x = res(x)
+            if len(self.attn):
+                x = self.attn[i](x)
+        return getattr(self, self.resample)(x) if self.resample else x
+
+
+class Encoder(nn.Module):
+    """Eq. (3): the shared trunk E(x) = z (B, ch*ch_mult[-1], h, w). LlamaGen's encoder minus norm_out/conv_out,
+    which become per-branch layers (Branch.norm_out / conv_out)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        chs = [cfg.ch * m for m in cfg.ch_mult]
+        n = len(chs)
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, 1, 1)
+        self.conv_blocks = nn.ModuleList(
+            Level(([cfg.ch] + chs)[i], chs[i], cfg.num_res_blocks, attn=i == n - 1,
+                  resample=Downsample if i < n - 1 else None, dropout=cfg.dropout) for i in range(n))
+        self.mid = nn.ModuleList([ResnetBlock(chs[-1], chs[-1], cfg.dropout), AttnBlock(chs[-1]),
+                                  ResnetBlock(chs[-1], chs[-1], cfg.dropout)])
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.conv_blocks:
+            h = level(h)
+        for block in self.mid:
+            h = block(h)
+        return h
+
+
+class Decoder(nn.Module):
+    """x_rec = D(post_quant_conv([z_q^1; ...; z_q^k])), Eq. (6). conv_blocks.0 is the deepest level."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        chs = [cfg.ch * m for m in cfg.ch_mult][::-1]                 # deepest first
+        n = len(chs)
+        self.conv_in = nn.Conv2d(cfg.z_channels, chs[0], 3, 1, 1)
+        self.mid = nn.ModuleList([ResnetBlock(chs[0], chs[0], cfg.dropout), AttnBlock(chs[0]),
+                                  ResnetBlock(chs[0], chs[0], cfg.dropout)])
+        self.conv_blocks = nn.ModuleList(
+            Level(chs[max(i - 1, 0)], chs[i], cfg.num_res_blocks + 1, attn=i == 0,
+                  resample=Upsample if i < n - 1 else None, dropout=cfg.dropout) for i in range(n))
+        self.norm_out = Normalize(chs[-1])
+        self.conv_out = nn.Conv2d(chs[-1], 3, 3, 1, 1)
+
+    def forward(self, z):
+        h = self.conv_in(z)
+        for block in self.mid:
+            h = block(h)
+        for level in self.conv_blocks:
+            h = level(h)
+        return self.conv_out(swish(self.norm_out(h)))                 # no tanh, no clamp (official)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Transformers of the adapters (Eq. 4) and feature heads (Sec. 3.2.2). CLIP-style names for checkpoint loading.
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with nn.MultiheadAttention's parameter names (packed q|k|v projection)."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by the number of heads {heads}")
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)                  # nn.MultiheadAttention's init
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(b, n, self.heads, c // self.heads).transpose(1, 2) for t in (q, k, v))  # (B,H,n,c/H)
+        out = F.scaled_dot_product_attention(q, k, v)                 # bidirectional: no mask
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, c))    # (B, H, n, c/H) -> (B, n, c)
+
+
+class ResidualAttentionBlock(nn.Module):
+    def __init__(self, width, heads):
+        super().__init__()
+        self.ln_1, self.attn = nn.LayerNorm(width), SelfAttention(width, heads)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(),
+                                             c_proj=nn.Linear(4 * width, width)))
+
+    def forward(self, x):
+        x = x + self.attn(self.ln_1(x))
+        return x + self.mlp(self.ln_2(x))
+
+
+def _grid_pos(pos, grid, new_grid):
+    """Position table (h*w, C) for a different grid, by bicubic interpolation (identity when the grid matches)."""
+    if tuple(new_grid) == tuple(grid):
+        return pos
+    pos = pos.reshape(1, *grid, -1).permute(0, 3, 1, 2)              # (h*w, C) -> (1, C, h, w)
+    pos = F.interpolate(pos, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    return pos.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1)
+
+
+class Adapter(nn.Module):
+    """Eq. (4), z_i = A_i(z): a pre-LN transformer over the h*w latent tokens, bidirectional, learned positions.
+    The output replaces z (no skip around the adapter), as in the official code."""
+
+    def __init__(self, width, layers, heads, grid):
+        super().__init__()
+        self.grid = grid
+        self.positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(grid[0] * grid[1], width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+        self.ln_post = nn.LayerNorm(width)
+
+    def forward(self, z):
+        b, c, h, w = z.shape
+        x = z.reshape(b, c, h * w).permute(0, 2, 1)                   # (B, C, h, w) -> (B, h*w, C), row-major
+        x = self.ln_pre(x + _grid_pos(self.positional_embedding, self.grid, (h, w)))
+        for block in self.transformer:
+            x = block(x)
+        return self.ln_post(x).permute(0, 2, 1).reshape(b, c, h, w)   # (B, h*w, C) -> (B, C, h, w)
+
+
+class FeatPredHead(nn.Module):
+    """Sec. 3.2.2: predicts a frozen teacher's feature from one branch's quantized codes z_q^i (B, d, h, w).
+
+    Linear-ReLU-Linear lift to the teacher width, a class token, learned positions, a small transformer.
+    Returns (B, 1 + h*w, width); token 0 is compared with the teacher's CLS feature (losses.py).
+    """
+
+    def __init__(self, codebook_dim, width, layers, heads, grid):
+        super().__init__()
+        self.grid = grid
+        self.upscale = nn.Sequential(nn.Linear(codebook_dim, width), nn.ReLU(), nn.Linear(width, width))
+        self.class_embedding = nn.Parameter(width ** -0.5 * torch.randn(1, width))
+        self.positional_embedding = nn.Parameter(width ** -0.5 * torch.randn(1 + grid[0] * grid[1], width))
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = nn.ModuleList(ResidualAttentionBlock(width, heads) for _ in range(layers))
+        self.ln_post = nn.LayerNorm(width)
+
+    def forward(self, z_q):
+        b, d, h, w = z_q.shape
+        x = self.upscale(z_q.reshape(b, d, h * w).permute(0, 2, 1))  # (B, d, h, w) -> (B, h*w, d) -> (B, h*w, W)
+        x = torch.cat([self.class_embedding.expand(b, 1, -1).to(x.dtype), x], dim=1)   # (B, 1 + h*w, W)
+        pos = self.positional_embedding
+        pos = torch.cat([pos[:1], _grid_pos(pos[1:], self.grid, (h, w))])
+        x = self.ln_pre(x + pos)
+        for block in self.transformer:
+            x = block(x)
+        return self.ln_post(x)
+
+
+class Branch(nn.Module):
+    """One sub-codebook's path, Eq. (4)-(5): adapter -> GroupNorm -> swish -> conv_out -> quant_conv -> quantizer,
+    plus its feature head when a teacher supervises it."""
+
+    def __init__(self, cfg, i):
+        super().__init__()
+        width = cfg.ch * cfg.ch_mult[-1]
+        self.adapter = Adapter(width, cfg.adapter_layers, cfg.adapter_heads, cfg.grid) if cfg.adapter_layers else None
+        self.norm_out = Normalize(width)
+        self.conv_out = nn.Conv2d(width, cfg.z_channels, 3, 1, 1)
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
+        if cfg.quantizer == "vq":
+            self.quantize = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.l2_norm, cfg.beta,
+                                            cfg.entropy_weight, cfg.entropy_temperature)
+        else:
+            self.quantize = IBQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.beta, cfg.entropy_weight,
+                                        cfg.entropy_temperature)
+        self.feat_head = (FeatPredHead(cfg.codebook_dim, cfg.head_dims[i], cfg.head_layers, cfg.head_heads, cfg.grid)
+                          if cfg.head_dims[i] else None)
+
+    def forward(self, h):
+        z = self.adapter(h) if self.adapter is not None else h       # Eq. (4)
+        z = self.quant_conv(self.conv_out(swish(self.norm_out(z))))  # (B, C, h, w) -> (B, d, h, w)
+        return self.quantize(z)                                       # Eq. (5): z_q, losses, codes
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+class Tokenizer(nn.Module):
+    def __init__(self, cfg: TokenizerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.branches = nn.ModuleList(Branch(cfg, i) for i in range(cfg.num_codebooks))
+        self.post_quant_conv = nn.Conv2d(cfg.num_codebooks * cfg.codebook_dim, cfg.z_channels, 1)
+        self.decoder = Decoder(cfg)
+
+    def _check_images(self, x):
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W) in [-1, 1], got {tuple(x.shape)}")
+        f = self.cfg.downsample
+        if x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"image size {tuple(x.shape[2:])} is not divisible by the downsample factor {f}")
+
+    def forward(self, x):
+        """x (B, 3, H, W) in [-1, 1] -> (x_rec (B, 3, H, W), aux) with aux =
+        {"codes": (B, k, h, w), "z_q": [k x (B, d, h, w)], "losses": {"codebook/i", "commit/i", ..., "disentangle"},
+         "features": {i: (B, 1 + h*w, width)} for each teacher-supervised branch i}."""
+        self._check_images(x)
+        h = self.encoder(x)                                           # Eq. (3)
+        z_qs, codes, losses, features = [], [], {}, {}
+        for i, branch in enumerate(self.branches):
+            z_q, branch_losses, branch_codes = branch(h)              # Eq. (4)-(5)
+            z_qs.append(z_q)
+            codes.append(branch_codes)
+            losses.update({f"{name}/{i}": v for name, v in branch_losses.items()})
+            if branch.feat_head is not None:
+                features[i] = branch.feat_head(z_q)                   # Sec. 3.2.2
+        if len(z_qs) > 1:
+            losses["disentangle"] = disentangle_loss(z_qs)            # Eq. (7), unweighted
+        x_rec = self.decode(torch.cat(z_qs, dim=1))                   # Eq. (6): k x (B, d, h, w) -> (B, k*d, h, w)
+        aux = {"codes": torch.stack(codes, dim=1), "z_q": z_qs, "losses": losses, "features": features}
+        return x_rec, aux
+
+    def decode(self, z_q):
+        """Eq. (6): (B, k*d, h, w) concatenated sub-codes -> image (B, 3, H, W)."""
+        return self.decoder(self.post_quant_conv(z_q))
+
+    @torch.no_grad()
+    def encode(self, x):
+        """Images (B, 3, H, W) in [-1, 1] -> codes (B, k, h, w) int64, one index map per sub-codebook."""
+        self._check_images(x)
+        h = self.encoder(x)
+        return torch.stack([branch(h)[2] for branch in self.branches], dim=1)
+
+    def decode_codes(self, codes, keep=None):
+        """Codes (B, k, h, w) -> images (B, 3, H, W). With keep=[i, ...], only those sub-codebooks contribute and
+        the other branches' embeddings are zeroed (Fig. 3: what each sub-codebook encodes on its own)."""
+        k, size = self.cfg.num_codebooks, self.cfg.codebook_size
+        if codes.dim() != 4 or codes.shape[1] != k:
+            raise ValueError(f"expected codes of shape (B, {k}, h, w), got {tuple(codes.shape)}")
+        if codes.dtype.is_floating_point or codes.min() < 0 or codes.max() >= size:
+            raise ValueError(f"codes must be integers in [0, {size}), got dtype {codes.dtype} and range "
+                             f"[{codes.min().item()}, {codes.max().item()}]")
+        keep = range(k) if keep is None else keep
+        if any(not 0 <= i < k for i in keep):
+            raise ValueError(f"keep must list sub-codebook indices in [0, {k}), got {list(keep)}")
+        z_qs = []
+        for i, branch in enumerate(self.branches):
+            z_q = branch.quantize.codebook()[codes[:, i]]            # (B, h, w) -> (B, h, w, d)
+            z_qs.append(z_q.permute(0, 3, 1, 2) * (1.0 if i in keep else 0.0))  # -> (B, d, h, w)
+        return self.decode(torch.cat(z_qs, dim=1))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Checkpoints: ours ({"model", "config", ...}, plain types) and the official FQGAN ones (`fqgan_*_ds{8,16}.pt`).
+
+# Official module names per branch (fqgan_*_tokenizer_keys.txt): the adapter, and the feature head if any.
+_OFFICIAL_ADAPTER = {"vis": "visual_head", "sem": "semantic_head", "sem_mid": "semantic_head_mid",
+                     "sem_high": "semantic_head_high"}
+_OFFICIAL_HEAD = {"sem": "feat_pred_head", "sem_mid": "mid_sem_feat_pred", "sem_high": "high_sem_feat_pred"}
+
+
+def _official_prefixes(cfg):
+    """(official prefix, our prefix) pairs. Everything else (encoder trunk, post_quant_conv, decoder) has the
+    official names already. The official `encoder.<adapter>.0` is a one-element ModuleList, ours a module."""
+    pairs = []
+    for i, b in enumerate(cfg.branch_names):
+        pairs += [(f"encoder.{_OFFICIAL_ADAPTER[b]}.0.", f"branches.{i}.adapter."),
+                  (f"encoder.norm_out_{b}.", f"branches.{i}.norm_out."),
+                  (f"encoder.conv_out_{b}.", f"branches.{i}.conv_out."),
+                  (f"quant_conv_{b}.", f"branches.{i}.quant_conv."),
+                  (f"quantize_{b}.", f"branches.{i}.quantize.")]
+        if cfg.head_dims[i]:
+            pairs.append((f"{_OFFICIAL_HEAD[b]}.", f"branches.{i}.feat_head."))
+    return pairs
+
+
+def config_from_official(sd):
+    """Infer the TokenizerConfig of an official FQGAN state dict from its keys and shapes (Tab. 1 presets)."""
+    triple = "quantize_sem_mid.embedding.weight" in sd
+    names = ("vis", "sem_mid", "sem_high") if triple else ("vis", "sem")
+    if f"quantize_{names[1]}.embedding.weight" not in sd:
+        raise ValueError("not an FQGAN Dual/Triple tokenizer state dict: no quantize_sem*/quantize_vis keys")
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.conv_blocks."))
+    cfg = dict(PRESETS[f"fqgan-{'triple' if triple else 'dual'}-{2 ** (levels - 1)}"])
+    cfg["codebook_size"], cfg["codebook_dim"] = sd[f"quantize_{names[0]}.embedding.weight"].shape
+    # the heads are in the file only when it was trained with representation learning
+    cfg["head_dims"] = tuple(sd[f"{_OFFICIAL_HEAD[b]}.class_embedding"].shape[1]
+                             if b in _OFFICIAL_HEAD and f"{_OFFICIAL_HEAD[b]}.class_embedding" in sd else 0
+                             for b in names)
+    grid = sd[f"encoder.{_OFFICIAL_ADAPTER['vis']}.0.positional_embedding"].shape[0] ** 0.5
+    cfg["image_size"] = int(round(grid)) * 2 ** (levels - 1)
+    return TokenizerConfig(**cfg)
+
+
+def official_to_ours(sd, cfg):
+    """Rename an official state dict to ours. Drops the official `codebook_used` usage FIFO buffers (we count code
+    usage per batch instead; they hold no model state)."""
+    pairs, out = _official_prefixes(cfg), {}
+    for key, value in sd.items():
+        if key.endswith(".codebook_used"):
+            continue
+        new = next((ours + key[len(off):] for off, ours in pairs if key.startswith(off)), key)
+        out[new] = value
+    return out
+
+
+def ours_to_official(sd, cfg):
+    """The inverse of official_to_ours, with zero `codebook_used` buffers (65536,) as the official module has."""
+    pairs, out = _official_prefixes(cfg), {}
+    for key, value in sd.items():
+        new = next((off + key[len(ours):] for off, ours in pairs if key.startswith(ours)), key)
+        out[new] = value
+        if new.endswith("embedding.weight") and new.startswith("quantize_"):
+            out[new.replace("embedding.weight", "codebook_used")] = torch.zeros(65536)
+    return out
+
+
+def load_tokenizer(path, map_location="cpu"):
+    """Load our checkpoint or an official FQGAN one (detected by its keys) into a Tokenizer, strictly, in eval.
+
+    Nothing pickled is executed: torch.load(weights_only=True), allowing only argparse.Namespace (the official
+    files store their training arguments that way). Anything else in the file is refused.
+    """
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}") from None
+    except Exception as e:      # weights_only refuses any other pickled object
+        raise ValueError(f"refusing to load {path}: it holds objects other than tensors and plain types "
+                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    if isinstance(ckpt, dict) and "config" in ckpt:                   # ours, written by train_tokenizer.py
+        cfg = TokenizerConfig(**ckpt["config"])
+        sd = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
+        official = False
+    else:                                                             # official: {"model"|"ema"|"state_dict": sd}
+        sd = next((ckpt[k] for k in ("ema", "model", "state_dict") if isinstance(ckpt, dict) and k in ckpt), ckpt)
+        cfg = config_from_official(sd)
+        sd, official = official_to_ours(sd, cfg), True
+    tok = Tokenizer(cfg)
+    tok.load_state_dict(sd, strict=True)
+    for branch in tok.branches:     # reproduce the official straight-through rounding (see VectorQuantizer)
+        branch.quantize.official_ste = official
+    return tok.eval()
+
+
+def main():
+    parser = argparse.ArgumentParser(description="Tokenizer smoke demo: build a preset, encode and decode a batch "
+                                                 "of random images, print shapes and parameter counts.")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
+    parser.add_argument("--batch-size", type=int, default=2, help="number of random images")
+    args = parser.parse_args()
+    cfg = TokenizerConfig(**PRESETS[args.preset])
+    tok = Tokenizer(cfg).eval()
+    size = cfg.grid[0] * cfg.downsample, cfg.grid[1] * cfg.downsample
+    x = torch.rand(args.batch_size, 3, *size) * 2 - 1
+    codes = tok.encode(x)
+    x_rec = tok.decode_codes(codes)
+    n_params = sum(p.numel() for p in tok.parameters())
+    print(f"preset {args.preset}: {n_params:,} parameters, k = {cfg.num_codebooks} sub-codebooks of "
+          f"{cfg.codebook_size} x {cfg.codebook_dim}")
+    print(f"images {tuple(x.shape)} -> codes {tuple(codes.shape)} -> reconstruction {tuple(x_rec.shape)}")
+
+
+if __name__ == "__main__":
+    main()
