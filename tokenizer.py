@@ -29,6 +29,7 @@ Usage:
 Smoke demo: python tokenizer.py --preset tiny
 """
 import argparse
+import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -434,6 +435,16 @@ class Tokenizer(nn.Module):
             z_q = branch.quantize.codebook()[codes[:, i]]            # (B, h, w) -> (B, h, w, d)
             z_qs.append(z_q.permute(0, 3, 1, 2) * (1.0 if i in keep else 0.0))  # -> (B, d, h, w)
         return self.decode(torch.cat(z_qs, dim=1))
+
+
+def codebook_fingerprint(tok):
+    """16 hex digits identifying the sub-codebooks (raw rows rounded to fp16, so an fp16 export of a checkpoint keeps
+    the fingerprint). FAR checkpoints record the fingerprint of the tokenizer whose codes they were trained on, and
+    sample.py refuses a tokenizer that does not match."""
+    digest = hashlib.sha256()
+    for branch in tok.branches:
+        digest.update(branch.quantize.embedding.weight.detach().to("cpu", torch.float16).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # --------------------------------------------------------------------------------------------------------------

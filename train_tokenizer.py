@@ -76,6 +76,15 @@ def to_tensor(img):
     return torchvision.transforms.functional.pil_to_tensor(img).float() / 127.5 - 1
 
 
+def open_rgb(path):
+    """The image at path as RGB (grayscale / RGBA / CMYK converted), or None if it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
 class ImageFolder(Dataset):
     """root/<class>/<image>. Item (index, epoch) -> (image (3, H, W) in [-1, 1], class index, files skipped).
 
@@ -101,10 +110,8 @@ class ImageFolder(Dataset):
         index, epoch = item if isinstance(item, tuple) else (item, 0)
         for skipped in range(len(self.samples)):
             path, label = self.samples[(index + skipped) % len(self.samples)]
-            try:
-                with Image.open(path) as img:
-                    img = img.convert("RGB")
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+            img = open_rgb(path)
+            if img is None:
                 continue
             g = torch.Generator().manual_seed(hash((self.seed, epoch, index)) % 2**62)
             img = random_crop(img, self.size, g) if self.train else center_crop(img, self.size)
@@ -147,7 +154,8 @@ def parse_args(argv=None):
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (official script)")
     p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (official script)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, G and D separately")
-    p.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay of the generator weights")
+    p.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the generator weights "
+                   "(default 0.9999; 0.99 for tiny, whose 600 steps are too few for a slower average)")
     # loss weights, Eq. (2) and (8) (defaults: official; tiny has no LPIPS and no teacher weights offline)
     p.add_argument("--perceptual-weight", type=float, default=None, help="lambda_P (default 1.0; 0 for tiny)")
     p.add_argument("--disc-weight", type=float, default=0.5, help="lambda_G of the hinge GAN")
@@ -168,6 +176,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     tiny = args.preset == "tiny"
     defaults = dict(global_batch_size=16 if tiny else 256, max_steps=600 if tiny else 200000,
+                    ema_decay=0.99 if tiny else 0.9999,
                     perceptual_weight=0.0 if tiny else 1.0, disc_start=400 if tiny else 20000)
     for name, value in defaults.items():
         if getattr(args, name) is None:
@@ -181,6 +190,42 @@ def parse_args(argv=None):
         if getattr(args, name) <= 0:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     return args, p
+
+
+def init_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: join the group (NCCL on CUDA, gloo on CPU) and take the device
+    from LOCAL_RANK (multi-node works the same). Plain `python script.py` is rank 0 of a world of 1.
+    Returns (ddp, rank, world, local_rank, device)."""
+    ddp = "RANK" in os.environ
+    cuda = torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world, local_rank = 0, 1, 0
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # official setting
+    return ddp, rank, world, local_rank, device
+
+
+def rng_states(ddp, world):
+    """Every rank's CPU (and CUDA) RNG state, gathered so that rank 0 can store them all in the checkpoint."""
+    cuda = torch.cuda.is_available()
+    rng = {"cpu": [torch.get_rng_state()], "cuda": [torch.cuda.get_rng_state()] if cuda else []}
+    if ddp:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rng)
+        rng = {k: [s for r in gathered for s in r[k]] for k in rng}
+    return rng
+
+
+def set_rng_states(rng, rank):
+    """Inverse of rng_states for this rank (a checkpoint from another world size reuses states modulo its size)."""
+    torch.set_rng_state(rng["cpu"][rank % len(rng["cpu"])])
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
 
 
 def atomic_save(obj, path):
@@ -218,18 +263,8 @@ def psnr_on(model, dataset, device, batch_size=16):
 
 def main(argv=None):
     args, parser = parse_args(argv)
-    ddp = "RANK" in os.environ                                          # launched by torchrun
-    cuda = torch.cuda.is_available()
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        local_rank = int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world, local_rank = 0, 1, 0
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # official setting
+    ddp, rank, world, local_rank, device = init_distributed()
+    cuda = device.type == "cuda"
     if args.global_batch_size % world:
         parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
     batch = args.global_batch_size // world
@@ -277,10 +312,10 @@ def main(argv=None):
         disc_raw.load_state_dict(ckpt["disc"])
         opt_g.load_state_dict(ckpt["opt_g"])
         opt_d.load_state_dict(ckpt["opt_d"])
+        for group in opt_g.param_groups + opt_d.param_groups:           # a changed --lr applies on resume
+            group["lr"] = args.lr
         step = ckpt["step"]
-        torch.set_rng_state(ckpt["rng"]["cpu"][rank % len(ckpt["rng"]["cpu"])])
-        if cuda and ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"][rank % len(ckpt["rng"]["cuda"])])
+        set_rng_states(ckpt["rng"], rank)
     elif args.resume and master:
         print(f"--resume: no {last} yet, starting from scratch")
     if master:
@@ -293,11 +328,7 @@ def main(argv=None):
 
     def checkpoint():
         """Every rank holds the same weights; gather the RNG states, rank 0 writes last.pt (+ a numbered copy)."""
-        rng = {"cpu": [torch.get_rng_state()], "cuda": [torch.cuda.get_rng_state()] if cuda else []}
-        if ddp:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, rng)
-            rng = {k: [s for r in gathered for s in r[k]] for k in rng}
+        rng = rng_states(ddp, world)
         if master:
             state = {"model": raw.state_dict(), "ema": ema.state_dict(), "disc": disc_raw.state_dict(),
                      "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step,
@@ -316,8 +347,10 @@ def main(argv=None):
     if master and val_set is not None and step == 0:                   # the "before" of held-out PSNR
         log.write(json.dumps({"step": 0, "val_psnr": psnr_on(raw, val_set, device)}) + "\n")
     sampler.start = step * batch                                        # exact data position on resume
+    # The loader draws its base seed from its own generator, not the global RNG (exact resume).
     loader = iter(DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=args.num_workers,
-                             pin_memory=cuda, persistent_workers=args.num_workers > 0))
+                             pin_memory=cuda, persistent_workers=args.num_workers > 0,
+                             generator=torch.Generator().manual_seed(args.seed + rank)))
     while step < args.max_steps:
         x, _, skipped = next(loader)
         x = x.to(device, non_blocking=True)

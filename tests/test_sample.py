@@ -1,0 +1,97 @@
+"""sample.py: PNG grids, the ADM npz (same for 1 and 2 processes), pair checks, and the shipped tiny weights.
+
+Run: python -m pytest tests/test_sample.py -q
+"""
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import sample  # noqa: E402
+from far import FAR, PRESETS as FAR_PRESETS, FARConfig, generate  # noqa: E402
+from tokenizer import PRESETS, Tokenizer, TokenizerConfig, codebook_fingerprint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """A random 32-px tiny tokenizer (4x4 codes) and a random tiny FAR over its codes, 5 classes, saved as
+    train_far.py saves them."""
+    d = tmp_path_factory.mktemp("pair")
+    torch.manual_seed(0)
+    tcfg = TokenizerConfig(**{**PRESETS["tiny"], "image_size": 32})
+    tok = Tokenizer(tcfg)
+    torch.save({"model": tok.state_dict(), "config": asdict(tcfg)}, d / "tok.pt")
+    fcfg = FARConfig(**{**FAR_PRESETS["tiny"], "codebook_size": 512, "grid": (4, 4), "num_classes": 5})
+    far = FAR(fcfg)
+    for out in far.output:                                              # not the uniform zero init: real samples
+        torch.nn.init.normal_(out.weight, std=0.5)
+    info = {"config": asdict(tcfg), "fingerprint": codebook_fingerprint(tok), "path": str(d / "tok.pt")}
+    torch.save({"model": far.state_dict(), "config": asdict(fcfg), "tokenizer": info,
+                "classes": list("vwxyz")}, d / "far.pt")
+    return d, tok, far
+
+
+def test_png_grid_matches_generate_and_decode(pair, tmp_path):
+    d, tok, far = pair
+    out = tmp_path / "grid.png"
+    sample.main(["--far-ckpt", str(d / "far.pt"), "--class-id", "1", "3", "--num", "3", "--out", str(out)])
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (2 + 2 * 34, 2 + 3 * 34, 3)                   # 2 rows x 3 images of 32 px, padding 2
+    # the first image is generate() with the generator of (seed 0, batch 0), decoded, then the official uint8
+    g = torch.Generator().manual_seed(0)
+    codes = generate(far, torch.tensor([1, 1, 1, 3, 3, 3]), cfg_scale=2.0, generator=g)
+    expected = sample.to_uint8(tok.decode_codes(codes))[0].numpy()
+    assert np.array_equal(grid[2:34, 2:34], expected)
+
+
+def test_to_uint8_is_the_official_truncation():
+    x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 1.5]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
+    assert sample.to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255, 255, 255]   # 127.5 x + 128, floor
+
+
+def test_npz_is_class_balanced_and_the_same_for_two_processes(pair, tmp_path):
+    d = pair[0]
+    flags = ["--far-ckpt", str(d / "far.pt"), "--num-samples", "7", "--batch-size", "2"]
+    sample.main(flags + ["--out-npz", str(tmp_path / "one.npz")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    os.path.join(ROOT, "sample.py"), *flags, "--out-npz", str(tmp_path / "two.npz")],
+                   check=True, env=env, cwd=tmp_path, capture_output=True)
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
+    assert one["arr_0"].shape == (7, 32, 32, 3) and one["arr_0"].dtype == np.uint8
+    assert sorted(np.bincount(one["labels"], minlength=5)) == [1, 1, 1, 2, 2]
+    assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
+    assert sorted(os.listdir(tmp_path)) == ["one.npz", "two.npz"]      # no parts or temp files left
+
+
+def test_bad_arguments_exit_2(pair, tmp_path, capsys):
+    d, tok, _ = pair
+    def fails(*flags):
+        with pytest.raises(SystemExit) as e:
+            sample.main(["--far-ckpt", str(d / "far.pt"), "--out", str(tmp_path / "x.png"), *flags])
+        assert e.value.code == 2
+        return capsys.readouterr().err
+    assert "classes 0..4 (0 v, 1 w" in fails("--class-id", "5")
+    assert "no such file" in fails("--class-id", "0", "--tokenizer-ckpt", str(tmp_path / "missing.pt"))
+    assert "--top-p 1.5 is out of range" in fails("--class-id", "0", "--top-p", "1.5")
+    # a tokenizer of another shape, and one of the same shape with other codebooks
+    cfg = TokenizerConfig(**{**PRESETS["tiny"], "image_size": 32, "codebook_size": 256})
+    torch.save({"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)}, tmp_path / "other.pt")
+    assert "(2, 512, (4, 4))" in fails("--class-id", "0", "--tokenizer-ckpt", str(tmp_path / "other.pt"))
+    torch.save({"model": Tokenizer(tok.cfg).state_dict(), "config": asdict(tok.cfg)}, tmp_path / "retrained.pt")
+    assert "fingerprint" in fails("--class-id", "0", "--tokenizer-ckpt", str(tmp_path / "retrained.pt"))
+
+
+def test_shipped_tiny_weights_sample_with_no_arguments(tmp_path):
+    # the README's first command: no checkpoint flags, the committed weights/ files
+    out = tmp_path / "samples.png"
+    sample.main(["--class-id", "3", "--num", "2", "--out", str(out)])
+    img = np.asarray(Image.open(out))
+    assert img.shape == (2 + 66, 2 + 2 * 66, 3) and img.std() > 10     # 2 images of 64 px, not a flat colour

@@ -1,0 +1,375 @@
+"""Train FAR, the factorized auto-regressive generator, on codes of a trained tokenizer (torchrun DDP or one process).
+
+Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681.
+  Sec. 3.3  the model (far.py); its loss is the mean cross-entropy over the k sub-codes
+  Sec. 4.1  ImageNet 256x256, codes extracted once with ten-crop + flip, 300 epochs, global batch 256, constant lr
+Recipe details follow the official scripts (`../shared/reference/far_spec.md` §5): AdamW (0.9, 0.95), weight decay
+0.05 on matrices only, grad clip 1.0, bf16 autocast, no EMA.
+
+Two stages, both in this file:
+  1. extract_codes(): every training image -> A augmented views -> codes, once, into OUT/codes/train/codes.npy
+     (a memory-mapped (N, A, k, h, w) array) + labels.npy; the held-out folder likewise (one centre view).
+  2. training: each step draws one view per image (as the official dataset does), teacher-forced cross-entropy.
+
+GPU (FAR-B on the codes of an FQGAN-Dual f16 tokenizer, 8 GPUs, the official 300 epochs):
+  torchrun --nproc_per_node=8 train_far.py --preset far-b --tokenizer-ckpt fqgan_dual_ds16.pt \
+      --data-path /data/imagenet/train --out-dir runs/far-b --max-steps 1501200
+CPU (the tiny preset on the codes of the shipped tiny tokenizer and the bundled photos, minutes on 2 cores):
+  python train_far.py --preset tiny --out-dir runs/far-tiny
+Resume either with the same command plus --resume.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torchvision.transforms.functional as TF
+from PIL import Image
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from far import FAR, PRESETS, FARConfig, far_loss, generate
+from tokenizer import codebook_fingerprint, load_tokenizer
+from train_tokenizer import (BUNDLED, ImageFolder, StreamSampler, atomic_save, center_crop, init_distributed,
+                             open_rgb, rng_states, save_grid, set_rng_states, to_tensor)
+
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
+VIEWS = {"tencrop": 10, "flip": 2, "none": 1}   # augmented views stored per image
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Stage 1: code extraction (spec §5.1)
+
+class Views(Dataset):
+    """Image i of an ImageFolder -> (A views (A, 3, H, W) in [-1, 1], label; label -1 if unreadable).
+
+    tencrop (official): ADM centre crop to 1.1x the size, then the 4 corners + centre and their horizontal flips.
+    flip: centre crop + its flip. none: centre crop (held-out images)."""
+
+    def __init__(self, root, size, augment):
+        self.folder, self.size, self.augment = ImageFolder(root, size, train=False), size, augment
+
+    def __len__(self):
+        return len(self.folder.samples)
+
+    def __getitem__(self, i):
+        path, label = self.folder.samples[i]
+        img, (h, w) = open_rgb(path), self.size
+        if img is None:
+            return torch.zeros(VIEWS[self.augment], 3, h, w), -1
+        if self.augment == "tencrop":
+            views = TF.ten_crop(center_crop(img, (int(h * 1.1), int(w * 1.1))), [h, w])  # tl, tr, bl, br, c, flipped
+        else:
+            img = center_crop(img, (h, w))
+            views = [img, img.transpose(Image.FLIP_LEFT_RIGHT)] if self.augment == "flip" else [img]
+        return torch.stack([to_tensor(v) for v in views]), label                         # (A, 3, H, W)
+
+
+@torch.no_grad()
+def extract_codes(tok, root, out_dir, augment, batch_size, device, ddp, rank, world):
+    """Encode every image of root once into out_dir/{codes.npy (N, A, k, h, w), labels.npy (N,)}; returns both
+    memory-mapped. Ranks split the images; meta.json is written last, so its presence means the files are complete
+    (an interrupted extraction starts over). Unreadable images get label -1 and are left out of training."""
+    tcfg = tok.cfg
+    size = tcfg.grid[0] * tcfg.downsample, tcfg.grid[1] * tcfg.downsample
+    meta = {"tokenizer": codebook_fingerprint(tok), "augment": augment, "root": os.path.abspath(root),
+            "size": list(size)}
+    paths = [os.path.join(out_dir, n) for n in ("codes.npy", "labels.npy", "meta.json")]
+    if os.path.exists(paths[2]):
+        stored = json.load(open(paths[2]))
+        if {k: stored.get(k) for k in meta} != meta:
+            raise SystemExit(f"{out_dir} holds codes of another tokenizer or data ({stored}); use another --out-dir")
+        return [np.load(p, mmap_mode="r") for p in paths[:2]]
+    views = Views(root, size, augment)
+    n, k, A = len(views), tcfg.num_codebooks, VIEWS[augment]
+    dtype = np.uint16 if tcfg.codebook_size <= 2 ** 16 else np.int32
+    tmp = [p + ".tmp.npy" for p in paths[:2]]
+    if rank == 0:
+        os.makedirs(out_dir, exist_ok=True)
+        np.lib.format.open_memmap(tmp[0], "w+", dtype, (n, A, k, *tcfg.grid))
+        np.lib.format.open_memmap(tmp[1], "w+", np.int64, (n,))
+    if ddp:
+        dist.barrier()
+    codes, labels = (np.lib.format.open_memmap(t, "r+") for t in tmp)
+    mine = list(range(rank, n, world))                                 # this rank's images
+    loader = DataLoader(torch.utils.data.Subset(views, mine), batch_size=batch_size, num_workers=2)
+    done = 0
+    for x, y in tqdm(loader, desc=f"extract {os.path.basename(out_dir)}", disable=rank != 0, dynamic_ncols=True):
+        b = x.shape[0]
+        c = tok.encode(x.flatten(0, 1).to(device))                     # (b, A, 3, H, W) -> (b*A, 3, H, W) -> codes
+        idx = mine[done:done + b]
+        codes[idx] = c.view(b, A, k, *tcfg.grid).cpu().numpy().astype(dtype)   # (b*A, k, h, w) -> (b, A, k, h, w)
+        labels[idx] = y.numpy()
+        done += b
+    codes.flush(), labels.flush()
+    del codes, labels
+    if ddp:
+        dist.barrier()
+    if rank == 0:
+        for t, p in zip(tmp, paths):
+            os.replace(t, p)
+        meta["unreadable"] = int((np.load(paths[1]) < 0).sum())
+        with open(paths[2] + ".tmp", "w") as f:
+            json.dump(meta, f)
+        os.replace(paths[2] + ".tmp", paths[2])
+        print(f"extracted {n} images x {A} views from {root}: {meta['unreadable']} unreadable, skipped")
+    if ddp:
+        dist.barrier()
+    return [np.load(p, mmap_mode="r") for p in paths[:2]]
+
+
+class Codes(Dataset):
+    """Item (index, epoch) -> (codes (k, h, w) int64 of one view, label). Like the official dataset (spec §5.2) one
+    of the A views is drawn uniformly per sample; the draw is seeded by (seed, epoch, index), so resume is exact."""
+
+    def __init__(self, codes, labels, seed=0):
+        self.codes, self.labels, self.seed = codes, labels, seed
+        self.index = np.flatnonzero(np.asarray(labels) >= 0)           # readable images only
+
+    def __len__(self):
+        return len(self.index)
+
+    def __getitem__(self, item):
+        i, epoch = item if isinstance(item, tuple) else (item, 0)
+        g = torch.Generator().manual_seed(hash((self.seed, epoch, i)) % 2 ** 62)
+        view = int(torch.randint(self.codes.shape[1], (), generator=g))
+        j = self.index[i]
+        return torch.from_numpy(self.codes[j, view].astype(np.int64)), int(self.labels[j])
+
+
+@torch.no_grad()
+def nll_bits(model, dataset, device, ddp, rank, world, batch_size=64):
+    """Held-out negative log-likelihood in bits per sub-code, one value per sub-code (teacher forcing, true labels,
+    eval mode). Ranks split the items and sum; every rank gets the result."""
+    model.eval()
+    k = model.cfg.num_codebooks
+    total = torch.zeros(k + 1, dtype=torch.float64, device=device)       # k summed CE (nats) + token count
+    mine = list(range(rank, len(dataset), world))
+    for s in range(0, len(mine), batch_size):
+        items = [dataset[i] for i in mine[s:s + batch_size]]
+        codes = torch.stack([c for c, _ in items]).to(device)            # (B, k, h, w)
+        labels = torch.tensor([y for _, y in items], device=device)
+        logits = model(codes, labels)                                    # (B, k, L, V)
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 2), codes.flatten(), reduction="none")
+        total[:k] += ce.view(len(items), k, -1).sum((0, 2)).double()     # (B*k*L,) -> (B, k, L) -> (k,)
+        total[k] += codes[:, 0].numel()
+    if ddp:
+        dist.all_reduce(total)
+    model.train()
+    return (total[:k] / total[k].clamp(min=1) / math.log(2)).tolist()
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # model and data
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="FAR preset (far.PRESETS; Tab. 2)")
+    p.add_argument("--head", default=None, choices=["ar", "linear", "mlp"],
+                   help="prediction head (default ar, the factorized AR head of Sec. 3.3; linear / mlp: Tab. 4)")
+    p.add_argument("--tokenizer-ckpt", default=None, help="trained tokenizer (ours or official) whose codes FAR "
+                   "models (default for tiny: the shipped weights/tiny_tokenizer.pt)")
+    p.add_argument("--data-path", default=None, help="ImageFolder root of training images "
+                   "(default: the bundled photos data/photos/train, for the tiny preset)")
+    p.add_argument("--val-path", default=None, help="ImageFolder root of held-out images for the NLL of "
+                   "--eval-every (default: data/photos/val with the bundled photos, else none)")
+    p.add_argument("--augment", default="tencrop", choices=sorted(VIEWS),
+                   help="views extracted per training image (official: tencrop = 10 crops incl. flips)")
+    p.add_argument("--out-dir", default="runs/far", help="codes, checkpoints, log.jsonl and sample PNGs go here")
+    # optimisation (far_spec.md §5.3: the official script; the paper's Sec. 4.1 says lr 2e-4)
+    p.add_argument("--global-batch-size", type=int, default=None, help="sequences per step over all ranks "
+                   "(default: 256 official; 32 for tiny)")
+    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: 1501200 = 300 epochs "
+                   "official; 1500 for tiny)")
+    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (default: 1e-4 as the "
+                   "official script; 1e-3 for tiny)")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (official script)")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (official script)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="on matrices and embeddings only (official)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    # runtime
+    p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
+    p.add_argument("--num-workers", type=int, default=None, help="data loader workers per rank "
+                   "(default 4; 0 for tiny, whose codes fit in memory)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on with CUDA, off on CPU)")
+    p.add_argument("--extract-batch-size", type=int, default=16, help="images per rank per encode in stage 1")
+    p.add_argument("--log-every", type=int, default=50, help="steps between JSONL log lines")
+    p.add_argument("--sample-every", type=int, default=500, help="steps between PNG grids of samples")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between held-out NLL evaluations")
+    p.add_argument("--ckpt-every", type=int, default=1000, help="steps between numbered checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    args = p.parse_args(argv)
+    tiny = args.preset == "tiny"
+    defaults = dict(global_batch_size=32 if tiny else 256, max_steps=1500 if tiny else 1501200,
+                    lr=1e-3 if tiny else 1e-4, num_workers=0 if tiny else 4)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.data_path is None:
+        if not tiny:
+            p.error(f"--data-path is required for preset {args.preset} (the bundled photos are for tiny)")
+        args.data_path = os.path.join(BUNDLED, "train")
+        args.val_path = args.val_path or os.path.join(BUNDLED, "val")
+    if args.tokenizer_ckpt is None:
+        if not tiny:
+            p.error(f"--tokenizer-ckpt is required for preset {args.preset}")
+        args.tokenizer_ckpt = os.path.join(WEIGHTS, "tiny_tokenizer.pt")
+    for name in ("global_batch_size", "max_steps", "log_every", "sample_every", "eval_every", "ckpt_every",
+                 "extract_batch_size"):
+        if getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if not os.path.isfile(args.tokenizer_ckpt):
+        p.error(f"--tokenizer-ckpt {args.tokenizer_ckpt}: no such file")
+    return args, p
+
+
+def main(argv=None):
+    args, parser = parse_args(argv)
+    ddp, rank, world, local_rank, device = init_distributed()
+    cuda, master = device.type == "cuda", rank == 0
+    if args.global_batch_size % world:
+        parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
+    batch = args.global_batch_size // world
+    torch.manual_seed(args.seed + rank)
+
+    # stage 1: codes (once; a later run or --resume reuses them) ---------------------------------------------
+    tok = load_tokenizer(args.tokenizer_ckpt, map_location=device).requires_grad_(False)
+    tok_info = {"config": asdict(tok.cfg), "fingerprint": codebook_fingerprint(tok),
+                "path": os.path.abspath(args.tokenizer_ckpt)}
+    extract = lambda root, name, aug: extract_codes(tok, root, os.path.join(args.out_dir, "codes", name), aug,
+                                                    args.extract_batch_size, device, ddp, rank, world)
+    dataset = Codes(*extract(args.data_path, "train", args.augment), seed=args.seed)
+    val_set = Codes(*extract(args.val_path, "val", "none")) if args.val_path else None
+    classes = ImageFolder(args.data_path, (1, 1)).classes
+
+    # model, optimizer --------------------------------------------------------------------------------------------
+    cfg = FARConfig(**{**PRESETS[args.preset], "num_codebooks": tok.cfg.num_codebooks,
+                       "codebook_size": tok.cfg.codebook_size, "grid": tok.cfg.grid, "num_classes": len(classes),
+                       **({"head": args.head} if args.head else {})})
+    torch.manual_seed(args.seed)                                        # same initial weights on every rank
+    raw = FAR(cfg).to(device)
+    torch.manual_seed(args.seed + rank)
+    model = torch.compile(raw) if (cuda if args.compile is None else args.compile) else raw
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if cuda else None)
+    # far_spec.md §5.3: weight decay on every tensor with ndim >= 2 (linears, embeddings), none on norms / biases
+    groups = [{"params": [p for p in raw.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in raw.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=cuda)
+    sampler = StreamSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+
+    # resume --------------------------------------------------------------------------------------------------
+    ckpt_dir = os.path.join(args.out_dir, "checkpoints")
+    last = os.path.join(ckpt_dir, "last.pt")
+    step = 0
+    if args.resume and os.path.exists(last):
+        ckpt = torch.load(last, map_location=device, weights_only=True)
+        if ckpt["config"] != asdict(cfg) or ckpt["args"]["global_batch_size"] != args.global_batch_size:
+            parser.error(f"{last} was written with another config or global batch size; use another --out-dir")
+        raw.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        for group in opt.param_groups:                                  # a changed --lr applies on resume
+            group["lr"] = args.lr
+        step = ckpt["step"]
+        set_rng_states(ckpt["rng"], rank)
+    elif args.resume and master:
+        print(f"--resume: no {last} yet, starting from scratch")
+    if master:
+        os.makedirs(ckpt_dir, exist_ok=True)
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+        print(f"FAR {args.preset} ({cfg.head} head): {sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M "
+              f"parameters, k={cfg.num_codebooks} x {cfg.codebook_size} codes on a {cfg.grid} grid, "
+              f"{len(dataset)} images, {len(classes)} classes, world {world}, batch {batch}/rank, "
+              f"steps {step} -> {args.max_steps}, device {device}")
+        log = open(os.path.join(args.out_dir, "log.jsonl"), "a")
+
+    def checkpoint():
+        rng = rng_states(ddp, world)
+        if master:
+            state = {"model": raw.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(cfg),
+                     "args": vars(args), "rng": rng, "data": {"samples_per_rank": step * batch},
+                     "tokenizer": tok_info, "classes": classes}
+            atomic_save(state, last)
+            if step % args.ckpt_every == 0 or step == args.max_steps:
+                atomic_save(state, os.path.join(ckpt_dir, f"{step:07d}.pt"))
+        if ddp:
+            dist.barrier()
+
+    def evaluate(nll, sample):
+        """Held-out NLL (every rank takes part) and, on rank 0, a PNG grid: one sample of each of 8 classes."""
+        record = {"step": step}
+        if nll and val_set is not None:
+            bits = nll_bits(raw, val_set, device, ddp, rank, world)
+            record.update({f"val_bits/{j + 1}": v for j, v in enumerate(bits)})
+        if master and sample:
+            labels = torch.arange(min(8, len(classes)), device=device)
+            g = torch.Generator(device).manual_seed(args.seed)
+            x = tok.decode_codes(generate(raw, labels, cfg_scale=2.0, generator=g))
+            save_grid(x, x[:0], os.path.join(args.out_dir, "samples", f"{step:07d}.png"))   # one row
+        if master and len(record) > 1:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    # train ---------------------------------------------------------------------------------------------------
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+    if step == 0:
+        evaluate(nll=True, sample=False)                                # the "before" of the held-out NLL
+    sampler.start = step * batch                                        # exact data position on resume
+    # The loader draws its base seed from its own generator, not the global RNG that dropout uses (exact resume).
+    loader = iter(DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=args.num_workers,
+                             pin_memory=cuda, persistent_workers=args.num_workers > 0,
+                             generator=torch.Generator().manual_seed(args.seed + rank)))
+    t0, tokens = time.time(), 0
+    while step < args.max_steps:
+        codes, labels = next(loader)
+        codes, labels = codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast:
+            loss = far_loss(model(codes, labels), codes)                # Sec. 3.3: mean CE over the k sub-codes
+        opt.zero_grad(set_to_none=True)
+        loss["loss"].backward()
+        loss["grad_norm"] = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+        opt.step()
+        step += 1
+        tokens += codes[:, 0].numel() * world
+        bar.update(1)
+        values = torch.stack([v.detach().float().reshape(()) for v in loss.values()])
+        if ddp:                                                         # every term averaged over ranks
+            dist.all_reduce(values)
+            values /= world
+        if not torch.isfinite(values).all():                           # stop before any checkpoint is written
+            bad = [k for k, v in zip(loss, values.tolist()) if not math.isfinite(v)]
+            if master:
+                print(f"non-finite loss at step {step}: {', '.join(bad)}; stopping. The last good checkpoint "
+                      f"{last} is left as it was.", file=sys.stderr)
+            if ddp:
+                dist.destroy_process_group()
+            sys.exit(1)
+        if master and (step % args.log_every == 0 or step == args.max_steps):
+            record = {"step": step, **dict(zip(loss, values.tolist())), "tokens_per_s": tokens / (time.time() - t0)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix(loss=f"{record['loss']:.3f}")
+        end = step == args.max_steps
+        if step % args.eval_every == 0 or step % args.sample_every == 0 or end:
+            evaluate(nll=step % args.eval_every == 0 or end, sample=step % args.sample_every == 0 or end)
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            checkpoint()
+    bar.close()
+    if master:
+        print(f"done: step {step}, checkpoint {last}")
+        log.close()
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
