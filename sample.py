@@ -30,8 +30,9 @@ WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
 
 def to_uint8(x):
-    """Images (B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8, as the official sampler: truncate 127.5 x + 128."""
-    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    """Images (B, 3, H, W) in [-1, 1] -> uint8 (B, 3, H, W) as the official sampler writes its PNGs (spec §4.4):
+    uint8(clamp(127.5 x + 128, 0, 255)), a truncating cast, i.e. round half up; a crop comes back to its pixels."""
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8)
 
 
 def load_pair(args, parser):
@@ -76,7 +77,7 @@ def sample(model, tok, labels, args, batch_index, device):
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         codes = generate(model, labels.to(device), cfg_scale=args.cfg_scale, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, generator=g)  # (B, k, h, w)
-    return to_uint8(tok.decode_codes(codes).float()).cpu()
+    return to_uint8(tok.decode_codes(codes).float()).permute(0, 2, 3, 1).cpu()      # -> (B, H, W, 3)
 
 
 def main(argv=None):

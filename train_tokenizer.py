@@ -158,7 +158,8 @@ def parse_args(argv=None):
                    "(default 0.9999; 0.99 for tiny, whose 600 steps are too few for a slower average)")
     # loss weights, Eq. (2) and (8) (defaults: official; tiny has no LPIPS and no teacher weights offline)
     p.add_argument("--perceptual-weight", type=float, default=None, help="lambda_P (default 1.0; 0 for tiny)")
-    p.add_argument("--disc-weight", type=float, default=0.5, help="lambda_G of the hinge GAN")
+    p.add_argument("--disc-weight", type=float, default=None, help="lambda_G of the hinge GAN (default 0.5; 0 for "
+                   "tiny, where the GAN without LPIPS wrecked reconstruction: held-out PSNR 18.2 -> 11.9 dB; 0 = no D)")
     p.add_argument("--disc-start", type=int, default=None, help="step the GAN starts (default 20000; tiny 400)")
     p.add_argument("--dis-weight", type=float, default=0.1, help="lambda_dis of Eq. (7)-(8)")
     p.add_argument("--rep-weight", type=float, default=0.5, help="lambda_rep of Eq. (8)")
@@ -177,7 +178,8 @@ def parse_args(argv=None):
     tiny = args.preset == "tiny"
     defaults = dict(global_batch_size=16 if tiny else 256, max_steps=600 if tiny else 200000,
                     ema_decay=0.99 if tiny else 0.9999,
-                    perceptual_weight=0.0 if tiny else 1.0, disc_start=400 if tiny else 20000)
+                    perceptual_weight=0.0 if tiny else 1.0, disc_weight=0.0 if tiny else 0.5,
+                    disc_start=400 if tiny else 20000)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -286,10 +288,11 @@ def main(argv=None):
     lpips = LPIPS().to(device) if args.perceptual_weight > 0 else None
     teachers = build_teachers(cfg.teachers, device=device) if args.rep_weight > 0 else {}   # frozen, never DDP
     model = torch.compile(raw) if (cuda if args.compile is None else args.compile) else raw
-    disc = disc_raw
+    gan = args.disc_weight > 0                                          # else D is kept untrained, never run
+    disc = disc_raw if gan else None
     if ddp:
         model = DDP(model, device_ids=[local_rank] if cuda else None)
-        disc = DDP(disc_raw, device_ids=[local_rank] if cuda else None)
+        disc = DDP(disc_raw, device_ids=[local_rank] if cuda else None) if gan else None
     opt_g = torch.optim.Adam(raw.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
 
@@ -367,12 +370,14 @@ def main(argv=None):
             for p_ema, p in zip(ema.parameters(), raw.parameters()):
                 p_ema.lerp_(p, 1 - args.ema_decay)
         # discriminator step (after G, on the same images and the pre-update reconstructions) -----------------
-        with autocast:
-            d = discriminator_loss(x, x_rec, step, disc, cfg=loss_cfg)
-        opt_d.zero_grad(set_to_none=True)                               # drop what the G step left in D
-        d["total"].backward()
-        torch.nn.utils.clip_grad_norm_(disc_raw.parameters(), args.grad_clip)
-        opt_d.step()
+        d = {}
+        if gan:
+            with autocast:
+                d = discriminator_loss(x, x_rec, step, disc, cfg=loss_cfg)
+            opt_d.zero_grad(set_to_none=True)                           # drop what the G step left in D
+            d["total"].backward()
+            torch.nn.utils.clip_grad_norm_(disc_raw.parameters(), args.grad_clip)
+            opt_d.step()
         step += 1
         images += x.shape[0] * world
         bar.update(1)

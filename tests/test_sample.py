@@ -14,6 +14,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
 import sample  # noqa: E402
 from far import FAR, PRESETS as FAR_PRESETS, FARConfig, generate  # noqa: E402
 from tokenizer import PRESETS, Tokenizer, TokenizerConfig, codebook_fingerprint  # noqa: E402
@@ -47,13 +48,13 @@ def test_png_grid_matches_generate_and_decode(pair, tmp_path):
     # the first image is generate() with the generator of (seed 0, batch 0), decoded, then the official uint8
     g = torch.Generator().manual_seed(0)
     codes = generate(far, torch.tensor([1, 1, 1, 3, 3, 3]), cfg_scale=2.0, generator=g)
-    expected = sample.to_uint8(tok.decode_codes(codes))[0].numpy()
+    expected = sample.to_uint8(tok.decode_codes(codes))[0].permute(1, 2, 0).numpy()
     assert np.array_equal(grid[2:34, 2:34], expected)
 
 
 def test_to_uint8_is_the_official_truncation():
     x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 1.5]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
-    assert sample.to_uint8(x)[0, 0, :, 0].tolist() == [0, 0, 128, 191, 255, 255, 255]   # 127.5 x + 128, floor
+    assert sample.to_uint8(x)[0, 0, 0].tolist() == [0, 0, 128, 191, 255, 255, 255]   # 127.5 x + 128, floor
 
 
 def test_npz_is_class_balanced_and_the_same_for_two_processes(pair, tmp_path):
@@ -95,3 +96,20 @@ def test_shipped_tiny_weights_sample_with_no_arguments(tmp_path):
     sample.main(["--class-id", "3", "--num", "2", "--out", str(out)])
     img = np.asarray(Image.open(out))
     assert img.shape == (2 + 66, 2 + 2 * 66, 3) and img.std() > 10     # 2 images of 64 px, not a flat colour
+
+
+def test_official_far_file_samples_with_a_tokenizer(pair, tmp_path):
+    # an official-layout FAR file (tok_embeddings_1, output_1, ..., a pickled argparse.Namespace, no tokenizer
+    # record): sample.py loads it safely, needs --tokenizer-ckpt, and draws the same images as our layout
+    import argparse
+    from far import ours_to_official
+    d, _, far = pair
+    args = argparse.Namespace(image_size=32, downsample_size=8, gpt_model="FAR-tiny")
+    torch.save({"model": ours_to_official(far.state_dict()), "args": args, "steps": 10}, tmp_path / "official.pt")
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--far-ckpt", str(tmp_path / "official.pt"), "--class-id", "0"])
+    assert e.value.code == 2
+    flags = ["--class-id", "2", "--num", "2", "--tokenizer-ckpt", str(d / "tok.pt")]
+    sample.main(["--far-ckpt", str(tmp_path / "official.pt"), "--out", str(tmp_path / "a.png"), *flags])
+    sample.main(["--far-ckpt", str(d / "far.pt"), "--out", str(tmp_path / "b.png"), *flags])
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))

@@ -20,7 +20,8 @@ from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
 
 # the tiny preset at 32 px (4x4 tokens), 4 images a step: a few hundred ms per step
 FAST = ["--preset", "tiny", "--image-size", "32", "--global-batch-size", "4", "--num-workers", "0",
-        "--log-every", "1", "--sample-every", "2", "--eval-every", "100", "--ckpt-every", "100", "--disc-start", "2"]
+        "--log-every", "1", "--sample-every", "2", "--eval-every", "100", "--ckpt-every", "100", "--disc-start", "2",
+        "--disc-weight", "0.5"]
 
 
 def run(out, *extra):

@@ -1,0 +1,268 @@
+"""evaluate.py: PSNR / SSIM against hand computations, FID with a random Inception, code usage over a whole set,
+2 processes equal 1, figures, npz streaming, missing weights and bad flags.
+
+No network: torch-fidelity's Inception is built with random weights and saved to a temp file; the Inception metrics
+run on its first pooled layer ("64", three convolutions) of 75 px inputs so that they take a fraction of a second.
+Run: python -m pytest tests/test_evaluate.py -q
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import evaluate  # noqa: E402
+from tokenizer import PRESETS, Tokenizer, TokenizerConfig, load_tokenizer  # noqa: E402
+from train_tokenizer import BUNDLED, ImageFolder, center_crop  # noqa: E402
+
+VAL = os.path.join(BUNDLED, "val")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These tests run many small ops, which extra threads only slow down on a shared CPU; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory):
+    """A randomly initialised torch-fidelity Inception, saved as a weight file (its constructor would download)."""
+    path = tmp_path_factory.mktemp("weights") / "inception-random.pth"
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None), \
+            mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
+        torch.manual_seed(0)
+        torch.save(FeatureExtractorInceptionV3("inception-v3-compat", ["64"]).state_dict(), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A random tiny tokenizer at 32 px (4x4 tokens, two 512-entry sub-codebooks) in our checkpoint format."""
+    torch.manual_seed(0)
+    cfg = TokenizerConfig(**{**PRESETS["tiny"], "image_size": 32})
+    path = tmp_path_factory.mktemp("ckpt") / "tok.pt"
+    torch.save({"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)}, path)
+    return str(path)
+
+
+@pytest.fixture
+def small_layers(monkeypatch):
+    """Inception metrics on the first pooled layer of a 75 px input: about 100x cheaper than "2048" at 299 px."""
+    for metric in ("fid", "isc", "prc"):
+        monkeypatch.setitem(evaluate.LAYERS, metric, "64")
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 75)
+
+
+def photos(n, size=32):
+    """The first n bundled val photos, center-cropped, uint8 (n, 3, size, size)."""
+    ds = ImageFolder(VAL, (size, size), train=False)
+    return torch.stack([evaluate.to_uint8(ds[i][0]) for i in range(n)])
+
+
+def run_main(tmp_path, *flags):
+    out = tmp_path / "res.json"
+    evaluate.main([*flags, "--out-json", str(out)])
+    return json.loads(out.read_text())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# PSNR, SSIM, the uint8 protocol
+
+def test_to_uint8_gives_back_the_crop_pixels():
+    ds = ImageFolder(VAL, (32, 32), train=False)
+    path = ds.samples[5][0]
+    expected = np.asarray(center_crop(Image.open(path).convert("RGB"), (32, 32)))
+    assert np.array_equal(evaluate.to_uint8(ds[5][0]).permute(1, 2, 0).numpy(), expected)
+
+
+def test_psnr_hand_values():
+    a = torch.zeros(3, 3, 8, 8)
+    b = torch.stack([torch.full((3, 8, 8), v) for v in (0.1, 0.01, 0.0)])
+    assert torch.allclose(evaluate.psnr(b, a), torch.tensor([20.0, 40.0, 100.0], dtype=torch.float64))
+
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+    # sigma = cov = 0: SSIM = (2ab + C1) / (a^2 + b^2 + C1) * C2 / C2
+    a, b = torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 16, 16), 0.7)
+    c1 = 0.01**2
+    assert math.isclose(evaluate.ssim(a, b).item(), (2 * 0.2 * 0.7 + c1) / (0.2**2 + 0.7**2 + c1), rel_tol=1e-6)
+    assert math.isclose(evaluate.ssim(a, a).item(), 1.0, rel_tol=1e-12)
+
+
+def test_ssim_equals_a_loop_over_windows():
+    g = torch.Generator().manual_seed(0)
+    a = torch.rand(2, 2, 14, 13, generator=g)
+    b = (a + 0.2 * torch.randn(2, 2, 14, 13, generator=g)).clamp(0, 1)
+    k = np.exp(-(np.arange(11) - 5) ** 2 / (2 * 1.5**2))
+    w = np.outer(k, k) / np.outer(k, k).sum()
+    c1, c2 = 0.01**2, 0.03**2
+    expected = np.zeros(2)
+    for n in range(2):
+        values = []
+        for c in range(2):
+            for i in range(14 - 10):
+                for j in range(13 - 10):
+                    x, y = a[n, c, i:i + 11, j:j + 11].double().numpy(), b[n, c, i:i + 11, j:j + 11].double().numpy()
+                    mx, my = (w * x).sum(), (w * y).sum()
+                    vx, vy, cxy = (w * (x - mx) ** 2).sum(), (w * (y - my) ** 2).sum(), (w * (x - mx) * (y - my)).sum()
+                    values.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
+        expected[n] = np.mean(values)
+    got = evaluate.ssim(a, b).numpy()
+    assert np.allclose(got, expected, atol=1e-10) and (got < 0.99).all()
+    # the official data_range=2 on [0, 1] images (spec §6.11) inflates the score
+    assert (evaluate.ssim(a, b, data_range=2.0).numpy() > got).all()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torch-fidelity metrics
+
+def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(inception, small_layers):
+    fe = evaluate.load_inception("cpu", inception)
+    x = photos(16)
+    g = torch.Generator().manual_seed(0)
+
+    def feats(sigma):
+        noisy = (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+        return fe.convert_features_tuple_to_dict(fe(noisy))
+    ref = feats(0)
+    fids = [evaluate.fidelity(feats(sigma), ref)["fid"] for sigma in (0, 8, 32, 96)]
+    assert abs(fids[0]) < 1e-3 * fids[1] and fids[1] < fids[2] < fids[3], fids
+
+
+def test_missing_inception_weights_name_the_file_and_url(ckpt, tmp_path, monkeypatch):
+    monkeypatch.setenv("FQGAN_WEIGHTS", str(tmp_path))
+    name = "weights-inception-2015-12-05-6726825d.pth"
+    with pytest.raises(FileNotFoundError) as e:                # --fid asks for rFID: no silent null
+        evaluate.main(["--tokenizer-ckpt", ckpt, "--fid", "--num-images", "1", "--out-json", str(tmp_path / "r.json")])
+    assert str(tmp_path / name) in str(e.value) and f"releases/download/v0.2.0/{name}" in str(e.value)
+
+
+def test_generation_mode_npz_against_folder(inception, small_layers, tmp_path):
+    x = photos(12)
+    arr = x.permute(0, 2, 3, 1).numpy()                         # (N, H, W, 3), the ADM layout
+    np.savez_compressed(tmp_path / "samples.npz", arr_0=arr)
+    os.makedirs(tmp_path / "ref")
+    for i, img in enumerate(arr):
+        Image.fromarray(img).save(tmp_path / "ref" / f"{i:03d}.png")
+    batches = list(evaluate.image_batches(str(tmp_path / "samples.npz"), 5))
+    assert [len(b) for b in batches] == [5, 5, 2] and torch.equal(torch.cat(batches), x)
+    res = run_main(tmp_path, "--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "ref"),
+                   "--inception-weights", inception, "--batch-size", "5")
+    assert res["images"] == res["reference_images"] == 12
+    assert abs(res["fid"]) < 1e-3 and res["precision"] == res["recall"] == 1.0 and res["inception_score"] > 1 - 1e-9
+    np.savez(tmp_path / "bad.npz", arr_0=arr.astype(np.float32))
+    with pytest.raises(ValueError, match="uint8"):
+        next(evaluate.image_batches(str(tmp_path / "bad.npz"), 5))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizer mode
+
+def test_tokenizer_mode_metrics_equal_a_direct_computation(ckpt, inception, small_layers, tmp_path, monkeypatch,
+                                                           capsys):
+    monkeypatch.setenv("FQGAN_WEIGHTS", str(tmp_path))         # no LPIPS weights there: null and a note
+    res = run_main(tmp_path, "--tokenizer-ckpt", ckpt, "--num-images", "8", "--batch-size", "3",
+                   "--num-workers", "0", "--fid", "--inception-weights", inception)
+    assert "note: LPIPS reported as null" in capsys.readouterr().out and res["lpips"] is None
+    tok = load_tokenizer(ckpt)
+    x = torch.stack([ImageFolder(VAL, (32, 32), train=False)[i][0] for i in range(8)])
+    with torch.no_grad():
+        codes = tok.encode(x)
+        rec = evaluate.to_uint8(tok.decode_codes(codes)).double() / 255
+    mse = (rec - evaluate.to_uint8(x).double() / 255).pow(2).flatten(1).mean(1)
+    assert res["images"] == 8 and math.isclose(res["psnr"], (10 * torch.log10(1 / mse)).mean().item(), rel_tol=1e-6)
+    assert 0 < res["ssim"] < 1 and res["rfid"] > 0 and res["inception_score"] > 1 - 1e-9
+    for i in range(2):
+        counts = np.bincount(codes[:, i].flatten().numpy(), minlength=512)
+        p = counts[counts > 0] / counts.sum()
+        assert math.isclose(res[f"usage/{i}"], (counts > 0).mean(), rel_tol=1e-6)
+        assert math.isclose(res[f"perplexity/{i}"], np.exp(-(p * np.log(p)).sum()), rel_tol=1e-5)
+
+
+def test_usage_counts_the_whole_set_not_each_batch(ckpt, tmp_path, monkeypatch):
+    # sub-codebook 0: code 7 everywhere; sub-codebook 1: batch b uses code b only. Batches of 3, 3, 2 images ->
+    # counts 3:3:2 over the set: perplexity exp(H(3/8, 3/8, 2/8)); a per-batch average would give 1.
+    calls = []
+
+    def encode(self, x):
+        calls.append(len(calls))
+        return torch.stack([torch.full((len(x), 4, 4), 7), torch.full((len(x), 4, 4), calls[-1])], 1)
+    monkeypatch.setattr(Tokenizer, "encode", encode)
+    res = run_main(tmp_path, "--tokenizer-ckpt", ckpt, "--num-images", "8", "--batch-size", "3", "--num-workers",
+                   "0", "--no-fid", "--no-lpips")
+    p = np.array([3, 3, 2]) / 8
+    assert res["usage/0"] == 1 / 512 and res["usage/1"] == 3 / 512 and res["perplexity/0"] == 1.0
+    assert math.isclose(res["perplexity/1"], np.exp(-(p * np.log(p)).sum()), rel_tol=1e-6)
+
+
+def test_two_processes_equal_one(ckpt, tmp_path):
+    flags = ["--tokenizer-ckpt", ckpt, "--num-images", "7", "--batch-size", "2", "--num-workers", "0", "--no-fid",
+             "--no-lpips"]
+    one = run_main(tmp_path, *flags)
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    "evaluate.py", *flags, "--out-json", str(tmp_path / "two.json")], cwd=ROOT,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
+    two = json.loads((tmp_path / "two.json").read_text())      # rank 0 gets images 0, 2, 4, 6; rank 1 the rest
+    assert one["images"] == two["images"] == 7
+    for key in ("psnr", "ssim", "usage/0", "usage/1", "perplexity/0", "perplexity/1"):
+        assert math.isclose(one[key], two[key], rel_tol=1e-6, abs_tol=1e-6), (key, one[key], two[key])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Figures
+
+def test_figures_are_written_with_the_expected_size(ckpt, tmp_path):
+    evaluate.main(["--tokenizer-ckpt", ckpt, "--no-metrics", "--fig3", str(tmp_path / "f3.png"),
+             "--fig3-images", "3", "--fig4", str(tmp_path / "f4.png"), "--fig4-method", "pca"])
+    fig3 = np.asarray(Image.open(tmp_path / "f3.png"))
+    assert fig3.shape == (20 + 3 * 128, 4 * 128, 3)             # 3 rows; original, full, 2 sub-codebooks; 32 px x4
+    first = photos(1)[0].repeat_interleave(4, 1).repeat_interleave(4, 2).permute(1, 2, 0).numpy()
+    assert np.array_equal(fig3[20:148, :128], first)            # the original of the first image, top left
+    fig4 = np.asarray(Image.open(tmp_path / "f4.png"))
+    assert fig4.shape == (20 + 320 + 24, 2 * 320, 3)             # one panel per sub-codebook, title and legend
+    for colour in evaluate.PALETTE[:4]:                         # points (and legend) of the 4 classes are drawn
+        assert (fig4 == colour).all(-1).sum() > 50, colour
+    assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]   # atomic writes leave no temp files
+
+
+def test_tsne_separates_two_clusters():
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g) + 6])
+    y = evaluate.tsne(x, perplexity=10)
+    nearest = (torch.cdist(y, y) + torch.eye(60) * 1e9).argmin(1)
+    assert y.shape == (60, 2) and ((nearest < 30) == (torch.arange(60) < 30)).all()
+    gap = (y[:30].mean(0) - y[30:].mean(0)).norm()
+    assert gap > 3 * max(y[:30].std(0).norm(), y[30:].std(0).norm())
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Flags
+
+@pytest.mark.parametrize("flags,message", [(["--batch-size", "0"], "--batch-size must be in [1, inf], got 0"),
+                                           (["--fig4-classes", "11"], "--fig4-classes must be in [1, 10], got 11"),
+                                           (["--samples", "x.npz"], "--samples and --reference go together"),
+                                           (["--tokenizer-ckpt", "nope.pt"], "--tokenizer-ckpt nope.pt does not exist"),
+                                           (["--fig4-method", "umap"], "invalid choice")])
+def test_invalid_flags_exit_2(flags, message, ckpt, capsys):
+    with pytest.raises(SystemExit) as e:
+        evaluate.parse_args(["--tokenizer-ckpt", ckpt, *flags])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_every_flag_is_read(ckpt):
+    source = open(os.path.join(ROOT, "evaluate.py")).read()
+    for name in vars(evaluate.parse_args(["--tokenizer-ckpt", ckpt])):
+        assert f"args.{name}" in source, f"--{name.replace('_', '-')} is parsed but never read"
