@@ -21,7 +21,6 @@ vis, sem_mid, sem_high), the layout `decode_codes(codes)` takes. Parameter count
 Tests (invariants + parity with the official logits): `python -m pytest tests/test_far.py -q`.
 """
 import argparse
-import math
 import re
 from dataclasses import asdict, dataclass
 

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
 
@@ -38,7 +37,8 @@ from tqdm import tqdm
 from far import FAR, PRESETS, FARConfig, far_loss, generate
 from tokenizer import codebook_fingerprint, load_tokenizer
 from train_tokenizer import (BUNDLED, ImageFolder, StreamSampler, atomic_save, center_crop, init_distributed,
-                             open_rgb, rng_states, save_grid, set_rng_states, to_tensor)
+                             mean_over_ranks_or_stop, open_rgb, read_resume, rng_states, save_grid, set_rng_states,
+                             to_tensor)
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 VIEWS = {"tencrop": 10, "flip": 2, "none": 1}   # augmented views stored per image
@@ -270,18 +270,14 @@ def main(argv=None):
     ckpt_dir = os.path.join(args.out_dir, "checkpoints")
     last = os.path.join(ckpt_dir, "last.pt")
     step = 0
-    if args.resume and os.path.exists(last):
-        ckpt = torch.load(last, map_location=device, weights_only=True)
-        if ckpt["config"] != asdict(cfg) or ckpt["args"]["global_batch_size"] != args.global_batch_size:
-            parser.error(f"{last} was written with another config or global batch size; use another --out-dir")
+    ckpt = read_resume(args, cfg, parser, device)
+    if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
         for group in opt.param_groups:                                  # a changed --lr applies on resume
             group["lr"] = args.lr
         step = ckpt["step"]
         set_rng_states(ckpt["rng"], rank)
-    elif args.resume and master:
-        print(f"--resume: no {last} yet, starting from scratch")
     if master:
         os.makedirs(ckpt_dir, exist_ok=True)
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
@@ -341,20 +337,9 @@ def main(argv=None):
         step += 1
         tokens += codes[:, 0].numel() * world
         bar.update(1)
-        values = torch.stack([v.detach().float().reshape(()) for v in loss.values()])
-        if ddp:                                                         # every term averaged over ranks
-            dist.all_reduce(values)
-            values /= world
-        if not torch.isfinite(values).all():                           # stop before any checkpoint is written
-            bad = [k for k, v in zip(loss, values.tolist()) if not math.isfinite(v)]
-            if master:
-                print(f"non-finite loss at step {step}: {', '.join(bad)}; stopping. The last good checkpoint "
-                      f"{last} is left as it was.", file=sys.stderr)
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(1)
+        averaged = mean_over_ranks_or_stop(loss, step, last, ddp, world, device)   # every rank, every step
         if master and (step % args.log_every == 0 or step == args.max_steps):
-            record = {"step": step, **dict(zip(loss, values.tolist())), "tokens_per_s": tokens / (time.time() - t0)}
+            record = {"step": step, **averaged, "tokens_per_s": tokens / (time.time() - t0)}
             log.write(json.dumps(record) + "\n")
             log.flush()
             bar.set_postfix(loss=f"{record['loss']:.3f}")

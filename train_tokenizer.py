@@ -22,7 +22,6 @@ from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -230,6 +229,39 @@ def set_rng_states(rng, rank):
         torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
 
 
+def read_resume(args, cfg, parser, device):
+    """The checkpoint --resume continues from (OUT/checkpoints/last.pt), or None to start afresh. A checkpoint of
+    another model config or global batch size is refused (exit 2): its data position would mean something else."""
+    last = os.path.join(args.out_dir, "checkpoints", "last.pt")
+    if not (args.resume and os.path.exists(last)):
+        if args.resume and int(os.environ.get("RANK", 0)) == 0:
+            print(f"--resume: no {last} yet, starting from scratch")
+        return None
+    ckpt = torch.load(last, map_location=device, weights_only=True)
+    if ckpt["config"] != asdict(cfg) or ckpt["args"]["global_batch_size"] != args.global_batch_size:
+        parser.error(f"{last} was written with another config or global batch size; use another --out-dir")
+    return ckpt
+
+
+def mean_over_ranks_or_stop(terms, step, last, ddp, world, device):
+    """{name: scalar tensor} -> {name: float} averaged over ranks. A non-finite term stops training (exit 1, naming
+    the step and the term) before anything is written, so `last` stays the last good checkpoint."""
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
+                          for v in terms.values()])
+    if ddp:
+        dist.all_reduce(values)
+        values /= world
+    if not torch.isfinite(values).all():
+        bad = [k for k, v in zip(terms, values.tolist()) if not math.isfinite(v)]
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"non-finite loss at step {step}: {', '.join(bad)}; stopping. The last good checkpoint {last} is "
+                  f"left as it was.", file=sys.stderr)
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(1)
+    return dict(zip(terms, values.tolist()))
+
+
 def atomic_save(obj, path):
     """Write to a temp file in the same folder, then rename: a crash never leaves a half-written `path`."""
     tmp = f"{path}.tmp{os.getpid()}"
@@ -306,10 +338,8 @@ def main(argv=None):
     ckpt_dir = os.path.join(args.out_dir, "checkpoints")
     last = os.path.join(ckpt_dir, "last.pt")
     step = 0
-    if args.resume and os.path.exists(last):
-        ckpt = torch.load(last, map_location=device, weights_only=True)
-        if ckpt["config"] != asdict(cfg) or ckpt["args"]["global_batch_size"] != args.global_batch_size:
-            parser.error(f"{last} was written with another config or global batch size; use another --out-dir")
+    ckpt = read_resume(args, cfg, parser, device)
+    if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         disc_raw.load_state_dict(ckpt["disc"])
@@ -319,8 +349,6 @@ def main(argv=None):
             group["lr"] = args.lr
         step = ckpt["step"]
         set_rng_states(ckpt["rng"], rank)
-    elif args.resume and master:
-        print(f"--resume: no {last} yet, starting from scratch")
     if master:
         os.makedirs(ckpt_dir, exist_ok=True)
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
@@ -383,21 +411,9 @@ def main(argv=None):
         bar.update(1)
         # every term averaged over ranks; a non-finite one stops training before any checkpoint is written ------
         terms = {**{f"g/{k}": v for k, v in g.items()}, **{f"d/{k}": v for k, v in d.items()}}
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
-                              for v in terms.values()])
-        if ddp:
-            dist.all_reduce(values)
-            values /= world
-        if not torch.isfinite(values).all():
-            bad = [k for k, v in zip(terms, values.tolist()) if not math.isfinite(v)]
-            if master:
-                print(f"non-finite loss at step {step}: {', '.join(bad)}; stopping. The last good checkpoint "
-                      f"{last} is left as it was.", file=sys.stderr)
-            if ddp:
-                dist.destroy_process_group()
-            sys.exit(1)
+        averaged = mean_over_ranks_or_stop(terms, step, last, ddp, world, device)
         if step % args.log_every == 0 or step == args.max_steps:
-            record = {"step": step, **dict(zip(terms, values.tolist()))}
+            record = {"step": step, **averaged}
             for i in range(cfg.num_codebooks):                         # usage of each sub-codebook, all ranks
                 stats = codebook_usage(aux["codes"][:, i], cfg.codebook_size)
                 record[f"usage/{i}"], record[f"perplexity/{i}"] = stats["usage"].item(), stats["perplexity"].item()
