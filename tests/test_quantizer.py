@@ -31,6 +31,47 @@ def test_nearest_code_equals_brute_force(n, k, d, chunk):
     assert torch.equal(nearest_code(z, codebook, chunk_elems=chunk), brute_force_codes(z, codebook))
 
 
+@pytest.mark.parametrize("k,chunk", [(4096, 2**20), (1000, 256), (3001, 2**12), (70, 1)])
+def test_nearest_code_duplicates_resolve_to_first_index(k, chunk):
+    """Exact duplicate codes (inside a group of 64, across groups, across code blocks when chunk < K) tie exactly:
+    the first index wins, as in argmin, and the result equals brute force."""
+    g = torch.Generator().manual_seed(k)
+    codebook = F.normalize(torch.randn(k, 8, generator=g), dim=-1)
+    src, dst = torch.randint(0, k, (2, k // 4), generator=g)
+    codebook[dst] = codebook[src]                                     # duplicates before and after their source
+    z = torch.cat([codebook[src], F.normalize(torch.randn(300, 8, generator=g), dim=-1)])   # tokens on the ties
+    codes = nearest_code(z, codebook, chunk_elems=chunk)
+    assert torch.equal(codes, brute_force_codes(z, codebook))
+    first = {}
+    for j, row in enumerate(map(tuple, codebook.tolist())):
+        first.setdefault(row, j)
+    assert all(first[tuple(codebook[j].tolist())] == j for j in codes[:src.shape[0]].tolist())
+
+
+@pytest.mark.parametrize("k,chunk", [(4096, 2**20), (1000, 256), (3001, 2**12)])
+def test_nearest_code_near_ties_within_rounding(k, chunk):
+    """Codes 1 ulp apart: fp32 cannot order them, and which one wins depends on the GEMM kernel MKL picks for the
+    block shape (brute force over other shapes flips some, the official code's batch size too). What holds for any
+    blocking: the chosen code is within fp32 rounding of the exact (fp64) nearest one."""
+    g = torch.Generator().manual_seed(k)
+    codebook = F.normalize(torch.randn(k, 8, generator=g), dim=-1)
+    near = torch.randint(0, k, (k // 4,), generator=g)
+    codebook[near] = torch.nextafter(codebook[near], torch.full_like(codebook[near], 2.0))   # 1 ulp away
+    z = torch.cat([codebook[near], F.normalize(torch.randn(300, 8, generator=g), dim=-1)])
+    codes = nearest_code(z, codebook, chunk_elems=chunk)
+    z64, c64 = z.double(), codebook.double()
+    dist64 = z64.pow(2).sum(1, keepdim=True) + c64.pow(2).sum(1) - 2 * z64 @ c64.t()
+    assert (dist64.gather(1, codes[:, None])[:, 0] - dist64.min(1).values).max() < 1e-6
+
+
+def test_nearest_code_batch_of_one_and_padding():
+    """N = 1 and K not a multiple of the group size (the last group is padded with +inf distances)."""
+    g = torch.Generator().manual_seed(3)
+    codebook = torch.randn(65, 4, generator=g)
+    z = codebook[64:65] + 1e-3                                        # the only code of the padded group
+    assert nearest_code(z, codebook).tolist() == [64]
+
+
 @pytest.mark.parametrize("l2_norm", [True, False])
 def test_vq_codes_and_values(l2_norm):
     torch.manual_seed(0)
