@@ -31,7 +31,7 @@ Smoke demo: python tokenizer.py --preset tiny
 import argparse
 import hashlib
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -95,6 +95,7 @@ _DUAL = dict(branch_names=("vis", "sem"), teachers=(None, "openclip:ViT-L-14:ope
 _TRIPLE = dict(num_codebooks=3, branch_names=("vis", "sem_mid", "sem_high"),
                teachers=(None, "timm:vit_small_patch14_dinov2.lvd142m", "openclip:ViT-B-16:openai"),
                head_dims=(0, 384, 768))
+_TINY_TRUNK = dict(image_size=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64)   # tiny enc/dec
 _SINGLE = dict(num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,), head_dims=(0,))
 PRESETS = {
     # Tab. 1: FQGAN-Dual / -Triple at downsample 16 (16x16 tokens at 256 px) and 8 (32x32 tokens)
@@ -109,9 +110,17 @@ PRESETS = {
     "ibq-16": dict(quantizer="ibq", codebook_dim=256, num_res_blocks=4, entropy_weight=0.05, l2_norm=False,
                    **_SINGLE),
     # CPU size: 64 px, downsample 8 -> 8x8 grid, two 512-entry sub-codebooks, no teacher (no weights offline)
-    "tiny": dict(image_size=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64, codebook_size=512,
-                 adapter_layers=2, adapter_heads=4, branch_names=("vis", "sem"), teachers=(None, None),
-                 head_dims=(0, 0)),
+    "tiny": dict(**_TINY_TRUNK, codebook_size=512, adapter_layers=2, adapter_heads=4, branch_names=("vis", "sem"),
+                 teachers=(None, None), head_dims=(0, 0)),
+    # Tab. 3 analogs at CPU size (ablate.py): the tiny trunk with one plain branch, as vqgan-16 is to fqgan-dual-16
+    # (no adapter, LlamaGen's VQ); VQ(2K) is this plus --codebook-size 1024. IBQ as ibq-16: one codebook of
+    # d = z_channels, raw inner-product logits, entropy 0.05; K = 1024 = the 2 x 512 codes FQ stores.
+    "tiny-vq": dict(**_TINY_TRUNK, codebook_size=512, **_SINGLE),
+    "tiny-ibq": dict(**_TINY_TRUNK, codebook_size=1024, quantizer="ibq", codebook_dim=64, entropy_weight=0.05,
+                     l2_norm=False, **_SINGLE),
+    # tiny + representation learning (Tab. 3 "+rep"): Dual's CLIP ViT-L/14 teacher on the second branch; needs its
+    # weights (README table), so ablate.py runs it only when the file is present.
+    "tiny-dual": dict(**_TINY_TRUNK, codebook_size=512, adapter_layers=2, adapter_heads=4, head_layers=1, **_DUAL),
 }
 
 

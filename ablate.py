@@ -1,0 +1,287 @@
+"""Small-scale analogs of the paper's ablations, Tab. 3 (tokenizer) and Tab. 4 (FAR head), on the bundled photos.
+
+Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681.
+  Tab. 3  VQ(K), VQ(2K), FQ(K x 2), + disentanglement (Eq. 7), + representation learning (Sec. 3.2.2); we add IBQ
+          (arXiv 2412.02692). Paper: ImageNet, 10 epochs, rFID / PSNR / usage. Here: held-out PSNR, SSIM, LPIPS
+          (null without its weights) and the usage and perplexity of each sub-codebook, mean +- std over seeds.
+  Tab. 4  FAR with k linear heads, k MLP heads or the factorized AR head (Sec. 3.3). Paper: gFID. Here: held-out
+          NLL in bits per sub-code, and class consistency = how often a small CNN, trained on crops of the bundled
+          photos (and their tokenizer reconstructions, the domain samples live in), finds the conditioning class
+          in samples drawn with CFG 2.0.
+Every run goes through train_tokenizer.main / train_far.main with equal steps, batch and data per row; the
+tokenizer metrics come from evaluate.evaluate_tokenizer on the EMA weights.
+
+  OMP_NUM_THREADS=1 python ablate.py --table 3 --out results/ablation_tab3.json    # ~30 min on one CPU thread
+  OMP_NUM_THREADS=1 python ablate.py --table 4 --out results/ablation_tab4.json    # ~17 min, weights/tiny_tokenizer.pt
+  python ablate.py --table 3 --quick --out /tmp/t3.json                            # smoke run, seconds
+The JSON is rewritten after every run; rerunning the same command skips the runs it already holds.
+Tests: python -m pytest tests/test_ablate.py -q
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import asdict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import evaluate
+import far
+import train_far
+import train_tokenizer
+from losses import weights_dir
+from quantizer import codebook_usage
+from tokenizer import PRESETS, Tokenizer, TokenizerConfig, load_tokenizer
+from train_tokenizer import BUNDLED, ImageFolder
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+K = PRESETS["tiny"]["codebook_size"]     # 512 entries per sub-codebook
+# Tab. 3 rows: name -> (preset, extra train_tokenizer flags). Every row trains without GAN, LPIPS loss or teacher
+# unless named; dis/rep weights are set explicitly so a row differs from the one above it in one term only.
+TAB3 = {
+    "VQ(K)": ("tiny-vq", []),                                              # paper: VQGAN, 16384
+    "VQ(2K)": ("tiny-vq", ["--codebook-size", str(2 * K)]),                 # paper: VQGAN, 32768
+    "FQ(Kx2)": ("tiny", []),                                               # paper: FQ 16384 x 2
+    "FQ(Kx2)+dis": ("tiny", ["--dis-weight", "0.1"]),                      # Eq. (7), lambda_dis = 0.1
+    "FQ(Kx2)+rep": ("tiny-dual", ["--rep-weight", "0.5"]),                 # Sec. 3.2.2, lambda_rep = 0.5
+    "FQ(Kx2)+dis+rep": ("tiny-dual", ["--dis-weight", "0.1", "--rep-weight", "0.5"]),
+    "IBQ(2K)": ("tiny-ibq", []),                                           # one 1024-code IBQ codebook
+}
+# The paper's numbers for the same rows (Tab. 3: rFID, PSNR, usage; Tab. 4: gFID at top-k 4096 / 8192)
+PAPER = {"3": {"VQ(K)": [3.71, 20.56, 0.98], "VQ(2K)": [3.60, 20.56, 0.84], "FQ(Kx2)": [2.00, 22.21, 0.97],
+               "FQ(Kx2)+dis": [1.84, 22.04, 0.98], "FQ(Kx2)+rep": [1.73, 21.61, 0.98],
+               "FQ(Kx2)+dis+rep": [1.66, 21.62, 0.98], "columns": ["rFID", "PSNR", "usage"]},
+         "4": {"linear": [5.19, 6.90], "mlp": [5.59, 8.88], "ar": [4.37, 3.74], "columns": ["gFID@4096", "gFID@8192"]}}
+
+
+def teacher_missing(preset):
+    """None if every teacher of the preset has its weight file in $FQGAN_WEIGHTS, else the reason (losses.load_teacher
+    looks for <spec with ':' -> '-'>.safetensors or .bin there)."""
+    for spec in filter(None, PRESETS[preset]["teachers"]):
+        stem = os.path.join(weights_dir(), spec.replace(":", "-").replace("/", "-"))
+        if not any(os.path.isfile(stem + ext) for ext in (".safetensors", ".bin")):
+            return f"teacher {spec} needs pretrained weights, absent here ({stem}.safetensors); not substituted"
+    return None
+
+
+def mean_std(runs):
+    """{metric: mean} and {metric: sample std (None for one seed)} over seeds; lists (one value per sub-codebook)
+    element-wise; a metric that is None in any run (LPIPS without weights) stays None."""
+    def agg(f, values):
+        if isinstance(values[0], list):
+            return [agg(f, list(v)) for v in zip(*values)]
+        if None in values or (f is statistics.stdev and len(values) < 2):
+            return None
+        return f(values)
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float, list)) or v is None]
+    return ({k: agg(statistics.mean, [r[k] for r in runs]) for k in keys},
+            {k: agg(statistics.stdev, [r[k] for r in runs]) for k in keys})
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tab. 3: one tokenizer run = train, then held-out metrics of the EMA weights
+
+def tokenizer_run(name, seed, args, out):
+    preset, extra = TAB3[name]
+    argv = ["--preset", preset, "--data-path", os.path.join(BUNDLED, "train"),
+            "--val-path", os.path.join(BUNDLED, "val"),
+            "--image-size", str(args.image_size), "--global-batch-size", str(args.batch_size),
+            "--max-steps", str(args.steps), "--seed", str(seed), "--out-dir", out, "--num-workers", "0",
+            # the tiny recipe for every preset (tiny-* presets would get the paper's defaults otherwise)
+            "--ema-decay", "0.99", "--perceptual-weight", "0", "--disc-start", str(args.steps + 1),
+            "--dis-weight", "0", "--rep-weight", "0", "--eval-every", str(args.steps),
+            "--sample-every", str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.steps)] + extra
+    t0 = time.time()
+    train_tokenizer.main(argv)                      # later flags win: extra re-sets --dis-weight / --rep-weight
+    seconds = time.time() - t0
+    ckpt = os.path.join(out, "checkpoints", "last.pt")
+    tok = load_tokenizer(ckpt)                      # EMA weights, eval mode
+    size = (args.image_size,) * 2
+    res = evaluate.evaluate_tokenizer(evaluate.parse_args(["--tokenizer-ckpt", ckpt, "--num-workers", "0"]), tok,
+                                      ImageFolder(os.path.join(BUNDLED, "val"), size, train=False), "cpu", 0, 1)
+    # Usage over more tokens than the 40 centre crops give: `crops` random crops of every held-out image.
+    crops = ImageFolder(os.path.join(BUNDLED, "val"), size, train=True, seed=seed)
+    with torch.no_grad():
+        codes = torch.cat([tok.encode(torch.stack([crops[(i, e)][0] for i in range(len(crops))]))
+                           for e in range(args.usage_crops)])               # (crops * 40, k, h, w)
+    usage = [codebook_usage(codes[:, i], tok.cfg.codebook_size) for i in range(tok.cfg.num_codebooks)]
+    return {"psnr": res["psnr"], "ssim": res["ssim"], "lpips": res["lpips"],
+            "usage": [u["usage"].item() for u in usage], "perplexity": [u["perplexity"].item() for u in usage],
+            "usage_tokens": codes[:, 0].numel(), "train_seconds": round(seconds, 1),
+            "params": sum(p.numel() for p in tok.parameters())}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tab. 4: the judge (a small CNN) and one FAR run = train, held-out NLL, class consistency of samples
+
+def small_cnn(num_classes):
+    block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.ReLU()]   # halves H, W
+    return nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), *block(128, 128),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+
+
+@torch.no_grad()
+def accuracy(net, x, y):
+    return (net.eval()(x).argmax(1) == y).float().mean().item()
+
+
+def train_classifier(tok, args):
+    """CNN on random crops of the train photos and their reconstructions by `tok`; accuracy on held-out crops."""
+    size = tuple(g * tok.cfg.downsample for g in tok.cfg.grid)
+    train = ImageFolder(os.path.join(BUNDLED, "train"), size, train=True, seed=0)
+    items = [train[(i, e)] for e in range(args.clf_crops) for i in range(len(train))]
+    x, y = torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items])
+    with torch.no_grad():
+        rec = torch.cat([tok.decode_codes(tok.encode(b)).clamp(-1, 1) for b in x.split(64)])
+    x, y = torch.cat([x, rec]), torch.cat([y, y])
+    torch.manual_seed(0)
+    net = small_cnn(len(train.classes))
+    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
+    for _ in range(args.clf_steps):
+        idx = torch.randint(len(x), (64,))
+        loss = F.cross_entropy(net.train()(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    val = ImageFolder(os.path.join(BUNDLED, "val"), size, train=False)
+    xv, yv = torch.stack([val[i][0] for i in range(len(val))]), torch.tensor([s[1] for s in val.samples])
+    with torch.no_grad():
+        xr = tok.decode_codes(tok.encode(xv)).clamp(-1, 1)
+    return net, {"train_images": len(x), "steps": args.clf_steps, "val_accuracy": accuracy(net, xv, yv),
+                 "val_reconstruction_accuracy": accuracy(net, xr, yv), "classes": train.classes}
+
+
+def far_run(head, seed, args, out, tok, judge, codes_dir):
+    argv = ["--preset", "tiny", "--head", head, "--tokenizer-ckpt", args.tokenizer_ckpt, "--out-dir", out,
+            "--max-steps", str(args.steps), "--global-batch-size", str(args.batch_size), "--seed", str(seed),
+            "--augment", args.augment, "--eval-every", str(args.steps), "--sample-every", str(args.steps),
+            "--ckpt-every", str(args.steps), "--log-every", str(args.steps)]
+    if os.path.isdir(codes_dir) and not os.path.exists(os.path.join(out, "codes")):
+        os.makedirs(out, exist_ok=True)             # the codes of the first run, extracted once (same tokenizer)
+        os.symlink(os.path.abspath(codes_dir), os.path.join(out, "codes"))
+    t0 = time.time()
+    train_far.main(argv)
+    seconds = time.time() - t0
+    with open(os.path.join(out, "log.jsonl")) as f:
+        last = [r for r in map(json.loads, f) if "val_bits/1" in r][-1]
+    bits = [last[f"val_bits/{j + 1}"] for j in range(tok.cfg.num_codebooks)]
+    model = far.load_far(os.path.join(out, "checkpoints", "last.pt"))
+    labels = torch.arange(model.cfg.num_classes).repeat_interleave(args.samples_per_class)
+    g = torch.Generator().manual_seed(seed)
+    images = tok.decode_codes(far.generate(model, labels, cfg_scale=2.0, generator=g)).clamp(-1, 1)
+    return {"val_bits_per_subcode": bits, "val_bits_mean": statistics.mean(bits),
+            "class_consistency": accuracy(judge, images, labels), "samples": len(labels),
+            "train_seconds": round(seconds, 1), "params": sum(p.numel() for p in model.parameters())}
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--table", required=True, choices=["3", "4"], help="Tab. 3 (tokenizer) or Tab. 4 (FAR head)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one run per row and seed")
+    p.add_argument("--rows", nargs="+", default=None, help="subset of rows (default: all of the table)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 200 Tab. 3, 250 Tab. 4)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch per step (default: 8 Tab. 3, 32 Tab. 4)")
+    p.add_argument("--image-size", type=int, default=32, help="Tab. 3 training and evaluation resolution")
+    p.add_argument("--usage-crops", type=int, default=10, help="Tab. 3: random crops per held-out image for usage")
+    p.add_argument("--tokenizer-ckpt", default=os.path.join(ROOT, "weights", "tiny_tokenizer.pt"),
+                   help="Tab. 4: the tokenizer whose codes FAR models (default: the shipped tiny tokenizer)")
+    p.add_argument("--augment", default="tencrop", choices=sorted(train_far.VIEWS), help="Tab. 4: train_far views")
+    p.add_argument("--samples-per-class", type=int, default=4, help="Tab. 4: samples per class for consistency")
+    p.add_argument("--clf-steps", type=int, default=1000, help="Tab. 4: classifier steps (batch 64)")
+    p.add_argument("--clf-crops", type=int, default=20, help="Tab. 4: random crops per training photo for the CNN")
+    p.add_argument("--work-dir", default=os.path.join("runs", "ablate"), help="run folders (checkpoints, logs)")
+    p.add_argument("--out", required=True, help="results JSON, e.g. results/ablation_tab3.json")
+    p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 steps, tiny sizes, random tokenizer "
+                   "for Tab. 4 when --tokenizer-ckpt is absent")
+    args = p.parse_args(argv)
+    tab3 = args.table == "3"
+    if args.quick:
+        args.seeds, args.steps, args.batch_size = args.seeds[:1], args.steps or 2, args.batch_size or 2
+        args.usage_crops, args.augment, args.samples_per_class, args.clf_steps, args.clf_crops = 1, "none", 1, 2, 1
+    args.steps = args.steps or (200 if tab3 else 250)
+    args.batch_size = args.batch_size or (8 if tab3 else 32)
+    rows = list(TAB3) if tab3 else ["linear", "mlp", "ar"]
+    if any(r not in rows for r in args.rows or []):
+        p.error(f"--rows must be among {rows}")
+    args.rows = args.rows or rows
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.work_dir, exist_ok=True)
+    results = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    if results.get("budget", {}).get("steps") not in (None, args.steps):
+        raise SystemExit(f"{args.out} holds runs of another budget; use another --out")
+    results.update({
+        "table": args.table, "paper": PAPER[args.table],
+        "command": " ".join(["python", "ablate.py"] + (sys.argv[1:] if argv is None else argv)),
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": {"cpu": next((line.split(":")[1].strip() for line in open("/proc/cpuinfo")
+                                 if line.startswith("model name")), platform.processor()),
+                    "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "python": platform.python_version()},
+        "budget": {"steps": args.steps, "global_batch_size": args.batch_size, "seeds": args.seeds}})
+    results.setdefault("rows", {})
+    if args.table == "3":
+        results["budget"].update(image_size=args.image_size, usage_crops=args.usage_crops, lr=2e-4, gan=False,
+                                 lpips_loss=False, ema_decay=0.99,
+                                 data="data/photos/train (44 photos), eval on data/photos/val (40)")
+        run = lambda name, seed, out: tokenizer_run(name, seed, args, out)
+    else:
+        if not os.path.isfile(args.tokenizer_ckpt):
+            if not args.quick:
+                raise SystemExit(f"--tokenizer-ckpt {args.tokenizer_ckpt} not found "
+                                 "(train one with train_tokenizer.py)")
+            torch.manual_seed(0)                    # --quick: a random tiny tokenizer at 32 px (4x4 codes)
+            cfg = TokenizerConfig(**{**PRESETS["tiny"], "image_size": 32})
+            args.tokenizer_ckpt = os.path.join(args.work_dir, "random_tokenizer.pt")
+            torch.save({"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)}, args.tokenizer_ckpt)
+        tok = load_tokenizer(args.tokenizer_ckpt)
+        judge, results["classifier"] = train_classifier(tok, args)
+        results["budget"].update(augment=args.augment, samples_per_class=args.samples_per_class, cfg_scale=2.0,
+                                 tokenizer=os.path.abspath(args.tokenizer_ckpt).removeprefix(ROOT + os.sep), lr=1e-3)
+        codes = os.path.join(args.work_dir, "tab4-codes")
+        run = lambda head, seed, out: far_run(head, seed, args, out, tok, judge, codes)
+    def save():
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(args.out + ".tmp", args.out)
+    for name in args.rows:                          # rows without their pretrained teacher are reported, not run
+        reason = teacher_missing(TAB3[name][0]) if args.table == "3" else None
+        row = results["rows"].setdefault(name, {"runs": {}})
+        row.pop("skipped", None) if reason is None else row.update(skipped=reason)
+    for seed in args.seeds:                         # seed-major: a cut-short table still has every row
+        for name in args.rows:
+            row = results["rows"][name]
+            if "skipped" in row or str(seed) in row["runs"]:
+                continue
+            out = os.path.join(args.work_dir, f"tab{args.table}-{name}-seed{seed}")
+            row["runs"][str(seed)] = run(name, seed, out)
+            if args.table == "4" and not os.path.exists(codes):   # share the first run's codes with the others
+                os.symlink(os.path.abspath(os.path.join(out, "codes")), codes)
+            row["mean"], row["std"] = mean_std(list(row["runs"].values()))
+            save()
+    save()
+    for name, row in results["rows"].items():       # the table, mean +- std over seeds
+        if "skipped" in row:
+            print(f"{name:<18} skipped: {row['skipped']}")
+        else:
+            fmt = lambda m, s: ((f"{m:.3f}" + ("" if s is None else f"+-{s:.3f}")) if isinstance(m, float) else
+                                "/".join(fmt(a, b) for a, b in zip(m, s)) if isinstance(m, list) else str(m))
+            keys = ("psnr", "ssim", "lpips", "usage") if args.table == "3" else ("val_bits_mean", "class_consistency")
+            print(f"{name:<18} " + "  ".join(f"{k} {fmt(row['mean'][k], row['std'][k])}" for k in keys))
+    return results
+
+
+if __name__ == "__main__":
+    main()
