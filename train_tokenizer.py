@@ -159,7 +159,8 @@ def parse_args(argv=None):
     p.add_argument("--perceptual-weight", type=float, default=None, help="lambda_P (default 1.0; 0 for tiny)")
     p.add_argument("--disc-weight", type=float, default=None, help="lambda_G of the hinge GAN (default 0.5; 0 for "
                    "tiny, where the GAN without LPIPS wrecked reconstruction: held-out PSNR 18.2 -> 11.9 dB; 0 = no D)")
-    p.add_argument("--disc-start", type=int, default=None, help="step the GAN starts (default 20000; tiny 400)")
+    p.add_argument("--disc-start", type=int, default=None, help="step the GAN starts (default 20000; 400 for tiny, used only "
+                   "with --disc-weight > 0)")
     p.add_argument("--dis-weight", type=float, default=0.1, help="lambda_dis of Eq. (7)-(8)")
     p.add_argument("--rep-weight", type=float, default=0.5, help="lambda_rep of Eq. (8)")
     p.add_argument("--entropy-weight", type=float, default=None, help="entropy loss weight (default: preset's)")

@@ -261,3 +261,19 @@ def test_parity_with_official_far_b_dual():
     pos = expected["positions"]
     for j, name in enumerate(["logits_vis", "logits_sem"]):
         assert (logits[0, j, pos] - expected[name]).abs().max() < 2e-5, name
+
+
+def test_compiled_forward_and_gradients_equal_eager():
+    # train_far.py compiles the model on CUDA by default: the compiled graph must compute the same function
+    model = tiny(k=2).train()
+    model.cls_embedding.p = 0.0                                        # no label dropout: a deterministic pass
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    codes, labels = random_batch(model.cfg)
+    eager = far_loss(model(codes, labels), codes)["loss"]
+    g_eager = torch.autograd.grad(eager, model.tok_embeddings[0].weight)[0]
+    compiled = far_loss(torch.compile(model)(codes, labels), codes)["loss"]
+    g_compiled = torch.autograd.grad(compiled, model.tok_embeddings[0].weight)[0]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(g_compiled, g_eager, rtol=1e-4, atol=1e-7)
