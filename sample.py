@@ -56,7 +56,10 @@ def load_pair(args, parser):
         args.tokenizer_ckpt = next((f for f in (rec, near) if f and os.path.isfile(f)), None)
         if args.tokenizer_ckpt is None:
             parser.error(f"--tokenizer-ckpt is needed: {args.far_ckpt} names no tokenizer file found here")
-    tok = load_tokenizer(args.tokenizer_ckpt)
+    try:
+        tok = load_tokenizer(args.tokenizer_ckpt)
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:       # refused pickle, not a tokenizer, bad shapes
+        parser.error(f"--tokenizer-ckpt {args.tokenizer_ckpt}: {type(e).__name__}: {str(e)[:300]}")
     fc, tc = model.cfg, tok.cfg
     mine = (fc.num_codebooks, fc.codebook_size, tuple(fc.grid))
     theirs = (tc.num_codebooks, tc.codebook_size, tuple(tc.grid))
