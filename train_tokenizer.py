@@ -10,7 +10,8 @@ GPU (the paper's FQGAN-Dual f16, 8 GPUs, ~200k steps; needs the LPIPS and CLIP w
       --out-dir runs/dual16 --global-batch-size 256 --max-steps 200000
 CPU (the tiny preset on the bundled photos, minutes on 2 cores):
   python train_tokenizer.py --preset tiny --out-dir runs/tiny
-Resume either with the same command plus --resume. Two processes on one CPU: torchrun --standalone --nproc_per_node=2 ...
+Resume either with the same command plus --resume.
+Two processes on one CPU: torchrun --standalone --nproc_per_node=2 train_tokenizer.py ...
 """
 import argparse
 import json
@@ -159,8 +160,8 @@ def parse_args(argv=None):
     p.add_argument("--perceptual-weight", type=float, default=None, help="lambda_P (default 1.0; 0 for tiny)")
     p.add_argument("--disc-weight", type=float, default=None, help="lambda_G of the hinge GAN (default 0.5; 0 for "
                    "tiny, where the GAN without LPIPS wrecked reconstruction: held-out PSNR 18.2 -> 11.9 dB; 0 = no D)")
-    p.add_argument("--disc-start", type=int, default=None, help="step the GAN starts (default 20000; 400 for tiny, used only "
-                   "with --disc-weight > 0)")
+    p.add_argument("--disc-start", type=int, default=None, help="step the GAN starts (default 20000; 400 for "
+                   "tiny, used only with --disc-weight > 0)")
     p.add_argument("--dis-weight", type=float, default=0.1, help="lambda_dis of Eq. (7)-(8)")
     p.add_argument("--rep-weight", type=float, default=0.5, help="lambda_rep of Eq. (8)")
     p.add_argument("--entropy-weight", type=float, default=None, help="entropy loss weight (default: preset's)")
@@ -283,17 +284,22 @@ def save_grid(x, x_rec, path):
 
 
 @torch.no_grad()
-def psnr_on(model, dataset, device, batch_size=16):
-    """Mean PSNR (dB) of decode(encode(x)) on [0, 1] images, per image, over a held-out dataset."""
+def psnr_on(model, dataset, device, ddp=False, rank=0, world=1, batch_size=16):
+    """Mean PSNR (dB) of decode(encode(x)) on [0, 1] images, per image, over a held-out dataset. Every rank takes part
+    (each its share of the images, summed over ranks), so no rank idles into a collective timeout on a large set."""
     model.eval()
-    values = []
-    for i in range(0, len(dataset), batch_size):
-        x = torch.stack([dataset[j][0] for j in range(i, min(i + batch_size, len(dataset)))]).to(device)
+    total = torch.zeros(2, dtype=torch.float64, device=device)       # sum of PSNRs, number of images
+    mine = list(range(rank, len(dataset), world))
+    for i in range(0, len(mine), batch_size):
+        x = torch.stack([dataset[j][0] for j in mine[i:i + batch_size]]).to(device)
         x_rec = model.decode_codes(model.encode(x)).clamp(-1, 1)
         mse = ((x_rec - x) / 2).pow(2).flatten(1).mean(1)
-        values.append(10 * torch.log10(1 / mse.clamp(min=1e-10)))
+        total += torch.stack([(10 * torch.log10(1 / mse.clamp(min=1e-10))).sum().double(),
+                              torch.tensor(len(x), dtype=torch.float64, device=device)])
+    if ddp:
+        dist.all_reduce(total)
     model.train()
-    return torch.cat(values).mean().item()
+    return (total[0] / total[1]).item()
 
 
 def main(argv=None):
@@ -376,8 +382,10 @@ def main(argv=None):
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     skipped_total, t0, images = 0, time.time(), 0
-    if master and val_set is not None and step == 0:                   # the "before" of held-out PSNR
-        log.write(json.dumps({"step": 0, "val_psnr": psnr_on(raw, val_set, device)}) + "\n")
+    if val_set is not None and step == 0:                              # the "before" of held-out PSNR
+        before = psnr_on(raw, val_set, device, ddp, rank, world)
+        if master:
+            log.write(json.dumps({"step": 0, "val_psnr": before}) + "\n")
     sampler.start = step * batch                                        # exact data position on resume
     # The loader draws its base seed from its own generator, not the global RNG (exact resume).
     loader = iter(DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=args.num_workers,
@@ -426,11 +434,12 @@ def main(argv=None):
                 bar.set_postfix(rec=f"{record['g/rec']:.4f}", usage=f"{record['usage/0']:.2f}")
         if master and step % args.sample_every == 0:
             save_grid(x[:8], x_rec[:8].detach(), os.path.join(args.out_dir, "samples", f"{step:07d}.png"))
-        if master and val_set is not None and (step % args.eval_every == 0 or step == args.max_steps):
-            record = {"step": step, "val_psnr": psnr_on(raw, val_set, device),
-                      "val_psnr_ema": psnr_on(ema, val_set, device)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
+        if val_set is not None and (step % args.eval_every == 0 or step == args.max_steps):
+            record = {"step": step, "val_psnr": psnr_on(raw, val_set, device, ddp, rank, world),
+                      "val_psnr_ema": psnr_on(ema, val_set, device, ddp, rank, world)}
+            if master:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
         if step % args.ckpt_every == 0 or step == args.max_steps:
             checkpoint()
     bar.close()

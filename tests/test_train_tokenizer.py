@@ -71,6 +71,12 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     for a, b in zip(one, two):
         for key in ("g/rec", "g/total", "g/codebook/0", "g/commit/1", "g/disentangle", "usage/0", "perplexity/1"):
             assert abs(a[key] - b[key]) < 1e-5, (a["step"], key, a[key], b[key])
+    # the held-out PSNR is computed by both ranks on halves of the val set and summed: same value as one process
+    one, two = ([r for r in read_log(tmp_path / d) if "val_psnr" in r] for d in ("one", "two"))
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 3]
+    for a, b in zip(one, two):
+        for key in ("val_psnr", "val_psnr_ema"):
+            assert abs(a.get(key, 0) - b.get(key, 0)) < 1e-4, (a["step"], key)
 
 
 def test_checkpoint_crash_leaves_last_loadable(tmp_path, monkeypatch):
