@@ -35,7 +35,7 @@ import evaluate
 import far
 import train_far
 import train_tokenizer
-from losses import weights_dir
+from losses import teacher_file
 from quantizer import codebook_usage
 from tokenizer import PRESETS, Tokenizer, TokenizerConfig, load_tokenizer
 from train_tokenizer import BUNDLED, ImageFolder
@@ -61,12 +61,11 @@ PAPER = {"3": {"VQ(K)": [3.71, 20.56, 0.98], "VQ(2K)": [3.60, 20.56, 0.84], "FQ(
 
 
 def teacher_missing(preset):
-    """None if every teacher of the preset has its weight file in $FQGAN_WEIGHTS, else the reason (losses.load_teacher
-    looks for <spec with ':' -> '-'>.safetensors or .bin there)."""
+    """None if every teacher of the preset has its weight file in $FQGAN_WEIGHTS (losses.teacher_file), else why."""
     for spec in filter(None, PRESETS[preset]["teachers"]):
-        stem = os.path.join(weights_dir(), spec.replace(":", "-").replace("/", "-"))
-        if not any(os.path.isfile(stem + ext) for ext in (".safetensors", ".bin")):
-            return f"teacher {spec} needs pretrained weights, absent here ({stem}.safetensors); not substituted"
+        found, expected = teacher_file(spec)
+        if found is None:
+            return f"teacher {spec} needs pretrained weights, absent here ({expected}); not substituted"
     return None
 
 
@@ -94,7 +93,7 @@ def tokenizer_run(name, seed, args, out):
             "--image-size", str(args.image_size), "--global-batch-size", str(args.batch_size),
             "--max-steps", str(args.steps), "--seed", str(seed), "--out-dir", out, "--num-workers", "0",
             # the tiny recipe for every preset (tiny-* presets would get the paper's defaults otherwise)
-            "--ema-decay", "0.99", "--perceptual-weight", "0", "--disc-start", str(args.steps + 1),
+            "--ema-decay", "0.99", "--perceptual-weight", "0", "--disc-weight", "0",
             "--dis-weight", "0", "--rep-weight", "0", "--eval-every", str(args.steps),
             "--sample-every", str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.steps)] + extra
     t0 = time.time()

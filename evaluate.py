@@ -44,7 +44,7 @@ from losses import LPIPS, weights_dir
 from quantizer import codebook_usage
 from tokenizer import load_tokenizer
 from sample import to_uint8
-from train_tokenizer import BUNDLED, IMAGE_EXTS, ImageFolder, center_crop
+from train_tokenizer import BUNDLED, IMAGE_EXTS, ImageFolder, center_crop, save_png
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -229,10 +229,9 @@ def evaluate_generation(args, device, rank, world):
 # --------------------------------------------------------------------------------------------------------------
 # Figures (PNG, written atomically)
 
-def save_png(img, path):
+def write_figure(img, path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(f"{path}.tmp.png")
-    os.replace(f"{path}.tmp.png", path)
+    save_png(img, path)
     print(f"wrote {path}")
 
 
@@ -249,7 +248,7 @@ def figure3(tok, x, path, header=20):
     img.paste(Image.fromarray(grid.permute(0, 3, 1, 4, 2).reshape(n * h, c * w, 3).cpu().numpy()), (0, header))
     for j, title in enumerate(titles):
         ImageDraw.Draw(img).text((j * w + 4, 4), title, fill="black")
-    save_png(img, path)
+    write_figure(img, path)
 
 
 def pca(x, dims=2):
@@ -312,7 +311,7 @@ def figure4(tok, dataset, path, n_classes, method, batch_size, max_points=1000, 
         draw.rectangle([x0, header + panel + 7, x0 + 10, header + panel + 17], fill=PALETTE[c])
         draw.text((x0 + 14, header + panel + 6), name, fill="black")
         x0 += 24 + int(draw.textlength(name))
-    save_png(img, path)
+    write_figure(img, path)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -202,13 +202,19 @@ def _dino_cls(net, x):
     return net.forward_features(x)[:, 0]  # timm ViT: tokens after the final norm; token 0 is CLS
 
 
+def teacher_file(spec):
+    """(the local weight file of a teacher spec, or None; the path where it is expected): $FQGAN_WEIGHTS/<spec with
+    ':' and '/' -> '-'>.safetensors, or the same name with .bin."""
+    local = os.path.join(weights_dir(), spec.replace(":", "-").replace("/", "-") + ".safetensors")
+    found = [f for f in (local, local.removesuffix(".safetensors") + ".bin") if os.path.isfile(f)]
+    return (found[0] if found else None), local
+
+
 def load_teacher(spec, weights_path=None, pretrained=True, interpolation="nearest"):
     """Build one teacher from a spec string (see build_teachers). pretrained=False gives random weights (tests)."""
     kind, _, name = spec.partition(":")
-    # a local weight file: the explicit path, else $FQGAN_WEIGHTS/<spec, ':' -> '-'>.safetensors (or .bin) if present
-    local = os.path.join(weights_dir(), spec.replace(":", "-").replace("/", "-") + ".safetensors")
-    found = [f for f in (local, local.removesuffix(".safetensors") + ".bin") if os.path.isfile(f)]
-    path = weights_path or (found[0] if found else None)
+    found, local = teacher_file(spec)                                 # the explicit path wins over a local file
+    path = weights_path or found
     if kind == "openclip":
         import open_clip
         name, _, tag = name.partition(":")

@@ -23,7 +23,6 @@ codebook_size K, codebook_dim d, beta commitment weight, N = number of tokens (B
 Run the tests: python -m pytest tests/test_quantizer.py -q
 """
 import itertools
-import math
 
 import torch
 import torch.distributed as dist

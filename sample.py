@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from far import generate, load_far
 from tokenizer import codebook_fingerprint, load_tokenizer
-from train_tokenizer import init_distributed
+from train_tokenizer import init_distributed, save_png
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
@@ -131,9 +131,7 @@ def main(argv=None):
         images = torch.cat([sample(model, tok, labels[i:i + args.batch_size], args, i // args.batch_size, device)
                             for i in range(0, len(labels), args.batch_size)])          # (N, H, W, 3)
         grid = torchvision.utils.make_grid(images.permute(0, 3, 1, 2), nrow=args.num, padding=2)
-        tmp = args.out + ".tmp.png"
-        Image.fromarray(grid.permute(1, 2, 0).numpy()).save(tmp)
-        os.replace(tmp, args.out)
+        save_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), args.out)
         names = [f"{c} ({classes[c]})" if classes else str(c) for c in args.class_id]
         print(f"wrote {args.out}: {args.num} samples of class {', '.join(names)}, cfg {args.cfg_scale}, "
               f"seed {args.seed}")

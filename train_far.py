@@ -2,7 +2,8 @@
 
 Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681.
   Sec. 3.3  the model (far.py); its loss is the mean cross-entropy over the k sub-codes
-  Sec. 4.1  ImageNet 256x256, codes extracted once with ten-crop + flip, 300 epochs, global batch 256, constant lr
+  Sec. 4.1  ImageNet 256x256, 300 epochs, global batch 256, constant lr (the codes extracted once with ten-crop +
+            flip are the official recipe, far_spec.md §5.1; the paper does not describe them)
 Recipe details follow the official scripts (`../shared/reference/far_spec.md` §5): AdamW (0.9, 0.95), weight decay
 0.05 on matrices only, grad clip 1.0, bf16 autocast, no EMA.
 
@@ -309,7 +310,7 @@ def main(argv=None):
             labels = torch.arange(min(8, len(classes)), device=device)
             g = torch.Generator(device).manual_seed(args.seed)
             x = tok.decode_codes(generate(raw, labels, cfg_scale=2.0, generator=g))
-            save_grid(x, x[:0], os.path.join(args.out_dir, "samples", f"{step:07d}.png"))   # one row
+            save_grid(x, os.path.join(args.out_dir, "samples", f"{step:07d}.png"), nrow=len(x))   # one row
         if master and len(record) > 1:
             log.write(json.dumps(record) + "\n")
             log.flush()

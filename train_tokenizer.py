@@ -275,12 +275,16 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 
-def save_grid(x, x_rec, path):
-    """Inputs (top row) vs reconstructions (bottom row) as one PNG."""
-    grid = torchvision.utils.make_grid(torch.cat([x, x_rec]).float().clamp(-1, 1) * 0.5 + 0.5, nrow=len(x))
-    img = Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+def save_png(img, path):
+    """Write a PIL image to a temp file, then rename: a crash never leaves a half-written PNG at `path`."""
     img.save(path + ".tmp.png")
     os.replace(path + ".tmp.png", path)
+
+
+def save_grid(x, path, nrow):
+    """Images (N, 3, H, W) in [-1, 1] as one PNG grid, nrow images a row."""
+    grid = torchvision.utils.make_grid(x.float().clamp(-1, 1) * 0.5 + 0.5, nrow=nrow)
+    save_png(Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).cpu().numpy()), path)
 
 
 @torch.no_grad()
@@ -433,7 +437,8 @@ def main(argv=None):
                 log.flush()
                 bar.set_postfix(rec=f"{record['g/rec']:.4f}", usage=f"{record['usage/0']:.2f}")
         if master and step % args.sample_every == 0:
-            save_grid(x[:8], x_rec[:8].detach(), os.path.join(args.out_dir, "samples", f"{step:07d}.png"))
+            save_grid(torch.cat([x[:8], x_rec[:8].detach()]), os.path.join(args.out_dir, "samples",  # inputs
+                      f"{step:07d}.png"), nrow=len(x[:8]))                                     # above outputs
         if val_set is not None and (step % args.eval_every == 0 or step == args.max_steps):
             record = {"step": step, "val_psnr": psnr_on(raw, val_set, device, ddp, rank, world),
                       "val_psnr_ema": psnr_on(ema, val_set, device, ddp, rank, world)}

@@ -10,7 +10,6 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import asdict
 from unittest import mock
 
 import numpy as np
@@ -22,7 +21,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorIncepti
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
-from tokenizer import PRESETS, Tokenizer, TokenizerConfig, load_tokenizer  # noqa: E402
+from tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from train_tokenizer import BUNDLED, ImageFolder, center_crop  # noqa: E402
 
 VAL = os.path.join(BUNDLED, "val")
@@ -45,16 +44,6 @@ def inception(tmp_path_factory):
             mock.patch("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {}):
         torch.manual_seed(0)
         torch.save(FeatureExtractorInceptionV3("inception-v3-compat", ["64"]).state_dict(), path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    """A random tiny tokenizer at 32 px (4x4 tokens, two 512-entry sub-codebooks) in our checkpoint format."""
-    torch.manual_seed(0)
-    cfg = TokenizerConfig(**{**PRESETS["tiny"], "image_size": 32})
-    path = tmp_path_factory.mktemp("ckpt") / "tok.pt"
-    torch.save({"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)}, path)
     return str(path)
 
 
@@ -142,11 +131,12 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(inception, small_
     assert abs(fids[0]) < 1e-3 * fids[1] and fids[1] < fids[2] < fids[3], fids
 
 
-def test_missing_inception_weights_name_the_file_and_url(ckpt, tmp_path, monkeypatch):
+def test_missing_inception_weights_name_the_file_and_url(tok_ckpt, tmp_path, monkeypatch):
     monkeypatch.setenv("FQGAN_WEIGHTS", str(tmp_path))
     name = "weights-inception-2015-12-05-6726825d.pth"
     with pytest.raises(FileNotFoundError) as e:                # --fid asks for rFID: no silent null
-        evaluate.main(["--tokenizer-ckpt", ckpt, "--fid", "--num-images", "1", "--out-json", str(tmp_path / "r.json")])
+        evaluate.main(["--tokenizer-ckpt", tok_ckpt, "--fid", "--num-images", "1", "--out-json",
+                       str(tmp_path / "r.json")])
     assert str(tmp_path / name) in str(e.value) and f"releases/download/v0.2.0/{name}" in str(e.value)
 
 
@@ -171,13 +161,13 @@ def test_generation_mode_npz_against_folder(inception, small_layers, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # Tokenizer mode
 
-def test_tokenizer_mode_metrics_equal_a_direct_computation(ckpt, inception, small_layers, tmp_path, monkeypatch,
+def test_tokenizer_mode_metrics_equal_a_direct_computation(tok_ckpt, inception, small_layers, tmp_path, monkeypatch,
                                                            capsys):
     monkeypatch.setenv("FQGAN_WEIGHTS", str(tmp_path))         # no LPIPS weights there: null and a note
-    res = run_main(tmp_path, "--tokenizer-ckpt", ckpt, "--num-images", "8", "--batch-size", "3",
+    res = run_main(tmp_path, "--tokenizer-ckpt", tok_ckpt, "--num-images", "8", "--batch-size", "3",
                    "--num-workers", "0", "--fid", "--inception-weights", inception)
     assert "note: LPIPS reported as null" in capsys.readouterr().out and res["lpips"] is None
-    tok = load_tokenizer(ckpt)
+    tok = load_tokenizer(tok_ckpt)
     x = torch.stack([ImageFolder(VAL, (32, 32), train=False)[i][0] for i in range(8)])
     with torch.no_grad():
         codes = tok.encode(x)
@@ -192,7 +182,7 @@ def test_tokenizer_mode_metrics_equal_a_direct_computation(ckpt, inception, smal
         assert math.isclose(res[f"perplexity/{i}"], np.exp(-(p * np.log(p)).sum()), rel_tol=1e-5)
 
 
-def test_usage_counts_the_whole_set_not_each_batch(ckpt, tmp_path, monkeypatch):
+def test_usage_counts_the_whole_set_not_each_batch(tok_ckpt, tmp_path, monkeypatch):
     # sub-codebook 0: code 7 everywhere; sub-codebook 1: batch b uses code b only. Batches of 3, 3, 2 images ->
     # counts 3:3:2 over the set: perplexity exp(H(3/8, 3/8, 2/8)); a per-batch average would give 1.
     calls = []
@@ -201,15 +191,15 @@ def test_usage_counts_the_whole_set_not_each_batch(ckpt, tmp_path, monkeypatch):
         calls.append(len(calls))
         return torch.stack([torch.full((len(x), 4, 4), 7), torch.full((len(x), 4, 4), calls[-1])], 1)
     monkeypatch.setattr(Tokenizer, "encode", encode)
-    res = run_main(tmp_path, "--tokenizer-ckpt", ckpt, "--num-images", "8", "--batch-size", "3", "--num-workers",
+    res = run_main(tmp_path, "--tokenizer-ckpt", tok_ckpt, "--num-images", "8", "--batch-size", "3", "--num-workers",
                    "0", "--no-fid", "--no-lpips")
     p = np.array([3, 3, 2]) / 8
     assert res["usage/0"] == 1 / 512 and res["usage/1"] == 3 / 512 and res["perplexity/0"] == 1.0
     assert math.isclose(res["perplexity/1"], np.exp(-(p * np.log(p)).sum()), rel_tol=1e-6)
 
 
-def test_two_processes_equal_one(ckpt, tmp_path):
-    flags = ["--tokenizer-ckpt", ckpt, "--num-images", "7", "--batch-size", "2", "--num-workers", "0", "--no-fid",
+def test_two_processes_equal_one(tok_ckpt, tmp_path):
+    flags = ["--tokenizer-ckpt", tok_ckpt, "--num-images", "7", "--batch-size", "2", "--num-workers", "0", "--no-fid",
              "--no-lpips"]
     one = run_main(tmp_path, *flags)
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -224,8 +214,8 @@ def test_two_processes_equal_one(ckpt, tmp_path):
 # --------------------------------------------------------------------------------------------------------------
 # Figures
 
-def test_figures_are_written_with_the_expected_size(ckpt, tmp_path):
-    evaluate.main(["--tokenizer-ckpt", ckpt, "--no-metrics", "--fig3", str(tmp_path / "f3.png"),
+def test_figures_are_written_with_the_expected_size(tok_ckpt, tmp_path):
+    evaluate.main(["--tokenizer-ckpt", tok_ckpt, "--no-metrics", "--fig3", str(tmp_path / "f3.png"),
              "--fig3-images", "3", "--fig4", str(tmp_path / "f4.png"), "--fig4-method", "pca"])
     fig3 = np.asarray(Image.open(tmp_path / "f3.png"))
     assert fig3.shape == (20 + 3 * 128, 4 * 128, 3)             # 3 rows; original, full, 2 sub-codebooks; 32 px x4
@@ -256,13 +246,13 @@ def test_tsne_separates_two_clusters():
                                            (["--samples", "x.npz"], "--samples and --reference go together"),
                                            (["--tokenizer-ckpt", "nope.pt"], "--tokenizer-ckpt nope.pt does not exist"),
                                            (["--fig4-method", "umap"], "invalid choice")])
-def test_invalid_flags_exit_2(flags, message, ckpt, capsys):
+def test_invalid_flags_exit_2(flags, message, tok_ckpt, capsys):
     with pytest.raises(SystemExit) as e:
-        evaluate.parse_args(["--tokenizer-ckpt", ckpt, *flags])
+        evaluate.parse_args(["--tokenizer-ckpt", tok_ckpt, *flags])
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_every_flag_is_read(ckpt):
+def test_every_flag_is_read(tok_ckpt):
     source = open(os.path.join(ROOT, "evaluate.py")).read()
-    for name in vars(evaluate.parse_args(["--tokenizer-ckpt", ckpt])):
+    for name in vars(evaluate.parse_args(["--tokenizer-ckpt", tok_ckpt])):
         assert f"args.{name}" in source, f"--{name.replace('_', '-')} is parsed but never read"

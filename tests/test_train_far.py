@@ -5,7 +5,6 @@ Run: python -m pytest tests/test_train_far.py -q
 import json
 import os
 import sys
-from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -16,21 +15,11 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_far  # noqa: E402
-from tokenizer import PRESETS, Tokenizer, TokenizerConfig, load_tokenizer  # noqa: E402
+from tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from train_tokenizer import center_crop, to_tensor  # noqa: E402
 
 FAST = ["--preset", "tiny", "--global-batch-size", "8", "--log-every", "1", "--eval-every", "2",
         "--sample-every", "100", "--ckpt-every", "100", "--extract-batch-size", "8"]
-
-
-@pytest.fixture(scope="module")
-def tok_path(tmp_path_factory):
-    """A randomly initialised tiny tokenizer at 32 px (4x4 codes), saved in our checkpoint format."""
-    torch.manual_seed(0)
-    cfg = TokenizerConfig(**{**PRESETS["tiny"], "image_size": 32})
-    path = tmp_path_factory.mktemp("tok") / "tok.pt"
-    torch.save({"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)}, path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +36,13 @@ def data(tmp_path_factory):
     return str(root)
 
 
-def run(tok_path, data, out, *extra):
-    train_far.main(FAST + ["--tokenizer-ckpt", tok_path, "--data-path", data, "--out-dir", str(out), *extra])
+def run(tok_ckpt, data, out, *extra):
+    train_far.main(FAST + ["--tokenizer-ckpt", tok_ckpt, "--data-path", data, "--out-dir", str(out), *extra])
     return torch.load(out / "checkpoints" / "last.pt", weights_only=True)
 
 
-def test_extraction_views_codes_and_unreadable_images(tok_path, data, tmp_path):
-    tok = load_tokenizer(tok_path)
+def test_extraction_views_codes_and_unreadable_images(tok_ckpt, data, tmp_path):
+    tok = load_tokenizer(tok_ckpt)
     codes, labels = train_far.extract_codes(tok, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"),
                                             False, 0, 1)
     assert codes.shape == (11, 10, 2, 4, 4) and labels.shape == (11,)
@@ -75,10 +64,10 @@ def test_extraction_views_codes_and_unreadable_images(tok_path, data, tmp_path):
         train_far.extract_codes(other, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"), False, 0, 1)
 
 
-def test_resume_equals_uninterrupted_bit_for_bit(tok_path, data, tmp_path):
-    full = run(tok_path, data, tmp_path / "full", "--max-steps", "4")
-    run(tok_path, data, tmp_path / "split", "--max-steps", "2")
-    resumed = run(tok_path, data, tmp_path / "split", "--max-steps", "4", "--resume")
+def test_resume_equals_uninterrupted_bit_for_bit(tok_ckpt, data, tmp_path):
+    full = run(tok_ckpt, data, tmp_path / "full", "--max-steps", "4")
+    run(tok_ckpt, data, tmp_path / "split", "--max-steps", "2")
+    resumed = run(tok_ckpt, data, tmp_path / "split", "--max-steps", "4", "--resume")
     assert full["step"] == resumed["step"] == 4
     for name, value in full["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
@@ -89,23 +78,23 @@ def test_resume_equals_uninterrupted_bit_for_bit(tok_path, data, tmp_path):
               for d in ("full", "split")]
     assert losses[0] == losses[1] and len(losses[0]) == 4
     # the checkpoint names the tokenizer it was trained on and the class names
-    assert full["tokenizer"]["path"] == os.path.abspath(tok_path) and full["classes"] == ["a", "b", "c"]
+    assert full["tokenizer"]["path"] == os.path.abspath(tok_ckpt) and full["classes"] == ["a", "b", "c"]
     assert full["config"]["num_classes"] == 3 and full["config"]["codebook_size"] == 512
 
 
-def test_training_lowers_held_out_nll_on_its_own_data(tok_path, data, tmp_path):
+def test_training_lowers_held_out_nll_on_its_own_data(tok_ckpt, data, tmp_path):
     # held-out = the training folder itself: 40 steps of lr 1e-3 must clearly beat the uniform 9 bits per sub-code
-    run(tok_path, data, tmp_path / "fit", "--max-steps", "40", "--eval-every", "40", "--val-path", data)
+    run(tok_ckpt, data, tmp_path / "fit", "--max-steps", "40", "--eval-every", "40", "--val-path", data)
     nll = [r for r in map(json.loads, open(tmp_path / "fit" / "log.jsonl")) if "val_bits/1" in r]
     assert nll[0]["step"] == 0 and abs(nll[0]["val_bits/1"] - 9.0) < 1e-3       # zero classifiers: uniform
     assert nll[-1]["step"] == 40 and max(nll[-1]["val_bits/1"], nll[-1]["val_bits/2"]) < 8.0
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tok_path, data, tmp_path):
-    good = run(tok_path, data, tmp_path / "nan", "--max-steps", "2")
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tok_ckpt, data, tmp_path):
+    good = run(tok_ckpt, data, tmp_path / "nan", "--max-steps", "2")
     before = open(tmp_path / "nan" / "checkpoints" / "last.pt", "rb").read()
     with pytest.raises(SystemExit) as e:                              # an absurd lr overflows the weights
-        run(tok_path, data, tmp_path / "nan", "--max-steps", "6", "--resume", "--lr", "1e30")
+        run(tok_ckpt, data, tmp_path / "nan", "--max-steps", "6", "--resume", "--lr", "1e30")
     assert e.value.code == 1 and good["step"] == 2
     assert open(tmp_path / "nan" / "checkpoints" / "last.pt", "rb").read() == before
 
