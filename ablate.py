@@ -32,13 +32,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import evaluate
-import far
 import train_far
 import train_tokenizer
+from checkpoints import load_far, load_tokenizer
+from far import generate
+from images import BUNDLED, ImageFolder
 from losses import teacher_file
 from quantizer import codebook_usage
-from tokenizer import PRESETS, Tokenizer, TokenizerConfig, load_tokenizer
-from train_tokenizer import BUNDLED, ImageFolder
+from tokenizer import PRESETS, Tokenizer, TokenizerConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 K = PRESETS["tiny"]["codebook_size"]     # 512 entries per sub-codebook
@@ -48,9 +49,9 @@ TAB3 = {
     "VQ(K)": ("tiny-vq", []),                                              # paper: VQGAN, 16384
     "VQ(2K)": ("tiny-vq", ["--codebook-size", str(2 * K)]),                 # paper: VQGAN, 32768
     "FQ(Kx2)": ("tiny", []),                                               # paper: FQ 16384 x 2
-    "FQ(Kx2)+dis": ("tiny", ["--dis-weight", "0.1"]),                      # Eq. (7), lambda_dis = 0.1
+    "FQ(Kx2)+dis": ("tiny", ["--disentangle-weight", "0.1"]),              # Eq. (7), lambda_dis = 0.1
     "FQ(Kx2)+rep": ("tiny-dual", ["--rep-weight", "0.5"]),                 # Sec. 3.2.2, lambda_rep = 0.5
-    "FQ(Kx2)+dis+rep": ("tiny-dual", ["--dis-weight", "0.1", "--rep-weight", "0.5"]),
+    "FQ(Kx2)+dis+rep": ("tiny-dual", ["--disentangle-weight", "0.1", "--rep-weight", "0.5"]),
     "IBQ(2K)": ("tiny-ibq", []),                                           # one 1024-code IBQ codebook
 }
 # The paper's numbers for the same rows (Tab. 3: rFID, PSNR, usage; Tab. 4: gFID at top-k 4096 / 8192)
@@ -92,17 +93,17 @@ def tokenizer_run(name, seed, args, out):
             "--val-path", os.path.join(BUNDLED, "val"),
             "--image-size", str(args.image_size), "--global-batch-size", str(args.batch_size),
             "--max-steps", str(args.steps), "--seed", str(seed), "--out-dir", out, "--num-workers", "0",
-            # the tiny recipe for every preset (tiny-* presets would get the paper's defaults otherwise)
-            "--ema-decay", "0.99", "--perceptual-weight", "0", "--disc-weight", "0",
-            "--dis-weight", "0", "--rep-weight", "0", "--eval-every", str(args.steps),
+            # every tiny-* preset trains with the tiny recipe (tokenizer.RECIPES); a row adds one term at a time
+            "--disentangle-weight", "0", "--rep-weight", "0", "--eval-every", str(args.steps),
             "--sample-every", str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.steps)] + extra
     t0 = time.time()
-    train_tokenizer.main(argv)                      # later flags win: extra re-sets --dis-weight / --rep-weight
+    train_tokenizer.main(argv)                      # later flags win: extra re-sets the disentangle / rep weights
     seconds = time.time() - t0
     ckpt = os.path.join(out, "checkpoints", "last.pt")
     tok = load_tokenizer(ckpt)                      # EMA weights, eval mode
     size = (args.image_size,) * 2
-    res = evaluate.evaluate_tokenizer(evaluate.parse_args(["--tokenizer-ckpt", ckpt, "--num-workers", "0"]), tok,
+    res = evaluate.evaluate_tokenizer(evaluate.parse_args(["--tokenizer-ckpt", ckpt, "--num-workers", "0",
+                                                           "--out-json", os.path.join(out, "eval.json")])[0], tok,
                                       ImageFolder(os.path.join(BUNDLED, "val"), size, train=False), "cpu", 0, 1)
     # Usage over more tokens than the 40 centre crops give: `crops` random crops of every held-out image.
     crops = ImageFolder(os.path.join(BUNDLED, "val"), size, train=True, seed=seed)
@@ -168,12 +169,12 @@ def far_run(head, seed, args, out, tok, judge, codes_dir):
     train_far.main(argv)
     seconds = time.time() - t0
     with open(os.path.join(out, "log.jsonl")) as f:
-        last = [r for r in map(json.loads, f) if "val_bits/1" in r][-1]
-    bits = [last[f"val_bits/{j + 1}"] for j in range(tok.cfg.num_codebooks)]
-    model = far.load_far(os.path.join(out, "checkpoints", "last.pt"))
+        last = [r for r in map(json.loads, f) if "val_bits/0" in r][-1]
+    bits = [last[f"val_bits/{j}"] for j in range(tok.cfg.num_codebooks)]
+    model = load_far(os.path.join(out, "checkpoints", "last.pt"))
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(args.samples_per_class)
     g = torch.Generator().manual_seed(seed)
-    images = tok.decode_codes(far.generate(model, labels, cfg_scale=2.0, generator=g)).clamp(-1, 1)
+    images = tok.decode_codes(generate(model, labels, cfg_scale=2.0, generator=g)).clamp(-1, 1)
     return {"val_bits_per_subcode": bits, "val_bits_mean": statistics.mean(bits),
             "class_consistency": accuracy(judge, images, labels), "samples": len(labels),
             "train_seconds": round(seconds, 1), "params": sum(p.numel() for p in model.parameters())}

@@ -13,15 +13,17 @@ What is here
   FARConfig, PRESETS     model shape; sizes derived from it (grid, codebook_size, num_classes), never hard-coded.
   FAR                    forward(codes (B, k, h, w), labels (B,)) -> logits (B, k, h*w, codebook_size), fp32.
   far_loss               mean cross-entropy over the k sub-codes (spec §3.3), returned as a dict for logging.
-  generate               class-conditional sampling with KV caches, CFG, temperature, top-k / top-p.
+  generate               class-conditional sampling with static KV caches (one buffer per layer, written in place),
+                         CFG, temperature, top-k / top-p; compile=True runs the decode step compiled.
   load_far               loads our checkpoints and the official ones (key remap + config inference).
 
 Codes are (B, k, h, w) int64 with sub-code 1 = the tokenizer's visual branch first (Dual: vis, sem; Triple:
 vis, sem_mid, sem_high), the layout `decode_codes(codes)` takes. Parameter counts: `python far.py`.
-Tests (invariants + parity with the official logits): `python -m pytest tests/test_far.py -q`.
+Tests (invariants + parity with the official logits): `python -m pytest tests/test_far.py -q`; the cache and the
+compiled decode step: `python -m pytest tests/test_far_cache.py -q`. Sampling speed: `python bench.py --only far`.
 """
 import argparse
-import re
+import functools
 from dataclasses import asdict, dataclass
 
 import torch
@@ -73,6 +75,14 @@ PRESETS = {
                  num_classes=11, multiple_of=64),
 }
 
+# The training recipe of every preset: train_far.py's defaults, which `--help` prints for the chosen --preset.
+# Paper presets: the official script (constant lr 1e-4, global batch 256, 300 epochs of ImageNet = 1,501,200 steps;
+# docs/official_code.md §7.3). NOTE(paper≠code): Sec. 4.1 says lr 2e-4. Tiny: the bundled photos, the codes of the
+# shipped tiny tokenizer (bundled_data), a higher lr for a short run, codes small enough for the main process.
+_PAPER_RECIPE = dict(bundled_data=False, global_batch_size=256, max_steps=1_501_200, lr=1e-4, num_workers=4)
+RECIPES = {"far-b": _PAPER_RECIPE, "far-l": _PAPER_RECIPE,
+           "tiny": dict(bundled_data=True, global_batch_size=32, max_steps=1500, lr=1e-3, num_workers=0)}
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # Llama-style building blocks (spec §1.3; the backbone and the AR head share them)
@@ -123,20 +133,28 @@ class Attention(nn.Module):
         self.wo = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.resid_dropout = nn.Dropout(cfg.resid_dropout)
 
-    def forward(self, x, rope, cache=None):
-        """x (B, S, dim) at the slots rope (S, D/2, 2) belongs to. cache: a dict holding this layer's past k, v
-        (grown by concatenation; None = no cache). Causal when S > 1; a single query sees every cached key."""
+    def forward(self, x, rope, cache=None, pos=None):
+        """x (B, S, dim) at sequence slots pos (S,) int64, whose rotary rows are rope (S, D/2, 2).
+
+        cache=None: causal self-attention among the S slots (training, full recompute).
+        cache=(k_cache, v_cache), each (B, H, slots, D) preallocated for the whole sequence (the static cache of
+        gpt-fast / LlamaGen): this step's keys and values are written in place at slots pos, and each query attends
+        to every slot <= its own through a boolean mask. Attention thus has the same shapes at every position, so a
+        compiled decode step is traced once. Slots above pos hold zeros or stale values; the mask hides them."""
         B, S, C = x.shape
         q, k, v = self.wqkv(x).view(B, S, 3, self.n_head, C // self.n_head).unbind(2)  # 3 x (B, S, H, D)
         q, k = apply_rope(q, rope), apply_rope(k, rope)                                # v is not rotated
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                               # (B, S, H, D) -> (B, H, S, D)
-        if cache is not None:
-            if "k" in cache:
-                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)   # (B, H, past + S, D)
-            cache["k"], cache["v"] = k, v
-        assert S == 1 or S == k.shape[2], "multi-token steps need an empty cache (no chunked prefill)"
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1,
+                                               dropout_p=self.attn_dropout if self.training else 0.0)
+        else:
+            # index_put_ at a position *tensor*: no growth, no torch.cat, no Python int baked into a compiled graph.
+            # The cache dtype must be k's: the weights' dtype, or autocast's (bf16) when that is on (generate()).
+            k_cache, v_cache = cache
+            k_cache[:, :, pos], v_cache[:, :, pos] = k, v
+            mask = pos[:, None] >= torch.arange(k_cache.shape[2], device=x.device)    # (S, slots), True = visible
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask)   # eval only: no dropout
         return self.resid_dropout(self.wo(y.transpose(1, 2).reshape(B, S, C)))  # (B, H, S, D) -> (B, S, dim)
 
 
@@ -162,8 +180,8 @@ class Block(nn.Module):
         self.attention, self.feed_forward = Attention(cfg), FeedForward(cfg)
         self.attention_norm, self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps), RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, rope, cache=None):
-        x = x + self.attention(self.attention_norm(x), rope, cache)
+    def forward(self, x, rope, cache=None, pos=None):
+        x = x + self.attention(self.attention_norm(x), rope, cache, pos)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -222,11 +240,14 @@ class FAR(nn.Module):
             self._rope = rope_2d(self.cfg.grid, self.cfg.dim // self.cfg.n_head, self.cfg.rope_base).to(device)
         return self._rope
 
-    def run_blocks(self, blocks, x, start=0, caches=None):
-        """Run x (B, S, dim), sitting at slots start..start+S-1, through blocks; caches: one dict per block."""
-        rope = self.rope(x.device)[start:start + x.shape[1]]
-        for i, block in enumerate(blocks):
-            x = block(x, rope, None if caches is None else caches[i])
+    def run_blocks(self, blocks, x, pos=None, caches=None):
+        """Run x (B, S, dim) through blocks. pos (S,) int64 = the sequence slots of x: its rotary rows and, with
+        caches (one static (k_cache, v_cache) pair per block), where its keys and values are written. pos=None:
+        slots 0..S-1, no cache (training and the full-recompute reference)."""
+        rope = self.rope(x.device)
+        rope = rope[:x.shape[1]] if pos is None else rope[pos]  # (S, D/2, 2): a gather, so compiled once for all pos
+        for block, cache in zip(blocks, caches or [None] * len(blocks)):
+            x = block(x, rope, cache, pos)
         return x
 
     def embed(self, codes):
@@ -272,25 +293,31 @@ class FAR(nn.Module):
             logits = [self.classify(z, j) for j in range(k)]
         return torch.stack([l.view(B, L, -1) for l in logits], 1).float()  # k x (B*L, V) -> (B, k, L, V)
 
-    def subcode_logits(self, h, prev, j, caches=None):
-        """Logits (N, V) of sub-code j at one position for sampling: h (N, dim), prev (N, j) the sub-codes < j.
+    def subcode_logits(self, h, prev, j, caches=None, head_step=None):
+        """Logits (N, V) of sub-code j (0-based) at one position for sampling: h (N, dim) = h_t, prev (N, j) the
+        sub-codes < j just sampled there.
 
-        With caches (one dict per head block, fresh for every position) only slot j is run; without, the whole
-        head sequence is recomputed."""
-        if self.cfg.head != "ar":
+        caches=None recomputes the whole head sequence [h_t, E_1(c_1), ..., E_j(c_j)] (the reference). With the
+        head's static caches (k slots, Attention.forward) only slot j is run, by head_step(model, x, pos, caches)
+        (`decode_head` or its compiled form). Slots 0..j-1 were written by this position's earlier sub-codes, and
+        the slots above j (still holding the previous position's keys) are masked, so the caches need no reset
+        between positions: spec §4.2's fresh zeroed caches per position, without the allocations."""
+        if self.cfg.head != "ar":  # Tab. 4 baselines: classifiers on the normed h_t, blind to the other sub-codes
             return self.classify(self.norm(h), j)
-        x = self.head_input(h, prev)                                   # (N, 1 + j, dim)
-        x, start = (x[:, -1:], j) if caches is not None else (x, 0)
-        return self.classify(self.norm(self.run_blocks(self.ar_head, x, start, caches))[:, -1], j)
+        if caches is None:  # Sec. 3.3, the paper's form: the causal head over the length-(1 + j) sequence
+            return self.classify(self.norm(self.run_blocks(self.ar_head, self.head_input(h, prev)))[:, -1], j)
+        x = h if j == 0 else self.tok_embeddings[j - 1](prev[:, -1])  # head slot j: h_t, then E_j(c_j) alone
+        pos = torch.full((1,), j, dtype=torch.long, device=h.device)   # a tensor: one graph serves every j
+        return self.classify(head_step(self, x[:, None], pos, caches), j)  # x: (N, dim) -> (N, 1, dim), one slot
 
 
 def far_loss(logits, codes):
     """Spec §3.3: mean over sub-codes of the token-averaged cross-entropy. logits (B, k, L, V), codes (B, k, h, w).
 
-    Returns {"loss": mean, "ce_1": ..., "ce_k": ...} (tensors; the training loop logs them)."""
+    Returns {"loss": mean, "ce/0": ..., "ce/{k-1}": ...} (tensors; the training loop logs them)."""
     B, k, L, V = logits.shape
     ce = [F.cross_entropy(logits[:, j].reshape(B * L, V), codes[:, j].reshape(B * L)) for j in range(k)]
-    return {"loss": torch.stack(ce).mean(), **{f"ce_{j + 1}": c.detach() for j, c in enumerate(ce)}}
+    return {"loss": torch.stack(ce).mean(), **{f"ce/{j}": c.detach() for j, c in enumerate(ce)}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -310,35 +337,84 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
+# The decode step: one position through the backbone, then one slot per sub-code through the AR head. Both are
+# plain functions of (model, x, pos, caches) with fixed shapes, so `torch.compile` traces each once (gpt-fast).
+
+def decode_backbone(model, x, pos, caches):
+    """x (N, 1, dim) at backbone slot pos (1,) int64 -> h_t (N, dim) before the final norm; writes the caches."""
+    return model.run_blocks(model.layers, x, pos, caches)[:, -1]
+
+
+def decode_head(model, x, pos, caches):
+    """Sec. 3.3 AR-head slot pos (1,) = j: x (N, 1, dim) (h_t or E_j(c_j)) -> normed z (N, dim) for sub-code j."""
+    return model.norm(model.run_blocks(model.ar_head, x, pos, caches)[:, -1])
+
+
+@functools.cache
+def compiled(step):
+    """torch.compile(step), made once per process (so sample.py's batches reuse the traced graph). fullgraph: a graph
+    break would be a bug; dynamic=False: one specialised graph per (batch, config), never recompiled per position."""
+    return torch.compile(step, fullgraph=True, dynamic=False)
+
+
+def kv_caches(cfg, n_blocks, batch, slots, dtype, device):
+    """One zeroed static (k_cache, v_cache) pair of shape (batch, n_head, slots, head_dim) per block."""
+    shape = (batch, cfg.n_head, slots, cfg.dim // cfg.n_head)
+    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(n_blocks)]
+
+
 @torch.no_grad()
-def generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, generator=None, use_cache=True):
+def generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, generator=None, use_cache=True,
+             compile=False):
     """Sample codes (B, k, h, w) int64 for class labels (B,), raster order, sub-codes 1..k at each position.
 
     cfg_scale s: Sec. 3.3 guidance l = l_u + s (l_c - l_u) on every sub-code's logits; s == 1 runs the
-    conditional batch only. use_cache=False recomputes backbone and head from scratch every step (the reference
-    the cached path must match). Random numbers come from `generator` only: one multinomial per sub-code.
+    conditional batch only. Random numbers come from `generator` only: one multinomial per sub-code.
+    use_cache=True: static KV caches (Attention.forward) preallocated once per call, backbone (CFG batch, H, h*w,
+    head_dim) and AR head (CFG batch, H, k, head_dim); each position runs one token. use_cache=False recomputes
+    backbone and head from scratch every step: the reference the cached path must match.
+    compile=True (needs use_cache): the decode step (decode_backbone, decode_head) runs through torch.compile. The
+    first call traces and compiles two graphs (tens of seconds for tiny, minutes for FAR-B on a CPU); every later
+    position, call and model of the same batch and config reuses them (parameters are graph inputs, not constants,
+    so weights updated in training are seen). Sampling, CFG and filtering stay eager: the generator's draws are the
+    same, so compiled codes equal eager codes up to float reassociation. The caches take autocast's dtype when
+    autocast is on (bf16 keys under torch.autocast), else the weights' dtype; CFG logits are fp32 either way.
     NOTE(paper≠code): the official sampler crashes at s = 1.0 (2n-row caches for an n-row batch, spec §8.6).
     """
     assert temperature > 0, f"temperature must be > 0, got {temperature}"
+    assert use_cache or not compile, "compile compiles the cached decode step; it needs use_cache=True"
     cfg, was_training = model.cfg, model.training
     model.eval()  # no dropout while sampling; the caller's mode is restored at the end
-    B, k, L = labels.shape[0], cfg.num_codebooks, cfg.grid[0] * cfg.grid[1]
+    B, k, L, dev = labels.shape[0], cfg.num_codebooks, cfg.grid[0] * cfg.grid[1], labels.device
     guided = cfg_scale != 1.0
     # CFG batch: first half conditional, second half the null class num_classes (spec §4.1).
     y = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if guided else labels
     both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)  # both halves get the sampled codes
-    codes = torch.zeros(B, k, L, dtype=torch.long, device=labels.device)
-    caches = [{} for _ in model.layers] if use_cache else None
+    codes = torch.zeros(B, k, L, dtype=torch.long, device=dev)
+    caches = head_caches = head = None
+    if use_cache:
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.norm.weight.dtype
+        # slots 0..L-1 = [class token, positions 0..L-2]: the last position is sampled, never fed back (spec §4.3).
+        # NOTE(paper≠code): the official backbone caches have 1 + h*w slots rounded up to a multiple of 8 (264), and
+        # its head caches are that long too and reallocated zeroed at every position (spec §4.2); the mask makes
+        # both unnecessary, with the same codes (bench.py's official_generate checks it on equal weights).
+        caches = kv_caches(cfg, cfg.n_layer, len(y), L, dtype, dev)
+        head_caches = kv_caches(cfg, cfg.ar_head_layers, len(y), k, dtype, dev) if cfg.head == "ar" else None
+        backbone, head = (compiled(f) if compile else f for f in (decode_backbone, decode_head))
+        model.rope(dev)  # build the rotary table eagerly: the compiled graphs only read it
     for t in range(L):
         if use_cache:  # feed only slot t: the class token at t = 0, else the codes sampled at position t-1
-            x = model.cls_embedding(y)[:, None] if t == 0 else model.embed(both(codes[:, :, t - 1:t]))
-            h = model.run_blocks(model.layers, x, t, caches)[:, -1]            # (nB, dim)
+            x = model.cls_embedding(y)[:, None] if t == 0 else model.embed(both(codes[:, :, t - 1:t]))  # (nB, 1, dim)
+            # the residual stream in the weights' dtype at every t, as forward()'s torch.cat makes it under autocast
+            # (embed's Linear gives bf16 there): one input dtype, so the compiled step is not traced twice
+            x = x.to(model.norm.weight.dtype)
+            h = backbone(model, x, torch.full((1,), t, dtype=torch.long, device=dev), caches)         # (nB, dim)
         else:
             x = torch.cat([model.cls_embedding(y)[:, None], model.embed(both(codes[:, :, :t]))], 1)  # (nB, t+1, dim)
             h = model.run_blocks(model.layers, x)[:, -1]
-        head_caches = [{} for _ in range(cfg.ar_head_layers)] if use_cache else None  # fresh per position
         for j in range(k):  # Sec. 3.3: sub-code j conditions on the sub-codes < j just sampled here
-            logits = model.subcode_logits(h, both(codes[:, :j, t]), j, head_caches).float()  # (nB, V)
+            logits = model.subcode_logits(h, both(codes[:, :j, t]), j, head_caches, head).float()  # (nB, V)
             if guided:  # Sec. 3.3 CFG; NOTE(paper≠code): official keeps these logits in bf16, we use fp32
                 cond, uncond = logits.chunk(2)
                 logits = uncond + cfg_scale * (cond - uncond)
@@ -348,64 +424,10 @@ def generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, 
     return codes.view(B, k, *cfg.grid)  # (B, k, L) -> (B, k, h, w)
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: ours {"model", "config"} and the official {"model", "args", ...} with names tok_embeddings_1, output_1
-
-def official_to_ours(state_dict):
-    """Official names -> ours: tok_embeddings_{j} -> tok_embeddings.{j-1}, output_{j} -> output.{j-1}.
-
-    Drops the official KV-cache buffers that a state_dict saved after sampling carries (spec §8.18)."""
-    rename = lambda m: f"{m[1]}.{int(m[2]) - 1}."
-    return {re.sub(r"^(tok_embeddings|output)_(\d+)\.", rename, n): t
-            for n, t in state_dict.items() if ".kv_cache." not in n}
-
-
-def ours_to_official(state_dict):
-    """Inverse of official_to_ours (for exporting a FAR with the "ar" head to the official code)."""
-    rename = lambda m: f"{m[1]}_{int(m[2]) + 1}."
-    return {re.sub(r"^(tok_embeddings|output)\.(\d+)\.", rename, n): t for n, t in state_dict.items()}
-
-
-def official_config(state_dict, args=None):
-    """FARConfig of an official FAR state dict, from its shapes (+ image_size / downsample_size of its args)."""
-    n_blocks = lambda prefix: 1 + max(int(m[1]) for n in state_dict if (m := re.match(prefix + r"\.(\d+)\.", n)))
-    V, dim = state_dict["tok_embeddings_1.weight"].shape
-    shape = dict(dim=dim, n_layer=n_blocks("layers"), ar_head_layers=n_blocks("ar_head"))
-    # The official configs all have head_dim 64 (spec §1.2); use a preset's n_head where the shape matches.
-    preset = next((p for p in PRESETS.values() if shape.items() <= p.items()), dict(shape, n_head=dim // 64))
-    side = getattr(args, "image_size", 256) // getattr(args, "downsample_size", 16)  # official ImageNet 256, ds16
-    k = sum(1 for n in state_dict if re.fullmatch(r"tok_embeddings_\d+\.weight", n))
-    num_classes = state_dict["cls_embedding.embedding_table.weight"].shape[0] - 1
-    return FARConfig(**{**preset, "num_codebooks": k, "codebook_size": V, "grid": (side, side),
-                        "num_classes": num_classes})
-
-
-def load_far(path_or_state_dict, key="model", map_location="cpu"):
-    """Build and strictly load a FAR (eval mode) from our checkpoint, an official checkpoint, or a state dict.
-
-    Ours: {key: state_dict, "config": asdict(FARConfig)}. Official: {"model"|"module"|"state_dict": sd,
-    "args": argparse.Namespace, ...} or a bare state dict with names like tok_embeddings_1.weight.
-    Files load with weights_only=True; argparse.Namespace is the one class allow-listed for official files.
-    """
-    ckpt = path_or_state_dict
-    if not isinstance(ckpt, dict):
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(ckpt, map_location=map_location, weights_only=True)
-    if "config" in ckpt:  # ours
-        cfg, sd = FARConfig(**ckpt["config"]), ckpt[key]
-    else:                 # official: find the state dict, infer the config, rename
-        sd = next((ckpt[n] for n in (key, "module", "state_dict") if n in ckpt), ckpt)
-        cfg = official_config(sd, ckpt.get("args"))
-        sd = official_to_ours(sd)
-    with torch.device("meta"):  # no init of ~1e9 weights that are overwritten anyway
-        model = FAR(cfg)
-    # assign=True keeps the stored dtype: bring an fp16 / bf16 export (weights/tiny_far.pt) back to fp32
-    model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in sd.items()}, strict=True,
-                          assign=True)
-    return model.eval()
-
-
-if __name__ == "__main__":  # print the parameter count of every preset (meta tensors: instant, no memory)
+if __name__ == "__main__":  # the parameter count of every preset (meta tensors: instant, no memory)
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="Prints the parameter count of every FAR preset for k = 2 and 3 sub-codes (Tab. 2: "
+                            "far-b, far-l) and the tiny config.").parse_args()
     for name, preset in PRESETS.items():
         for k in (2, 3):
             with torch.device("meta"):

@@ -5,7 +5,7 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
   Eq. (7)        λ_dis = 0.1 on the disentanglement term (the term itself is computed in quantizer.py)
   Sec. 3.2.2     representation learning: feature head token 0 vs a frozen CLIP / DINOv2 teacher's CLS
   Eq. (8)        L = L_VQGAN + λ_dis·L_dis + λ_rep·L_rep
-Numbers follow the official code as described in ../shared/reference/fqgan_tokenizer_spec.md §2-§3.
+Numbers follow the official code as described in docs/official_code.md §2-§3.
 
 Used by the training script, once per step, with the tokenizer output `x_rec, aux = tokenizer(x)`:
     lpips, disc = LPIPS(), PatchGAN()
@@ -27,12 +27,12 @@ import torchvision
 
 @dataclass(frozen=True)
 class LossConfig:
-    rec_weight: float = 1.0          # L_rec = MSE in [-1, 1] (spec §2.1)
-    perceptual_weight: float = 1.0   # λ_P, Eq. (2) (spec §2.2)
-    disc_weight: float = 0.5         # λ_G, Eq. (2), on both the G and the D loss once the GAN is on (spec §2.3)
-    disc_start: int = 20000          # the GAN starts at the official 1-based step 20000 (spec §2.3)
-    dis_weight: float = 0.1          # λ_dis, Eq. (8)
-    rep_weight: float = 0.5          # λ_rep, Eq. (8)
+    rec_weight: float = 1.0          # L_rec = MSE in [-1, 1] (official_code.md §2.1)
+    perceptual_weight: float = 1.0   # λ_P, Eq. (2) (official_code.md §2.2)
+    gan_weight: float = 0.5          # λ_G, Eq. (2), on both the G and the D loss once the GAN is on (official_code.md §2.3)
+    gan_start: int = 20000           # the GAN starts at the official 1-based step 20000 (official_code.md §2.3)
+    disentangle_weight: float = 0.1  # λ_dis, Eq. (8)
+    rep_weight: float = 0.5          # λ_rep, Eq. (8), once per teacher-supervised branch (representation_loss)
 
 
 def weights_dir():
@@ -41,7 +41,7 @@ def weights_dir():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# LPIPS perceptual loss, L_P of Eq. (2) (spec §2.2; Zhang et al. 2018, VGG16 variant v0.1, as in taming/LlamaGen)
+# LPIPS perceptual loss, L_P of Eq. (2) (official_code.md §2.2; Zhang et al. 2018, VGG16 variant v0.1, as in taming/LlamaGen)
 
 VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision VGG16_Weights.IMAGENET1K_V1
 LIN_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-vgg16-lpips.pth"
@@ -85,7 +85,7 @@ class LPIPS(nn.Module):
 
     def train(self, mode=True):
         # NOTE(paper≠code): the official loss module calls .train() on LPIPS, which turns on a Dropout(0.5) in front
-        # of each lin conv during training (spec §6.9). We keep LPIPS deterministic: always eval, no dropout.
+        # of each lin conv during training (official_code.md §2.2). We keep LPIPS deterministic: always eval, no dropout.
         return super().train(False)
 
     def forward(self, x, y):
@@ -102,7 +102,7 @@ class LPIPS(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# PatchGAN discriminator and hinge losses, L_G of Eq. (2) (spec §2.3; taming's NLayerDiscriminator)
+# PatchGAN discriminator and hinge losses, L_G of Eq. (2) (official_code.md §2.3; taming's NLayerDiscriminator)
 
 class PatchGAN(nn.Module):
     """(B, 3, H, W) -> (B, 1, H/8 - 2, W/8 - 2) real/fake logits; 2,765,633 parameters with the defaults."""
@@ -132,10 +132,10 @@ class PatchGAN(nn.Module):
 def adversarial_weight(step, cfg=LossConfig()):
     """λ_G at `step` = optimizer steps already taken (0 on the first iteration, the official `train_steps`).
 
-    The official code passes train_steps + 1 to adopt_weight and switches on at >= disc_start, so the GAN terms
-    first count at step disc_start - 1 (the 20,000th iteration). Before that both are multiplied by 0.
+    The official code passes train_steps + 1 to adopt_weight and switches on at >= gan_start, so the GAN terms
+    first count at step gan_start - 1 (the 20,000th iteration). Before that both are multiplied by 0.
     """
-    return cfg.disc_weight if step + 1 >= cfg.disc_start else 0.0
+    return cfg.gan_weight if step + 1 >= cfg.gan_start else 0.0
 
 
 def hinge_d_loss(logits_real, logits_fake):
@@ -155,7 +155,7 @@ def discriminator_loss(x, x_rec, step, disc, cfg=LossConfig()):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Representation learning, Sec. 3.2.2 (spec §2.5): frozen teachers and the official InfoNCE objective
+# Representation learning, Sec. 3.2.2 (official_code.md §2.5): frozen teachers and the official InfoNCE objective
 
 class Teacher(nn.Module):
     """A frozen vision model: x (B, 3, H, W) in [-1, 1] -> its CLS feature (B, width), computed without gradient.
@@ -177,7 +177,7 @@ class Teacher(nn.Module):
         return super().train(False)  # frozen: always eval (the official code lets them go back to train; dropout 0)
 
     def preprocess(self, x):
-        """[-1, 1] -> [0, 1] -> teacher resolution -> teacher mean/std (spec §2.5). The teacher sees the INPUT x."""
+        """[-1, 1] -> [0, 1] -> teacher resolution -> teacher mean/std (official_code.md §2.5). The teacher sees the INPUT x."""
         x = x * 0.5 + 0.5
         # NOTE(paper≠code): the official code resizes 256 -> 224 with F.interpolate's default mode, nearest (no
         # antialias), and hard-codes 224. We keep nearest by default for parity; "bicubic" (antialiased) is closer
@@ -191,20 +191,47 @@ class Teacher(nn.Module):
         return self.cls_fn(self.net, self.preprocess(x))
 
 
-DINO_SIZE = 224  # the official teacher input size (spec §2.5, clip_encoder.py/dino_encoder.py); CLIP's is its own
+DINO_SIZE = 224  # the official teacher input size (official_code.md §2.5, clip_encoder.py/dino_encoder.py); CLIP's is its own
 
 
 def _clip_cls(net, x):
     return net(x)  # after prune_intermediate_layers(prune_norm, prune_head) this is CLS before ln_post, no proj
 
 
+def _cnn_cls(net, x):
+    return net.features(x)                # the stand-in's pooled features (PhotoCNN below)
+
+
 def _dino_cls(net, x):
     return net.forward_features(x)[:, 0]  # timm ViT: tokens after the final norm; token 0 is CLS
 
 
+class PhotoCNN(nn.Module):
+    """The offline stand-in teacher (spec "cnn:tiny_teacher.pt", trained by train_teacher.py): a 4-stage CNN that
+    classifies the 11 bundled photos. Its pooled features (B, width) play the role of CLIP's CLS feature: they encode
+    which photo (class) a crop comes from, and nothing a pretrained model knows about the world."""
+
+    def __init__(self, num_classes=11, width=128, image_size=64):
+        super().__init__()
+        chans, layers = (3, width // 8, width // 4, width // 2, width), []
+        for cin, cout in zip(chans, chans[1:]):                        # each stage halves H and W
+            layers += [nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.ReLU()]
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())   # (B, 3, S, S) -> (B, width)
+        self.classifier = nn.Linear(width, num_classes)
+        self.width, self.image_size = width, image_size
+
+    def forward(self, x):
+        return self.classifier(self.features(x))                       # class logits (B, num_classes)
+
+
 def teacher_file(spec):
     """(the local weight file of a teacher spec, or None; the path where it is expected): $FQGAN_WEIGHTS/<spec with
-    ':' and '/' -> '-'>.safetensors, or the same name with .bin."""
+    ':' and '/' -> '-'>.safetensors, or the same name with .bin; for "cnn:<file>" the file itself, else the
+    repository's weights/<file> (where the stand-in teacher is shipped)."""
+    if spec.startswith("cnn:"):
+        local = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", spec[4:])
+        found = [f for f in (spec[4:], local) if os.path.isfile(f)]
+        return (found[0] if found else None), local
     local = os.path.join(weights_dir(), spec.replace(":", "-").replace("/", "-") + ".safetensors")
     found = [f for f in (local, local.removesuffix(".safetensors") + ".bin") if os.path.isfile(f)]
     return (found[0] if found else None), local
@@ -215,6 +242,16 @@ def load_teacher(spec, weights_path=None, pretrained=True, interpolation="neares
     kind, _, name = spec.partition(":")
     found, local = teacher_file(spec)                                 # the explicit path wins over a local file
     path = weights_path or found
+    if kind == "cnn":                                                 # the offline stand-in (train_teacher.py)
+        if pretrained and path is None:
+            raise FileNotFoundError(f"Weights of teacher {spec!r} not found at {local}; make them with "
+                                    f"`python train_teacher.py --out {local}` (about a minute on a CPU)")
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if pretrained else {"config": {}}
+        net = PhotoCNN(**ckpt["config"])
+        if pretrained:
+            net.load_state_dict(ckpt["model"])
+        # the tokenizer's input is the teacher's: [-1, 1] -> [0, 1] -> (x - 0.5) / 0.5 is [-1, 1] again
+        return Teacher(net, net.width, (net.image_size,) * 2, (0.5,) * 3, (0.5,) * 3, _cnn_cls, "bilinear")
     if kind == "openclip":
         import open_clip
         name, _, tag = name.partition(":")
@@ -228,7 +265,7 @@ def load_teacher(spec, weights_path=None, pretrained=True, interpolation="neares
         url = f"https://huggingface.co/{getattr(cfg, 'hf_hub_id', '<repo>')}/resolve/main/model.safetensors"
         source = path
     else:
-        raise ValueError(f"teacher spec {spec!r} must start with 'openclip:' or 'timm:'")
+        raise ValueError(f"teacher spec {spec!r} must start with 'openclip:', 'timm:' or 'cnn:'")
     message = (f"Weights of teacher {spec!r} not found or not loadable. Download {url} and save it as {local} (folder: "
                f"$FQGAN_WEIGHTS, default torch.hub.get_dir()/checkpoints), or pass its path through "
                f"build_teachers(..., weights_paths={{branch: path}}). With internet, open_clip/timm download it "
@@ -258,8 +295,8 @@ def load_teacher(spec, weights_path=None, pretrained=True, interpolation="neares
 def build_teachers(specs, weights_paths=None, device=None, pretrained=True, interpolation="nearest"):
     """{branch i: Teacher} for every non-None entry of `specs` (TokenizerConfig.teachers).
 
-    specs: "openclip:<model>:<tag or file>" (e.g. "openclip:ViT-L-14:openai") or "timm:<model.tag>"
-    (e.g. "timm:vit_small_patch14_dinov2.lvd142m"). weights_paths: optional {i: local weight file}; for open_clip the
+    specs: "openclip:<model>:<tag or file>" (e.g. "openclip:ViT-L-14:openai"), "timm:<model.tag>"
+    (e.g. "timm:vit_small_patch14_dinov2.lvd142m") or "cnn:<file>" (the offline stand-in PhotoCNN). weights_paths: optional {i: local weight file}; for open_clip the
     tag still decides QuickGELU and mean/std. Teachers have no trainable parameters: keep them out of DDP and of
     checkpoints. pretrained=False builds randomly initialised teachers of the same classes (tests only).
     """
@@ -269,7 +306,7 @@ def build_teachers(specs, weights_paths=None, device=None, pretrained=True, inte
 
 
 def info_nce(student, teacher):
-    """The official representation loss (spec §2.5): rows-only, temperature-free InfoNCE on cosine similarities.
+    """The official representation loss (official_code.md §2.5): rows-only, temperature-free InfoNCE on cosine similarities.
 
     student, teacher (B, W). s = l2norm(student), t = l2norm(teacher), M = exp(s tᵀ):
     loss = -mean_i log(M_ii / Σ_j M_ij); the other images of the (per-GPU) batch are the negatives.
@@ -285,7 +322,7 @@ def info_nce(student, teacher):
 
 
 def representation_loss(features, teachers, x):
-    """Sec. 3.2.2: {"rep/i": InfoNCE of branch i, "rep": their mean}; features[i] (B, 1 + h*w, W) from the head."""
+    """Sec. 3.2.2: {"rep/i": InfoNCE of branch i, "rep": their sum}; features[i] (B, 1 + h*w, W) from the head."""
     out = {}
     for i, teacher in teachers.items():
         assert i in features, f"branch {i} has a teacher but the tokenizer returned no head features for it"
@@ -294,9 +331,9 @@ def representation_loss(features, teachers, x):
             f"branch {i}: head width {student.shape[-1]} != teacher width {teacher.width}"
         out[f"rep/{i}"] = info_nce(student, teacher(x))
     if out:
-        # NOTE(paper≠code): Eq. (8) reads as a sum over supervised branches; the official code averages them:
-        # Dual 0.5·NCE, Triple 0.5·(0.5·NCE_mid + 0.5·NCE_high). We follow the code: L_rep = mean, λ_rep = 0.5.
-        out["rep"] = torch.stack(list(out.values())).mean()
+        # Eq. (8): L_rep sums the supervised branches, each weighted by λ_rep in generator_loss, as the official
+        # generator loss adds λ_rep·NCE_mid + λ_rep·NCE_high for Triple (0.5 each) and λ_rep·NCE for Dual.
+        out["rep"] = torch.stack(list(out.values())).sum()
     return out
 
 
@@ -324,9 +361,15 @@ def generator_loss(x, x_rec, aux, step, *, lpips=None, disc=None, teachers=None,
         out["quant"] = torch.stack(quant).sum()                    # L_VQ, Eq. (2): already weighted (β, entropy)
         total = total + out["quant"]
     if "disentangle" in aux["losses"]:
-        total = total + cfg.dis_weight * aux["losses"]["disentangle"]   # λ_dis · L_dis, Eq. (7)-(8)
+        total = total + cfg.disentangle_weight * aux["losses"]["disentangle"]   # λ_dis · L_dis, Eq. (7)-(8)
     if teachers:
         out.update(representation_loss(aux["features"], teachers, x))
         total = total + cfg.rep_weight * out["rep"]                # λ_rep · L_rep, Eq. (8)
     out["total"] = total                                           # Eq. (8)
     return out
+
+
+if __name__ == "__main__":   # `python losses.py --help` says what is here; the file itself is a library
+    import argparse
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    print("losses.py is imported by train_tokenizer.py; run its tests with: python -m pytest tests/test_losses.py -q")

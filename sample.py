@@ -3,87 +3,60 @@
 Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681 (Tab. 2: cfg scale 2.0, no
 top-k / top-p). With no checkpoint given, the tiny models shipped in weights/ are used (no download):
   python sample.py --class-id 3                                   # -> samples.png, 8 samples of class 3
-  python sample.py --class-id 0 5 --num 4 --cfg-scale 3 --out grid.png
+  python sample.py --class-id 0 5 --per-class 4 --cfg-scale 3 --out grid.png
 Trained or official models (an official FAR-B / FAR-L file with its FQGAN tokenizer works as it is):
   python sample.py --far-ckpt runs/far/checkpoints/last.pt --tokenizer-ckpt TOK.pt --class-id 207
 The ADM protocol for FID (evaluate.py): class-balanced samples as one npz, arr_0 uint8 (N, H, W, 3):
-  torchrun --nproc_per_node=8 sample.py --far-ckpt FAR.pt --tokenizer-ckpt TOK.pt --num-samples 50000 \
+  torchrun --nproc_per_node=8 sample.py --far-ckpt FAR.pt --tokenizer-ckpt TOK.pt --num-samples 50000 \\
       --out-npz samples.npz
 Every batch draws from its own generator seeded by (--seed, batch index), so the npz is the same for any number of
 processes.
 """
 import argparse
+import math
 import os
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torchvision
-from PIL import Image
 from tqdm import tqdm
 
-from far import generate, load_far
-from tokenizer import codebook_fingerprint, load_tokenizer
-from train_tokenizer import init_distributed, save_png
+from checkpoints import CheckpointError, check_pair, check_writable, init_distributed, load_far, load_tokenizer, \
+    read_checkpoint
+from far import generate
+from images import save_grid, to_uint8
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 
 
-def to_uint8(x):
-    """Images (B, 3, H, W) in [-1, 1] -> uint8 (B, 3, H, W) as the official sampler writes its PNGs (spec §4.4):
-    uint8(clamp(127.5 x + 128, 0, 255)), a truncating cast, i.e. round half up; a crop comes back to its pixels."""
-    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8)
-
-
-def load_pair(args, parser):
-    """FAR and tokenizer, checked against each other; every problem exits 2 with what is wrong."""
-    for flag in ("far_ckpt", "tokenizer_ckpt"):
-        path = getattr(args, flag)
-        if path is not None and not os.path.isfile(path):
-            parser.error(f"--{flag.replace('_', '-')} {path}: no such file"
-                         + (" (the shipped tiny weights live in weights/; see weights/README.md)"
-                            if path.startswith(WEIGHTS) else ""))
-    try:                                                               # official files pickle an argparse Namespace
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(args.far_ckpt, map_location="cpu", weights_only=True)
-        model = load_far(ckpt)
-    except Exception as e:
-        parser.error(f"--far-ckpt {args.far_ckpt}: not a FAR checkpoint ({type(e).__name__}: {str(e)[:200]})")
+def load_pair(args):
+    """(FAR, tokenizer, class names or None), checked against each other (checkpoints.check_pair). Without
+    --tokenizer-ckpt, the tokenizer recorded in our FAR checkpoint: its path, else a file of that name beside FAR."""
+    ckpt = read_checkpoint(args.far_ckpt, "--far-ckpt")
+    model = load_far(ckpt)
     recorded = ckpt.get("tokenizer", {})                               # ours: the tokenizer FAR was trained on
-    if args.tokenizer_ckpt is None:                                    # its recorded path, else a file of that name
-        rec = recorded.get("path")                                     # next to the FAR checkpoint
+    if args.tokenizer_ckpt is None:
+        rec = recorded.get("path")
         near = rec and os.path.join(os.path.dirname(os.path.abspath(args.far_ckpt)), os.path.basename(rec))
         args.tokenizer_ckpt = next((f for f in (rec, near) if f and os.path.isfile(f)), None)
         if args.tokenizer_ckpt is None:
-            parser.error(f"--tokenizer-ckpt is needed: {args.far_ckpt} names no tokenizer file found here")
-    try:
-        tok = load_tokenizer(args.tokenizer_ckpt)
-    except (ValueError, KeyError, TypeError, RuntimeError) as e:       # refused pickle, not a tokenizer, bad shapes
-        parser.error(f"--tokenizer-ckpt {args.tokenizer_ckpt}: {type(e).__name__}: {str(e)[:300]}")
-    fc, tc = model.cfg, tok.cfg
-    mine = (fc.num_codebooks, fc.codebook_size, tuple(fc.grid))
-    theirs = (tc.num_codebooks, tc.codebook_size, tuple(tc.grid))
-    if mine != theirs:
-        parser.error(f"mismatched pair: {args.far_ckpt} models (k, codebook_size, grid) = {mine}, but "
-                     f"{args.tokenizer_ckpt} has {theirs}")
-    if recorded.get("fingerprint") and recorded["fingerprint"] != codebook_fingerprint(tok):
-        parser.error(f"mismatched pair: {args.far_ckpt} was trained on the codes of the tokenizer with codebook "
-                     f"fingerprint {recorded['fingerprint']}, but {args.tokenizer_ckpt} has "
-                     f"{codebook_fingerprint(tok)}")
+            raise CheckpointError(f"--tokenizer-ckpt is needed: {args.far_ckpt} names no tokenizer file found here")
+    tok = load_tokenizer(args.tokenizer_ckpt)
+    check_pair(model.cfg, tok, recorded, args.far_ckpt, args.tokenizer_ckpt)
     return model, tok, ckpt.get("classes")
 
 
 @torch.no_grad()
 def sample(model, tok, labels, args, batch_index, device):
-    """Codes for labels (B,) from the generator of (seed, batch_index), decoded to uint8 images (B, H, W, 3)."""
+    """Codes for labels (B,) from the generator of (seed, batch_index), decoded to uint8 images (B, 3, H, W)."""
     g = torch.Generator(device).manual_seed(args.seed * 1_000_003 + batch_index)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
         codes = generate(model, labels.to(device), cfg_scale=args.cfg_scale, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, generator=g)  # (B, k, h, w)
-    return to_uint8(tok.decode_codes(codes).float()).permute(0, 2, 3, 1).cpu()      # -> (B, H, W, 3)
+                         top_k=args.top_k, top_p=args.top_p, generator=g, compile=args.compile)  # (B, k, h, w)
+    return to_uint8(tok.decode_codes(codes).float()).cpu()                 # Eq. (6), then the official uint8
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # models
     p.add_argument("--far-ckpt", default=os.path.join(WEIGHTS, "tiny_far.pt"),
@@ -92,65 +65,80 @@ def main(argv=None):
                    "one the FAR checkpoint was trained with, if found)")
     # what to sample (Sec. 3.3; Tab. 2 uses cfg 2.0, temperature 1, no top-k / top-p)
     p.add_argument("--class-id", type=int, nargs="+", default=None, help="class index(es), one grid row each")
-    p.add_argument("--num", type=int, default=8, help="samples per class in the PNG grid")
-    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale s (1 = none)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (> 0)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes (0 = all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1] (1 = all)")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--out", default="samples.png", help="PNG grid (one row per class id)")
+    p.add_argument("--per-class", type=int, default=8, help="samples per class id in the PNG grid (%(default)s)")
+    p.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale s, any finite number; "
+                   "1 = none (the official sampler also skips guidance for s < 1; default %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature, > 0 (%(default)s)")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes, 0 = all (%(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1], 1 = all (%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (%(default)s)")
+    p.add_argument("--out", default="samples.png", help="PNG grid, one row per class id (%(default)s)")
     # ADM npz for FID (evaluate.py)
     p.add_argument("--num-samples", type=int, default=0, help="write this many class-balanced samples to --out-npz")
     p.add_argument("--out-npz", default=None, help="npz file (arr_0 uint8 (N, H, W, 3), labels (N,))")
-    p.add_argument("--batch-size", type=int, default=32, help="images per generate() call and process")
+    p.add_argument("--batch-size", type=int, default=32, help="images per generate() call and process (%(default)s)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
                    help="autocast dtype of the FAR forward (default: bf16 on CUDA as official, fp32 on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
+                   "one-position decode step, static KV cache (default: on with CUDA, off on CPU; same codes)")
     args = p.parse_args(argv)
     if (args.num_samples > 0) != (args.out_npz is not None):
         p.error("--num-samples N and --out-npz FILE go together")
     if args.num_samples <= 0 and args.class_id is None:
         p.error("give --class-id N (or --num-samples N --out-npz FILE)")
-    for name, bad in (("num", args.num < 1), ("batch-size", args.batch_size < 1),
-                      ("temperature", args.temperature <= 0), ("top-k", args.top_k < 0),
-                      ("top-p", not 0 < args.top_p <= 1), ("num-samples", args.num_samples < 0)):
-        if bad:
-            p.error(f"--{name} {getattr(args, name.replace('-', '_'))} is out of range")
-    model, tok, classes = load_pair(args, p)
-    n_classes = model.cfg.num_classes
+    # Every value is checked here, before loading or sampling: one line naming the flag, value and range, exit 2.
+    for name, ok, valid in (("per_class", args.per_class >= 1, "an integer >= 1"),
+                            ("batch_size", args.batch_size >= 1, "an integer >= 1"),
+                            ("cfg_scale", math.isfinite(args.cfg_scale), "a finite number"),
+                            ("temperature", math.isfinite(args.temperature) and args.temperature > 0, "finite, > 0"),
+                            ("top_k", args.top_k >= 0, "an integer >= 0"),
+                            ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),
+                            ("num_samples", args.num_samples >= 0, "an integer >= 0")):
+        if not ok:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
+    try:
+        check_writable(args.out_npz, "--out-npz") if args.out_npz else check_writable(args.out, "--out")
+        model, tok, classes = load_pair(args)
+    except CheckpointError as e:
+        p.error(str(e))
     for c in args.class_id or []:
-        if not 0 <= c < n_classes:
-            p.error(f"--class-id {c} is out of range: this FAR has classes 0..{n_classes - 1}"
+        if not 0 <= c < model.cfg.num_classes:
+            p.error(f"--class-id {c} is out of range: this FAR has classes 0..{model.cfg.num_classes - 1}"
                     + (f" ({', '.join(f'{i} {n}' for i, n in enumerate(classes))})" if classes else ""))
+    return args, model, tok, classes
 
+
+def main(argv=None):
+    args, model, tok, classes = parse_args(argv)
     ddp, rank, world, _, device = init_distributed()
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
     model, tok = model.to(device), tok.to(device)
 
     if args.num_samples == 0:                                          # a PNG grid, one process
-        labels = torch.tensor(args.class_id).repeat_interleave(args.num)   # (C * num,) row by row
+        labels = torch.tensor(args.class_id).repeat_interleave(args.per_class)   # (C * per_class,) row by row
         images = torch.cat([sample(model, tok, labels[i:i + args.batch_size], args, i // args.batch_size, device)
-                            for i in range(0, len(labels), args.batch_size)])          # (N, H, W, 3)
-        grid = torchvision.utils.make_grid(images.permute(0, 3, 1, 2), nrow=args.num, padding=2)
-        save_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), args.out)
+                            for i in range(0, len(labels), args.batch_size)])          # (N, 3, H, W) uint8
+        save_grid(images, args.out, nrow=args.per_class)
         names = [f"{c} ({classes[c]})" if classes else str(c) for c in args.class_id]
-        print(f"wrote {args.out}: {args.num} samples of class {', '.join(names)}, cfg {args.cfg_scale}, "
+        print(f"wrote {args.out}: {args.per_class} samples of class {', '.join(names)}, cfg {args.cfg_scale}, "
               f"seed {args.seed}")
         return
 
     # npz: class-balanced labels in a seeded order; global batch b is generated by rank b % world into a shared
     # memory-mapped file, which rank 0 packs into the npz at the end (nothing half-written under --out-npz).
-    n, B = args.num_samples, args.batch_size
+    n, B, n_classes = args.num_samples, args.batch_size, model.cfg.num_classes
     labels = (torch.arange(n) % n_classes)[torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))]
-    H, W = (s * tok.cfg.downsample for s in tok.cfg.grid)
+    H, W = tok.cfg.image_shape
     parts = args.out_npz + ".parts.npy"
     if rank == 0:
         np.lib.format.open_memmap(parts, "w+", np.uint8, (n, H, W, 3))
     if ddp:
         dist.barrier()
     out = np.lib.format.open_memmap(parts, "r+")
-    batches = range(rank, -(-n // B), world)
-    for b in tqdm(batches, desc="sample", disable=rank != 0, dynamic_ncols=True):
-        out[b * B:(b + 1) * B] = sample(model, tok, labels[b * B:(b + 1) * B], args, b, device).numpy()
+    for b in tqdm(range(rank, -(-n // B), world), desc="sample", disable=rank != 0, dynamic_ncols=True):
+        x = sample(model, tok, labels[b * B:(b + 1) * B], args, b, device)
+        out[b * B:(b + 1) * B] = x.permute(0, 2, 3, 1).numpy()         # (B, 3, H, W) -> (B, H, W, 3), ADM layout
     out.flush()
     del out
     if ddp:

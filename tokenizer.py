@@ -11,13 +11,13 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
 
 Data flow (k branches, concatenated in branch order; official order [vis, sem] / [vis, sem_mid, sem_high]):
 
-  x (B,3,H,W) -> Encoder trunk -> h (B,C,h,w) -+-> branch i: adapter A_i -> GroupNorm -> swish -> conv_out
+  x (B,3,H,W) -> Encoder trunk -> z (B,C,h,w) -+-> branch i: adapter A_i -> GroupNorm -> swish -> conv_out
                                                |     -> quant_conv -> quantizer Q_i -> z_q^i (B,d,h,w)
                                                |     [-> feature head P_i (teacher-supervised branches only)]
                                                +-> ... ; concat z_q^1..z_q^k -> post_quant_conv -> Decoder -> x_rec
 
 Numerics follow the official code where it matters for bit-exact checkpoint parity
-(`../shared/reference/fqgan_tokenizer_spec.md` §7): swish as x*sigmoid(x), bmm attention with the scale after the
+(docs/official_code.md §1.3): swish as x*sigmoid(x), bmm attention with the scale after the
 matmul, asymmetric padding before the stride-2 conv, nearest upsampling, exact GELU, LayerNorm eps 1e-5,
 GroupNorm eps 1e-6.
 
@@ -29,7 +29,6 @@ Usage:
 Smoke demo: python tokenizer.py --preset tiny
 """
 import argparse
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -90,6 +89,11 @@ class TokenizerConfig:
                 raise ValueError(f"image size {size} is not divisible by the downsample factor {self.downsample}")
         return size[0] // self.downsample, size[1] // self.downsample
 
+    @property
+    def image_shape(self):
+        """(H, W) of the images the configured grid comes from: grid * downsample."""
+        return self.grid[0] * self.downsample, self.grid[1] * self.downsample
+
 
 _DUAL = dict(branch_names=("vis", "sem"), teachers=(None, "openclip:ViT-L-14:openai"), head_dims=(0, 1024))
 _TRIPLE = dict(num_codebooks=3, branch_names=("vis", "sem_mid", "sem_high"),
@@ -118,10 +122,23 @@ PRESETS = {
     "tiny-vq": dict(**_TINY_TRUNK, codebook_size=512, **_SINGLE),
     "tiny-ibq": dict(**_TINY_TRUNK, codebook_size=1024, quantizer="ibq", codebook_dim=64, entropy_weight=0.05,
                      l2_norm=False, **_SINGLE),
-    # tiny + representation learning (Tab. 3 "+rep"): Dual's CLIP ViT-L/14 teacher on the second branch; needs its
-    # weights (README table), so ablate.py runs it only when the file is present.
-    "tiny-dual": dict(**_TINY_TRUNK, codebook_size=512, adapter_layers=2, adapter_heads=4, head_layers=1, **_DUAL),
+    # tiny + representation learning (Sec. 3.2.2, Tab. 3 "+rep"): the offline stand-in teacher (train_teacher.py, a
+    # small CNN that tells the 11 bundled photos apart, 128-d features) on the second branch, where Dual has CLIP.
+    "tiny-dual": dict(**_TINY_TRUNK, codebook_size=512, adapter_layers=2, adapter_heads=4, head_layers=1,
+                      branch_names=("vis", "sem"), teachers=(None, "cnn:tiny_teacher.pt"), head_dims=(0, 128)),
 }
+
+# The training recipe of every preset: train_tokenizer.py's defaults, which `--help` prints for the chosen --preset.
+# Paper presets: Sec. 4.1 (batch 256, lr 2e-4, ~40 epochs = 200k steps) and the official scripts (EMA, LPIPS 1.0, GAN
+# 0.5 from step 20k; docs/official_code.md §2.1, §3.1). Tiny presets: 2 CPU cores and the bundled photos (bundled_data),
+# no LPIPS (its weights are not available offline) and no GAN (without LPIPS it wrecked reconstruction, README).
+_PAPER_RECIPE = dict(bundled_data=False, global_batch_size=256, max_steps=200_000, lr=2e-4, ema_decay=0.9999,
+                     perceptual_weight=1.0, gan_weight=0.5, gan_start=20_000)
+_TINY_RECIPE = dict(bundled_data=True, global_batch_size=16, max_steps=600, lr=2e-4, ema_decay=0.99,
+                    perceptual_weight=0.0, gan_weight=0.0, gan_start=400)
+RECIPES = {"fqgan-dual-16": _PAPER_RECIPE, "fqgan-triple-16": _PAPER_RECIPE, "fqgan-dual-8": _PAPER_RECIPE,
+           "fqgan-triple-8": _PAPER_RECIPE, "vqgan-16": _PAPER_RECIPE, "ibq-16": _PAPER_RECIPE,
+           "tiny": _TINY_RECIPE, "tiny-vq": _TINY_RECIPE, "tiny-ibq": _TINY_RECIPE, "tiny-dual": _TINY_RECIPE}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -131,15 +148,15 @@ def swish(x):
     return x * torch.sigmoid(x)     # not F.silu: that differs by up to 1e-6 and breaks bit-exact parity
 
 
-def Normalize(channels):
+def group_norm(channels):
     return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     def __init__(self, cin, cout, dropout=0.0):
         super().__init__()
-        self.norm1, self.conv1 = Normalize(cin), nn.Conv2d(cin, cout, 3, 1, 1)
-        self.norm2, self.conv2 = Normalize(cout), nn.Conv2d(cout, cout, 3, 1, 1)
+        self.norm1, self.conv1 = group_norm(cin), nn.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2, self.conv2 = group_norm(cout), nn.Conv2d(cout, cout, 3, 1, 1)
         self.dropout = nn.Dropout(dropout)
         self.nin_shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -154,7 +171,7 @@ class AttnBlock(nn.Module):
 
     def __init__(self, c):
         super().__init__()
-        self.norm = Normalize(c)
+        self.norm = group_norm(c)
         self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
 
     def forward(self, x):
@@ -243,7 +260,7 @@ class Decoder(nn.Module):
         self.conv_blocks = nn.ModuleList(
             Level(chs[max(i - 1, 0)], chs[i], cfg.num_res_blocks + 1, attn=i == 0,
                   resample=Upsample if i < n - 1 else None, dropout=cfg.dropout) for i in range(n))
-        self.norm_out = Normalize(chs[-1])
+        self.norm_out = group_norm(chs[-1])
         self.conv_out = nn.Conv2d(chs[-1], 3, 3, 1, 1)
 
     def forward(self, z):
@@ -360,7 +377,7 @@ class Branch(nn.Module):
         super().__init__()
         width = cfg.ch * cfg.ch_mult[-1]
         self.adapter = Adapter(width, cfg.adapter_layers, cfg.adapter_heads, cfg.grid) if cfg.adapter_layers else None
-        self.norm_out = Normalize(width)
+        self.norm_out = group_norm(width)
         self.conv_out = nn.Conv2d(width, cfg.z_channels, 3, 1, 1)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
         if cfg.quantizer == "vq":
@@ -372,10 +389,10 @@ class Branch(nn.Module):
         self.feat_head = (FeatPredHead(cfg.codebook_dim, cfg.head_dims[i], cfg.head_layers, cfg.head_heads, cfg.grid)
                           if cfg.head_dims[i] else None)
 
-    def forward(self, h):
-        z = self.adapter(h) if self.adapter is not None else h       # Eq. (4)
-        z = self.quant_conv(self.conv_out(swish(self.norm_out(z))))  # (B, C, h, w) -> (B, d, h, w)
-        return self.quantize(z)                                       # Eq. (5): z_q, losses, codes
+    def forward(self, z):
+        z_i = self.adapter(z) if self.adapter is not None else z     # Eq. (4): z_i = A_i(z), the shared z in
+        z_i = self.quant_conv(self.conv_out(swish(self.norm_out(z_i))))   # (B, C, h, w) -> (B, d, h, w)
+        return self.quantize(z_i)                                     # Eq. (5): z_q^i, losses, codes
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -401,10 +418,10 @@ class Tokenizer(nn.Module):
         {"codes": (B, k, h, w), "z_q": [k x (B, d, h, w)], "losses": {"codebook/i", "commit/i", ..., "disentangle"},
          "features": {i: (B, 1 + h*w, width)} for each teacher-supervised branch i}."""
         self._check_images(x)
-        h = self.encoder(x)                                           # Eq. (3)
+        z = self.encoder(x)                                           # Eq. (3): z = E(x), shared by the branches
         z_qs, codes, losses, features = [], [], {}, {}
         for i, branch in enumerate(self.branches):
-            z_q, branch_losses, branch_codes = branch(h)              # Eq. (4)-(5)
+            z_q, branch_losses, branch_codes = branch(z)              # Eq. (4)-(5)
             z_qs.append(z_q)
             codes.append(branch_codes)
             losses.update({f"{name}/{i}": v for name, v in branch_losses.items()})
@@ -424,8 +441,8 @@ class Tokenizer(nn.Module):
     def encode(self, x):
         """Images (B, 3, H, W) in [-1, 1] -> codes (B, k, h, w) int64, one index map per sub-codebook."""
         self._check_images(x)
-        h = self.encoder(x)
-        return torch.stack([branch(h)[2] for branch in self.branches], dim=1)
+        z = self.encoder(x)                                           # Eq. (3)
+        return torch.stack([branch(z)[2] for branch in self.branches], dim=1)   # k x (B, h, w) -> (B, k, h, w)
 
     def decode_codes(self, codes, keep=None):
         """Codes (B, k, h, w) -> images (B, 3, H, W). With keep=[i, ...], only those sub-codebooks contribute and
@@ -446,113 +463,10 @@ class Tokenizer(nn.Module):
         return self.decode(torch.cat(z_qs, dim=1))
 
 
-def codebook_fingerprint(tok):
-    """16 hex digits identifying the sub-codebooks (raw rows rounded to fp16, so an fp16 export of a checkpoint keeps
-    the fingerprint). FAR checkpoints record the fingerprint of the tokenizer whose codes they were trained on, and
-    sample.py refuses a tokenizer that does not match."""
-    digest = hashlib.sha256()
-    for branch in tok.branches:
-        digest.update(branch.quantize.embedding.weight.detach().to("cpu", torch.float16).numpy().tobytes())
-    return digest.hexdigest()[:16]
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Checkpoints: ours ({"model", "config", ...}, plain types) and the official FQGAN ones (`fqgan_*_ds{8,16}.pt`).
-
-# Official module names per branch (fqgan_*_tokenizer_keys.txt): the adapter, and the feature head if any.
-_OFFICIAL_ADAPTER = {"vis": "visual_head", "sem": "semantic_head", "sem_mid": "semantic_head_mid",
-                     "sem_high": "semantic_head_high"}
-_OFFICIAL_HEAD = {"sem": "feat_pred_head", "sem_mid": "mid_sem_feat_pred", "sem_high": "high_sem_feat_pred"}
-
-
-def _official_prefixes(cfg):
-    """(official prefix, our prefix) pairs. Everything else (encoder trunk, post_quant_conv, decoder) has the
-    official names already. The official `encoder.<adapter>.0` is a one-element ModuleList, ours a module."""
-    pairs = []
-    for i, b in enumerate(cfg.branch_names):
-        pairs += [(f"encoder.{_OFFICIAL_ADAPTER[b]}.0.", f"branches.{i}.adapter."),
-                  (f"encoder.norm_out_{b}.", f"branches.{i}.norm_out."),
-                  (f"encoder.conv_out_{b}.", f"branches.{i}.conv_out."),
-                  (f"quant_conv_{b}.", f"branches.{i}.quant_conv."),
-                  (f"quantize_{b}.", f"branches.{i}.quantize.")]
-        if cfg.head_dims[i]:
-            pairs.append((f"{_OFFICIAL_HEAD[b]}.", f"branches.{i}.feat_head."))
-    return pairs
-
-
-def config_from_official(sd):
-    """Infer the TokenizerConfig of an official FQGAN state dict from its keys and shapes (Tab. 1 presets)."""
-    triple = "quantize_sem_mid.embedding.weight" in sd
-    names = ("vis", "sem_mid", "sem_high") if triple else ("vis", "sem")
-    if f"quantize_{names[1]}.embedding.weight" not in sd:
-        raise ValueError("not an FQGAN Dual/Triple tokenizer state dict: no quantize_sem*/quantize_vis keys")
-    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.conv_blocks."))
-    cfg = dict(PRESETS[f"fqgan-{'triple' if triple else 'dual'}-{2 ** (levels - 1)}"])
-    cfg["codebook_size"], cfg["codebook_dim"] = sd[f"quantize_{names[0]}.embedding.weight"].shape
-    # the heads are in the file only when it was trained with representation learning
-    cfg["head_dims"] = tuple(sd[f"{_OFFICIAL_HEAD[b]}.class_embedding"].shape[1]
-                             if b in _OFFICIAL_HEAD and f"{_OFFICIAL_HEAD[b]}.class_embedding" in sd else 0
-                             for b in names)
-    grid = sd[f"encoder.{_OFFICIAL_ADAPTER['vis']}.0.positional_embedding"].shape[0] ** 0.5
-    cfg["image_size"] = int(round(grid)) * 2 ** (levels - 1)
-    return TokenizerConfig(**cfg)
-
-
-def official_to_ours(sd, cfg):
-    """Rename an official state dict to ours. Drops the official `codebook_used` usage FIFO buffers (we count code
-    usage per batch instead; they hold no model state)."""
-    pairs, out = _official_prefixes(cfg), {}
-    for key, value in sd.items():
-        if key.endswith(".codebook_used"):
-            continue
-        new = next((ours + key[len(off):] for off, ours in pairs if key.startswith(off)), key)
-        out[new] = value
-    return out
-
-
-def ours_to_official(sd, cfg):
-    """The inverse of official_to_ours, with zero `codebook_used` buffers (65536,) as the official module has."""
-    pairs, out = _official_prefixes(cfg), {}
-    for key, value in sd.items():
-        new = next((off + key[len(ours):] for off, ours in pairs if key.startswith(ours)), key)
-        out[new] = value
-        if new.endswith("embedding.weight") and new.startswith("quantize_"):
-            out[new.replace("embedding.weight", "codebook_used")] = torch.zeros(65536)
-    return out
-
-
-def load_tokenizer(path, map_location="cpu"):
-    """Load our checkpoint or an official FQGAN one (detected by its keys) into a Tokenizer, strictly, in eval.
-
-    Nothing pickled is executed: torch.load(weights_only=True), allowing only argparse.Namespace (the official
-    files store their training arguments that way). Anything else in the file is refused.
-    """
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"tokenizer checkpoint not found: {path}") from None
-    except Exception as e:      # weights_only refuses any other pickled object
-        raise ValueError(f"refusing to load {path}: it holds objects other than tensors and plain types "
-                         f"({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if isinstance(ckpt, dict) and "config" in ckpt:                   # ours, written by train_tokenizer.py
-        cfg = TokenizerConfig(**ckpt["config"])
-        sd = ckpt["ema"] if ckpt.get("ema") else ckpt["model"]
-        official = False
-    else:                                                             # official: {"model"|"ema"|"state_dict": sd}
-        sd = next((ckpt[k] for k in ("ema", "model", "state_dict") if isinstance(ckpt, dict) and k in ckpt), ckpt)
-        cfg = config_from_official(sd)
-        sd, official = official_to_ours(sd, cfg), True
-    tok = Tokenizer(cfg)
-    tok.load_state_dict(sd, strict=True)
-    for branch in tok.branches:     # reproduce the official straight-through rounding (see VectorQuantizer)
-        branch.quantize.official_ste = official
-    return tok.eval()
-
-
 def main():
-    parser = argparse.ArgumentParser(description="Tokenizer smoke demo: build a preset, encode and decode a batch "
-                                                 "of random images, print shapes and parameter counts.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="The smoke demo builds a preset, encodes and decodes a batch of random "
+                                     "images, and prints shapes and the parameter count.")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="model preset (default: tiny)")
     parser.add_argument("--batch-size", type=int, default=2, help="number of random images")
     args = parser.parse_args()

@@ -3,8 +3,8 @@
 Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681.
   Sec. 3.3  the model (far.py); its loss is the mean cross-entropy over the k sub-codes
   Sec. 4.1  ImageNet 256x256, 300 epochs, global batch 256, constant lr (the codes extracted once with ten-crop +
-            flip are the official recipe, far_spec.md §5.1; the paper does not describe them)
-Recipe details follow the official scripts (`../shared/reference/far_spec.md` §5): AdamW (0.9, 0.95), weight decay
+            flip are the official recipe, docs/official_code.md §7.1; the paper does not describe them)
+Recipe details follow the official scripts (docs/official_code.md §7): AdamW (0.9, 0.95), weight decay
 0.05 on matrices only, grad clip 1.0, bf16 autocast, no EMA.
 
 Two stages, both in this file:
@@ -13,7 +13,7 @@ Two stages, both in this file:
   2. training: each step draws one view per image (as the official dataset does), teacher-forced cross-entropy.
 
 GPU (FAR-B on the codes of an FQGAN-Dual f16 tokenizer, 8 GPUs, the official 300 epochs):
-  torchrun --nproc_per_node=8 train_far.py --preset far-b --tokenizer-ckpt fqgan_dual_ds16.pt \
+  torchrun --nproc_per_node=8 train_far.py --preset far-b --tokenizer-ckpt fqgan_dual_ds16.pt \\
       --data-path /data/imagenet/train --out-dir runs/far-b --max-steps 1501200
 CPU (the tiny preset on the codes of the shipped tiny tokenizer and the bundled photos, minutes on 2 cores):
   python train_far.py --preset tiny --out-dir runs/far-tiny
@@ -35,18 +35,17 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from far import FAR, PRESETS, FARConfig, far_loss, generate
-from tokenizer import codebook_fingerprint, load_tokenizer
-from train_tokenizer import (BUNDLED, ImageFolder, StreamSampler, atomic_save, center_crop, init_distributed,
-                             mean_over_ranks_or_stop, open_rgb, read_resume, rng_states, save_grid, set_rng_states,
-                             to_tensor)
+from checkpoints import (CheckpointError, atomic_save, codebook_fingerprint, init_distributed, load_tokenizer,
+                         mean_over_ranks_or_stop, read_resume, remove_stale_temps, rng_states, set_rng_states)
+from far import FAR, PRESETS, RECIPES, FARConfig, far_loss, generate
+from images import BUNDLED, ImageFolder, StreamSampler, center_crop, open_rgb, save_grid, to_tensor
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
 VIEWS = {"tencrop": 10, "flip": 2, "none": 1}   # augmented views stored per image
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Stage 1: code extraction (spec §5.1)
+# Stage 1: code extraction (official_code.md §7.1)
 
 class Views(Dataset):
     """Image i of an ImageFolder -> (A views (A, 3, H, W) in [-1, 1], label; label -1 if unreadable).
@@ -78,15 +77,15 @@ def extract_codes(tok, root, out_dir, augment, batch_size, device, ddp, rank, wo
     """Encode every image of root once into out_dir/{codes.npy (N, A, k, h, w), labels.npy (N,)}; returns both
     memory-mapped. Ranks split the images; meta.json is written last, so its presence means the files are complete
     (an interrupted extraction starts over). Unreadable images get label -1 and are left out of training."""
-    tcfg = tok.cfg
-    size = tcfg.grid[0] * tcfg.downsample, tcfg.grid[1] * tcfg.downsample
+    tcfg, size = tok.cfg, tok.cfg.image_shape
     meta = {"tokenizer": codebook_fingerprint(tok), "augment": augment, "root": os.path.abspath(root),
             "size": list(size)}
     paths = [os.path.join(out_dir, n) for n in ("codes.npy", "labels.npy", "meta.json")]
     if os.path.exists(paths[2]):
         stored = json.load(open(paths[2]))
         if {k: stored.get(k) for k in meta} != meta:
-            raise SystemExit(f"{out_dir} holds codes of another tokenizer or data ({stored}); use another --out-dir")
+            raise CheckpointError(f"{out_dir} holds the codes of another tokenizer or data ({stored}); use another "
+                                  f"--out-dir")
         return [np.load(p, mmap_mode="r") for p in paths[:2]]
     views = Views(root, size, augment)
     n, k, A = len(views), tcfg.num_codebooks, VIEWS[augment]
@@ -127,7 +126,7 @@ def extract_codes(tok, root, out_dir, augment, batch_size, device, ddp, rank, wo
 
 
 class Codes(Dataset):
-    """Item (index, epoch) -> (codes (k, h, w) int64 of one view, label). Like the official dataset (spec §5.2) one
+    """Item (index, epoch) -> (codes (k, h, w) int64 of one view, label). Like the official dataset (official_code.md §7.2) one
     of the A views is drawn uniformly per sample; the draw is seeded by (seed, epoch, index), so resume is exact."""
 
     def __init__(self, codes, labels, seed=0):
@@ -168,110 +167,126 @@ def nll_bits(model, dataset, device, ddp, rank, world, batch_size=64):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Arguments: the preset's recipe (far.RECIPES) fills the defaults, so --help prints the real numbers
 
 def parse_args(argv=None):
+    first = argparse.ArgumentParser(add_help=False)                   # pass 1: which preset's recipe
+    first.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    recipe = RECIPES[first.parse_known_args(argv)[0].preset]
+    bundled = recipe["bundled_data"]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model and data
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="FAR preset (far.PRESETS; Tab. 2)")
-    p.add_argument("--head", default=None, choices=["ar", "linear", "mlp"],
-                   help="prediction head (default ar, the factorized AR head of Sec. 3.3; linear / mlp: Tab. 4)")
-    p.add_argument("--tokenizer-ckpt", default=None, help="trained tokenizer (ours or official) whose codes FAR "
-                   "models (default for tiny: the shipped weights/tiny_tokenizer.pt)")
-    p.add_argument("--data-path", default=None, help="ImageFolder root of training images "
-                   "(default: the bundled photos data/photos/train, for the tiny preset)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="FAR preset (far.PRESETS, Tab. 2; its "
+                   "recipe far.RECIPES); the defaults below are this preset's. Default: %(default)s")
+    p.add_argument("--head", default="ar", choices=["ar", "linear", "mlp"], help="prediction head: ar = the "
+                   "factorized AR head of Sec. 3.3; linear / mlp = the baselines of Tab. 4 (default: %(default)s)")
+    p.add_argument("--tokenizer-ckpt", default=os.path.join(WEIGHTS, "tiny_tokenizer.pt") if bundled else None,
+                   help="trained tokenizer (ours or official) whose codes FAR models (default: %(default)s)")
+    p.add_argument("--data-path", default=os.path.join(BUNDLED, "train") if bundled else None,
+                   help="ImageFolder root of training images (default: %(default)s)")
     p.add_argument("--val-path", default=None, help="ImageFolder root of held-out images for the NLL of "
-                   "--eval-every (default: data/photos/val with the bundled photos, else none)")
+                   "--eval-every (default: data/photos/val when --data-path is the bundled data/photos/train, "
+                   "else none)")
     p.add_argument("--augment", default="tencrop", choices=sorted(VIEWS),
                    help="views extracted per training image (official: tencrop = 10 crops incl. flips)")
-    p.add_argument("--out-dir", default="runs/far", help="codes, checkpoints, log.jsonl and sample PNGs go here")
-    # optimisation (far_spec.md §5.3: the official script; the paper's Sec. 4.1 says lr 2e-4)
-    p.add_argument("--global-batch-size", type=int, default=None, help="sequences per step over all ranks "
-                   "(default: 256 official; 32 for tiny)")
-    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: 1501200 = 300 epochs "
-                   "official; 1500 for tiny)")
-    p.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (default: 1e-4 as the "
-                   "official script; 1e-3 for tiny)")
-    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (official script)")
-    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (official script)")
-    p.add_argument("--weight-decay", type=float, default=0.05, help="on matrices and embeddings only (official)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm")
+    p.add_argument("--out-dir", default="runs/far", help="codes, checkpoints, log.jsonl, samples (%(default)s)")
+    # optimisation (official_code.md §7.3: the official script; the paper's Sec. 4.1 says lr 2e-4)
+    p.add_argument("--global-batch-size", type=int, default=recipe["global_batch_size"],
+                   help="sequences per step over all ranks (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=recipe["max_steps"], help="training steps (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=recipe["lr"], help="AdamW learning rate, constant (%(default)s)")
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (official script; %(default)s)")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (official script; %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.05, help="on matrices and embeddings only (%(default)s)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (%(default)s)")
     # runtime
-    p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
-    p.add_argument("--num-workers", type=int, default=None, help="data loader workers per rank "
-                   "(default 4; 0 for tiny, whose codes fit in memory)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (%(default)s)")
+    p.add_argument("--num-workers", type=int, default=recipe["num_workers"],
+                   help="data loader workers per rank (default: %(default)s)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="autocast dtype of the forward (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on with CUDA, off on CPU)")
-    p.add_argument("--extract-batch-size", type=int, default=16, help="images per rank per encode in stage 1")
-    p.add_argument("--log-every", type=int, default=50, help="steps between JSONL log lines")
-    p.add_argument("--sample-every", type=int, default=500, help="steps between PNG grids of samples")
-    p.add_argument("--eval-every", type=int, default=500, help="steps between held-out NLL evaluations")
-    p.add_argument("--ckpt-every", type=int, default=1000, help="steps between numbered checkpoints")
+    p.add_argument("--extract-batch-size", type=int, default=16, help="images per rank per encode in stage 1 "
+                   "(%(default)s)")
+    p.add_argument("--log-every", type=int, default=50, help="steps between JSONL log lines (%(default)s)")
+    p.add_argument("--sample-every", type=int, default=500, help="steps between PNG grids of samples (%(default)s)")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between held-out NLLs (%(default)s)")
+    p.add_argument("--ckpt-every", type=int, default=1000, help="steps between numbered checkpoints (%(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     args = p.parse_args(argv)
-    tiny = args.preset == "tiny"
-    defaults = dict(global_batch_size=32 if tiny else 256, max_steps=1500 if tiny else 1501200,
-                    lr=1e-3 if tiny else 1e-4, num_workers=0 if tiny else 4)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
-    if args.data_path is None:
-        if not tiny:
-            p.error(f"--data-path is required for preset {args.preset} (the bundled photos are for tiny)")
-        args.data_path = os.path.join(BUNDLED, "train")
-        args.val_path = args.val_path or os.path.join(BUNDLED, "val")
-    if args.tokenizer_ckpt is None:
-        if not tiny:
-            p.error(f"--tokenizer-ckpt is required for preset {args.preset}")
-        args.tokenizer_ckpt = os.path.join(WEIGHTS, "tiny_tokenizer.pt")
-    for name in ("global_batch_size", "max_steps", "log_every", "sample_every", "eval_every", "ckpt_every",
-                 "extract_batch_size"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.val_path is None and args.data_path == os.path.join(BUNDLED, "train"):
+        args.val_path = os.path.join(BUNDLED, "val")                  # the bundled photos' held-out strip
+    # Every value is checked here, before any work: one line naming the flag, the value and the valid range, exit 2.
+    for name, ok, valid in (
+            ("lr", math.isfinite(args.lr) and args.lr > 0, "a finite number > 0"),
+            ("weight_decay", math.isfinite(args.weight_decay) and args.weight_decay >= 0, "a finite number >= 0"),
+            ("grad_clip", args.grad_clip > 0, "> 0"),
+            ("num_workers", args.num_workers >= 0, "an integer >= 0"),
+            *((n, getattr(args, n) >= 1, "an integer >= 1") for n in ("global_batch_size", "max_steps", "log_every",
+              "sample_every", "eval_every", "ckpt_every", "extract_batch_size"))):
+        if not ok:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
+    for flag in ("data_path", "tokenizer_ckpt"):
+        if getattr(args, flag) is None:
+            p.error(f"--{flag.replace('_', '-')} is required for preset {args.preset} (the bundled photos and the "
+                    f"shipped tiny tokenizer are for the tiny preset)")
     if not os.path.isfile(args.tokenizer_ckpt):
         p.error(f"--tokenizer-ckpt {args.tokenizer_ckpt}: no such file")
     return args, p
 
 
-def main(argv=None):
-    args, parser = parse_args(argv)
-    ddp, rank, world, local_rank, device = init_distributed()
-    cuda, master = device.type == "cuda", rank == 0
-    if args.global_batch_size % world:
-        parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
-    batch = args.global_batch_size // world
-    torch.manual_seed(args.seed + rank)
-
-    # stage 1: codes (once; a later run or --resume reuses them) ---------------------------------------------
-    tok = load_tokenizer(args.tokenizer_ckpt, map_location=device).requires_grad_(False)
-    tok_info = {"config": asdict(tok.cfg), "fingerprint": codebook_fingerprint(tok),
-                "path": os.path.abspath(args.tokenizer_ckpt)}
-    extract = lambda root, name, aug: extract_codes(tok, root, os.path.join(args.out_dir, "codes", name), aug,
-                                                    args.extract_batch_size, device, ddp, rank, world)
-    dataset = Codes(*extract(args.data_path, "train", args.augment), seed=args.seed)
-    val_set = Codes(*extract(args.val_path, "val", "none")) if args.val_path else None
-    classes = ImageFolder(args.data_path, (1, 1)).classes
-
-    # model, optimizer --------------------------------------------------------------------------------------------
-    cfg = FARConfig(**{**PRESETS[args.preset], "num_codebooks": tok.cfg.num_codebooks,
-                       "codebook_size": tok.cfg.codebook_size, "grid": tok.cfg.grid, "num_classes": len(classes),
-                       **({"head": args.head} if args.head else {})})
+def build(args, tok, classes, device, ddp, local_rank):
+    """(FAR config, raw model, the model the loop calls (compiled and / or DDP), AdamW). k, codebook size and grid
+    come from the tokenizer, the number of classes from the data; every rank builds the same initial weights."""
+    cuda = device.type == "cuda"
+    cfg = FARConfig(**{**PRESETS[args.preset], "num_codebooks": tok.cfg.num_codebooks, "head": args.head,
+                       "codebook_size": tok.cfg.codebook_size, "grid": tok.cfg.grid, "num_classes": len(classes)})
     torch.manual_seed(args.seed)                                        # same initial weights on every rank
     raw = FAR(cfg).to(device)
-    torch.manual_seed(args.seed + rank)
+    # Keep `raw` for saving, evaluation and sampling: no `_orig_mod.` / `module.` prefix reaches a checkpoint.
     model = torch.compile(raw) if (cuda if args.compile is None else args.compile) else raw
     if ddp:
         model = DDP(model, device_ids=[local_rank] if cuda else None)
-    # far_spec.md §5.3: weight decay on every tensor with ndim >= 2 (linears, embeddings), none on norms / biases
+    # official_code.md §7.3: weight decay on every tensor with ndim >= 2 (linears, embeddings), none on norms
     groups = [{"params": [p for p in raw.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in raw.parameters() if p.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=cuda)
-    sampler = StreamSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    return cfg, raw, model, opt
 
-    # resume --------------------------------------------------------------------------------------------------
-    ckpt_dir = os.path.join(args.out_dir, "checkpoints")
-    last = os.path.join(ckpt_dir, "last.pt")
-    step = 0
-    ckpt = read_resume(args, cfg, parser, device)
+
+def main(argv=None):
+    args, parser = parse_args(argv)
+    ddp, rank, world, local_rank, device = init_distributed()
+    if args.global_batch_size % world:
+        parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
+    batch, master = args.global_batch_size // world, rank == 0
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+
+    # stage 1: codes (once; a later run or --resume reuses them) ---------------------------------------------
+    try:
+        tok = load_tokenizer(args.tokenizer_ckpt, map_location=device).requires_grad_(False)
+        extract = lambda root, name, aug: extract_codes(tok, root, os.path.join(args.out_dir, "codes", name), aug,
+                                                        args.extract_batch_size, device, ddp, rank, world)
+        classes = ImageFolder(args.data_path, (1, 1)).classes
+        dataset = Codes(*extract(args.data_path, "train", args.augment), seed=args.seed)
+        val_set = Codes(*extract(args.val_path, "val", "none")) if args.val_path else None
+    except (CheckpointError, FileNotFoundError) as e:
+        parser.error(str(e))
+    if len(dataset) < world * batch:
+        parser.error(f"--data-path {args.data_path}: {len(dataset)} readable images, fewer than one global batch of "
+                     f"{args.global_batch_size}" + (" (every file was unreadable)" if not len(dataset) else ""))
+    tok_info = {"config": asdict(tok.cfg), "fingerprint": codebook_fingerprint(tok),
+                "path": os.path.abspath(args.tokenizer_ckpt)}
+    cfg, raw, model, opt = build(args, tok, classes, device, ddp, local_rank)
+
+    # resume: weights, optimizer, every rank's RNG and the data position --------------------------------------
+    step, last = 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
+    try:
+        ckpt = read_resume(args.out_dir, cfg, args.global_batch_size) if args.resume else None
+    except CheckpointError as e:
+        parser.error(str(e))
+    torch.manual_seed(args.seed + rank)                                # per-rank randomness (dropout) from here on
     if ckpt is not None:
         raw.load_state_dict(ckpt["model"])
         opt.load_state_dict(ckpt["opt"])
@@ -280,51 +295,62 @@ def main(argv=None):
         step = ckpt["step"]
         set_rng_states(ckpt["rng"], rank)
     if master:
-        os.makedirs(ckpt_dir, exist_ok=True)
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+        os.makedirs(os.path.dirname(last), exist_ok=True)
+        stale = remove_stale_temps(os.path.dirname(last))             # temp files of a killed checkpoint write
         print(f"FAR {args.preset} ({cfg.head} head): {sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M "
               f"parameters, k={cfg.num_codebooks} x {cfg.codebook_size} codes on a {cfg.grid} grid, "
               f"{len(dataset)} images, {len(classes)} classes, world {world}, batch {batch}/rank, "
-              f"steps {step} -> {args.max_steps}, device {device}")
-        log = open(os.path.join(args.out_dir, "log.jsonl"), "a")
+              f"steps {step} -> {args.max_steps}, {device}, {args.precision}"
+              + (f"; removed stale {', '.join(stale)}" if stale else ""))
+        if args.resume and ckpt is None:
+            print(f"--resume: no {last} yet, starting from scratch")
+    extra = {"tokenizer": tok_info, "classes": classes}                # what sample.py checks and names
+    train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra, ddp, rank, world, device)
+    if ddp:
+        dist.destroy_process_group()
+
+
+def train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra, ddp, rank, world, device):
+    """The loop: teacher-forced cross-entropy over the k sub-codes (Sec. 3.3), AdamW, clip; logs, held-out NLL,
+    sample PNGs and checkpoints as asked."""
+    master, folder = rank == 0, os.path.join(args.out_dir, "checkpoints")
+    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
+    write = lambda record: master and (log.write(json.dumps(record) + "\n"), log.flush())
 
     def checkpoint():
+        """Every rank holds the same weights; gather every rank's RNG state, rank 0 writes last.pt atomically."""
         rng = rng_states(ddp, world)
         if master:
             state = {"model": raw.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(cfg),
-                     "args": vars(args), "rng": rng, "data": {"samples_per_rank": step * batch},
-                     "tokenizer": tok_info, "classes": classes}
-            atomic_save(state, last)
+                     "args": vars(args), "rng": rng, "data": {"samples_per_rank": step * batch}, **extra}
+            atomic_save(state, os.path.join(folder, "last.pt"))
             if step % args.ckpt_every == 0 or step == args.max_steps:
-                atomic_save(state, os.path.join(ckpt_dir, f"{step:07d}.pt"))
+                atomic_save(state, os.path.join(folder, f"{step:07d}.pt"))
         if ddp:
             dist.barrier()
 
     def evaluate(nll, sample):
-        """Held-out NLL (every rank takes part) and, on rank 0, a PNG grid: one sample of each of 8 classes."""
-        record = {"step": step}
+        """Held-out NLL (every rank takes part) and, on rank 0, a PNG: one sample of each of the first 8 classes."""
         if nll and val_set is not None:
             bits = nll_bits(raw, val_set, device, ddp, rank, world)
-            record.update({f"val_bits/{j + 1}": v for j, v in enumerate(bits)})
+            write({"step": step, **{f"val_bits/{j}": v for j, v in enumerate(bits)}})
         if master and sample:
-            labels = torch.arange(min(8, len(classes)), device=device)
-            g = torch.Generator(device).manual_seed(args.seed)
-            x = tok.decode_codes(generate(raw, labels, cfg_scale=2.0, generator=g))
+            labels = torch.arange(min(8, cfg.num_classes), device=device)
+            x = tok.decode_codes(generate(raw, labels, cfg_scale=2.0,
+                                          generator=torch.Generator(device).manual_seed(args.seed)))
             save_grid(x, os.path.join(args.out_dir, "samples", f"{step:07d}.png"), nrow=len(x))   # one row
-        if master and len(record) > 1:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
 
-    # train ---------------------------------------------------------------------------------------------------
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
-    bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     if step == 0:
         evaluate(nll=True, sample=False)                                # the "before" of the held-out NLL
+    sampler = StreamSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     sampler.start = step * batch                                        # exact data position on resume
     # The loader draws its base seed from its own generator, not the global RNG that dropout uses (exact resume).
     loader = iter(DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=args.num_workers,
-                             pin_memory=cuda, persistent_workers=args.num_workers > 0,
+                             pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
                              generator=torch.Generator().manual_seed(args.seed + rank)))
+    bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     t0, tokens = time.time(), 0
     while step < args.max_steps:
         codes, labels = next(loader)
@@ -335,26 +361,21 @@ def main(argv=None):
         loss["loss"].backward()
         loss["grad_norm"] = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
         opt.step()
-        step += 1
-        tokens += codes[:, 0].numel() * world
+        step, tokens = step + 1, tokens + codes[:, 0].numel() * world
         bar.update(1)
-        averaged = mean_over_ranks_or_stop(loss, step, last, ddp, world, device)   # every rank, every step
-        if master and (step % args.log_every == 0 or step == args.max_steps):
-            record = {"step": step, **averaged, "tokens_per_s": tokens / (time.time() - t0)}
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{record['loss']:.3f}")
+        averaged = mean_over_ranks_or_stop(loss, step, os.path.join(folder, "last.pt"), ddp, world, device)
         end = step == args.max_steps
+        if step % args.log_every == 0 or end:
+            write({"step": step, **averaged, "tokens_per_s": tokens / (time.time() - t0)})
+            bar.set_postfix(loss=f"{averaged['loss']:.3f}")
         if step % args.eval_every == 0 or step % args.sample_every == 0 or end:
             evaluate(nll=step % args.eval_every == 0 or end, sample=step % args.sample_every == 0 or end)
-        if step % args.ckpt_every == 0 or step == args.max_steps:
+        if step % args.ckpt_every == 0 or end:
             checkpoint()
     bar.close()
     if master:
-        print(f"done: step {step}, checkpoint {last}")
+        print(f"done: step {step}, checkpoint {os.path.join(folder, 'last.pt')}")
         log.close()
-    if ddp:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

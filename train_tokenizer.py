@@ -3,288 +3,163 @@
 Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681.
   Sec. 4.1  ImageNet 256x256, global batch 256, constant lr 2e-4, Adam betas (0.9, 0.95), 40 epochs, 8 GPUs
   Eq. (8)   the objective (losses.py): L_rec + L_VQ + LPIPS + GAN + lambda_dis L_dis + lambda_rep L_rep
-Recipe details follow the official scripts (`../shared/reference/fqgan_tokenizer_spec.md` §3).
+Recipe details follow the official scripts (docs/official_code.md §3); every preset's defaults are its row of
+tokenizer.RECIPES, and `--help` prints them for the chosen --preset.
 
 GPU (the paper's FQGAN-Dual f16, 8 GPUs, ~200k steps; needs the LPIPS and CLIP weights, see README):
-  torchrun --nproc_per_node=8 train_tokenizer.py --preset fqgan-dual-16 --data-path /data/imagenet/train \
-      --out-dir runs/dual16 --global-batch-size 256 --max-steps 200000
+  torchrun --nproc_per_node=8 train_tokenizer.py --preset fqgan-dual-16 --data-path /data/imagenet/train \\
+      --out-dir runs/dual16
 CPU (the tiny preset on the bundled photos, minutes on 2 cores):
   python train_tokenizer.py --preset tiny --out-dir runs/tiny
-Resume either with the same command plus --resume.
-Two processes on one CPU: torchrun --standalone --nproc_per_node=2 train_tokenizer.py ...
+Resume either with the same command plus --resume. Two processes on one CPU: torchrun --standalone
+--nproc_per_node=2 train_tokenizer.py ... (gloo on CPU, NCCL on CUDA).
 """
 import argparse
 import json
 import math
 import os
-import sys
 import time
 from dataclasses import asdict
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-import torchvision
-from PIL import Image
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from checkpoints import (CheckpointError, atomic_save, init_distributed, mean_over_ranks_or_stop, read_resume,
+                         remove_stale_temps, rng_states, set_rng_states)
+from images import BUNDLED, ImageFolder, StreamSampler, save_grid, unreadable_files
 from losses import LPIPS, LossConfig, PatchGAN, build_teachers, discriminator_loss, generator_loss
 from quantizer import codebook_usage
-from tokenizer import PRESETS, Tokenizer, TokenizerConfig
-
-BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "photos")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+from tokenizer import PRESETS, RECIPES, Tokenizer, TokenizerConfig
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Data: ImageFolder layout, the official augmentation, corrupt files skipped and counted
-
-def random_crop(img, size, g):
-    """Official train augmentation (spec §3): short side to S ~ U{max(size)..max(size)/0.8}, random crop, flip.
-
-    All randomness comes from the torch.Generator g (seeded per sample and epoch), so a resumed run sees the same
-    crops as an uninterrupted one, whatever the number of loader workers.
-    """
-    h, w = size
-    s = int(torch.randint(max(h, w), round(max(h, w) / 0.8) + 1, (1,), generator=g))
-    while min(img.size) >= 2 * s:                                   # cheap BOX halving first, as ADM does
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = s / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    top = int(torch.randint(0, img.size[1] - h + 1, (1,), generator=g))
-    left = int(torch.randint(0, img.size[0] - w + 1, (1,), generator=g))
-    img = img.crop((left, top, left + w, top + h))
-    if torch.rand((), generator=g) < 0.5:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
-    return img
-
-
-def center_crop(img, size):
-    """Evaluation crop (ADM center_crop_arr, spec §4): short side to max(size), centre crop."""
-    h, w = size
-    while min(img.size) >= 2 * max(h, w):
-        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
-    scale = max(h, w) / min(img.size)
-    img = img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
-    left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
-    return img.crop((left, top, left + w, top + h))
-
-
-def to_tensor(img):
-    """PIL RGB -> (3, H, W) float in [-1, 1]."""
-    return torchvision.transforms.functional.pil_to_tensor(img).float() / 127.5 - 1
-
-
-def open_rgb(path):
-    """The image at path as RGB (grayscale / RGBA / CMYK converted), or None if it cannot be read."""
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
-        return None
-
-
-class ImageFolder(Dataset):
-    """root/<class>/<image>. Item (index, epoch) -> (image (3, H, W) in [-1, 1], class index, files skipped).
-
-    Grayscale / RGBA / CMYK are converted to RGB; an unreadable file is skipped (the next file is used instead, so
-    batches keep their size) and counted. The crop is seeded by (seed, epoch, index), so exact resume needs no
-    loader RNG state. A plain int item means epoch 0 (evaluation).
-    """
-
-    def __init__(self, root, size, train=True, seed=0):
-        if not os.path.isdir(root):
-            raise FileNotFoundError(f"data folder not found: {root} (expected root/<class>/<image> files)")
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.samples = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
-                        for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTS)]
-        if not self.samples:
-            raise FileNotFoundError(f"no images under {root}/<class>/ (extensions {', '.join(IMAGE_EXTS)})")
-        self.size, self.train, self.seed = size, train, seed
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, item):
-        index, epoch = item if isinstance(item, tuple) else (item, 0)
-        for skipped in range(len(self.samples)):
-            path, label = self.samples[(index + skipped) % len(self.samples)]
-            img = open_rgb(path)
-            if img is None:
-                continue
-            g = torch.Generator().manual_seed(hash((self.seed, epoch, index)) % 2**62)
-            img = random_crop(img, self.size, g) if self.train else center_crop(img, self.size)
-            return to_tensor(img), label, skipped
-        raise RuntimeError(f"none of the {len(self.samples)} images could be read")
-
-
-class StreamSampler(DistributedSampler):
-    """This rank's share of an endless stream of epochs, each a DistributedSampler permutation (seed + epoch),
-    starting `start` samples in; yields (index, epoch). Resuming at step s starts at s * local batch, so one
-    DataLoader serves the whole run (no worker restarts at epoch ends) and the data position is exact."""
-    start = 0
-
-    def __iter__(self):
-        epoch, offset = divmod(self.start, self.num_samples)
-        while True:
-            self.set_epoch(epoch)
-            yield from ((i, epoch) for i in list(super().__iter__())[offset:])
-            epoch, offset = epoch + 1, 0
-
-
-# --------------------------------------------------------------------------------------------------------------
+# Arguments: the preset's recipe (tokenizer.RECIPES) fills the defaults, so --help prints the real numbers
 
 def parse_args(argv=None):
+    first = argparse.ArgumentParser(add_help=False)                   # pass 1: which preset's recipe
+    first.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    recipe = RECIPES[first.parse_known_args(argv)[0].preset]
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model and data
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="tokenizer preset (tokenizer.PRESETS)")
-    p.add_argument("--data-path", default=None, help="ImageFolder root of training images "
-                   "(default: the bundled photos data/photos/train, for the tiny preset)")
-    p.add_argument("--val-path", default=None, help="ImageFolder root of held-out images for --eval-every "
-                   "(default: data/photos/val with the bundled photos, else none)")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="tokenizer preset (tokenizer.PRESETS, "
+                   "its recipe tokenizer.RECIPES); the defaults below are this preset's. Default: %(default)s")
+    p.add_argument("--data-path", default=os.path.join(BUNDLED, "train") if recipe["bundled_data"] else None,
+                   help="ImageFolder root of training images (default: %(default)s)")
+    p.add_argument("--val-path", default=None, help="ImageFolder root of held-out images for the PSNR of "
+                   "--eval-every (default: data/photos/val when --data-path is the bundled data/photos/train, "
+                   "else none)")
     p.add_argument("--image-size", type=int, default=None, help="training resolution (default: the preset's)")
-    p.add_argument("--codebook-size", type=int, default=None, help="entries per sub-codebook (default: preset's)")
-    p.add_argument("--out-dir", default="runs/tokenizer", help="checkpoints, log.jsonl and sample PNGs go here")
-    # optimisation (Sec. 4.1 and the official script: Adam (0.9, 0.95), lr 2e-4 constant, clip 1.0, batch 256)
-    p.add_argument("--global-batch-size", type=int, default=None, help="images per step over all ranks "
-                   "(default: 256, the paper's; 16 for tiny)")
-    p.add_argument("--max-steps", type=int, default=None, help="training steps (default: 200000 official; 600 tiny)")
-    p.add_argument("--lr", type=float, default=2e-4, help="learning rate of both Adam optimizers (Sec. 4.1)")
-    p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (official script)")
-    p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (official script)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, G and D separately")
-    p.add_argument("--ema-decay", type=float, default=None, help="EMA decay of the generator weights "
-                   "(default 0.9999; 0.99 for tiny, whose 600 steps are too few for a slower average)")
-    # loss weights, Eq. (2) and (8) (defaults: official; tiny has no LPIPS and no teacher weights offline)
-    p.add_argument("--perceptual-weight", type=float, default=None, help="lambda_P (default 1.0; 0 for tiny)")
-    p.add_argument("--disc-weight", type=float, default=None, help="lambda_G of the hinge GAN (default 0.5; 0 for "
-                   "tiny, where the GAN without LPIPS wrecked reconstruction: held-out PSNR 18.2 -> 11.9 dB; 0 = no D)")
-    p.add_argument("--disc-start", type=int, default=None, help="step the GAN starts (default 20000; 400 for "
-                   "tiny, used only with --disc-weight > 0)")
-    p.add_argument("--dis-weight", type=float, default=0.1, help="lambda_dis of Eq. (7)-(8)")
-    p.add_argument("--rep-weight", type=float, default=0.5, help="lambda_rep of Eq. (8)")
+    p.add_argument("--codebook-size", type=int, default=None, help="K, entries per sub-codebook (default: preset's)")
+    p.add_argument("--out-dir", default="runs/tokenizer", help="checkpoints, log.jsonl, sample PNGs (%(default)s)")
+    # optimisation (Sec. 4.1 and the official script: Adam (0.9, 0.95), constant lr, clip 1.0)
+    p.add_argument("--global-batch-size", type=int, default=recipe["global_batch_size"],
+                   help="images per step over all ranks (default: %(default)s)")
+    p.add_argument("--max-steps", type=int, default=recipe["max_steps"], help="training steps (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=recipe["lr"], help="lr of both Adam optimizers (default: %(default)s)")
+    p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (official script; default: %(default)s)")
+    p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (official script; default: %(default)s)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, G and D each (%(default)s)")
+    p.add_argument("--ema-decay", type=float, default=recipe["ema_decay"],
+                   help="EMA decay of the generator weights, in [0, 1) (default: %(default)s)")
+    # loss weights, Eq. (2) and (8)
+    p.add_argument("--perceptual-weight", type=float, default=recipe["perceptual_weight"],
+                   help="lambda_P of LPIPS, Eq. (2); 0 = no LPIPS (default: %(default)s)")
+    p.add_argument("--gan-weight", type=float, default=recipe["gan_weight"],
+                   help="lambda_G of the hinge GAN, Eq. (2); 0 = no discriminator at all (default: %(default)s)")
+    p.add_argument("--gan-start", type=int, default=recipe["gan_start"],
+                   help="step the GAN terms switch on (default: %(default)s)")
+    p.add_argument("--disentangle-weight", type=float, default=0.1,
+                   help="lambda_dis of Eq. (7)-(8) (default: %(default)s)")
+    p.add_argument("--rep-weight", type=float, default=0.5, help="lambda_rep of Eq. (8), per teacher-supervised "
+                   "branch; 0 = no teacher (default: %(default)s)")
     p.add_argument("--entropy-weight", type=float, default=None, help="entropy loss weight (default: preset's)")
     # runtime
-    p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r")
-    p.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank")
+    p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank (default: %(default)s)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+                   help="autocast dtype of the forward (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the tokenizer (default: on with CUDA, off on CPU)")
-    p.add_argument("--log-every", type=int, default=50, help="steps between JSONL log lines")
-    p.add_argument("--sample-every", type=int, default=500, help="steps between input/reconstruction PNG grids")
-    p.add_argument("--eval-every", type=int, default=500, help="steps between held-out PSNR evaluations")
-    p.add_argument("--ckpt-every", type=int, default=1000, help="steps between numbered checkpoints")
+    p.add_argument("--log-every", type=int, default=50, help="steps between JSONL log lines (%(default)s)")
+    p.add_argument("--sample-every", type=int, default=500, help="steps between reconstruction PNGs (%(default)s)")
+    p.add_argument("--eval-every", type=int, default=500, help="steps between held-out PSNRs (%(default)s)")
+    p.add_argument("--ckpt-every", type=int, default=1000, help="steps between numbered checkpoints (%(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
     args = p.parse_args(argv)
-    tiny = args.preset == "tiny"
-    defaults = dict(global_batch_size=16 if tiny else 256, max_steps=600 if tiny else 200000,
-                    ema_decay=0.99 if tiny else 0.9999,
-                    perceptual_weight=0.0 if tiny else 1.0, disc_weight=0.0 if tiny else 0.5,
-                    disc_start=400 if tiny else 20000)
-    for name, value in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    if args.val_path is None and args.data_path == os.path.join(BUNDLED, "train"):
+        args.val_path = os.path.join(BUNDLED, "val")                  # the bundled photos' held-out strip
+    # Every value is checked here, before any work: one line naming the flag, the value and the valid range, exit 2.
+    for name, ok, valid in (
+            ("global_batch_size", args.global_batch_size >= 1, "an integer >= 1"),
+            ("max_steps", args.max_steps >= 1, "an integer >= 1"),
+            ("lr", math.isfinite(args.lr) and args.lr > 0, "a finite number > 0"),
+            ("ema_decay", 0 <= args.ema_decay < 1, "in [0, 1)"),
+            ("grad_clip", args.grad_clip > 0, "> 0"),
+            ("codebook_size", args.codebook_size is None or args.codebook_size >= 2, "an integer >= 2"),
+            ("num_workers", args.num_workers >= 0, "an integer >= 0"),
+            *((w, math.isfinite(getattr(args, w)) and getattr(args, w) >= 0, "a finite number >= 0") for w in
+              ("perceptual_weight", "gan_weight", "disentangle_weight", "rep_weight")),
+            ("entropy_weight", args.entropy_weight is None or args.entropy_weight >= 0, "a number >= 0"),
+            *((n, getattr(args, n) >= 1, "an integer >= 1") for n in
+              ("log_every", "sample_every", "eval_every", "ckpt_every"))):
+        if not ok:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
     if args.data_path is None:
-        if not tiny:
-            p.error(f"--data-path is required for preset {args.preset} (the bundled photos are for tiny)")
-        args.data_path = os.path.join(BUNDLED, "train")
-        args.val_path = args.val_path or os.path.join(BUNDLED, "val")
-    for name in ("global_batch_size", "max_steps", "log_every", "sample_every", "eval_every", "ckpt_every"):
-        if getattr(args, name) <= 0:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+        p.error(f"--data-path is required for preset {args.preset} (the bundled photos are for the tiny presets)")
+    downsample = TokenizerConfig(**PRESETS[args.preset]).downsample
+    if args.image_size is not None and (args.image_size < downsample or args.image_size % downsample):
+        p.error(f"--image-size {args.image_size} is out of range: preset {args.preset} needs a positive multiple of "
+                f"its downsample factor {downsample}")
     return args, p
 
 
-def init_distributed():
-    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: join the group (NCCL on CUDA, gloo on CPU) and take the device
-    from LOCAL_RANK (multi-node works the same). Plain `python script.py` is rank 0 of a world of 1.
-    Returns (ddp, rank, world, local_rank, device)."""
-    ddp = "RANK" in os.environ
-    cuda = torch.cuda.is_available()
+# --------------------------------------------------------------------------------------------------------------
+# Set-up: models, losses, optimizers
+
+def build(args, cfg, device, ddp, local_rank):
+    """Everything the loop trains or calls, as one namespace m: m.raw (the tokenizer), m.ema (its EMA), m.model (what
+    the loop calls: compiled and / or DDP-wrapped raw), m.disc_raw / m.disc (PatchGAN; disc None when gan_weight = 0),
+    m.opt_g / m.opt_d, m.lpips (None when perceptual_weight = 0), m.teachers ({branch: frozen teacher}), m.loss_cfg.
+    Every rank builds the same initial weights from args.seed."""
+    cuda = device.type == "cuda"
+    torch.manual_seed(args.seed)                                        # same initial weights on every rank
+    m = SimpleNamespace(raw=Tokenizer(cfg).to(device), ema=Tokenizer(cfg).to(device).requires_grad_(False),
+                        disc_raw=PatchGAN().to(device))
+    m.ema.load_state_dict(m.raw.state_dict())
+    m.lpips = LPIPS().to(device) if args.perceptual_weight > 0 else None
+    m.teachers = build_teachers(cfg.teachers, device=device) if args.rep_weight > 0 else {}   # frozen: never DDP
+    # Keep `raw` for EMA, saving and evaluation: no `_orig_mod.` / `module.` prefix ever reaches a checkpoint.
+    m.model = torch.compile(m.raw) if (cuda if args.compile is None else args.compile) else m.raw
+    m.disc = m.disc_raw if args.gan_weight > 0 else None               # gan_weight 0: D is never run
     if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world, local_rank = 0, 1, 0
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # official setting
-    return ddp, rank, world, local_rank, device
+        m.model = DDP(m.model, device_ids=[local_rank] if cuda else None)
+        m.disc = DDP(m.disc, device_ids=[local_rank] if cuda else None) if m.disc is not None else None
+    m.opt_g = torch.optim.Adam(m.raw.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    m.opt_d = torch.optim.Adam(m.disc_raw.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    m.loss_cfg = LossConfig(perceptual_weight=args.perceptual_weight, gan_weight=args.gan_weight,
+                            gan_start=args.gan_start, disentangle_weight=args.disentangle_weight,
+                            rep_weight=args.rep_weight)
+    return m
 
 
-def rng_states(ddp, world):
-    """Every rank's CPU (and CUDA) RNG state, gathered so that rank 0 can store them all in the checkpoint."""
-    cuda = torch.cuda.is_available()
-    rng = {"cpu": [torch.get_rng_state()], "cuda": [torch.cuda.get_rng_state()] if cuda else []}
+def save_checkpoint(args, cfg, m, step, batch, ddp, world, master):
+    """Every rank holds the same weights; gather every rank's RNG state, rank 0 writes last.pt atomically (+ a
+    numbered copy every --ckpt-every steps). Plain types only: torch.load(weights_only=True) reads it."""
+    rng = rng_states(ddp, world)
+    if master:
+        state = {"model": m.raw.state_dict(), "ema": m.ema.state_dict(), "disc": m.disc_raw.state_dict(),
+                 "opt_g": m.opt_g.state_dict(), "opt_d": m.opt_d.state_dict(), "step": step, "config": asdict(cfg),
+                 "args": vars(args), "rng": rng, "data": {"samples_per_rank": step * batch}}
+        folder = os.path.join(args.out_dir, "checkpoints")
+        atomic_save(state, os.path.join(folder, "last.pt"))
+        if step % args.ckpt_every == 0 or step == args.max_steps:
+            atomic_save(state, os.path.join(folder, f"{step:07d}.pt"))
     if ddp:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, rng)
-        rng = {k: [s for r in gathered for s in r[k]] for k in rng}
-    return rng
-
-
-def set_rng_states(rng, rank):
-    """Inverse of rng_states for this rank (a checkpoint from another world size reuses states modulo its size)."""
-    torch.set_rng_state(rng["cpu"][rank % len(rng["cpu"])])
-    if torch.cuda.is_available() and rng["cuda"]:
-        torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
-
-
-def read_resume(args, cfg, parser, device):
-    """The checkpoint --resume continues from (OUT/checkpoints/last.pt), or None to start afresh. A checkpoint of
-    another model config or global batch size is refused (exit 2): its data position would mean something else."""
-    last = os.path.join(args.out_dir, "checkpoints", "last.pt")
-    if not (args.resume and os.path.exists(last)):
-        if args.resume and int(os.environ.get("RANK", 0)) == 0:
-            print(f"--resume: no {last} yet, starting from scratch")
-        return None
-    ckpt = torch.load(last, map_location=device, weights_only=True)
-    if ckpt["config"] != asdict(cfg) or ckpt["args"]["global_batch_size"] != args.global_batch_size:
-        parser.error(f"{last} was written with another config or global batch size; use another --out-dir")
-    return ckpt
-
-
-def mean_over_ranks_or_stop(terms, step, last, ddp, world, device):
-    """{name: scalar tensor} -> {name: float} averaged over ranks. A non-finite term stops training (exit 1, naming
-    the step and the term) before anything is written, so `last` stays the last good checkpoint."""
-    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
-                          for v in terms.values()])
-    if ddp:
-        dist.all_reduce(values)
-        values /= world
-    if not torch.isfinite(values).all():
-        bad = [k for k, v in zip(terms, values.tolist()) if not math.isfinite(v)]
-        if int(os.environ.get("RANK", 0)) == 0:
-            print(f"non-finite loss at step {step}: {', '.join(bad)}; stopping. The last good checkpoint {last} is "
-                  f"left as it was.", file=sys.stderr)
-        if ddp:
-            dist.destroy_process_group()
-        sys.exit(1)
-    return dict(zip(terms, values.tolist()))
-
-
-def atomic_save(obj, path):
-    """Write to a temp file in the same folder, then rename: a crash never leaves a half-written `path`."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):     # only after a failed save: leave nothing half-written behind
-            os.remove(tmp)
-
-
-def save_png(img, path):
-    """Write a PIL image to a temp file, then rename: a crash never leaves a half-written PNG at `path`."""
-    img.save(path + ".tmp.png")
-    os.replace(path + ".tmp.png", path)
-
-
-def save_grid(x, path, nrow):
-    """Images (N, 3, H, W) in [-1, 1] as one PNG grid, nrow images a row."""
-    grid = torchvision.utils.make_grid(x.float().clamp(-1, 1) * 0.5 + 0.5, nrow=nrow)
-    save_png(Image.fromarray((grid * 255).round().byte().permute(1, 2, 0).cpu().numpy()), path)
+        dist.barrier()                                                 # no rank runs ahead of a half-written file
 
 
 @torch.no_grad()
@@ -295,9 +170,10 @@ def psnr_on(model, dataset, device, ddp=False, rank=0, world=1, batch_size=16):
     total = torch.zeros(2, dtype=torch.float64, device=device)       # sum of PSNRs, number of images
     mine = list(range(rank, len(dataset), world))
     for i in range(0, len(mine), batch_size):
-        x = torch.stack([dataset[j][0] for j in mine[i:i + batch_size]]).to(device)
+        items = [dataset[j] for j in mine[i:i + batch_size]]
+        x = torch.stack([img for img, label, _, _ in items if label >= 0]).to(device)   # unreadable files dropped
         x_rec = model.decode_codes(model.encode(x)).clamp(-1, 1)
-        mse = ((x_rec - x) / 2).pow(2).flatten(1).mean(1)
+        mse = ((x_rec - x) / 2).pow(2).flatten(1).mean(1)            # on [0, 1] images: (x - y) / 2
         total += torch.stack([(10 * torch.log10(1 / mse.clamp(min=1e-10))).sum().double(),
                               torch.tensor(len(x), dtype=torch.float64, device=device)])
     if ddp:
@@ -306,153 +182,126 @@ def psnr_on(model, dataset, device, ddp=False, rank=0, world=1, batch_size=16):
     return (total[0] / total[1]).item()
 
 
+def count_over_ranks(files, ddp, world):
+    """Number of distinct dataset indices in the union of every rank's set (the unreadable files seen so far)."""
+    if not ddp:
+        return len(files)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, files)
+    return len(set().union(*gathered))
+
+
+# --------------------------------------------------------------------------------------------------------------
+
 def main(argv=None):
     args, parser = parse_args(argv)
     ddp, rank, world, local_rank, device = init_distributed()
-    cuda = device.type == "cuda"
     if args.global_batch_size % world:
         parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
-    batch = args.global_batch_size // world
-    master = rank == 0
-    torch.manual_seed(args.seed + rank)
-
-    # model, losses, optimizers -------------------------------------------------------------------------------
+    batch, master = args.global_batch_size // world, rank == 0
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     overrides = {k: v for k, v in dict(image_size=args.image_size, codebook_size=args.codebook_size,
                                       entropy_weight=args.entropy_weight).items() if v is not None}
     cfg = TokenizerConfig(**{**PRESETS[args.preset], **overrides})
-    torch.manual_seed(args.seed)                                         # same initial weights on every rank
-    raw = Tokenizer(cfg).to(device)
-    ema = Tokenizer(cfg).to(device).requires_grad_(False)
-    ema.load_state_dict(raw.state_dict())
-    disc_raw = PatchGAN().to(device)
-    torch.manual_seed(args.seed + rank)
-    loss_cfg = LossConfig(perceptual_weight=args.perceptual_weight, disc_weight=args.disc_weight,
-                          disc_start=args.disc_start, dis_weight=args.dis_weight, rep_weight=args.rep_weight)
-    lpips = LPIPS().to(device) if args.perceptual_weight > 0 else None
-    teachers = build_teachers(cfg.teachers, device=device) if args.rep_weight > 0 else {}   # frozen, never DDP
-    model = torch.compile(raw) if (cuda if args.compile is None else args.compile) else raw
-    gan = args.disc_weight > 0                                          # else D is kept untrained, never run
-    disc = disc_raw if gan else None
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if cuda else None)
-        disc = DDP(disc_raw, device_ids=[local_rank] if cuda else None) if gan else None
-    opt_g = torch.optim.Adam(raw.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
-    opt_d = torch.optim.Adam(disc_raw.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
+    m = build(args, cfg, device, ddp, local_rank)
+    dataset = ImageFolder(args.data_path, cfg.image_shape, train=True, seed=args.seed)
+    val_set = ImageFolder(args.val_path, cfg.image_shape, train=False) if args.val_path else None
 
-    # data ----------------------------------------------------------------------------------------------------
-    size = cfg.grid[0] * cfg.downsample, cfg.grid[1] * cfg.downsample
-    dataset = ImageFolder(args.data_path, size, train=True, seed=args.seed)
-    val_set = ImageFolder(args.val_path, size, train=False) if args.val_path else None
-    sampler = StreamSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-
-    # resume --------------------------------------------------------------------------------------------------
-    ckpt_dir = os.path.join(args.out_dir, "checkpoints")
-    last = os.path.join(ckpt_dir, "last.pt")
-    step = 0
-    ckpt = read_resume(args, cfg, parser, device)
+    # resume: weights, both optimizers, every rank's RNG and the data position --------------------------------
+    step, last = 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
+    try:
+        ckpt = read_resume(args.out_dir, cfg, args.global_batch_size) if args.resume else None
+    except CheckpointError as e:
+        parser.error(str(e))
+    torch.manual_seed(args.seed + rank)                                # per-rank randomness from here on
     if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
-        ema.load_state_dict(ckpt["ema"])
-        disc_raw.load_state_dict(ckpt["disc"])
-        opt_g.load_state_dict(ckpt["opt_g"])
-        opt_d.load_state_dict(ckpt["opt_d"])
-        for group in opt_g.param_groups + opt_d.param_groups:           # a changed --lr applies on resume
+        for module, key in ((m.raw, "model"), (m.ema, "ema"), (m.disc_raw, "disc"), (m.opt_g, "opt_g"),
+                            (m.opt_d, "opt_d")):
+            module.load_state_dict(ckpt[key])
+        for group in m.opt_g.param_groups + m.opt_d.param_groups:       # a changed --lr applies on resume
             group["lr"] = args.lr
         step = ckpt["step"]
         set_rng_states(ckpt["rng"], rank)
     if master:
-        os.makedirs(ckpt_dir, exist_ok=True)
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-        n_params = sum(p.numel() for p in raw.parameters())
-        print(f"{args.preset}: {n_params / 1e6:.1f} M parameters, {len(dataset)} images, world {world}, "
-              f"batch {batch}/rank, steps {step} -> {args.max_steps}, device {device}")
-        log = open(os.path.join(args.out_dir, "log.jsonl"), "a")
+        os.makedirs(os.path.dirname(last), exist_ok=True)
+        stale = remove_stale_temps(os.path.dirname(last))             # temp files of a killed checkpoint write
+        print(f"{args.preset}: {sum(p.numel() for p in m.raw.parameters()) / 1e6:.1f} M parameters, {len(dataset)} "
+              f"images, world {world}, batch {batch}/rank, steps {step} -> {args.max_steps}, {device}, "
+              f"{args.precision}" + (f"; removed stale {', '.join(stale)}" if stale else ""))
+        if args.resume and ckpt is None:
+            print(f"--resume: no {last} yet, starting from scratch")
+    train(args, cfg, m, step, batch, dataset, val_set, ddp, rank, world, device)
+    if ddp:
+        dist.destroy_process_group()
 
-    def checkpoint():
-        """Every rank holds the same weights; gather the RNG states, rank 0 writes last.pt (+ a numbered copy)."""
-        rng = rng_states(ddp, world)
-        if master:
-            state = {"model": raw.state_dict(), "ema": ema.state_dict(), "disc": disc_raw.state_dict(),
-                     "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "step": step,
-                     "config": asdict(cfg), "args": vars(args), "rng": rng,
-                     "data": {"samples_per_rank": step * batch}}               # position in the sample stream
-            atomic_save(state, last)
-            if step % args.ckpt_every == 0 or step == args.max_steps:
-                atomic_save(state, os.path.join(ckpt_dir, f"{step:07d}.pt"))
-        if ddp:
-            dist.barrier()
 
-    # train ---------------------------------------------------------------------------------------------------
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
-    bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
-    skipped_total, t0, images = 0, time.time(), 0
-    if val_set is not None and step == 0:                              # the "before" of held-out PSNR
-        before = psnr_on(raw, val_set, device, ddp, rank, world)
-        if master:
-            log.write(json.dumps({"step": 0, "val_psnr": before}) + "\n")
+def train(args, cfg, m, step, batch, dataset, val_set, ddp, rank, world, device):
+    """The loop, Eq. (8): a G step, a D step on the same images, the EMA; logs, held-out PSNR, PNGs, checkpoints."""
+    master, last = rank == 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
+    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
+    write = lambda record: master and (log.write(json.dumps(record) + "\n"), log.flush())
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    if val_set is not None and step == 0:                              # the "before" of the held-out PSNR
+        write({"step": 0, "val_psnr": psnr_on(m.raw, val_set, device, ddp, rank, world)})
+    sampler = StreamSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     sampler.start = step * batch                                        # exact data position on resume
-    # The loader draws its base seed from its own generator, not the global RNG (exact resume).
+    # The loader draws its base seed from its own generator, not from the global RNG (exact resume).
     loader = iter(DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=args.num_workers,
-                             pin_memory=cuda, persistent_workers=args.num_workers > 0,
+                             pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
                              generator=torch.Generator().manual_seed(args.seed + rank)))
+    bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
+    unreadable, t0, images = set(), time.time(), 0
     while step < args.max_steps:
-        x, _, skipped = next(loader)
+        x, _, index, skipped = next(loader)
         x = x.to(device, non_blocking=True)
-        skipped_total += int(skipped.sum())
-        # generator step, Eq. (8) -----------------------------------------------------------------------------
+        unreadable |= unreadable_files(index, skipped, len(dataset))  # distinct files, not draws
+        # generator step, Eq. (8) -------------------------------------------------------------------------------
         with autocast:
-            x_rec, aux = model(x)
-            g = generator_loss(x, x_rec, aux, step, lpips=lpips, disc=disc, teachers=teachers, cfg=loss_cfg)
-        opt_g.zero_grad(set_to_none=True)
+            x_rec, aux = m.model(x)
+            g = generator_loss(x, x_rec, aux, step, lpips=m.lpips, disc=m.disc, teachers=m.teachers, cfg=m.loss_cfg)
+        m.opt_g.zero_grad(set_to_none=True)
         g["total"].backward()
-        g["grad_norm"] = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
-        opt_g.step()
-        with torch.no_grad():                                           # EMA of the generator
-            for p_ema, p in zip(ema.parameters(), raw.parameters()):
+        g["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.raw.parameters(), args.grad_clip)
+        m.opt_g.step()
+        with torch.no_grad():                                           # EMA of the generator weights
+            for p_ema, p in zip(m.ema.parameters(), m.raw.parameters()):
                 p_ema.lerp_(p, 1 - args.ema_decay)
-        # discriminator step (after G, on the same images and the pre-update reconstructions) -----------------
+        # discriminator step, after G, on the same images and the pre-update reconstructions ------------------
         d = {}
-        if gan:
+        if m.disc is not None:
             with autocast:
-                d = discriminator_loss(x, x_rec, step, disc, cfg=loss_cfg)
-            opt_d.zero_grad(set_to_none=True)                           # drop what the G step left in D
+                d = discriminator_loss(x, x_rec, step, m.disc, cfg=m.loss_cfg)
+            m.opt_d.zero_grad(set_to_none=True)                         # drop what the G step left in D
             d["total"].backward()
-            torch.nn.utils.clip_grad_norm_(disc_raw.parameters(), args.grad_clip)
-            opt_d.step()
-        step += 1
-        images += x.shape[0] * world
+            torch.nn.utils.clip_grad_norm_(m.disc_raw.parameters(), args.grad_clip)
+            m.opt_d.step()
+        step, images = step + 1, images + x.shape[0] * world
         bar.update(1)
         # every term averaged over ranks; a non-finite one stops training before any checkpoint is written ------
         terms = {**{f"g/{k}": v for k, v in g.items()}, **{f"d/{k}": v for k, v in d.items()}}
         averaged = mean_over_ranks_or_stop(terms, step, last, ddp, world, device)
-        if step % args.log_every == 0 or step == args.max_steps:
-            record = {"step": step, **averaged}
+        end = step == args.max_steps
+        if step % args.log_every == 0 or end:
+            record = {"step": step, **averaged, "images_per_s": images / (time.time() - t0)}
             for i in range(cfg.num_codebooks):                         # usage of each sub-codebook, all ranks
                 stats = codebook_usage(aux["codes"][:, i], cfg.codebook_size)
                 record[f"usage/{i}"], record[f"perplexity/{i}"] = stats["usage"].item(), stats["perplexity"].item()
-            record["images_per_s"] = images / (time.time() - t0)
-            record["skipped_images"] = skipped_total
-            if master:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                bar.set_postfix(rec=f"{record['g/rec']:.4f}", usage=f"{record['usage/0']:.2f}")
-        if master and step % args.sample_every == 0:
-            save_grid(torch.cat([x[:8], x_rec[:8].detach()]), os.path.join(args.out_dir, "samples",  # inputs
-                      f"{step:07d}.png"), nrow=len(x[:8]))                                     # above outputs
-        if val_set is not None and (step % args.eval_every == 0 or step == args.max_steps):
-            record = {"step": step, "val_psnr": psnr_on(raw, val_set, device, ddp, rank, world),
-                      "val_psnr_ema": psnr_on(ema, val_set, device, ddp, rank, world)}
-            if master:
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            checkpoint()
+            record["unreadable_images"] = count_over_ranks(unreadable, ddp, world)
+            write(record)
+            bar.set_postfix(rec=f"{record['g/rec']:.4f}", usage=f"{record['usage/0']:.2f}")
+        if master and step % args.sample_every == 0:                   # inputs above, reconstructions below
+            save_grid(torch.cat([x[:8], x_rec[:8].detach()]),
+                      os.path.join(args.out_dir, "samples", f"{step:07d}.png"), nrow=len(x[:8]))
+        if val_set is not None and (step % args.eval_every == 0 or end):
+            write({"step": step, "val_psnr": psnr_on(m.raw, val_set, device, ddp, rank, world),
+                   "val_psnr_ema": psnr_on(m.ema, val_set, device, ddp, rank, world)})
+        if step % args.ckpt_every == 0 or end:
+            save_checkpoint(args, cfg, m, step, batch, ddp, world, master)
     bar.close()
     if master:
-        print(f"done: step {step}, {skipped_total} unreadable images skipped, checkpoint {last}")
+        print(f"done: step {step}, {len(unreadable)} unreadable images skipped, checkpoint {last}")
         log.close()
-    if ddp:
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

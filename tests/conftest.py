@@ -1,5 +1,6 @@
 """Fixtures shared by the test files. Run the tests from the repo root: python -m pytest -q tests"""
 import os
+import shutil
 import sys
 from dataclasses import asdict
 
@@ -7,6 +8,8 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from checkpoints import codebook_fingerprint, load_tokenizer  # noqa: E402
+from far import FAR, PRESETS as FAR_PRESETS, FARConfig  # noqa: E402
 from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
 
 
@@ -19,3 +22,22 @@ def tok_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("tok") / "tok.pt"
     torch.save({"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)}, path)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def pair(tmp_path_factory, tok_ckpt):
+    """The random 32-px tiny tokenizer of conftest (4x4 codes) and a random tiny FAR over its codes, 5 classes, saved
+    as train_far.py saves them."""
+    d = tmp_path_factory.mktemp("pair")
+    shutil.copy(tok_ckpt, d / "tok.pt")
+    tok = load_tokenizer(d / "tok.pt")
+    tcfg = tok.cfg
+    torch.manual_seed(0)
+    fcfg = FARConfig(**{**FAR_PRESETS["tiny"], "codebook_size": 512, "grid": (4, 4), "num_classes": 5})
+    far = FAR(fcfg)
+    for out in far.output:                                              # not the uniform zero init: real samples
+        torch.nn.init.normal_(out.weight, std=0.5)
+    info = {"config": asdict(tcfg), "fingerprint": codebook_fingerprint(tok), "path": str(d / "tok.pt")}
+    torch.save({"model": far.state_dict(), "config": asdict(fcfg), "tokenizer": info,
+                "classes": list("vwxyz")}, d / "far.pt")
+    return d, tok, far

@@ -15,14 +15,17 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
-from tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from train_tokenizer import BUNDLED, ImageFolder, center_crop  # noqa: E402
+import figures  # noqa: E402
+from checkpoints import load_tokenizer  # noqa: E402
+from images import BUNDLED, ImageFolder, center_crop, image_batches, to_uint8  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 VAL = os.path.join(BUNDLED, "val")
 
@@ -58,7 +61,7 @@ def small_layers(monkeypatch):
 def photos(n, size=32):
     """The first n bundled val photos, center-cropped, uint8 (n, 3, size, size)."""
     ds = ImageFolder(VAL, (size, size), train=False)
-    return torch.stack([evaluate.to_uint8(ds[i][0]) for i in range(n)])
+    return torch.stack([to_uint8(ds[i][0]) for i in range(n)])
 
 
 def run_main(tmp_path, *flags):
@@ -74,7 +77,7 @@ def test_to_uint8_gives_back_the_crop_pixels():
     ds = ImageFolder(VAL, (32, 32), train=False)
     path = ds.samples[5][0]
     expected = np.asarray(center_crop(Image.open(path).convert("RGB"), (32, 32)))
-    assert np.array_equal(evaluate.to_uint8(ds[5][0]).permute(1, 2, 0).numpy(), expected)
+    assert np.array_equal(to_uint8(ds[5][0]).permute(1, 2, 0).numpy(), expected)
 
 
 def test_psnr_hand_values():
@@ -111,7 +114,7 @@ def test_ssim_equals_a_loop_over_windows():
         expected[n] = np.mean(values)
     got = evaluate.ssim(a, b).numpy()
     assert np.allclose(got, expected, atol=1e-10) and (got < 0.99).all()
-    # the official data_range=2 on [0, 1] images (spec §6.11) inflates the score
+    # the official data_range=2 on [0, 1] images (official_code.md §4.2) inflates the score
     assert (evaluate.ssim(a, b, data_range=2.0).numpy() > got).all()
 
 
@@ -147,7 +150,7 @@ def test_generation_mode_npz_against_folder(inception, small_layers, tmp_path):
     os.makedirs(tmp_path / "ref")
     for i, img in enumerate(arr):
         Image.fromarray(img).save(tmp_path / "ref" / f"{i:03d}.png")
-    batches = list(evaluate.image_batches(str(tmp_path / "samples.npz"), 5))
+    batches = list(image_batches(str(tmp_path / "samples.npz"), 5))
     assert [len(b) for b in batches] == [5, 5, 2] and torch.equal(torch.cat(batches), x)
     res = run_main(tmp_path, "--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "ref"),
                    "--inception-weights", inception, "--batch-size", "5")
@@ -155,7 +158,7 @@ def test_generation_mode_npz_against_folder(inception, small_layers, tmp_path):
     assert abs(res["fid"]) < 1e-3 and res["precision"] == res["recall"] == 1.0 and res["inception_score"] > 1 - 1e-9
     np.savez(tmp_path / "bad.npz", arr_0=arr.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
-        next(evaluate.image_batches(str(tmp_path / "bad.npz"), 5))
+        next(image_batches(str(tmp_path / "bad.npz"), 5))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -171,8 +174,8 @@ def test_tokenizer_mode_metrics_equal_a_direct_computation(tok_ckpt, inception, 
     x = torch.stack([ImageFolder(VAL, (32, 32), train=False)[i][0] for i in range(8)])
     with torch.no_grad():
         codes = tok.encode(x)
-        rec = evaluate.to_uint8(tok.decode_codes(codes)).double() / 255
-    mse = (rec - evaluate.to_uint8(x).double() / 255).pow(2).flatten(1).mean(1)
+        rec = to_uint8(tok.decode_codes(codes)).double() / 255
+    mse = (rec - to_uint8(x).double() / 255).pow(2).flatten(1).mean(1)
     assert res["images"] == 8 and math.isclose(res["psnr"], (10 * torch.log10(1 / mse)).mean().item(), rel_tol=1e-6)
     assert 0 < res["ssim"] < 1 and res["rfid"] > 0 and res["inception_score"] > 1 - 1e-9
     for i in range(2):
@@ -180,6 +183,26 @@ def test_tokenizer_mode_metrics_equal_a_direct_computation(tok_ckpt, inception, 
         p = counts[counts > 0] / counts.sum()
         assert math.isclose(res[f"usage/{i}"], (counts > 0).mean(), rel_tol=1e-6)
         assert math.isclose(res[f"perplexity/{i}"], np.exp(-(p * np.log(p)).sum()), rel_tol=1e-5)
+
+
+def test_class_probe_equals_a_leave_one_out_loop():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])                  # class 3 has one image: left out
+    features = torch.randn(9, 5, generator=g) + 2 * F.one_hot(labels, 5).float()
+    hits = []
+    for n in range(9):
+        others = [m for m in range(9) if m != n and labels[m] == labels[n]]
+        if not others:
+            continue
+        scores = {}
+        for c in labels.unique().tolist():
+            members = [m for m in range(9) if m != n and labels[m] == c]
+            if members:
+                centroid = torch.stack([F.normalize(features[m], dim=0) for m in members]).sum(0)
+                scores[c] = F.cosine_similarity(centroid, features[n], dim=0).item()
+        hits.append(max(scores, key=scores.get) == labels[n].item())
+    assert len(hits) == 8 and evaluate.class_probe(features, labels) == pytest.approx(sum(hits) / len(hits))
+    assert evaluate.class_probe(F.one_hot(labels, 5).float(), labels) == 1.0   # separable classes: every hit
 
 
 def test_usage_counts_the_whole_set_not_each_batch(tok_ckpt, tmp_path, monkeypatch):
@@ -215,15 +238,15 @@ def test_two_processes_equal_one(tok_ckpt, tmp_path):
 # Figures
 
 def test_figures_are_written_with_the_expected_size(tok_ckpt, tmp_path):
-    evaluate.main(["--tokenizer-ckpt", tok_ckpt, "--no-metrics", "--fig3", str(tmp_path / "f3.png"),
-             "--fig3-images", "3", "--fig4", str(tmp_path / "f4.png"), "--fig4-method", "pca"])
-    fig3 = np.asarray(Image.open(tmp_path / "f3.png"))
+    figures.main(["--tokenizer-ckpt", tok_ckpt, "--out-dir", str(tmp_path), "--fig3-images", "3", "--fig4-method",
+                  "pca"])
+    fig3 = np.asarray(Image.open(tmp_path / "fig3.png"))
     assert fig3.shape == (20 + 3 * 128, 4 * 128, 3)             # 3 rows; original, full, 2 sub-codebooks; 32 px x4
     first = photos(1)[0].repeat_interleave(4, 1).repeat_interleave(4, 2).permute(1, 2, 0).numpy()
     assert np.array_equal(fig3[20:148, :128], first)            # the original of the first image, top left
-    fig4 = np.asarray(Image.open(tmp_path / "f4.png"))
+    fig4 = np.asarray(Image.open(tmp_path / "fig4.png"))
     assert fig4.shape == (20 + 320 + 24, 2 * 320, 3)             # one panel per sub-codebook, title and legend
-    for colour in evaluate.PALETTE[:4]:                         # points (and legend) of the 4 classes are drawn
+    for colour in figures.PALETTE[:4]:                         # points (and legend) of the 4 classes are drawn
         assert (fig4 == colour).all(-1).sum() > 50, colour
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]   # atomic writes leave no temp files
 
@@ -231,7 +254,7 @@ def test_figures_are_written_with_the_expected_size(tok_ckpt, tmp_path):
 def test_tsne_separates_two_clusters():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g) + 6])
-    y = evaluate.tsne(x, perplexity=10)
+    y = figures.tsne(x, perplexity=10)
     nearest = (torch.cdist(y, y) + torch.eye(60) * 1e9).argmin(1)
     assert y.shape == (60, 2) and ((nearest < 30) == (torch.arange(60) < 30)).all()
     gap = (y[:30].mean(0) - y[30:].mean(0)).norm()
@@ -242,10 +265,9 @@ def test_tsne_separates_two_clusters():
 # Flags
 
 @pytest.mark.parametrize("flags,message", [(["--batch-size", "0"], "--batch-size must be in [1, inf], got 0"),
-                                           (["--fig4-classes", "11"], "--fig4-classes must be in [1, 10], got 11"),
                                            (["--samples", "x.npz"], "--samples and --reference go together"),
                                            (["--tokenizer-ckpt", "nope.pt"], "--tokenizer-ckpt nope.pt does not exist"),
-                                           (["--fig4-method", "umap"], "invalid choice")])
+                                           (["--lpips", "maybe"], "unrecognized arguments")])
 def test_invalid_flags_exit_2(flags, message, tok_ckpt, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.parse_args(["--tokenizer-ckpt", tok_ckpt, *flags])
@@ -254,5 +276,5 @@ def test_invalid_flags_exit_2(flags, message, tok_ckpt, capsys):
 
 def test_every_flag_is_read(tok_ckpt):
     source = open(os.path.join(ROOT, "evaluate.py")).read()
-    for name in vars(evaluate.parse_args(["--tokenizer-ckpt", tok_ckpt])):
+    for name in vars(evaluate.parse_args(["--tokenizer-ckpt", tok_ckpt])[0]):
         assert f"args.{name}" in source, f"--{name.replace('_', '-')} is parsed but never read"

@@ -52,20 +52,20 @@ def test_hinge_losses_match_hand_computation():
     assert g["gan"].item() == pytest.approx(-(-2.0 + 0.0 + 0.5 - 0.5) / 4)   # L_G = -mean D(x_rec)
 
 
-def test_disc_weight_switches_on_at_official_step():
+def test_gan_weight_switches_on_at_official_step():
     cfg = losses.LossConfig()
-    assert losses.adversarial_weight(cfg.disc_start - 2, cfg) == 0.0     # official t = train_steps + 1 = 19999
-    assert losses.adversarial_weight(cfg.disc_start - 1, cfg) == 0.5     # t = 20000: on
+    assert losses.adversarial_weight(cfg.gan_start - 2, cfg) == 0.0     # official t = train_steps + 1 = 19999
+    assert losses.adversarial_weight(cfg.gan_start - 1, cfg) == 0.5     # t = 20000: on
     x = torch.rand(1, 3, 4, 4) * 2 - 1
-    before = losses.discriminator_loss(x, -x, cfg.disc_start - 2, PassThroughDisc())
-    after = losses.discriminator_loss(x, -x, cfg.disc_start - 1, PassThroughDisc())
+    before = losses.discriminator_loss(x, -x, cfg.gan_start - 2, PassThroughDisc())
+    after = losses.discriminator_loss(x, -x, cfg.gan_start - 1, PassThroughDisc())
     assert before["total"].item() == 0.0 and before["hinge"].item() > 0
     assert after["total"].item() == pytest.approx(0.5 * after["hinge"].item())
 
 
 def test_patchgan_matches_official_size_and_init():
     disc = losses.PatchGAN()
-    assert sum(p.numel() for p in disc.parameters()) == 2_765_633      # spec §2.3
+    assert sum(p.numel() for p in disc.parameters()) == 2_765_633      # official_code.md §2.3
     assert disc(torch.zeros(1, 3, 256, 256)).shape == (1, 1, 30, 30)   # 30x30 logits for 256 px
     w = disc.main[0].weight
     assert abs(w.std().item() - 0.02) < 0.002 and abs(w.mean().item()) < 0.002
@@ -160,7 +160,7 @@ def test_teachers_are_frozen_with_official_widths(real_teachers):
     for t in (dino, clip):
         t.train()
         assert not t.training and not any(p.requires_grad for p in t.parameters())
-    # CLIP: CLS of the last block before ln_post and without projection (spec §2.5)
+    # CLIP: CLS of the last block before ln_post and without projection (official_code.md §2.5)
     assert isinstance(clip.net.ln_post, nn.Identity) and clip.net.proj is None
     assert len(clip.net.transformer.resblocks) == 12                    # no block pruned away
     x = torch.rand(1, 3, 224, 224) * 2 - 1
@@ -190,7 +190,7 @@ def test_representation_loss_grads_reach_student_only(real_teachers):
     features = {1: torch.randn(2, 17, 384, requires_grad=True),           # simulated feature heads (B, 1+h*w, W)
                 2: torch.randn(2, 17, 768, requires_grad=True)}
     out = losses.representation_loss(features, real_teachers, x)
-    assert out["rep"].item() == pytest.approx((out["rep/1"].item() + out["rep/2"].item()) / 2)
+    assert out["rep"].item() == pytest.approx(out["rep/1"].item() + out["rep/2"].item())   # summed over branches
     out["rep"].backward()
     for f in features.values():
         assert f.grad[:, 0].abs().sum() > 0 and torch.all(f.grad[:, 1:] == 0)   # only token 0 is supervised
@@ -249,14 +249,33 @@ def test_generator_loss_total_is_eq8(lpips, step):
     g = losses.generator_loss(x, x_rec, aux, step, lpips=lpips, disc=losses.PatchGAN(), teachers=teachers)
     quant = sum(v for n, v in aux["losses"].items() if n != "disentangle")
     lam_g = 0.5 if step == 19999 else 0.0
-    # Eq. (8) with the official weights; triple L_rep = 0.5 * (0.5 NCE_mid + 0.5 NCE_high)
+    # Eq. (8) with the official weights; triple: λ_rep NCE_mid + λ_rep NCE_high, λ_rep = 0.5 each
     want = (g["rec"] + 1.0 * g["perceptual"] + lam_g * g["gan"] + quant + 0.1 * aux["losses"]["disentangle"]
-            + 0.5 * (0.5 * g["rep/1"] + 0.5 * g["rep/2"]))
+            + 0.5 * g["rep/1"] + 0.5 * g["rep/2"])
     assert g["total"].item() == pytest.approx(want.item(), rel=1e-6)
     assert g["rec"].item() == pytest.approx(F.mse_loss(x_rec, x).item())
     assert g["gan_weight"].item() == lam_g
     g["total"].backward()
     assert x_rec.grad is not None and all(v.grad is not None for v in aux["losses"].values())
+
+
+def test_triple_representation_weighting_is_the_official_sum():
+    """Two supervised branches with InfoNCE values known in closed form: the generator loss adds λ_rep·NCE per branch
+    (the official Triple total), not λ_rep times their mean. Batch of 2 with one-hot teacher features e_1, e_2:
+    a student equal to the teacher has cosine logits [[1, 0], [0, 1]] -> NCE = log(1 + 1/e); a swapped one has
+    [[0, 1], [1, 0]] -> NCE = log(1 + e)."""
+    eye = torch.eye(2)
+    fixed = lambda feats: losses.Teacher(nn.Identity(), 2, (4, 4), (0.5,) * 3, (0.5,) * 3, lambda net, x: feats)
+    teachers = {1: fixed(eye), 2: fixed(eye)}
+    features = {1: eye[:, None].clone(), 2: eye.flip(0)[:, None].clone()}      # token 0 of (B, 1, W) heads
+    aux = {"codes": torch.zeros(2, 3, 1, 1, dtype=torch.long), "losses": {}, "features": features}
+    x = torch.zeros(2, 3, 8, 8)
+    g = losses.generator_loss(x, x, aux, 0, teachers=teachers)
+    nce_same, nce_swapped = math.log(1 + math.exp(-1)), math.log(1 + math.e)
+    assert g["rep/1"].item() == pytest.approx(nce_same, rel=1e-6)
+    assert g["rep/2"].item() == pytest.approx(nce_swapped, rel=1e-6)
+    official = 0.5 * nce_same + 0.5 * nce_swapped                      # 0.8133; the mean would give half of it
+    assert g["total"].item() == pytest.approx(official, rel=1e-6)      # rec = 0 here: the total is the rep term
 
 
 def test_generator_loss_single_codebook_without_modules():

@@ -3,7 +3,6 @@
 Run: python -m pytest tests/test_sample.py -q
 """
 import os
-import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -16,45 +15,28 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sample  # noqa: E402
-from far import FAR, PRESETS as FAR_PRESETS, FARConfig, generate  # noqa: E402
-from tokenizer import PRESETS, Tokenizer, TokenizerConfig, codebook_fingerprint, load_tokenizer  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def pair(tmp_path_factory, tok_ckpt):
-    """The random 32-px tiny tokenizer of conftest (4x4 codes) and a random tiny FAR over its codes, 5 classes, saved
-    as train_far.py saves them."""
-    d = tmp_path_factory.mktemp("pair")
-    shutil.copy(tok_ckpt, d / "tok.pt")
-    tok = load_tokenizer(d / "tok.pt")
-    tcfg = tok.cfg
-    torch.manual_seed(0)
-    fcfg = FARConfig(**{**FAR_PRESETS["tiny"], "codebook_size": 512, "grid": (4, 4), "num_classes": 5})
-    far = FAR(fcfg)
-    for out in far.output:                                              # not the uniform zero init: real samples
-        torch.nn.init.normal_(out.weight, std=0.5)
-    info = {"config": asdict(tcfg), "fingerprint": codebook_fingerprint(tok), "path": str(d / "tok.pt")}
-    torch.save({"model": far.state_dict(), "config": asdict(fcfg), "tokenizer": info,
-                "classes": list("vwxyz")}, d / "far.pt")
-    return d, tok, far
+from checkpoints import far_ours_to_official  # noqa: E402
+from far import FAR, generate  # noqa: E402
+from images import to_uint8  # noqa: E402
+from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
 
 
 def test_png_grid_matches_generate_and_decode(pair, tmp_path):
     d, tok, far = pair
     out = tmp_path / "grid.png"
-    sample.main(["--far-ckpt", str(d / "far.pt"), "--class-id", "1", "3", "--num", "3", "--out", str(out)])
+    sample.main(["--far-ckpt", str(d / "far.pt"), "--class-id", "1", "3", "--per-class", "3", "--out", str(out)])
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 + 2 * 34, 2 + 3 * 34, 3)                   # 2 rows x 3 images of 32 px, padding 2
     # the first image is generate() with the generator of (seed 0, batch 0), decoded, then the official uint8
     g = torch.Generator().manual_seed(0)
     codes = generate(far, torch.tensor([1, 1, 1, 3, 3, 3]), cfg_scale=2.0, generator=g)
-    expected = sample.to_uint8(tok.decode_codes(codes))[0].permute(1, 2, 0).numpy()
+    expected = to_uint8(tok.decode_codes(codes))[0].permute(1, 2, 0).numpy()
     assert np.array_equal(grid[2:34, 2:34], expected)
 
 
 def test_to_uint8_is_the_official_truncation():
     x = torch.tensor([-1.0, -0.999, 0.0, 0.5, 0.999, 1.0, 1.5]).view(1, 1, 1, 7).expand(1, 3, 1, 7)
-    assert sample.to_uint8(x)[0, 0, 0].tolist() == [0, 0, 128, 191, 255, 255, 255]   # 127.5 x + 128, floor
+    assert to_uint8(x)[0, 0, 0].tolist() == [0, 0, 128, 191, 255, 255, 255]   # 127.5 x + 128, floor
 
 
 def test_npz_is_class_balanced_and_the_same_for_two_processes(pair, tmp_path):
@@ -97,7 +79,7 @@ def test_bad_arguments_exit_2(pair, tmp_path, capsys):
 def test_shipped_tiny_weights_sample_with_no_arguments(tmp_path):
     # the README's first command: no checkpoint flags, the committed weights/ files
     out = tmp_path / "samples.png"
-    sample.main(["--class-id", "3", "--num", "2", "--out", str(out)])
+    sample.main(["--class-id", "3", "--per-class", "2", "--out", str(out)])
     img = np.asarray(Image.open(out))
     assert img.shape == (2 + 66, 2 + 2 * 66, 3) and img.std() > 10     # 2 images of 64 px, not a flat colour
 
@@ -106,14 +88,30 @@ def test_official_far_file_samples_with_a_tokenizer(pair, tmp_path):
     # an official-layout FAR file (tok_embeddings_1, output_1, ..., a pickled argparse.Namespace, no tokenizer
     # record): sample.py loads it safely, needs --tokenizer-ckpt, and draws the same images as our layout
     import argparse
-    from far import ours_to_official
     d, _, far = pair
     args = argparse.Namespace(image_size=32, downsample_size=8, gpt_model="FAR-tiny")
-    torch.save({"model": ours_to_official(far.state_dict()), "args": args, "steps": 10}, tmp_path / "official.pt")
+    torch.save({"model": far_ours_to_official(far.state_dict()), "args": args, "steps": 10}, tmp_path / "official.pt")
     with pytest.raises(SystemExit) as e:
         sample.main(["--far-ckpt", str(tmp_path / "official.pt"), "--class-id", "0"])
     assert e.value.code == 2
-    flags = ["--class-id", "2", "--num", "2", "--tokenizer-ckpt", str(d / "tok.pt")]
+    flags = ["--class-id", "2", "--per-class", "2", "--tokenizer-ckpt", str(d / "tok.pt")]
     sample.main(["--far-ckpt", str(tmp_path / "official.pt"), "--out", str(tmp_path / "a.png"), *flags])
     sample.main(["--far-ckpt", str(d / "far.pt"), "--out", str(tmp_path / "b.png"), *flags])
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+
+
+def test_compile_and_no_compile_give_identical_pngs(pair, tmp_path):
+    """--compile runs far.generate's decode step through torch.compile (static KV cache): the same seed gives the same
+    PNG as eager. A one-layer FAR over the pair's tokenizer keeps the compile short on a CPU."""
+    import dataclasses
+    d, tok, far = pair
+    small = FAR(dataclasses.replace(far.cfg, n_layer=1, ar_head_layers=1))
+    for out in small.output:                                             # not the uniform zero init
+        torch.nn.init.normal_(out.weight, std=0.5)
+    ckpt = torch.load(d / "far.pt", weights_only=True)
+    torch.save({**ckpt, "model": small.state_dict(), "config": dataclasses.asdict(small.cfg)}, tmp_path / "far1.pt")
+    flags = ["--far-ckpt", str(tmp_path / "far1.pt"), "--class-id", "0", "4", "--per-class", "3"]
+    sample.main([*flags, "--compile", "--out", str(tmp_path / "compiled.png")])
+    sample.main([*flags, "--no-compile", "--out", str(tmp_path / "eager.png")])
+    compiled, eager = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("compiled", "eager"))
+    assert np.array_equal(compiled, eager) and eager.std() > 10

@@ -15,8 +15,9 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_far  # noqa: E402
-from tokenizer import Tokenizer, load_tokenizer  # noqa: E402
-from train_tokenizer import center_crop, to_tensor  # noqa: E402
+from checkpoints import load_tokenizer  # noqa: E402
+from images import center_crop, to_tensor  # noqa: E402
+from tokenizer import Tokenizer  # noqa: E402
 
 FAST = ["--preset", "tiny", "--global-batch-size", "8", "--log-every", "1", "--eval-every", "2",
         "--sample-every", "100", "--ckpt-every", "100", "--extract-batch-size", "8"]
@@ -60,7 +61,7 @@ def test_extraction_views_codes_and_unreadable_images(tok_ckpt, data, tmp_path):
     again = train_far.extract_codes(tok, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"), False, 0, 1)
     assert np.array_equal(again[0], codes)
     other = Tokenizer(tok.cfg)
-    with pytest.raises(SystemExit, match="another tokenizer"):
+    with pytest.raises(train_far.CheckpointError, match="another tokenizer"):
         train_far.extract_codes(other, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"), False, 0, 1)
 
 
@@ -85,9 +86,9 @@ def test_resume_equals_uninterrupted_bit_for_bit(tok_ckpt, data, tmp_path):
 def test_training_lowers_held_out_nll_on_its_own_data(tok_ckpt, data, tmp_path):
     # held-out = the training folder itself: 40 steps of lr 1e-3 must clearly beat the uniform 9 bits per sub-code
     run(tok_ckpt, data, tmp_path / "fit", "--max-steps", "40", "--eval-every", "40", "--val-path", data)
-    nll = [r for r in map(json.loads, open(tmp_path / "fit" / "log.jsonl")) if "val_bits/1" in r]
-    assert nll[0]["step"] == 0 and abs(nll[0]["val_bits/1"] - 9.0) < 1e-3       # zero classifiers: uniform
-    assert nll[-1]["step"] == 40 and max(nll[-1]["val_bits/1"], nll[-1]["val_bits/2"]) < 8.0
+    nll = [r for r in map(json.loads, open(tmp_path / "fit" / "log.jsonl")) if "val_bits/0" in r]
+    assert nll[0]["step"] == 0 and abs(nll[0]["val_bits/0"] - 9.0) < 1e-3       # zero classifiers: uniform
+    assert nll[-1]["step"] == 40 and max(nll[-1]["val_bits/0"], nll[-1]["val_bits/1"]) < 8.0
 
 
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tok_ckpt, data, tmp_path):
@@ -102,7 +103,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tok_ckpt, data, tmp_pat
 @pytest.mark.parametrize("flags,message", [
     (["--preset", "far-b"], "--data-path is required"),
     (["--tokenizer-ckpt", "/nonexistent.pt"], "no such file"),
-    (["--max-steps", "0"], "must be a positive integer"),
+    (["--max-steps", "0"], "--max-steps 0 is out of range: must be an integer >= 1"),
     (["--head", "conv"], "invalid choice"),
 ])
 def test_bad_flags_exit_2(flags, message, capsys):

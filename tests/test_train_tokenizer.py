@@ -20,8 +20,8 @@ from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
 
 # the tiny preset at 32 px (4x4 tokens), 4 images a step: a few hundred ms per step
 FAST = ["--preset", "tiny", "--image-size", "32", "--global-batch-size", "4", "--num-workers", "0",
-        "--log-every", "1", "--sample-every", "2", "--eval-every", "100", "--ckpt-every", "100", "--disc-start", "2",
-        "--disc-weight", "0.5"]
+        "--log-every", "1", "--sample-every", "2", "--eval-every", "100", "--ckpt-every", "100", "--gan-start", "2",
+        "--gan-weight", "0.5"]
 
 
 def run(out, *extra):
@@ -59,7 +59,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path):
 def test_two_process_gloo_equals_one_process(tmp_path):
     # entropy off: its codebook-entropy term uses each rank's own batch (as the official code); GAN off: the
     # discriminator's BatchNorm also normalises per rank. Everything else must agree on the same global batch.
-    common = FAST + ["--max-steps", "3", "--entropy-weight", "0", "--disc-start", "1000"]
+    common = FAST + ["--max-steps", "3", "--entropy-weight", "0", "--gan-start", "1000"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "train_tokenizer.py", *common, "--out-dir", str(tmp_path / "one")],
                    cwd=ROOT, env=env, check=True, capture_output=True)
@@ -123,15 +123,15 @@ def test_corrupt_grayscale_and_rgba_images(tmp_path):
     ds = train_tokenizer.ImageFolder(str(root), (32, 32), train=True)
     assert ds.classes == ["a", "b"] and len(ds) == 4
     items = [ds[(i, 0)] for i in range(4)]
-    assert [it[2] for it in items] == [0, 0, 1, 0]                    # broken.png skipped, counted once
+    assert [it[3] for it in items] == [0, 0, 1, 0]                    # broken.png skipped, counted once
     assert all(it[0].shape == (3, 32, 32) and it[0].abs().max() <= 1 for it in items)
     assert items[2][1] == 1 and torch.equal(items[2][0], items[3][0])   # replaced by the next file, red.png
     run(tmp_path / "out", "--max-steps", "2", "--data-path", str(root))
-    assert read_log(tmp_path / "out")[-1]["skipped_images"] >= 1
+    assert read_log(tmp_path / "out")[-1]["unreadable_images"] == 1    # one file, however often it was drawn
 
 
 @pytest.mark.parametrize("flags,message", [(["--preset", "nope"], "invalid choice"),
-                                           (["--max-steps", "0"], "--max-steps must be a positive integer"),
+                                           (["--max-steps", "0"], "--max-steps 0 is out of range: must be an integer"),
                                            (["--preset", "fqgan-dual-16"], "--data-path is required")])
 def test_invalid_flags_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:

@@ -1,0 +1,338 @@
+"""Checkpoints and the torchrun set-up they depend on, shared by the entry scripts (the models never import it).
+
+Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681.
+Every file the project reads or writes that holds weights passes through here:
+  init_distributed        torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> process group (NCCL on CUDA, gloo on CPU)
+  atomic_save, read_resume, rng_states / set_rng_states, mean_over_ranks_or_stop
+                          atomic checkpoints, exact resume (weights, optimizers, RNG of every rank, data position),
+                          and the non-finite-loss stop that leaves the last good checkpoint as it was
+  read_checkpoint         torch.load(weights_only=True) with one clear line for every way a file can be wrong
+  load_tokenizer, load_far
+                          our checkpoints and the official FQGAN / FAR ones (renamed, config inferred from shapes)
+  codebook_fingerprint, check_pair
+                          which tokenizer a FAR was trained on, and the refusal of a mismatched pair
+Nothing pickled is ever executed: weights_only=True, with argparse.Namespace as the one allowed class (the official
+files store their training arguments that way).
+"""
+import argparse
+import glob
+import hashlib
+import math
+import os
+import re
+import sys
+import zipfile
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from far import FAR, FARConfig, PRESETS as FAR_PRESETS
+from tokenizer import PRESETS as TOKENIZER_PRESETS, Tokenizer, TokenizerConfig
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be used as asked; the message is one line naming the file, the problem and what to do.
+    Entry scripts turn it into `parser.error` (exit 2), never a traceback."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# torchrun set-up and RNG states
+
+def init_distributed():
+    """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: join the group (NCCL on CUDA, gloo on CPU) and take the device
+    from LOCAL_RANK (multi-node works the same). Plain `python script.py` is rank 0 of a world of 1.
+    Returns (ddp, rank, world, local_rank, device)."""
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+    else:
+        rank, world, local_rank = 0, 1, 0
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # the official setting
+    return ddp, rank, world, local_rank, device
+
+
+def rng_states(ddp, world):
+    """Every rank's CPU (and CUDA) RNG state, gathered so that rank 0 stores them all in the checkpoint."""
+    rng = {"cpu": [torch.get_rng_state()], "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}
+    if ddp:
+        gathered = [None] * world
+        dist.all_gather_object(gathered, rng)
+        rng = {k: [s for r in gathered for s in r[k]] for k in rng}    # world x {cpu, cuda} -> {cpu: world states}
+    return rng
+
+
+def set_rng_states(rng, rank):
+    """Inverse of rng_states for this rank (a checkpoint from another world size reuses states modulo its size)."""
+    torch.set_rng_state(rng["cpu"][rank % len(rng["cpu"])])
+    if torch.cuda.is_available() and rng["cuda"]:
+        torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing: atomic files, stale temp files of killed runs
+
+def atomic_save(obj, path):
+    """torch.save to a temp file in the same folder, then os.replace: a crash never leaves a half-written `path`, and
+    a failed write (disk full) removes its temp file. A kill -9 mid-write leaves it: see remove_stale_temps."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def remove_stale_temps(folder):
+    """Delete the `*.tmp<pid>*` files that killed runs left in folder (called by rank 0 at start-up, before any write
+    of this run). Returns their names."""
+    stale = sorted(f for f in glob.glob(os.path.join(glob.escape(folder), "*.tmp*")) if re.search(r"\.tmp\d+", f))
+    for f in stale:
+        os.remove(f)
+    return [os.path.basename(f) for f in stale]
+
+
+def check_writable(path, flag):
+    """Raise CheckpointError naming `flag` unless `path` is a file that can be created or replaced: checked when the
+    arguments are parsed, so a bad output path fails before hours of work, not after."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or path.endswith(os.sep):
+        raise CheckpointError(f"{flag} {path} is a directory; give a file name, e.g. {os.path.join(path, 'out.png')}")
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"{flag} {path}: the folder {folder} does not exist; create it first")
+    if not os.access(folder, os.W_OK):
+        raise CheckpointError(f"{flag} {path}: the folder {folder} is not writable")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading: one clear line per problem
+
+def read_checkpoint(path, what="checkpoint", map_location="cpu"):
+    """torch.load(path, weights_only=True), allowing argparse.Namespace; every failure is a CheckpointError that says
+    which file, what is wrong with it (missing / empty / truncated or not a checkpoint / pickled code), what to do."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} {path}: no such file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"{what} {path} is empty (0 bytes): an interrupted copy or write? Copy it again")
+    if not zipfile.is_zipfile(path):                                  # torch.save writes a zip since torch 1.6
+        raise CheckpointError(f"{what} {path} is not a complete PyTorch checkpoint (truncated, or another kind of "
+                              f"file: {os.path.getsize(path)} bytes without a zip directory). Copy or train it again")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:                                            # noqa: BLE001 - every torch.load failure
+        text = " ".join(str(e).split())
+        if "weights_only" in text or "Unsupported global" in text:
+            raise CheckpointError(f"{what} {path} holds pickled objects other than tensors and plain types; refusing "
+                                  f"to run its code ({text[:160]})") from None
+        raise CheckpointError(f"{what} {path} cannot be read ({type(e).__name__}: {text[:160]}); the file is "
+                              f"damaged. Copy or train it again") from None
+
+
+def read_resume(out_dir, cfg, global_batch_size):
+    """The checkpoint that --resume continues from, OUT/checkpoints/last.pt, or None when there is none yet. A damaged
+    last.pt, or one of another model config or global batch size (its data position would mean something else), is a
+    CheckpointError that names the numbered checkpoints to fall back on."""
+    folder = os.path.join(out_dir, "checkpoints")
+    last = os.path.join(folder, "last.pt")
+    if not os.path.exists(last):
+        return None
+    numbered = sorted(glob.glob(os.path.join(glob.escape(folder), "[0-9]" * 7 + ".pt")))
+    fallback = (f"; to resume from an earlier step, copy one of {', '.join(os.path.basename(n) for n in numbered)} "
+                f"over last.pt" if numbered else "; there is no numbered checkpoint to fall back on")
+    try:
+        ckpt = read_checkpoint(last, "--resume: checkpoint")
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}{fallback}") from None
+    if ckpt.get("config") != asdict(cfg) or ckpt.get("args", {}).get("global_batch_size") != global_batch_size:
+        raise CheckpointError(f"--resume: {last} was written with another model config or --global-batch-size; use "
+                              f"another --out-dir")
+    return ckpt
+
+
+def mean_over_ranks_or_stop(terms, step, last, ddp, world, device):
+    """{name: scalar tensor} -> {name: float} averaged over ranks. A non-finite term stops training (exit 1, naming
+    the step and the term) before anything is written, so `last` stays the last good checkpoint."""
+    values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
+                          for v in terms.values()])
+    if ddp:
+        dist.all_reduce(values)
+        values /= world
+    if not torch.isfinite(values).all():
+        bad = [k for k, v in zip(terms, values.tolist()) if not math.isfinite(v)]
+        if int(os.environ.get("RANK", 0)) == 0:
+            print(f"non-finite loss at step {step}: {', '.join(bad)}; stopping. The last good checkpoint {last} is "
+                  f"left as it was.", file=sys.stderr)
+        if ddp:
+            dist.destroy_process_group()
+        sys.exit(1)
+    return dict(zip(terms, values.tolist()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Tokenizer files: ours ({"model", "ema", "config", ...}) and the official FQGAN ones (`fqgan_*_ds{8,16}.pt`)
+
+# Official module names per branch (docs/official_code.md §1.4, §1.7): the adapter, and the feature head if any.
+_OFFICIAL_ADAPTER = {"vis": "visual_head", "sem": "semantic_head", "sem_mid": "semantic_head_mid",
+                     "sem_high": "semantic_head_high"}
+_OFFICIAL_HEAD = {"sem": "feat_pred_head", "sem_mid": "mid_sem_feat_pred", "sem_high": "high_sem_feat_pred"}
+
+
+def _official_prefixes(cfg):
+    """(official prefix, our prefix) pairs. Everything else (encoder trunk, post_quant_conv, decoder) has the official
+    names already. The official `encoder.<adapter>.0` is a one-element ModuleList, ours a module."""
+    pairs = []
+    for i, b in enumerate(cfg.branch_names):
+        pairs += [(f"encoder.{_OFFICIAL_ADAPTER[b]}.0.", f"branches.{i}.adapter."),
+                  (f"encoder.norm_out_{b}.", f"branches.{i}.norm_out."),
+                  (f"encoder.conv_out_{b}.", f"branches.{i}.conv_out."),
+                  (f"quant_conv_{b}.", f"branches.{i}.quant_conv."),
+                  (f"quantize_{b}.", f"branches.{i}.quantize.")]
+        if cfg.head_dims[i]:
+            pairs.append((f"{_OFFICIAL_HEAD[b]}.", f"branches.{i}.feat_head."))
+    return pairs
+
+
+def config_from_official(sd):
+    """Infer the TokenizerConfig of an official FQGAN state dict from its keys and shapes (Tab. 1 presets)."""
+    triple = "quantize_sem_mid.embedding.weight" in sd
+    names = ("vis", "sem_mid", "sem_high") if triple else ("vis", "sem")
+    if f"quantize_{names[1]}.embedding.weight" not in sd:
+        raise CheckpointError("not an FQGAN Dual/Triple tokenizer: no quantize_vis / quantize_sem* weights")
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.conv_blocks."))
+    cfg = dict(TOKENIZER_PRESETS[f"fqgan-{'triple' if triple else 'dual'}-{2 ** (levels - 1)}"])
+    cfg["codebook_size"], cfg["codebook_dim"] = sd[f"quantize_{names[0]}.embedding.weight"].shape
+    # the heads are in the file only when it was trained with representation learning
+    cfg["head_dims"] = tuple(sd[f"{_OFFICIAL_HEAD[b]}.class_embedding"].shape[1]
+                             if b in _OFFICIAL_HEAD and f"{_OFFICIAL_HEAD[b]}.class_embedding" in sd else 0
+                             for b in names)
+    grid = sd[f"encoder.{_OFFICIAL_ADAPTER['vis']}.0.positional_embedding"].shape[0] ** 0.5   # h*w tokens, square
+    cfg["image_size"] = int(round(grid)) * 2 ** (levels - 1)
+    return TokenizerConfig(**cfg)
+
+
+def tokenizer_official_to_ours(sd, cfg):
+    """Rename an official state dict to ours. Drops the official `codebook_used` usage FIFO buffers (we count code
+    usage per batch instead, docs/official_code.md §1.6; they hold no model state)."""
+    pairs, out = _official_prefixes(cfg), {}
+    for key, value in sd.items():
+        if not key.endswith(".codebook_used"):
+            out[next((ours + key[len(off):] for off, ours in pairs if key.startswith(off)), key)] = value
+    return out
+
+
+def tokenizer_ours_to_official(sd, cfg):
+    """The inverse of tokenizer_official_to_ours, with zero `codebook_used` buffers (65536,) as the official module."""
+    pairs, out = _official_prefixes(cfg), {}
+    for key, value in sd.items():
+        new = next((off + key[len(ours):] for off, ours in pairs if key.startswith(ours)), key)
+        out[new] = value
+        if new.endswith("embedding.weight") and new.startswith("quantize_"):
+            out[new.replace("embedding.weight", "codebook_used")] = torch.zeros(65536)
+    return out
+
+
+def load_tokenizer(path, map_location="cpu"):
+    """Our checkpoint or an official FQGAN one (detected by its keys) -> Tokenizer in eval mode, loaded strictly.
+    Ours prefers the EMA weights; fp16 exports (weights/) come back as fp32. CheckpointError for anything else."""
+    ckpt = read_checkpoint(path, "tokenizer checkpoint", map_location)
+    try:
+        if isinstance(ckpt, dict) and "config" in ckpt:               # ours, written by train_tokenizer.py
+            cfg = TokenizerConfig(**ckpt["config"])
+            sd, official = (ckpt["ema"] if ckpt.get("ema") else ckpt["model"]), False
+        else:                                                         # official: {"model"|"ema"|"state_dict": sd}
+            sd = next((ckpt[k] for k in ("ema", "model", "state_dict") if isinstance(ckpt, dict) and k in ckpt), ckpt)
+            cfg = config_from_official(sd)
+            sd, official = tokenizer_official_to_ours(sd, cfg), True
+        tok = Tokenizer(cfg)
+        tok.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in sd.items()}, strict=True)
+    except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
+        text = " ".join(str(e).split())
+        raise CheckpointError(f"tokenizer checkpoint {path} is not a tokenizer of this project or the official FQGAN "
+                              f"({type(e).__name__}: {text[:200]})") from None
+    for branch in tok.branches:     # the official straight-through rounding, for bit-exact parity (quantizer.py)
+        branch.quantize.official_ste = official
+    return tok.eval()
+
+
+def codebook_fingerprint(tok):
+    """16 hex digits identifying the sub-codebooks (raw rows rounded to fp16, so an fp16 export keeps it). FAR
+    checkpoints record the fingerprint of the tokenizer whose codes they model; check_pair refuses another one."""
+    digest = hashlib.sha256()
+    for branch in tok.branches:
+        digest.update(branch.quantize.embedding.weight.detach().to("cpu", torch.float16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# FAR files: ours ({"model", "config", "tokenizer", "classes", ...}) and the official ones (tok_embeddings_1, output_1)
+
+def far_official_to_ours(state_dict):
+    """Official names -> ours: tok_embeddings_{j} -> tok_embeddings.{j-1}, output_{j} -> output.{j-1}. Drops the
+    KV-cache buffers that an official state dict saved after sampling carries (docs/official_code.md §5.7)."""
+    rename = lambda m: f"{m[1]}.{int(m[2]) - 1}."
+    return {re.sub(r"^(tok_embeddings|output)_(\d+)\.", rename, n): t
+            for n, t in state_dict.items() if ".kv_cache." not in n}
+
+
+def far_ours_to_official(state_dict):
+    """Inverse of far_official_to_ours (for exporting a FAR with the "ar" head to the official code)."""
+    rename = lambda m: f"{m[1]}_{int(m[2]) + 1}."
+    return {re.sub(r"^(tok_embeddings|output)\.(\d+)\.", rename, n): t for n, t in state_dict.items()}
+
+
+def far_official_config(state_dict, args=None):
+    """FARConfig of an official FAR state dict, from its shapes (+ image_size / downsample_size of its args)."""
+    n_blocks = lambda prefix: 1 + max(int(m[1]) for n in state_dict if (m := re.match(prefix + r"\.(\d+)\.", n)))
+    V, dim = state_dict["tok_embeddings_1.weight"].shape
+    shape = dict(dim=dim, n_layer=n_blocks("layers"), ar_head_layers=n_blocks("ar_head"))
+    # The official configs all have head_dim 64 (docs/official_code.md §5.1); use a preset's n_head where it matches.
+    preset = next((p for p in FAR_PRESETS.values() if shape.items() <= p.items()), dict(shape, n_head=dim // 64))
+    side = getattr(args, "image_size", 256) // getattr(args, "downsample_size", 16)   # official: ImageNet 256, ds16
+    k = sum(1 for n in state_dict if re.fullmatch(r"tok_embeddings_\d+\.weight", n))
+    num_classes = state_dict["cls_embedding.embedding_table.weight"].shape[0] - 1     # the last row is the null class
+    return FARConfig(**{**preset, "num_codebooks": k, "codebook_size": V, "grid": (side, side),
+                        "num_classes": num_classes})
+
+
+def load_far(path_or_ckpt, map_location="cpu"):
+    """Our FAR checkpoint, an official one, or an already loaded dict of either (read_checkpoint) -> FAR in eval mode.
+
+    Ours: {"model": sd, "config": asdict(FARConfig), ...}. Official: {"model"|"module"|"state_dict": sd, "args":
+    argparse.Namespace, ...} or a bare state dict with names like tok_embeddings_1.weight. fp16 exports -> fp32."""
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else read_checkpoint(path_or_ckpt, "FAR checkpoint",
+                                                                               map_location)
+    try:
+        if "config" in ckpt:  # ours
+            cfg, sd = FARConfig(**ckpt["config"]), ckpt["model"]
+        else:                 # official: find the state dict, infer the config, rename
+            sd = next((ckpt[n] for n in ("model", "module", "state_dict") if n in ckpt), ckpt)
+            cfg, sd = far_official_config(sd, ckpt.get("args")), far_official_to_ours(sd)
+        with torch.device("meta"):  # no init of ~1e9 weights that are overwritten anyway
+            model = FAR(cfg)
+        # assign=True takes the stored tensors as they are, so bring fp16 / bf16 exports back to fp32 first
+        model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in sd.items()}, strict=True,
+                              assign=True)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, AssertionError) as e:
+        name = "the given dict" if isinstance(path_or_ckpt, dict) else path_or_ckpt
+        raise CheckpointError(f"FAR checkpoint {name} is not a FAR of this project or the official code "
+                              f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
+    return model.eval()
+
+
+def check_pair(far_cfg, tok, recorded, far_path, tok_path):
+    """Refuse (CheckpointError) a tokenizer that cannot decode this FAR's codes: another (k, codebook size, grid), or
+    other codebooks than the ones FAR was trained on (`recorded`: our FAR checkpoint's "tokenizer" entry)."""
+    mine = (far_cfg.num_codebooks, far_cfg.codebook_size, tuple(far_cfg.grid))
+    theirs = (tok.cfg.num_codebooks, tok.cfg.codebook_size, tuple(tok.cfg.grid))
+    if mine != theirs:
+        raise CheckpointError(f"mismatched pair: {far_path} models (k, codebook_size, grid) = {mine}, but {tok_path} "
+                              f"has {theirs}")
+    if recorded.get("fingerprint") and recorded["fingerprint"] != codebook_fingerprint(tok):
+        raise CheckpointError(f"mismatched pair: {far_path} was trained on the codes of the tokenizer with codebook "
+                              f"fingerprint {recorded['fingerprint']}, but {tok_path} has {codebook_fingerprint(tok)}")

@@ -1,0 +1,223 @@
+"""Images in and out, shared by the entry scripts: the ImageFolder layout, the official crops, uint8, atomic PNGs.
+
+Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681, Sec. 4.1 (ImageNet 256x256).
+The crops follow the official scripts (docs/official_code.md §3.2, §4.1): a random resized crop + flip to train,
+ADM's centre crop to evaluate, and ADM's truncating uint8 conversion for everything that is written or measured.
+The models (quantizer, tokenizer, losses, far) never import this file; the scripts do.
+
+  ImageFolder     root/<class>/<image> -> (image (3, H, W) in [-1, 1], class, ...); unreadable files skipped, counted
+  StreamSampler   an endless, rank-sharded stream of epochs that resumes at an exact sample
+  to_uint8        [-1, 1] -> uint8 exactly as the official sampler writes its PNGs
+  image_batches   uint8 batches streamed from an ADM npz or a folder (evaluate.py's generation mode)
+  save_png        atomic PNG writer (temp file + os.replace); save_grid draws a batch as one grid
+"""
+import os
+import zipfile
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from torch.utils.data import Dataset, DistributedSampler
+
+# The bundled photo set (data/README.md): 11 classes, train tiles and a held-out strip; the tiny presets' data.
+BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "photos")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Crops and conversions
+
+def _halve_then_resize(img, short_side):
+    """Resize so that the short side is `short_side`: BOX halvings first while the image is >= 2x too large (ADM's
+    cheap anti-aliasing), then one bicubic resize."""
+    while min(img.size) >= 2 * short_side:
+        img = img.resize(tuple(x // 2 for x in img.size), resample=Image.BOX)
+    scale = short_side / min(img.size)
+    return img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
+
+
+def random_crop(img, size, g):
+    """Official training augmentation (docs/official_code.md §3.2): short side to S ~ U{s..s/0.8} with s = max(size),
+    a random (H, W) crop, a horizontal flip with probability 1/2.
+
+    Every random number comes from the torch.Generator g, which the dataset seeds per (seed, epoch, index): a resumed
+    run sees the same crops as an uninterrupted one, whatever the number of loader workers.
+    """
+    h, w = size
+    img = _halve_then_resize(img, int(torch.randint(max(h, w), round(max(h, w) / 0.8) + 1, (1,), generator=g)))
+    top = int(torch.randint(0, img.size[1] - h + 1, (1,), generator=g))
+    left = int(torch.randint(0, img.size[0] - w + 1, (1,), generator=g))
+    img = img.crop((left, top, left + w, top + h))
+    return img.transpose(Image.FLIP_LEFT_RIGHT) if torch.rand((), generator=g) < 0.5 else img
+
+
+def center_crop(img, size):
+    """Evaluation crop (ADM's center_crop_arr, docs/official_code.md §4.1): short side to max(size), centre crop."""
+    h, w = size
+    img = _halve_then_resize(img, max(h, w))
+    left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
+    return img.crop((left, top, left + w, top + h))
+
+
+def to_tensor(img):
+    """PIL RGB -> (3, H, W) float in [-1, 1]."""
+    return torchvision.transforms.functional.pil_to_tensor(img).float() / 127.5 - 1
+
+
+def to_uint8(x):
+    """Images (B, 3, H, W) in [-1, 1] -> uint8 (B, 3, H, W) as the official sampler writes its PNGs
+    (docs/official_code.md §6.3): uint8(clamp(127.5 x + 128, 0, 255)), a truncating cast, i.e. round half up, so a
+    crop that went through to_tensor comes back to its own pixels."""
+    return (127.5 * x + 128).clamp(0, 255).to(torch.uint8)
+
+
+def open_rgb(path):
+    """The image at path as RGB (grayscale / RGBA / CMYK converted), or None if it cannot be read (missing, empty,
+    truncated, not an image, a decompression bomb). Callers skip and count such files; nothing is substituted."""
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")                                 # convert() forces the full decode
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def list_images(root):
+    """Every image file under root, at any depth, sorted (a sample folder for evaluate.py)."""
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(root) for f in names if f.lower().endswith(IMAGE_EXTS))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Datasets
+
+class ImageFolder(Dataset):
+    """root/<class>/<image>, classes in alphabetical order (as torchvision's ImageFolder).
+
+    Item (index, epoch), or a plain index for epoch 0 -> (image (3, H, W) in [-1, 1], label, index, skipped):
+      train=True   random_crop seeded by (seed, epoch, index). An unreadable file is replaced by the next readable one
+                   (batches keep their size); `skipped` files were passed over, namely index, index+1, ... (mod N),
+                   so the loop can count distinct unreadable files, not draws.
+      train=False  center_crop. An unreadable file gives zeros and label -1 (skipped = 1): evaluation drops and counts
+                   it, never measures a neighbour twice.
+    """
+
+    def __init__(self, root, size, train=True, seed=0):
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"data folder not found: {root} (expected root/<class>/<image> files)")
+        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        self.samples = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
+                        for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTS)]
+        if not self.samples:
+            raise FileNotFoundError(f"no images under {root}/<class>/ (extensions {', '.join(IMAGE_EXTS)})")
+        self.size, self.train, self.seed = tuple(size), train, seed
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        index, epoch = item if isinstance(item, tuple) else (item, 0)
+        if not self.train:
+            path, label = self.samples[index]
+            img = open_rgb(path)
+            if img is None:
+                return torch.zeros(3, *self.size), -1, index, 1
+            return to_tensor(center_crop(img, self.size)), label, index, 0
+        for skipped in range(len(self.samples)):                      # the next readable file stands in
+            path, label = self.samples[(index + skipped) % len(self.samples)]
+            img = open_rgb(path)
+            if img is not None:
+                g = torch.Generator().manual_seed(hash((self.seed, epoch, index)) % 2**62)
+                return to_tensor(random_crop(img, self.size, g)), label, index, skipped
+        raise RuntimeError(f"none of the {len(self.samples)} images under the data folder could be read")
+
+
+def unreadable_files(index, skipped, n):
+    """The dataset indices an ImageFolder batch passed over: for each item, index .. index + skipped - 1 (mod n)."""
+    return {(i + j) % n for i, s in zip(index.tolist(), skipped.tolist()) for j in range(s)}
+
+
+class StreamSampler(DistributedSampler):
+    """This rank's share of an endless stream of epochs, each a DistributedSampler permutation (seed + epoch),
+    starting `start` samples in; yields (index, epoch). Resuming at step s starts at s * local batch, so one
+    DataLoader serves the whole run (no worker restarts at epoch ends) and the data position is exact."""
+    start = 0
+
+    def __iter__(self):
+        epoch, offset = divmod(self.start, self.num_samples)
+        while True:
+            self.set_epoch(epoch)
+            yield from ((i, epoch) for i in list(super().__iter__())[offset:])
+            epoch, offset = epoch + 1, 0
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sample sets: ADM's npz (arr_0 uint8 N x H x W x 3, what sample.py writes) or a folder of images
+
+def npz_header(path):
+    """(N, H, W) of the ADM npz at path, or ValueError naming the file and what is wrong with it."""
+    try:
+        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            shape, fortran, dtype = getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)
+    except zipfile.BadZipFile:
+        raise ValueError(f"{path} is not an npz file (not a zip archive; truncated?)") from None
+    except KeyError:
+        raise ValueError(f"{path} has no arr_0 array (the ADM layout: arr_0 uint8 N x H x W x 3)") from None
+    if dtype != np.uint8 or len(shape) != 4 or shape[3] != 3 or fortran:
+        raise ValueError(f"{path}: arr_0 must be uint8 N x H x W x 3 (ADM layout), got {dtype} {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"{path} holds 0 images")
+    return shape[:3]
+
+
+def image_batches(path, batch_size, size=None, unreadable=None):
+    """uint8 (B, 3, H, W) batches from an npz (arr_0: N x H x W x 3 uint8, the ADM layout sample.py writes; streamed
+    from the zip, never loaded whole) or from the images of a folder at any depth (center crop to `size`, default the
+    first readable image's size; unreadable files are skipped and appended to the list `unreadable`)."""
+    if path.endswith(".npz"):
+        n, h, w = npz_header(path)
+        if size is not None and (h, w) != tuple(size):
+            raise ValueError(f"{path}: images are {h}x{w}, the samples {size[0]}x{size[1]}")
+        with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
+            version = np.lib.format.read_magic(f)
+            getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)   # skip the header
+            for start in range(0, n, batch_size):
+                m = min(batch_size, n - start)
+                arr = np.frombuffer(f.read(m * h * w * 3), np.uint8).reshape(m, h, w, 3)
+                yield torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)     # (B, H, W, 3) -> (B, 3, H, W)
+        return
+    batch = []
+    for file in list_images(path):
+        img = open_rgb(file)
+        if img is None:
+            unreadable.append(file) if unreadable is not None else None
+            continue
+        size = size or (img.size[1], img.size[0])
+        batch.append(torch.from_numpy(np.array(center_crop(img, size))).permute(2, 0, 1))   # (H, W, 3) -> (3, H, W)
+        if len(batch) == batch_size:
+            yield torch.stack(batch)
+            batch = []
+    if batch:
+        yield torch.stack(batch)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Writing PNGs
+
+def save_png(img, path):
+    """Write a PIL image atomically: a temp file beside `path`, then os.replace; a failed write removes the temp file,
+    so a crash never leaves a half-written PNG at `path` nor a stray temp file."""
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    try:
+        img.save(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_grid(x, path, nrow):
+    """Images (N, 3, H, W), in [-1, 1] or already uint8, as one PNG grid, nrow images a row, 2-px black gaps."""
+    x = x if x.dtype == torch.uint8 else to_uint8(x.float())
+    grid = torchvision.utils.make_grid(x.cpu(), nrow=nrow, padding=2)                # (3, rows*H', cols*W') uint8
+    save_png(Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()), path)            # -> (H, W, 3)

@@ -1,0 +1,169 @@
+"""Every bad input a user can give the entry scripts: one line naming the flag or file and what is wrong, exit 2, no
+traceback, nothing left behind. One table, one row per input (the rows of the "clear message" issue plus ours).
+
+Run: python -m pytest tests/test_bad_inputs.py -q
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import evaluate  # noqa: E402
+import sample  # noqa: E402
+import train_far  # noqa: E402
+import train_tokenizer  # noqa: E402
+
+SCRIPTS = {"sample": sample.main, "evaluate": evaluate.main, "train_far": train_far.main,
+           "train_tokenizer": train_tokenizer.main}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, pair):
+    """Bad files of every kind, beside the good random pair of conftest."""
+    d = tmp_path_factory.mktemp("bad")
+    good = open(pair[0] / "tok.pt", "rb").read()
+    (d / "empty.pt").write_bytes(b"")
+    (d / "truncated.pt").write_bytes(good[: len(good) // 2])
+    (d / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    # a run folder whose last.pt was cut short, with numbered checkpoints to fall back on
+    ckpts = d / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.pt").write_bytes(good[: len(good) // 3])
+    for step in (100, 200):
+        (ckpts / f"{step:07d}.pt").write_bytes(good)
+    # image folders: 14 val images of which 3 unreadable; one where every file is unreadable
+    rng = np.random.default_rng(0)
+    for name, broken in (("mixed", 3), ("all_broken", 4)):
+        for c in ("a", "b"):
+            (d / name / c).mkdir(parents=True)
+        for j in range(14 if name == "mixed" else 4):
+            path = d / name / "ab"[j % 2] / f"{j:02d}.png"
+            if j < broken:
+                path.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+            else:
+                Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    # generation mode inputs: an npz without images, one without arr_0, a file that is not a zip
+    np.savez(d / "zero.npz", arr_0=np.zeros((0, 32, 32, 3), np.uint8))
+    np.savez(d / "no_arr0.npz", images=np.zeros((2, 32, 32, 3), np.uint8))
+    (d / "not_zip.npz").write_bytes(b"not a zip archive")
+    return d
+
+
+def run(script, argv, capsys):
+    """(exit code, stdout + stderr) of one entry script's main(argv), in this process."""
+    try:
+        SCRIPTS[script](argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out + out.err
+
+
+# (name, script, argv builder (files folder d, pair folder p) -> argv, exit code, message that must appear)
+CASES = [
+    # broken checkpoint files, to every script that reads a tokenizer
+    *[(f"{kind} tokenizer to {script}", script, (lambda d, p, kind=kind, flag=flag, script=script:
+       [flag, str(d / f"{kind}.pt")] + (["--far-ckpt", str(p / "far.pt"), "--class-id", "0", "--out",
+                                          str(d / "x.png")] if script == "sample" else [])),
+       2, message)
+      for kind, message in (("empty", "is empty (0 bytes)"), ("truncated", "is not a complete PyTorch checkpoint"),
+                            ("random", "is not a complete PyTorch checkpoint"))
+      for script, flag in (("sample", "--tokenizer-ckpt"), ("evaluate", "--tokenizer-ckpt"),
+                           ("train_far", "--tokenizer-ckpt"))],
+    ("empty FAR to sample", "sample", lambda d, p: ["--far-ckpt", str(d / "empty.pt"), "--class-id", "0"], 2,
+     "--far-ckpt " + "{d}/empty.pt is empty"),
+    ("resume from a truncated last.pt", "train_tokenizer",
+     lambda d, p: ["--out-dir", str(d / "run"), "--resume", "--image-size", "32"], 2,
+     "copy one of 0000100.pt, 0000200.pt over last.pt"),
+    # values checked at parse time
+    ("sample --cfg-scale nan", "sample", lambda d, p: ["--class-id", "0", "--cfg-scale", "nan"], 2,
+     "--cfg-scale nan is out of range: must be a finite number"),
+    ("sample --temperature 0", "sample", lambda d, p: ["--class-id", "0", "--temperature", "0"], 2,
+     "--temperature 0.0 is out of range"),
+    ("train_tokenizer --ema-decay 2", "train_tokenizer", lambda d, p: ["--ema-decay", "2"], 2,
+     "--ema-decay 2.0 is out of range: must be in [0, 1)"),
+    ("train_tokenizer --codebook-size 0", "train_tokenizer", lambda d, p: ["--codebook-size", "0"], 2,
+     "--codebook-size 0 is out of range"),
+    *[(f"train_tokenizer --image-size {v}", "train_tokenizer", lambda d, p, v=v: ["--image-size", v], 2,
+       f"--image-size {v} is out of range: preset tiny needs a positive multiple of its downsample factor 8")
+      for v in ("60", "0", "-64")],
+    ("train_tokenizer --lr -1", "train_tokenizer", lambda d, p: ["--lr", "-1"], 2,
+     "--lr -1.0 is out of range: must be a finite number > 0"),
+    ("train_tokenizer --num-workers -1", "train_tokenizer", lambda d, p: ["--num-workers", "-1"], 2,
+     "--num-workers -1 is out of range"),
+    ("train_tokenizer --gan-weight inf", "train_tokenizer", lambda d, p: ["--gan-weight", "inf"], 2,
+     "--gan-weight inf is out of range"),
+    ("train_far --lr nan", "train_far", lambda d, p: ["--lr", "nan"], 2, "--lr nan is out of range"),
+    ("train_far on a folder of unreadable files", "train_far",
+     lambda d, p: ["--tokenizer-ckpt", str(p / "tok.pt"), "--data-path", str(d / "all_broken"), "--out-dir",
+                   str(d / "far_run")], 2, "every file was unreadable"),
+    # generation mode of evaluate.py: the inputs are checked before Inception is loaded
+    ("evaluate npz with 0 images", "evaluate",
+     lambda d, p: ["--samples", str(d / "zero.npz"), "--reference", str(d / "zero.npz")], 2, "holds 0 images"),
+    ("evaluate npz without arr_0", "evaluate",
+     lambda d, p: ["--samples", str(d / "no_arr0.npz"), "--reference", str(d / "zero.npz")], 2, "has no arr_0"),
+    ("evaluate file that is not a zip", "evaluate",
+     lambda d, p: ["--samples", str(d / "not_zip.npz"), "--reference", str(d / "zero.npz")], 2,
+     "is not an npz file"),
+    # outputs: checked before any work, nothing half-written left behind
+    ("sample --out a directory", "sample", lambda d, p: ["--class-id", "0", "--out", str(d) + "/"], 2,
+     "is a directory"),
+    ("sample --out in a missing folder", "sample", lambda d, p: ["--class-id", "0", "--out", str(d / "no/x.png")], 2,
+     "does not exist; create it first"),
+    ("sample --out-npz in a missing folder", "sample",
+     lambda d, p: ["--num-samples", "2", "--out-npz", str(d / "no/x.npz")], 2, "does not exist; create it first"),
+    ("evaluate --out-json in a missing folder", "evaluate", lambda d, p: ["--out-json", str(d / "no/r.json")], 2,
+     "does not exist; create it first"),
+]
+
+
+@pytest.mark.parametrize("name,script,argv,code,message", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_gives_one_line_and_exit_2(name, script, argv, code, message, files, pair, capsys):
+    before = set(os.listdir(files))
+    got, text = run(script, argv(files, pair[0]), capsys)
+    assert got == code, text[-2000:]
+    assert message.format(d=files) in text, text[-2000:]
+    assert "Traceback" not in text
+    assert not {f for f in set(os.listdir(files)) - before if ".tmp" in f}   # no temp file left behind
+
+
+def test_unreadable_evaluation_images_are_skipped_and_counted(files, pair, tmp_path, capsys):
+    """3 unreadable files of 14: evaluated on the 11 readable ones, reported as 3 unreadable; never duplicated."""
+    code, text = run("evaluate", ["--tokenizer-ckpt", str(pair[0] / "tok.pt"), "--data-path", str(files / "mixed"),
+                                  "--num-workers", "0", "--no-fid", "--no-lpips", "--out-json",
+                                  str(tmp_path / "r.json")], capsys)
+    assert code == 0
+    res = json.load(open(tmp_path / "r.json"))
+    assert res["images"] == 11 and res["unreadable"] == 3
+    assert "unreadable            3" in text
+
+
+def test_stale_temp_files_of_a_killed_run_are_removed(tmp_path, capsys):
+    """A kill -9 during a checkpoint write leaves last.pt.tmp<pid>; the next start removes it."""
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.pt.tmp4242").write_bytes(b"half")
+    (ckpts / "0000100.pt.tmp4242").write_bytes(b"half")
+    train_tokenizer.main(["--image-size", "32", "--global-batch-size", "2", "--max-steps", "1", "--num-workers", "0",
+                          "--eval-every", "100", "--out-dir", str(tmp_path / "run")])
+    assert sorted(os.listdir(ckpts)) == ["0000001.pt", "last.pt"]
+    assert "removed stale 0000100.pt.tmp4242, last.pt.tmp4242" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", ["quantizer.py", "losses.py", "far.py", "tokenizer.py", "sample.py",
+                                    "evaluate.py", "figures.py", "train_tokenizer.py", "train_far.py"])
+def test_help_of_every_file(script):
+    """--help prints a description (and exits 0) for the model files too; the torchrun examples keep their line
+    breaks (a backslash in a docstring must be written twice)."""
+    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "usage:" in out.stdout and "arXiv" in out.stdout, out.stderr[-2000:]
+    assert not re.search(r"\S {4,}--\w", out.stdout), out.stdout                  # no two lines joined into one

@@ -1,0 +1,85 @@
+"""Train the offline stand-in teacher for representation learning (Sec. 3.2.2) on the bundled photos.
+
+Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681, Sec. 3.2.2: one sub-codebook
+learns to predict a frozen teacher's feature (CLIP ViT-L/14 for FQGAN-Dual). CLIP's weights cannot be downloaded
+here, so the tiny-dual preset uses this stand-in: a small CNN (losses.PhotoCNN, 0.1 M parameters) trained to tell
+the 11 bundled photos apart from random 64-px crops. Its pooled feature says which photo a crop comes from; that is
+all it knows, where CLIP's feature describes what an image shows in general. It is plainly a stand-in: a teacher
+with the same interface (losses.load_teacher("cnn:tiny_teacher.pt")), whose effect on a sub-codebook can be measured
+offline (evaluate.py's class probe, figures.py's Fig. 4).
+
+  python train_teacher.py                      # -> weights/tiny_teacher.pt
+"""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+
+from images import BUNDLED, ImageFolder, open_rgb, random_crop, to_tensor
+from losses import PhotoCNN
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@torch.no_grad()
+def accuracy(net, dataset):
+    """Top-1 accuracy of net on every item of dataset (centre crops for a val folder)."""
+    net.eval()
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y = torch.tensor([label for _, label in dataset.samples])
+    acc = (net(x).argmax(1) == y).float().mean().item()
+    net.train()
+    return acc
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-path", default=os.path.join(BUNDLED, "train"), help="ImageFolder of training photos")
+    p.add_argument("--val-path", default=os.path.join(BUNDLED, "val"), help="held-out photos for the accuracy")
+    p.add_argument("--image-size", type=int, default=64, help="crop size = the tiny tokenizer's input (%(default)s)")
+    p.add_argument("--width", type=int, default=128, help="feature width, the teacher's CLS width (%(default)s)")
+    p.add_argument("--steps", type=int, default=800, help="Adam steps (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=32, help="random crops per step (%(default)s)")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate, cosine to 0 (%(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (%(default)s)")
+    p.add_argument("--out", default=os.path.join(ROOT, "weights", "tiny_teacher.pt"), help="output file")
+    args = p.parse_args(argv)
+    for name in ("image_size", "width", "steps", "batch_size"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be an integer >= 1")
+    torch.manual_seed(args.seed)
+    size = (args.image_size, args.image_size)
+    train, val = ImageFolder(args.data_path, size, train=True, seed=args.seed), ImageFolder(args.val_path, size,
+                                                                                             train=False)
+    net = PhotoCNN(len(train.classes), args.width, args.image_size)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
+    g = torch.Generator().manual_seed(args.seed)
+    photos = [open_rgb(path) for path, _ in train.samples]             # 44 photos: decode once, crop every step
+    if any(img is None for img in photos):
+        p.error(f"--data-path {args.data_path}: unreadable images {[s for s, i in zip(train.samples, photos) if i is None]}")
+    for step in range(1, args.steps + 1):
+        # random crops (images.random_crop: scale + position + flip) of random photos, a fresh draw each step
+        idx = torch.randint(len(photos), (args.batch_size,), generator=g).tolist()
+        x = torch.stack([to_tensor(random_crop(photos[i], size, g)) for i in idx])    # (B, 3, S, S)
+        y = torch.tensor([train.samples[i][1] for i in idx])
+        loss = F.cross_entropy(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == args.steps:
+            print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {accuracy(net, val):.3f}", flush=True)
+    config = {"num_classes": len(train.classes), "width": args.width, "image_size": args.image_size}
+    state = {"model": net.state_dict(), "config": config, "classes": train.classes, "steps": args.steps,
+             "val_accuracy": accuracy(net, val), "command": "python train_teacher.py"}
+    tmp = args.out + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, args.out)                                         # atomic: never a half-written teacher
+    print(f"wrote {args.out}: held-out accuracy {state['val_accuracy']:.3f} on {len(val)} photos "
+          f"(chance {1 / len(train.classes):.3f})")
+
+
+if __name__ == "__main__":
+    main()
