@@ -39,12 +39,13 @@ from far import generate
 from images import BUNDLED, ImageFolder
 from losses import teacher_file
 from quantizer import codebook_usage
-from tokenizer import PRESETS, Tokenizer, TokenizerConfig
+from tokenizer import PRESETS, RECIPES, Tokenizer, TokenizerConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 K = PRESETS["tiny"]["codebook_size"]     # 512 entries per sub-codebook
 # Tab. 3 rows: name -> (preset, extra train_tokenizer flags). Every row trains without GAN, LPIPS loss or teacher
 # unless named; dis/rep weights are set explicitly so a row differs from the one above it in one term only.
+# paper-map: Tab. 3
 TAB3 = {
     "VQ(K)": ("tiny-vq", []),                                              # paper: VQGAN, 16384
     "VQ(2K)": ("tiny-vq", ["--codebook-size", str(2 * K)]),                 # paper: VQGAN, 32768
@@ -157,6 +158,7 @@ def train_classifier(tok, args):
                  "val_reconstruction_accuracy": accuracy(net, xr, yv), "classes": train.classes}
 
 
+# paper-map: Tab. 4
 def far_run(head, seed, args, out, tok, judge, codes_dir):
     argv = ["--preset", "tiny", "--head", head, "--tokenizer-ckpt", args.tokenizer_ckpt, "--out-dir", out,
             "--max-steps", str(args.steps), "--global-batch-size", str(args.batch_size), "--seed", str(seed),
@@ -189,7 +191,7 @@ def parse_args(argv=None):
     p.add_argument("--rows", nargs="+", default=None, help="subset of rows (default: all of the table)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 200 Tab. 3, 250 Tab. 4)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch per step (default: 8 Tab. 3, 32 Tab. 4)")
-    p.add_argument("--image-size", type=int, default=32, help="Tab. 3 training and evaluation resolution")
+    p.add_argument("--image-size", type=int, default=64, help="Tab. 3 training and evaluation resolution (64)")
     p.add_argument("--usage-crops", type=int, default=10, help="Tab. 3: random crops per held-out image for usage")
     p.add_argument("--tokenizer-ckpt", default=os.path.join(ROOT, "weights", "tiny_tokenizer.pt"),
                    help="Tab. 4: the tokenizer whose codes FAR models (default: the shipped tiny tokenizer)")
@@ -206,8 +208,9 @@ def parse_args(argv=None):
     if args.quick:
         args.seeds, args.steps, args.batch_size = args.seeds[:1], args.steps or 2, args.batch_size or 2
         args.usage_crops, args.augment, args.samples_per_class, args.clf_steps, args.clf_crops = 1, "none", 1, 2, 1
-    args.steps = args.steps or (200 if tab3 else 250)
-    args.batch_size = args.batch_size or (8 if tab3 else 32)
+        args.image_size = 32
+    args.steps = args.steps or (1000 if tab3 else 250)
+    args.batch_size = args.batch_size or (RECIPES["tiny"]["global_batch_size"] if tab3 else 32)
     rows = list(TAB3) if tab3 else ["linear", "mlp", "ar"]
     if any(r not in rows for r in args.rows or []):
         p.error(f"--rows must be among {rows}")
@@ -232,8 +235,9 @@ def main(argv=None):
         "budget": {"steps": args.steps, "global_batch_size": args.batch_size, "seeds": args.seeds}})
     results.setdefault("rows", {})
     if args.table == "3":
-        results["budget"].update(image_size=args.image_size, usage_crops=args.usage_crops, lr=2e-4, gan=False,
-                                 lpips_loss=False, ema_decay=0.99,
+        recipe = RECIPES["tiny"]                    # every row trains with the tiny recipe (tokenizer.RECIPES)
+        results["budget"].update(image_size=args.image_size, usage_crops=args.usage_crops, lr=recipe["lr"],
+                                 gan=False, lpips_loss=False, ema_decay=recipe["ema_decay"],
                                  data="data/photos/train (44 photos), eval on data/photos/val (40)")
         run = lambda name, seed, out: tokenizer_run(name, seed, args, out)
     else:

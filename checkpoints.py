@@ -43,15 +43,15 @@ def init_distributed():
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: join the group (NCCL on CUDA, gloo on CPU) and take the device
     from LOCAL_RANK (multi-node works the same). Plain `python script.py` is rank 0 of a world of 1.
     Returns (ddp, rank, world, local_rank, device)."""
-    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()       # torchrun always sets RANK
     if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo")           # env:// rendezvous from torchrun's variables
         rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
     else:
-        rank, world, local_rank = 0, 1, 0
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+        rank, world, local_rank = 0, 1, 0                             # plain python: one process
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")    # one GPU per process on its node
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(device)                                 # so NCCL and bare .cuda() use this GPU
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # the official setting
     return ddp, rank, world, local_rank, device
 
@@ -61,15 +61,15 @@ def rng_states(ddp, world):
     rng = {"cpu": [torch.get_rng_state()], "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}
     if ddp:
         gathered = [None] * world
-        dist.all_gather_object(gathered, rng)
+        dist.all_gather_object(gathered, rng)                         # a collective: every rank must call it
         rng = {k: [s for r in gathered for s in r[k]] for k in rng}    # world x {cpu, cuda} -> {cpu: world states}
     return rng
 
 
 def set_rng_states(rng, rank):
     """Inverse of rng_states for this rank (a checkpoint from another world size reuses states modulo its size)."""
-    torch.set_rng_state(rng["cpu"][rank % len(rng["cpu"])])
-    if torch.cuda.is_available() and rng["cuda"]:
+    torch.set_rng_state(rng["cpu"][rank % len(rng["cpu"])])          # dropout, label drop, etc. continue exactly
+    if torch.cuda.is_available() and rng["cuda"]:                      # saved without CUDA: keep the seeded one
         torch.cuda.set_rng_state(rng["cuda"][rank % len(rng["cuda"])])
 
 
@@ -79,18 +79,19 @@ def set_rng_states(rng, rank):
 def atomic_save(obj, path):
     """torch.save to a temp file in the same folder, then os.replace: a crash never leaves a half-written `path`, and
     a failed write (disk full) removes its temp file. A kill -9 mid-write leaves it: see remove_stale_temps."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp{os.getpid()}"                                  # same folder: os.replace is a rename
     try:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
+        os.replace(tmp, path)                                         # atomic (a POSIX rename)
     finally:
-        if os.path.exists(tmp):
+        if os.path.exists(tmp):                                       # only if save or replace failed
             os.remove(tmp)
 
 
 def remove_stale_temps(folder):
     """Delete the `*.tmp<pid>*` files that killed runs left in folder (called by rank 0 at start-up, before any write
     of this run). Returns their names."""
+    # atomic_save's temp names contain .tmp<pid>: no checkpoint name does
     stale = sorted(f for f in glob.glob(os.path.join(glob.escape(folder), "*.tmp*")) if re.search(r"\.tmp\d+", f))
     for f in stale:
         os.remove(f)
@@ -100,8 +101,8 @@ def remove_stale_temps(folder):
 def check_writable(path, flag):
     """Raise CheckpointError naming `flag` unless `path` is a file that can be created or replaced: checked when the
     arguments are parsed, so a bad output path fails before hours of work, not after."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or path.endswith(os.sep):
+    folder = os.path.dirname(os.path.abspath(path))                   # a bare name: the working directory
+    if os.path.isdir(path) or path.endswith(os.sep):                  # "out/" names a folder, not a file
         raise CheckpointError(f"{flag} {path} is a directory; give a file name, e.g. {os.path.join(path, 'out.png')}")
     if not os.path.isdir(folder):
         raise CheckpointError(f"{flag} {path}: the folder {folder} does not exist; create it first")
@@ -115,15 +116,15 @@ def check_writable(path, flag):
 def read_checkpoint(path, what="checkpoint", map_location="cpu"):
     """torch.load(path, weights_only=True), allowing argparse.Namespace; every failure is a CheckpointError that says
     which file, what is wrong with it (missing / empty / truncated or not a checkpoint / pickled code), what to do."""
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):                                      # cheap checks first, each its own message
         raise CheckpointError(f"{what} {path}: no such file")
-    if os.path.getsize(path) == 0:
+    if os.path.getsize(path) == 0:                                    # e.g. a full disk during a copy
         raise CheckpointError(f"{what} {path} is empty (0 bytes): an interrupted copy or write? Copy it again")
     if not zipfile.is_zipfile(path):                                  # torch.save writes a zip since torch 1.6
         raise CheckpointError(f"{what} {path} is not a complete PyTorch checkpoint (truncated, or another kind of "
                               f"file: {os.path.getsize(path)} bytes without a zip directory). Copy or train it again")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]):   # official files' "args" (§3.3)
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:                                            # noqa: BLE001 - every torch.load failure
         text = " ".join(str(e).split())
@@ -140,7 +141,7 @@ def read_resume(out_dir, cfg, global_batch_size):
     CheckpointError that names the numbered checkpoints to fall back on."""
     folder = os.path.join(out_dir, "checkpoints")
     last = os.path.join(folder, "last.pt")
-    if not os.path.exists(last):
+    if not os.path.exists(last):                                      # a fresh run: --resume starts from scratch
         return None
     numbered = sorted(glob.glob(os.path.join(glob.escape(folder), "[0-9]" * 7 + ".pt")))
     fallback = (f"; to resume from an earlier step, copy one of {', '.join(os.path.basename(n) for n in numbered)} "
@@ -159,13 +160,13 @@ def mean_over_ranks_or_stop(terms, step, last, ddp, world, device):
     """{name: scalar tensor} -> {name: float} averaged over ranks. A non-finite term stops training (exit 1, naming
     the step and the term) before anything is written, so `last` stays the last good checkpoint."""
     values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
-                          for v in terms.values()])
+                          for v in terms.values()])                   # (n_terms,): one all-reduce for all terms
     if ddp:
-        dist.all_reduce(values)
+        dist.all_reduce(values)                                       # sum, so a NaN on one rank reaches every rank
         values /= world
-    if not torch.isfinite(values).all():
+    if not torch.isfinite(values).all():                              # every rank sees the same values: all stop
         bad = [k for k, v in zip(terms, values.tolist()) if not math.isfinite(v)]
-        if int(os.environ.get("RANK", 0)) == 0:
+        if int(os.environ.get("RANK", 0)) == 0:                       # one message, not one per rank
             print(f"non-finite loss at step {step}: {', '.join(bad)}; stopping. The last good checkpoint {last} is "
                   f"left as it was.", file=sys.stderr)
         if ddp:
@@ -200,19 +201,19 @@ def _official_prefixes(cfg):
 
 def config_from_official(sd):
     """Infer the TokenizerConfig of an official FQGAN state dict from its keys and shapes (Tab. 1 presets)."""
-    triple = "quantize_sem_mid.embedding.weight" in sd
+    triple = "quantize_sem_mid.embedding.weight" in sd               # Triple: vis, sem_mid, sem_high (§1.1)
     names = ("vis", "sem_mid", "sem_high") if triple else ("vis", "sem")
     if f"quantize_{names[1]}.embedding.weight" not in sd:
         raise CheckpointError("not an FQGAN Dual/Triple tokenizer: no quantize_vis / quantize_sem* weights")
-    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.conv_blocks."))
+    levels = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.conv_blocks."))   # VQ-16: 5, VQ-8: 4
     cfg = dict(TOKENIZER_PRESETS[f"fqgan-{'triple' if triple else 'dual'}-{2 ** (levels - 1)}"])
-    cfg["codebook_size"], cfg["codebook_dim"] = sd[f"quantize_{names[0]}.embedding.weight"].shape
+    cfg["codebook_size"], cfg["codebook_dim"] = sd[f"quantize_{names[0]}.embedding.weight"].shape   # (K, d)
     # the heads are in the file only when it was trained with representation learning
     cfg["head_dims"] = tuple(sd[f"{_OFFICIAL_HEAD[b]}.class_embedding"].shape[1]
                              if b in _OFFICIAL_HEAD and f"{_OFFICIAL_HEAD[b]}.class_embedding" in sd else 0
                              for b in names)
     grid = sd[f"encoder.{_OFFICIAL_ADAPTER['vis']}.0.positional_embedding"].shape[0] ** 0.5   # h*w tokens, square
-    cfg["image_size"] = int(round(grid)) * 2 ** (levels - 1)
+    cfg["image_size"] = int(round(grid)) * 2 ** (levels - 1)          # official files: 256 (§1.2)
     return TokenizerConfig(**cfg)
 
 
@@ -221,7 +222,7 @@ def tokenizer_official_to_ours(sd, cfg):
     usage per batch instead, docs/official_code.md §1.6; they hold no model state)."""
     pairs, out = _official_prefixes(cfg), {}
     for key, value in sd.items():
-        if not key.endswith(".codebook_used"):
+        if not key.endswith(".codebook_used"):                        # the usage FIFO is dropped (§1.6)
             out[next((ours + key[len(off):] for off, ours in pairs if key.startswith(off)), key)] = value
     return out
 
@@ -264,7 +265,7 @@ def codebook_fingerprint(tok):
     """16 hex digits identifying the sub-codebooks (raw rows rounded to fp16, so an fp16 export keeps it). FAR
     checkpoints record the fingerprint of the tokenizer whose codes they model; check_pair refuses another one."""
     digest = hashlib.sha256()
-    for branch in tok.branches:
+    for branch in tok.branches:                                       # in branch order: a swapped pair differs
         digest.update(branch.quantize.embedding.weight.detach().to("cpu", torch.float16).numpy().tobytes())
     return digest.hexdigest()[:16]
 
@@ -275,7 +276,7 @@ def codebook_fingerprint(tok):
 def far_official_to_ours(state_dict):
     """Official names -> ours: tok_embeddings_{j} -> tok_embeddings.{j-1}, output_{j} -> output.{j-1}. Drops the
     KV-cache buffers that an official state dict saved after sampling carries (docs/official_code.md §5.7)."""
-    rename = lambda m: f"{m[1]}.{int(m[2]) - 1}."
+    rename = lambda m: f"{m[1]}.{int(m[2]) - 1}."                     # 1-based names -> 0-based ModuleList index
     return {re.sub(r"^(tok_embeddings|output)_(\d+)\.", rename, n): t
             for n, t in state_dict.items() if ".kv_cache." not in n}
 
@@ -289,12 +290,12 @@ def far_ours_to_official(state_dict):
 def far_official_config(state_dict, args=None):
     """FARConfig of an official FAR state dict, from its shapes (+ image_size / downsample_size of its args)."""
     n_blocks = lambda prefix: 1 + max(int(m[1]) for n in state_dict if (m := re.match(prefix + r"\.(\d+)\.", n)))
-    V, dim = state_dict["tok_embeddings_1.weight"].shape
+    V, dim = state_dict["tok_embeddings_1.weight"].shape              # (codebook size, model width)
     shape = dict(dim=dim, n_layer=n_blocks("layers"), ar_head_layers=n_blocks("ar_head"))
     # The official configs all have head_dim 64 (docs/official_code.md §5.1); use a preset's n_head where it matches.
     preset = next((p for p in FAR_PRESETS.values() if shape.items() <= p.items()), dict(shape, n_head=dim // 64))
     side = getattr(args, "image_size", 256) // getattr(args, "downsample_size", 16)   # official: ImageNet 256, ds16
-    k = sum(1 for n in state_dict if re.fullmatch(r"tok_embeddings_\d+\.weight", n))
+    k = sum(1 for n in state_dict if re.fullmatch(r"tok_embeddings_\d+\.weight", n))   # one table per sub-code
     num_classes = state_dict["cls_embedding.embedding_table.weight"].shape[0] - 1     # the last row is the null class
     return FARConfig(**{**preset, "num_codebooks": k, "codebook_size": V, "grid": (side, side),
                         "num_classes": num_classes})
@@ -328,11 +329,11 @@ def load_far(path_or_ckpt, map_location="cpu"):
 def check_pair(far_cfg, tok, recorded, far_path, tok_path):
     """Refuse (CheckpointError) a tokenizer that cannot decode this FAR's codes: another (k, codebook size, grid), or
     other codebooks than the ones FAR was trained on (`recorded`: our FAR checkpoint's "tokenizer" entry)."""
-    mine = (far_cfg.num_codebooks, far_cfg.codebook_size, tuple(far_cfg.grid))
+    mine = (far_cfg.num_codebooks, far_cfg.codebook_size, tuple(far_cfg.grid))   # as tuples, whatever the stored type
     theirs = (tok.cfg.num_codebooks, tok.cfg.codebook_size, tuple(tok.cfg.grid))
     if mine != theirs:
         raise CheckpointError(f"mismatched pair: {far_path} models (k, codebook_size, grid) = {mine}, but {tok_path} "
                               f"has {theirs}")
-    if recorded.get("fingerprint") and recorded["fingerprint"] != codebook_fingerprint(tok):
+    if recorded.get("fingerprint") and recorded["fingerprint"] != codebook_fingerprint(tok):   # official: none
         raise CheckpointError(f"mismatched pair: {far_path} was trained on the codes of the tokenizer with codebook "
                               f"fingerprint {recorded['fingerprint']}, but {tok_path} has {codebook_fingerprint(tok)}")

@@ -39,12 +39,12 @@ from images import BUNDLED, IMAGE_EXTS, ImageFolder, image_batches, list_images,
 from losses import LPIPS, weights_dir
 from quantizer import codebook_usage
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.abspath(__file__))                     # for the shipped weights/ default
 
 # Inception features per metric, as ADM's evaluator: pool_3 (2048) for FID and precision / recall, logits for IS.
 # NOTE(paper≠code): torch-fidelity's own precision / recall default is VGG16 fc2 (Kynkäänniemi et al.); the paper's
 # Tab. 2 numbers come from ADM's evaluator, which uses the Inception pool features, so we pass those.
-LAYERS = {"fid": "2048", "isc": "logits_unbiased", "prc": "2048"}
+LAYERS = {"fid": "2048", "isc": "logits_unbiased", "prc": "2048"}     # torch-fidelity's feature names
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -52,51 +52,48 @@ LAYERS = {"fid": "2048", "isc": "logits_unbiased", "prc": "2048"}
 
 def psnr(a, b):
     """PSNR (dB) per image of a, b (B, C, H, W) on [0, 1] -> (B,); identical images give 100 dB instead of inf."""
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1 / mse.clamp(min=1e-10))
+    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)         # (B, C, H, W) -> (B, C*H*W) -> (B,)
+    return 10 * torch.log10(1 / mse.clamp(min=1e-10))                 # peak 1: images on [0, 1]; 1e-10 caps at 100
 
 
 def ssim(a, b, window=11, sigma=1.5, k1=0.01, k2=0.03, data_range=1.0):
     """SSIM (Wang et al. 2004) per image of a, b (B, C, H, W) on [0, data_range] -> (B,): Gaussian window 11x11 with
     sigma 1.5 at every valid position (no padding), C1 = (k1 L)^2, C2 = (k2 L)^2, mean over positions and channels;
     = skimage's structural_similarity(gaussian_weights=True, use_sample_covariance=False, data_range=1).
-
     NOTE(paper≠code): the official script calls skimage on [0, 1] images with data_range=2 and the default 7x7 uniform
     window (docs/official_code.md §4.2): C1 and C2 come out 4x too large, which inflates SSIM. We use L = 1."""
-    if min(a.shape[-2:]) < window:
+    if min(a.shape[-2:]) < window:                                    # no valid window position at all
         raise ValueError(f"SSIM needs images of at least {window}x{window} pixels, got {tuple(a.shape[-2:])}")
-    a, b, c = a.double(), b.double(), a.shape[1]
+    a, b, c = a.double(), b.double(), a.shape[1]                      # float64: the variances are differences
     g = torch.exp(-(torch.arange(window, dtype=a.dtype, device=a.device) - window // 2) ** 2 / (2 * sigma**2))
     w = (torch.outer(g, g) / g.sum() ** 2).expand(c, 1, window, window)   # a normalised 2-D Gaussian per channel
-
-    def blur(x):    # local weighted mean, depthwise: (B, C, H, W) -> (B, C, H - window + 1, W - window + 1)
-        return F.conv2d(x, w, groups=c)
-    mu_a, mu_b = blur(a), blur(b)
-    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2
-    s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return s.mean((1, 2, 3))
+    blur = lambda x: F.conv2d(x, w, groups=c)   # local mean, depthwise: (B, C, H, W) -> (B, C, H-window+1, W-window+1)
+    mu_a, mu_b = blur(a), blur(b)                                     # local means
+    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b   # E[xy] - E[x]E[y]
+    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2           # the stabilisers; data_range = L
+    s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))   # SSIM map
+    return s.mean((1, 2, 3))                                          # (B, C, H', W') -> (B,)
 
 
 def load_inception(device, path=None):
     """torch-fidelity's Inception (the TF-Inception port that FID and ADM use) from a local file; never downloads."""
-    path = path or os.path.join(weights_dir(), os.path.basename(URL_INCEPTION_V3))
-    if not os.path.isfile(path):
+    path = path or os.path.join(weights_dir(), os.path.basename(URL_INCEPTION_V3))   # the release's file name
+    if not os.path.isfile(path):                                      # offline by design: say where to put it
         raise FileNotFoundError(f"Inception weights not found: {path} (download: {URL_INCEPTION_V3}); put the file "
                                 "there ($FQGAN_WEIGHTS, default torch.hub.get_dir()/checkpoints) or pass "
                                 "--inception-weights PATH")
     torch.load(path, map_location="cpu", weights_only=True)   # refuse pickled code: torch-fidelity unpickles it fully
     return create_feature_extractor("inception-v3-compat", sorted(set(LAYERS.values())), cuda=False,
-                                    feature_extractor_weights_path=path, verbose=False).to(device)
+                                    feature_extractor_weights_path=path, verbose=False).to(device)   # eval mode
 
 
 def fidelity(feats, ref=None, prc=True):
-    """From the Inception feature dicts of the evaluated images and of the reference: Inception Score, FID (Sec. 4.1)
-    and precision / recall (Tab. 2; k = 3 neighbours as ADM), with torch-fidelity's own formulas."""
+    """From the Inception feature dicts of the evaluated images and of the reference: Inception Score (10 splits, or
+    one per image below 10), FID (Sec. 4.1), precision / recall (Tab. 2; k = 3 as ADM), torch-fidelity's formulas."""
     isc = isc_features_to_metric(feats[LAYERS["isc"]], splits=min(10, len(feats[LAYERS["isc"]])))
     out = {"inception_score": isc["inception_score_mean"], "inception_score_std": isc["inception_score_std"]}
-    if ref is not None:
-        stats = [fid_features_to_statistics(f[LAYERS["fid"]]) for f in (feats, ref)]
+    if ref is not None:                                               # FID: Frechet distance of two Gaussians
+        stats = [fid_features_to_statistics(f[LAYERS["fid"]]) for f in (feats, ref)]   # (mu, sigma) of each set
         out["fid"] = fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
     if ref is not None and prc:     # batched k-NN balls (save_cpu_ram): never the whole N x N distance matrix
         pr = prc_features_to_metric(feats[LAYERS["prc"]], ref[LAYERS["prc"]], save_cpu_ram=True, verbose=False)
@@ -106,11 +103,11 @@ def fidelity(feats, ref=None, prc=True):
 
 def gather(local):
     """Concatenate a dict of lists of CPU tensors (one row per image) over all ranks, in rank order."""
-    local = {k: torch.cat(v) for k, v in local.items() if v}
-    if not dist.is_initialized():
+    local = {k: torch.cat(v) for k, v in local.items() if v}          # [(b_i, ...)] -> (sum b_i, ...)
+    if not dist.is_initialized():                                     # one process: nothing to gather
         return local
     parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)
+    dist.all_gather_object(parts, local)                              # pickled: ranks may hold different sizes
     return {k: torch.cat([p[k] for p in parts if k in p]) for k in set().union(*parts)}   # a rank may have none
 
 
@@ -118,26 +115,26 @@ def class_probe(features, labels):
     """Fig. 4 as one number: leave-one-out nearest-centroid accuracy of images from their feature (N, d), labels (N,).
     Each image is classified by the most cosine-similar class centroid, its own class's centroid computed without it;
     images whose class has no other image are left out. Chance is 1 / number of classes."""
-    f = F.normalize(features.double(), dim=1)
-    classes = labels.unique()
+    f = F.normalize(features.double(), dim=1)                         # (N, d) unit rows: dot = cosine
+    classes = labels.unique()                                         # (C,) sorted class ids
     onehot = (labels[:, None] == classes[None]).double()             # (N, C)
     sums, counts = onehot.T @ f, onehot.sum(0)                        # (C, d) per-class sums, (C,) sizes
-    own = onehot.bool()
+    own = onehot.bool()                                               # (N, C) True at each image's own class
     centroids = sums[None] - own[..., None] * f[:, None]              # (N, C, d): own class without the image itself
     sizes = counts[None] - own.double()                               # (N, C)
     scores = torch.einsum("ncd,nd->nc", F.normalize(centroids, dim=2), f).masked_fill(sizes == 0, -math.inf)
     keep = (sizes * own).sum(1) > 0                                   # the image's class has another image
-    return (classes[scores.argmax(1)] == labels)[keep].double().mean().item()
+    return (classes[scores.argmax(1)] == labels)[keep].double().mean().item()   # accuracy over kept images
 
 
 def optional(flag, build, what):
     """flag True: build() must succeed. None: build() if its weight files exist, else a one-line note and None."""
     try:
-        return build() if flag is not False else None
-    except FileNotFoundError as e:
-        if flag:
+        return build() if flag is not False else None                 # --no-lpips / --no-fid: not even tried
+    except FileNotFoundError as e:                                    # only a missing weight file is forgiven
+        if flag:                                                      # asked for explicitly: fail loudly
             raise
-        if not dist.is_initialized() or dist.get_rank() == 0:
+        if not dist.is_initialized() or dist.get_rank() == 0:         # one note, not one per rank
             print(f"note: {what} reported as null; " + " ".join(str(e).split()))
 
 
@@ -146,20 +143,21 @@ def optional(flag, build, what):
 
 @torch.no_grad()
 def evaluate_tokenizer(args, tok, dataset, device, rank, world):
-    n = min(args.num_images or len(dataset), len(dataset))
+    """Tab. 1 / Tab. 3 metrics of tok on the first n images of dataset -> {metric: value or None}."""
+    n = min(args.num_images or len(dataset), len(dataset))            # --num-images 0 = all
     if n < world:
         raise ValueError(f"{n} images for {world} processes: every rank needs at least one")
     loader = DataLoader(Subset(dataset, range(rank, n, world)),       # strided shards: every image counted once
                         batch_size=args.batch_size, num_workers=args.num_workers)
     lpips = optional(args.lpips, lambda: LPIPS().to(device), "LPIPS")
     inception = optional(args.fid, lambda: load_inception(device, args.inception_weights), "rFID and IS")
-    local = {"unreadable": []}
+    local = {"unreadable": []}                                        # {name: [per-batch CPU tensors]}
     for x, label, _, _ in tqdm(loader, desc="reconstruct", disable=rank > 0, dynamic_ncols=True):
         local["unreadable"].append((label < 0).sum().view(1))          # dropped and counted, never replaced
         x = x[label >= 0].to(device)
-        if not len(x):
+        if not len(x):                                                # a batch of unreadable files only
             continue
-        codes = tok.encode(x)                                  # (B, k, h, w)
+        codes = tok.encode(x)                                         # Eq. (1)/(5) per branch: (B, k, h, w)
         rec, real = to_uint8(tok.decode_codes(codes)), to_uint8(x)   # decoded from the codebook rows, as official
         # every metric sees the uint8 images the official script writes as PNGs, mapped to [0, 1] (or [-1, 1])
         batch = {"codes": codes, "psnr": psnr(rec / 255, real / 255), "ssim": ssim(rec / 255, real / 255),
@@ -167,16 +165,15 @@ def evaluate_tokenizer(args, tok, dataset, device, rank, world):
         for i, branch in enumerate(tok.branches):                      # Fig. 4: each image's mean code vector
             batch[f"emb/{i}"] = branch.quantize.codebook()[codes[:, i]].mean((1, 2))   # (B, h, w, d) -> (B, d)
         if lpips is not None:
-            batch["lpips"] = lpips(rec / 127.5 - 1, real / 127.5 - 1)
-        if inception is not None:   # features of the reconstructions (rFID, IS) and of the originals (rFID)
-            for name, images in (("rec", rec), ("real", real)):
-                batch.update({f"{name}/{k}": v for k, v in inception.convert_features_tuple_to_dict(
-                    inception(images)).items()})
+            batch["lpips"] = lpips(rec / 127.5 - 1, real / 127.5 - 1)   # uint8 -> [-1, 1], LPIPS' input range
+        for name, images in (("rec", rec), ("real", real)) if inception is not None else ():   # rFID; IS of rec
+            feats = inception.convert_features_tuple_to_dict(inception(images))   # uint8 in -> {layer: (B, width)}
+            batch.update({f"{name}/{k}": v for k, v in feats.items()})
         for k, v in batch.items():
             local.setdefault(k, []).append(v.cpu())
-    stats = gather({k: v for k, v in local.items() if k != "codes"})
-    unreadable = int(stats["unreadable"].sum())
-    if "psnr" not in stats:
+    stats = gather({k: v for k, v in local.items() if k != "codes"})  # the codes stay local: usage all-reduces
+    unreadable = int(stats["unreadable"].sum())                       # over every rank
+    if "psnr" not in stats:                                           # no rank had a single readable image
         raise ValueError(f"none of the {n} images under {args.data_path} could be read")
     res = {"images": len(stats["psnr"]), "unreadable": unreadable, "psnr": stats["psnr"].mean().item(),
            "ssim": stats["ssim"].mean().item(), "lpips": stats["lpips"].mean().item() if lpips is not None else None,
@@ -186,13 +183,12 @@ def evaluate_tokenizer(args, tok, dataset, device, rank, world):
     res["probe_chance"] = 1 / len(stats["label"].unique())
     if inception is not None:
         feats = [{k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith(p)} for p in ("rec/", "real/")]
-        metrics = fidelity(*feats, prc=False)
-        res.update(rfid=metrics.pop("fid"), **metrics)
-    # Tab. 3 usage (+ perplexity) of each sub-codebook over the whole set; every rank all-reduces (CUDA tensors
-    # for NCCL), so a rank without images contributes an empty (0, k, h, w) tensor
+        metrics = fidelity(*feats, prc=False)                         # rFID against the crops, as official §4.1
+        res.update(rfid=metrics.pop("fid"), **metrics)                # IS of the reconstructions
+    # Tab. 3 usage + perplexity of each sub-codebook over all ranks: a rank without images all-reduces (0, k, h, w)
     codes = torch.cat(local.get("codes") or [torch.zeros(0, tok.cfg.num_codebooks, 1, 1, dtype=torch.long)])
     for i in range(tok.cfg.num_codebooks):
-        u = codebook_usage(codes[:, i].to(device), tok.cfg.codebook_size)
+        u = codebook_usage(codes[:, i].to(device), tok.cfg.codebook_size)   # on device: NCCL needs CUDA tensors
         res[f"usage/{i}"], res[f"perplexity/{i}"] = u["usage"].item(), u["perplexity"].item()
     return res
 
@@ -202,30 +198,29 @@ def evaluate_tokenizer(args, tok, dataset, device, rank, world):
 
 @torch.no_grad()
 def evaluate_generation(args, device, rank, world):
-    inception = load_inception(device, args.inception_weights)
+    """Tab. 2 metrics of --samples against --reference: FID, IS, precision / recall, image counts."""
+    inception = load_inception(device, args.inception_weights)      # required here: no metric without it
     size = tuple(next(image_batches(args.samples, 1)).shape[-2:])   # the reference is cropped to the samples' size
-    unreadable = {args.samples: [], args.reference: []}
-
+    unreadable = {args.samples: [], args.reference: []}             # files skipped, per input
     def features(path):     # every rank reads every batch (cheap) and embeds its own share
-        local = {}
+        local = {}                                                    # {LAYERS value: [(b, width)]}
         for i, x in enumerate(tqdm(image_batches(path, args.batch_size, size, unreadable[path]),
                                    desc=os.path.basename(path), disable=rank > 0, dynamic_ncols=True)):
-            if i % world == rank:
+            if i % world == rank:                                     # batch i belongs to rank i % world
                 for k, v in inception.convert_features_tuple_to_dict(inception(x.to(device))).items():
                     local.setdefault(k, []).append(v.cpu())
         return gather(local)
-    feats, ref = features(args.samples), features(args.reference)
+    feats, ref = features(args.samples), features(args.reference)   # every rank gets all features
     for path, files in unreadable.items():
-        if files and rank == 0:
+        if files and rank == 0:                                       # named, at most 5, never silently
             print(f"note: {len(files)} unreadable images skipped in {path}: {', '.join(files[:5])}"
                   + (" ..." if len(files) > 5 else ""))
     return {"images": len(feats[LAYERS["fid"]]), "unreadable": len(unreadable[args.samples]),
             "reference_images": len(ref[LAYERS["fid"]]), "reference_unreadable": len(unreadable[args.reference]),
-            **fidelity(feats, ref)}
+            **fidelity(feats, ref)}                                   # Tab. 2: FID, IS, precision, recall
 
 
 # --------------------------------------------------------------------------------------------------------------
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # tokenizer mode (Tab. 1, Tab. 3)
@@ -239,20 +234,19 @@ def parse_args(argv=None):
     p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None, help="rFID and IS (default: if the "
                    "Inception weights exist, else null and a note; --fid: missing weights are an error)")
     # generation mode (Tab. 2)
-    p.add_argument("--samples", default=None, help="generated images, npz (arr_0: N x H x W x 3 uint8) or folder; "
-                   "switches to generation mode")
+    p.add_argument("--samples", help="generated images, npz (arr_0: N x H x W x 3 uint8) or folder; generation mode")
     p.add_argument("--reference", default=None, help="reference images, npz or folder")
     # both modes
-    p.add_argument("--inception-weights", default=None, help="torch-fidelity Inception file (default: "
+    p.add_argument("--inception-weights", help="torch-fidelity Inception file (default: "
                    f"$FQGAN_WEIGHTS/{os.path.basename(URL_INCEPTION_V3)})")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers per process (tokenizer mode)")
     p.add_argument("--out-json", default=None, help="results file (default: runs/eval/{tokenizer,generation}.json)")
-    args = p.parse_args(argv)
+    args = p.parse_args(argv)                                         # every value checked below: exit 2, one line
     for name, lo, hi in (("num_images", 0, math.inf), ("batch_size", 1, math.inf), ("num_workers", 0, math.inf)):
         if not lo <= getattr(args, name) <= hi:
             p.error(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(args, name)}")
-    if (args.samples is None) != (args.reference is None):
+    if (args.samples is None) != (args.reference is None):            # FID needs both sets
         p.error("--samples and --reference go together (generation mode)")
     for name in ("samples", "reference") if args.samples else ("tokenizer_ckpt", "data_path"):
         if not os.path.exists(getattr(args, name)):
@@ -260,7 +254,7 @@ def parse_args(argv=None):
                     "train_tokenizer.py, or pass a checkpoint)" if name == "tokenizer_ckpt" else ""))
     for name in ("samples", "reference") if args.samples else ():       # the inputs, checked before any work
         path = getattr(args, name)
-        try:
+        try:                                                          # reads the npz header only, not the images
             npz_header(path) if path.endswith(".npz") else None
         except ValueError as e:
             p.error(f"--{name} {e}")
@@ -269,7 +263,7 @@ def parse_args(argv=None):
     if args.out_json is None:                                         # the default folder is ours to create
         args.out_json = os.path.join("runs", "eval", "generation.json" if args.samples else "tokenizer.json")
         os.makedirs(os.path.dirname(args.out_json), exist_ok=True)
-    try:
+    try:                                                              # fail before any work, not after it
         check_writable(args.out_json, "--out-json")
     except CheckpointError as e:
         p.error(str(e))
@@ -279,7 +273,7 @@ def parse_args(argv=None):
 def main(argv=None):
     args, parser = parse_args(argv)
     try:
-        tok = None if args.samples else load_tokenizer(args.tokenizer_ckpt)
+        tok = None if args.samples else load_tokenizer(args.tokenizer_ckpt)   # ours or official, eval mode
     except CheckpointError as e:
         parser.error(str(e))
     ddp, rank, world, _, device = init_distributed()                   # torchrun: shard the images over ranks
@@ -287,14 +281,13 @@ def main(argv=None):
         res = {"samples": args.samples, "reference": args.reference, **evaluate_generation(args, device, rank, world)}
     else:
         tok = tok.to(device)
-        dataset = ImageFolder(args.data_path, tok.cfg.image_shape, train=False)
-        res = {"checkpoint": args.tokenizer_ckpt, "data_path": args.data_path,
-               "image_size": "x".join(map(str, dataset.size)),
+        dataset = ImageFolder(args.data_path, tok.cfg.image_shape, train=False)   # ADM centre crop, official §4.1
+        res = {"checkpoint": args.tokenizer_ckpt, "data_path": args.data_path, "image_size": "%dx%d" % dataset.size,
                **evaluate_tokenizer(args, tok, dataset, device, rank, world)}
     if rank == 0:
         for key, value in res.items():                        # the table: one line per metric, null when missing
             print(f"{key:<22}{'null' if value is None else f'{value:.4f}' if isinstance(value, float) else value}")
-        with open(f"{args.out_json}.tmp", "w") as f:
+        with open(f"{args.out_json}.tmp", "w") as f:                   # None -> null in the JSON
             json.dump(res, f, indent=1)
         os.replace(f"{args.out_json}.tmp", args.out_json)     # atomic: a crash never leaves half a file
         print(f"wrote {args.out_json}")

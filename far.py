@@ -64,6 +64,7 @@ class FARConfig:
 # FARConfig(**{**PRESETS["far-b"], "num_codebooks": 3}). Totals (exactly the official ones, spec §1.2):
 # far-b 417,104,896 (k=2) / 451,707,904 (k=3); far-l 901,195,520 / 944,776,960.
 # NOTE(paper≠code): Tab. 2 reports 415M / 898M, exactly these totals minus the aggregation layer (spec §8.16).
+# paper-map: Tab. 2
 PRESETS = {
     # Tab. 2, FAR-Base: the backbone is LlamaGen GPT-L (24 x 1024), 3 full-width head blocks.
     "far-b": dict(dim=1024, n_layer=24, n_head=16, ar_head_layers=3),
@@ -198,6 +199,7 @@ class ClassEmbedding(nn.Module):
     def forward(self, labels):
         if self.training and self.p > 0:  # Sec. 3.3: drop labels independently so the model also learns p(x)
             drop = torch.rand(labels.shape, device=labels.device) < self.p
+            # paper-map: CFG
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.embedding_table(labels)  # (B,) -> (B, dim)
 
@@ -220,6 +222,7 @@ class FAR(nn.Module):
         if cfg.head == "mlp":  # Tab. 4 "MLP classifiers": Linear -> GELU in front of each classifier
             # NOTE(paper≠code): the paper gives no MLP sizes and the official repo has no such head; we use one
             # dim-wide hidden layer, i.e. each classifier becomes a 2-layer MLP.
+            # paper-map: Tab. 4 heads
             self.mlp_head = nn.ModuleList(nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU()) for _ in range(k))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # one final norm shared by all sub-codes (spec §8.3)
         self.output = nn.ModuleList(nn.Linear(cfg.dim, V, bias=False) for _ in range(k))  # untied from inputs
@@ -250,6 +253,7 @@ class FAR(nn.Module):
             x = block(x, rope, cache, pos)
         return x
 
+    # paper-map: FAR input
     def embed(self, codes):
         """Sec. 3.3 input aggregation: codes (B, k, S) -> W [E_1(c_1); ...; E_k(c_k)] + b, (B, S, dim)."""
         e = torch.cat([emb(codes[:, j]) for j, emb in enumerate(self.tok_embeddings)], -1)  # (B, S, k*dim)
@@ -285,6 +289,7 @@ class FAR(nn.Module):
             prev = codes[:, :k - 1].transpose(1, 2).reshape(B * L, k - 1)  # (B, k-1, L) -> (B*L, k-1)
             # NOTE(paper≠code): the head takes rotary rows 0..k-1 of the backbone table, so slot 0 (h_t) gets the
             # class token's zero row (its q, k vanish) and slot 2 gets grid cell (0, 1). Kept for parity (spec §3.2).
+            # paper-map: Factorized AR head
             z = self.norm(self.run_blocks(self.ar_head, self.head_input(hid, prev)))  # (B*L, k, dim)
             logits = [self.classify(z[:, j], j) for j in range(k)]
         else:
@@ -417,6 +422,7 @@ def generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, 
             logits = model.subcode_logits(h, both(codes[:, :j, t]), j, head_caches, head).float()  # (nB, V)
             if guided:  # Sec. 3.3 CFG; NOTE(paper≠code): official keeps these logits in bf16, we use fp32
                 cond, uncond = logits.chunk(2)
+                # paper-map: CFG
                 logits = uncond + cfg_scale * (cond - uncond)
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
             codes[:, j, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]

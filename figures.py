@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from checkpoints import CheckpointError, load_tokenizer
 from images import BUNDLED, ImageFolder, save_png, to_uint8
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.abspath(__file__))                     # for the shipped weights/ default
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0)]   # class colours: tab10 + black
 
@@ -29,30 +29,33 @@ PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
 # Fig. 3 and Fig. 4
 
 def write_figure(img, path):
+    """Write a PIL figure as a PNG and say where it went."""
     save_png(img, path)                                       # atomic: temp file + os.replace
     print(f"wrote {path}")
 
 
 @torch.no_grad()
+# paper-map: Fig. 3
 def figure3(tok, x, path, header=20):
     """Fig. 3: one row per image: original | reconstruction | from each sub-codebook alone (the others zeroed)."""
-    codes = tok.encode(x)
+    codes = tok.encode(x)                                     # (n, k, h, w), one index map per sub-codebook
+    # Eq. (6) with all k sub-codes, then with only sub-code i (the others' embeddings zeroed), as in the paper's Fig. 3
     cols = [x, tok.decode_codes(codes)] + [tok.decode_codes(codes, keep=[i]) for i in range(tok.cfg.num_codebooks)]
     titles = ["original", "reconstruction"] + [f"only {i + 1} ({b})" for i, b in enumerate(tok.cfg.branch_names)]
     s = max(1, 128 // max(x.shape[-2:]))                      # small images are enlarged so that the titles fit
     grid = torch.stack([to_uint8(c) for c in cols], 1).repeat_interleave(s, -1).repeat_interleave(s, -2)
     n, c, _, h, w = grid.shape                                # (n, c, 3, h, w) -> (n*h, c*w, 3)
-    img = Image.new("RGB", (c * w, header + n * h), "white")
+    img = Image.new("RGB", (c * w, header + n * h), "white")  # a white strip on top for the column titles
     img.paste(Image.fromarray(grid.permute(0, 3, 1, 4, 2).reshape(n * h, c * w, 3).cpu().numpy()), (0, header))
-    for j, title in enumerate(titles):
+    for j, title in enumerate(titles):                        # PIL's default font: no font file needed
         ImageDraw.Draw(img).text((j * w + 4, 4), title, fill="black")
     write_figure(img, path)
 
 
 def pca(x, dims=2):
     """x (N, d) projected on its top `dims` principal axes -> (N, dims)."""
-    x = x - x.mean(0)
-    return x @ torch.linalg.svd(x, full_matrices=False).Vh[:dims].T
+    x = x - x.mean(0)                                         # centre: the axes of the covariance
+    return x @ torch.linalg.svd(x, full_matrices=False).Vh[:dims].T   # rows of Vh = principal axes, largest first
 
 
 def tsne(x, perplexity=30.0, steps=750):
@@ -60,49 +63,56 @@ def tsne(x, perplexity=30.0, steps=750):
     affinities with a per-point bandwidth bisected to the perplexity, a Student-t kernel, gradient descent on
     KL(P || Q) with momentum, gains and early exaggeration 12 for 250 steps, PCA start. O(N^2): ~5 s for 1000 points."""
     x, n = x.float(), len(x)
-    d2 = torch.cdist(x, x).pow(2)
+    d2 = torch.cdist(x, x).pow(2)                             # (N, N) squared distances
+    # scale-free: distances over their mean; eye masks p_ii (a point is not its own neighbour)
     d2, eye = d2 / d2.mean().clamp(min=1e-12), torch.eye(n, dtype=torch.bool, device=x.device)
-    lo, hi = torch.full_like(d2[:, :1], -20.0), torch.full_like(d2[:, :1], 20.0)
+    lo, hi = torch.full_like(d2[:, :1], -20.0), torch.full_like(d2[:, :1], 20.0)   # (N, 1) log(beta) brackets
     for _ in range(64):                                       # bisection on log(beta), beta = 1 / (2 sigma_i^2)
         mid = (lo + hi) / 2
-        p = torch.softmax((-d2 * mid.exp()).masked_fill(eye, -math.inf), 1)
+        p = torch.softmax((-d2 * mid.exp()).masked_fill(eye, -math.inf), 1)   # p_j|i, rows sum to 1
+        # entropy above log(perplexity): the kernel is too wide, raise beta. The perplexity is capped at (N - 1) / 3
+        # so that a small set (few images, a test) still has a reachable target: it cannot exceed N - 1
         wide = torch.special.entr(p).sum(1, keepdim=True) > math.log(min(perplexity, (n - 1) / 3))
-        lo, hi = torch.where(wide, mid, lo), torch.where(wide, hi, mid)
+        lo, hi = torch.where(wide, mid, lo), torch.where(wide, hi, mid)   # keep the half that holds the target
     p = (p + p.T) / (2 * n)                                   # symmetric joint affinities
-    y = pca(x)
-    y = y / y[:, 0].std().clamp(min=1e-12) * 1e-4
+    y = pca(x)                                                # PCA start: deterministic, no random init
+    y = y / y[:, 0].std().clamp(min=1e-12) * 1e-4             # tiny start, std 1e-4 on the first axis
+    # velocity, per-coordinate gains and scikit-learn's "auto" learning rate max(N / early exaggeration / 4, 50)
     v, gains, lr = torch.zeros_like(y), torch.ones_like(y), max(n / 48, 50.0)
     for step in range(steps):
         sq = y.pow(2).sum(1)                                  # Student-t kernel 1 / (1 + |y_i - y_j|^2); Q = num / sum
         num = torch.addmm(sq[:, None] + sq + 1, y, y.T, alpha=-2).reciprocal().masked_fill(eye, 0)
-        m = ((12.0 if step < 250 else 1.0) * p - num / num.sum()) * num
+        m = ((12.0 if step < 250 else 1.0) * p - num / num.sum()) * num   # (P_ij (x12 early) - Q_ij) num_ij
         grad = 4 * (m.sum(1, keepdim=True) * y - m @ y)       # dKL/dy_i = 4 sum_j m_ij (y_i - y_j)
+        # gains (Jacobs 1988): +0.2 where grad and v differ in sign (still heading downhill), x0.8 where they agree
         gains = torch.where((grad > 0) != (v > 0), gains + 0.2, gains * 0.8).clamp(min=0.01)
-        v = (0.5 if step < 250 else 0.8) * v - lr * gains * grad
+        v = (0.5 if step < 250 else 0.8) * v - lr * gains * grad   # momentum 0.5, then 0.8 after exaggeration
         y = y + v
     return y
 
 
 @torch.no_grad()
+# paper-map: Fig. 4
 def figure4(tok, dataset, path, n_classes, method, batch_size, max_points=1000, panel=320, header=20, legend=24):
     """Fig. 4: the codebook vector of each token of the images of n_classes classes (evenly spaced in the class list,
     <= 50 images each, max_points tokens at random) in 2-D, one panel per sub-codebook, coloured by class."""
     classes = torch.linspace(0, len(dataset.classes) - 1, n_classes).round().long().unique().tolist()
-    idx = [i for c in classes for i in [j for j, (_, y) in enumerate(dataset.samples) if y == c][:50]]
-    device = next(tok.parameters()).device
+    idx = [i for c in classes for i in [j for j, (_, y) in enumerate(dataset.samples) if y == c][:50]]   # <= 50 each
+    device = next(tok.parameters()).device                    # the images go where the tokenizer is
     codes = torch.cat([tok.encode(torch.stack([dataset[i][0] for i in idx[s:s + batch_size]]).to(device))
                        for s in range(0, len(idx), batch_size)])                    # (N, k, h, w)
+    # one label per token: the image's position in `classes` (a PALETTE index), repeated h*w times -> (N*h*w,)
     labels = torch.tensor([classes.index(dataset.samples[i][1]) for i in idx]).repeat_interleave(codes[0, 0].numel())
-    keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:max_points]
+    keep = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))[:max_points]   # same tokens per run
     img = Image.new("RGB", (tok.cfg.num_codebooks * panel, header + panel + legend), "white")
     draw = ImageDraw.Draw(img)
     for i, branch in enumerate(tok.branches):
         z = branch.quantize.codebook()[codes[:, i]].flatten(0, 2)[keep.to(device)]   # (N, h, w, d) -> (max_points, d)
-        y = (tsne(z) if method == "tsne" else pca(z)).cpu()
-        y = (y - y.min(0).values) / (y.max(0).values - y.min(0).values).clamp(min=1e-12) * (panel - 20) + 10
+        y = (tsne(z) if method == "tsne" else pca(z)).cpu()       # (max_points, 2)
+        y = (y - y.min(0).values) / (y.max(0).values - y.min(0).values).clamp(min=1e-12) * (panel - 20) + 10  # px
         draw.text((i * panel + 6, 4), f"sub-codebook {i + 1} ({tok.cfg.branch_names[i]})", fill="black")
         draw.rectangle([i * panel, header, (i + 1) * panel - 1, header + panel - 1], outline=(200, 200, 200))
-        for (u, w), c in zip(y.tolist(), labels[keep].tolist()):
+        for (u, w), c in zip(y.tolist(), labels[keep].tolist()):   # one dot of radius 2 px per token
             draw.ellipse([i * panel + u - 2, header + w - 2, i * panel + u + 2, header + w + 2], fill=PALETTE[c])
     x0 = 6
     for c, name in enumerate(dataset.classes[j] for j in classes):     # legend: a coloured square per class
@@ -125,15 +135,17 @@ def main(argv=None):
     p.add_argument("--fig4-method", default="tsne", choices=["tsne", "pca"], help="2-D embedding (the paper: t-SNE)")
     p.add_argument("--batch-size", type=int, default=32, help="images per encode (32)")
     args = p.parse_args(argv)
+    # every value checked before any work: one line naming the flag and its range, exit 2
     for name, lo, hi in (("fig3_images", 1, 64), ("fig4_classes", 1, len(PALETTE)), ("batch_size", 1, math.inf)):
         if not lo <= getattr(args, name) <= hi:
             p.error(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(args, name)}")
-    try:
-        tok = load_tokenizer(args.tokenizer_ckpt)
+    try:                                                      # a bad file or folder: one line, exit 2
+        tok = load_tokenizer(args.tokenizer_ckpt)             # ours or official FQGAN, eval mode
         dataset = ImageFolder(args.data_path, tok.cfg.image_shape, train=False)
     except (CheckpointError, FileNotFoundError) as e:
         p.error(str(e))
     os.makedirs(args.out_dir, exist_ok=True)
+    # Fig. 3 rows: images evenly spread over the (class-sorted) data set, so different classes show
     idx = torch.linspace(0, len(dataset) - 1, min(args.fig3_images, len(dataset))).round().long().tolist()
     figure3(tok, torch.stack([dataset[i][0] for i in idx]), os.path.join(args.out_dir, "fig3.png"))
     figure4(tok, dataset, os.path.join(args.out_dir, "fig4.png"), args.fig4_classes, args.fig4_method,

@@ -305,6 +305,7 @@ def build_teachers(specs, weights_paths=None, device=None, pretrained=True, inte
             for i, spec in enumerate(specs) if spec is not None}
 
 
+# paper-map: Representation loss
 def info_nce(student, teacher):
     """The official representation loss (official_code.md §2.5): rows-only, temperature-free InfoNCE on cosine similarities.
 
@@ -345,6 +346,7 @@ def generator_loss(x, x_rec, aux, step, *, lpips=None, disc=None, teachers=None,
     "disentangle", "rep", "rep/i"}. A term whose module is None (lpips, disc, teachers) is left out of the total
     and the dict, e.g. for CPU runs without pretrained weights; aux is the tokenizer's second output.
     """
+    # paper-map: Eq. (2)
     out = {"rec": F.mse_loss(x_rec.float(), x.float())}           # L_rec, Eq. (2): MSE in [-1, 1]
     total = cfg.rec_weight * out["rec"]
     if lpips is not None:
@@ -361,10 +363,12 @@ def generator_loss(x, x_rec, aux, step, *, lpips=None, disc=None, teachers=None,
         out["quant"] = torch.stack(quant).sum()                    # L_VQ, Eq. (2): already weighted (β, entropy)
         total = total + out["quant"]
     if "disentangle" in aux["losses"]:
+        # paper-map: Eq. (7)
         total = total + cfg.disentangle_weight * aux["losses"]["disentangle"]   # λ_dis · L_dis, Eq. (7)-(8)
     if teachers:
         out.update(representation_loss(aux["features"], teachers, x))
         total = total + cfg.rep_weight * out["rep"]                # λ_rep · L_rep, Eq. (8)
+    # paper-map: Eq. (8)
     out["total"] = total                                           # Eq. (8)
     return out
 

@@ -101,6 +101,7 @@ _TRIPLE = dict(num_codebooks=3, branch_names=("vis", "sem_mid", "sem_high"),
                head_dims=(0, 384, 768))
 _TINY_TRUNK = dict(image_size=64, ch=32, ch_mult=(1, 2, 2, 4), num_res_blocks=1, z_channels=64)   # tiny enc/dec
 _SINGLE = dict(num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,), head_dims=(0,))
+# paper-map: Tab. 1
 PRESETS = {
     # Tab. 1: FQGAN-Dual / -Triple at downsample 16 (16x16 tokens at 256 px) and 8 (32x32 tokens)
     "fqgan-dual-16": dict(**_DUAL),
@@ -319,6 +320,7 @@ def _grid_pos(pos, grid, new_grid):
     return pos.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1)
 
 
+# paper-map: Adapter
 class Adapter(nn.Module):
     """Eq. (4), z_i = A_i(z): a pre-LN transformer over the h*w latent tokens, bidirectional, learned positions.
     The output replaces z (no skip around the adapter), as in the official code."""
@@ -340,6 +342,7 @@ class Adapter(nn.Module):
         return self.ln_post(x).permute(0, 2, 1).reshape(b, c, h, w)   # (B, h*w, C) -> (B, C, h, w)
 
 
+# paper-map: Feature heads
 class FeatPredHead(nn.Module):
     """Sec. 3.2.2: predicts a frozen teacher's feature from one branch's quantized codes z_q^i (B, d, h, w).
 
@@ -390,8 +393,10 @@ class Branch(nn.Module):
                           if cfg.head_dims[i] else None)
 
     def forward(self, z):
+        # paper-map: Eq. (4)
         z_i = self.adapter(z) if self.adapter is not None else z     # Eq. (4): z_i = A_i(z), the shared z in
         z_i = self.quant_conv(self.conv_out(swish(self.norm_out(z_i))))   # (B, C, h, w) -> (B, d, h, w)
+        # paper-map: Eq. (5)
         return self.quantize(z_i)                                     # Eq. (5): z_q^i, losses, codes
 
 
@@ -418,6 +423,7 @@ class Tokenizer(nn.Module):
         {"codes": (B, k, h, w), "z_q": [k x (B, d, h, w)], "losses": {"codebook/i", "commit/i", ..., "disentangle"},
          "features": {i: (B, 1 + h*w, width)} for each teacher-supervised branch i}."""
         self._check_images(x)
+        # paper-map: Eq. (3)
         z = self.encoder(x)                                           # Eq. (3): z = E(x), shared by the branches
         z_qs, codes, losses, features = [], [], {}, {}
         for i, branch in enumerate(self.branches):
@@ -428,6 +434,7 @@ class Tokenizer(nn.Module):
             if branch.feat_head is not None:
                 features[i] = branch.feat_head(z_q)                   # Sec. 3.2.2
         if len(z_qs) > 1:
+            # paper-map: Eq. (7)
             losses["disentangle"] = disentangle_loss(z_qs)            # Eq. (7), unweighted
         x_rec = self.decode(torch.cat(z_qs, dim=1))                   # Eq. (6): k x (B, d, h, w) -> (B, k*d, h, w)
         aux = {"codes": torch.stack(codes, dim=1), "z_q": z_qs, "losses": losses, "features": features}
@@ -435,6 +442,7 @@ class Tokenizer(nn.Module):
 
     def decode(self, z_q):
         """Eq. (6): (B, k*d, h, w) concatenated sub-codes -> image (B, 3, H, W)."""
+        # paper-map: Eq. (6)
         return self.decoder(self.post_quant_conv(z_q))
 
     @torch.no_grad()

@@ -40,8 +40,8 @@ from checkpoints import (CheckpointError, atomic_save, codebook_fingerprint, ini
 from far import FAR, PRESETS, RECIPES, FARConfig, far_loss, generate
 from images import BUNDLED, ImageFolder, StreamSampler, center_crop, open_rgb, save_grid, to_tensor
 
-WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")
-VIEWS = {"tencrop": 10, "flip": 2, "none": 1}   # augmented views stored per image
+WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")   # the shipped tiny tokenizer
+VIEWS = {"tencrop": 10, "flip": 2, "none": 1}   # augmented views stored per image (official: tencrop, §7.1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -53,7 +53,7 @@ class Views(Dataset):
     tencrop (official): ADM centre crop to 1.1x the size, then the 4 corners + centre and their horizontal flips.
     flip: centre crop + its flip. none: centre crop (held-out images)."""
 
-    def __init__(self, root, size, augment):
+    def __init__(self, root, size, augment):   # the folder only lists the files: the crops are done here
         self.folder, self.size, self.augment = ImageFolder(root, size, train=False), size, augment
 
     def __len__(self):
@@ -61,13 +61,13 @@ class Views(Dataset):
 
     def __getitem__(self, i):
         path, label = self.folder.samples[i]
-        img, (h, w) = open_rgb(path), self.size
-        if img is None:
+        img, (h, w) = open_rgb(path), self.size                       # None when the file cannot be read
+        if img is None:                                               # zeros keep the batch shape; -1 marks it
             return torch.zeros(VIEWS[self.augment], 3, h, w), -1
-        if self.augment == "tencrop":
+        if self.augment == "tencrop":   # 256 px: centre crop to int(256 * 1.1) = 281, then five 256 crops x 2
             views = TF.ten_crop(center_crop(img, (int(h * 1.1), int(w * 1.1))), [h, w])  # tl, tr, bl, br, c, flipped
         else:
-            img = center_crop(img, (h, w))
+            img = center_crop(img, (h, w))                            # ADM's centre crop, as evaluation (§4.1)
             views = [img, img.transpose(Image.FLIP_LEFT_RIGHT)] if self.augment == "flip" else [img]
         return torch.stack([to_tensor(v) for v in views]), label                         # (A, 3, H, W)
 
@@ -77,78 +77,83 @@ def extract_codes(tok, root, out_dir, augment, batch_size, device, ddp, rank, wo
     """Encode every image of root once into out_dir/{codes.npy (N, A, k, h, w), labels.npy (N,)}; returns both
     memory-mapped. Ranks split the images; meta.json is written last, so its presence means the files are complete
     (an interrupted extraction starts over). Unreadable images get label -1 and are left out of training."""
-    tcfg, size = tok.cfg, tok.cfg.image_shape
+    # NOTE(paper≠code): the official script encodes one image per GPU step and writes one int64 file per image and
+    # branch (official_code.md §7.1); we encode batches into one memory-mapped array: same crops, fp32 as official.
+    tcfg, size = tok.cfg, tok.cfg.image_shape                         # the crops are the tokenizer's input size
+    # what the stored codes depend on: a later run reuses them only if all of it is the same
     meta = {"tokenizer": codebook_fingerprint(tok), "augment": augment, "root": os.path.abspath(root),
             "size": list(size)}
     paths = [os.path.join(out_dir, n) for n in ("codes.npy", "labels.npy", "meta.json")]
-    if os.path.exists(paths[2]):
+    if os.path.exists(paths[2]):                                      # a complete earlier extraction
         stored = json.load(open(paths[2]))
-        if {k: stored.get(k) for k in meta} != meta:
+        if {k: stored.get(k) for k in meta} != meta:                  # never train on another tokenizer's codes
             raise CheckpointError(f"{out_dir} holds the codes of another tokenizer or data ({stored}); use another "
                                   f"--out-dir")
         return [np.load(p, mmap_mode="r") for p in paths[:2]]
     views = Views(root, size, augment)
     n, k, A = len(views), tcfg.num_codebooks, VIEWS[augment]
-    dtype = np.uint16 if tcfg.codebook_size <= 2 ** 16 else np.int32
-    tmp = [p + ".tmp.npy" for p in paths[:2]]
-    if rank == 0:
+    dtype = np.uint16 if tcfg.codebook_size <= 2 ** 16 else np.int32  # 16384 codes fit in 2 bytes, not int64's 8
+    tmp = [p + ".tmp.npy" for p in paths[:2]]                         # renamed into place once complete
+    if rank == 0:                                                     # one rank creates the files, all fill them
         os.makedirs(out_dir, exist_ok=True)
         np.lib.format.open_memmap(tmp[0], "w+", dtype, (n, A, k, *tcfg.grid))
         np.lib.format.open_memmap(tmp[1], "w+", np.int64, (n,))
     if ddp:
-        dist.barrier()
+        dist.barrier()                                                # the files exist before anyone opens them
     codes, labels = (np.lib.format.open_memmap(t, "r+") for t in tmp)
     mine = list(range(rank, n, world))                                 # this rank's images
-    loader = DataLoader(torch.utils.data.Subset(views, mine), batch_size=batch_size, num_workers=2)
-    done = 0
+    loader = DataLoader(torch.utils.data.Subset(views, mine), batch_size=batch_size, num_workers=2)   # in order
+    done = 0                                                          # how many of `mine` are written
     for x, y in tqdm(loader, desc=f"extract {os.path.basename(out_dir)}", disable=rank != 0, dynamic_ncols=True):
         b = x.shape[0]
         c = tok.encode(x.flatten(0, 1).to(device))                     # (b, A, 3, H, W) -> (b*A, 3, H, W) -> codes
-        idx = mine[done:done + b]
+        idx = mine[done:done + b]                                     # the dataset indices of this batch
         codes[idx] = c.view(b, A, k, *tcfg.grid).cpu().numpy().astype(dtype)   # (b*A, k, h, w) -> (b, A, k, h, w)
-        labels[idx] = y.numpy()
+        labels[idx] = y.numpy()                                       # -1 for unreadable files (Views)
         done += b
     codes.flush(), labels.flush()
-    del codes, labels
+    del codes, labels                                                 # close the maps before the rename
     if ddp:
-        dist.barrier()
+        dist.barrier()                                                # every rank's rows are written
     if rank == 0:
         for t, p in zip(tmp, paths):
             os.replace(t, p)
-        meta["unreadable"] = int((np.load(paths[1]) < 0).sum())
+        meta["unreadable"] = int((np.load(paths[1]) < 0).sum())       # reported, and skipped by Codes
         with open(paths[2] + ".tmp", "w") as f:
             json.dump(meta, f)
-        os.replace(paths[2] + ".tmp", paths[2])
+        os.replace(paths[2] + ".tmp", paths[2])                        # last: the marker of a complete extraction
         print(f"extracted {n} images x {A} views from {root}: {meta['unreadable']} unreadable, skipped")
     if ddp:
-        dist.barrier()
-    return [np.load(p, mmap_mode="r") for p in paths[:2]]
+        dist.barrier()                                                # no rank reads before the rename
+    return [np.load(p, mmap_mode="r") for p in paths[:2]]            # read-only maps: shared by loader workers
 
 
 class Codes(Dataset):
-    """Item (index, epoch) -> (codes (k, h, w) int64 of one view, label). Like the official dataset (official_code.md §7.2) one
-    of the A views is drawn uniformly per sample; the draw is seeded by (seed, epoch, index), so resume is exact."""
+    """Item (index, epoch) -> (codes (k, h, w) int64 of one view, label). Like the official dataset
+    (official_code.md §7.2) one of the A views is drawn uniformly per sample, the same view for all k sub-codes;
+    the draw is seeded by (seed, epoch, index), so resume is exact."""
 
     def __init__(self, codes, labels, seed=0):
         self.codes, self.labels, self.seed = codes, labels, seed
-        self.index = np.flatnonzero(np.asarray(labels) >= 0)           # readable images only
+        self.index = np.flatnonzero(np.asarray(labels) >= 0)           # readable images only: item -> row
 
     def __len__(self):
         return len(self.index)
 
     def __getitem__(self, item):
-        i, epoch = item if isinstance(item, tuple) else (item, 0)
+        i, epoch = item if isinstance(item, tuple) else (item, 0)     # StreamSampler yields (index, epoch)
+        # hash of a tuple of ints: the same in every process and run (no PYTHONHASHSEED salt on ints)
         g = torch.Generator().manual_seed(hash((self.seed, epoch, i)) % 2 ** 62)
-        view = int(torch.randint(self.codes.shape[1], (), generator=g))
+        view = int(torch.randint(self.codes.shape[1], (), generator=g))   # one of the A views, uniform
         j = self.index[i]
-        return torch.from_numpy(self.codes[j, view].astype(np.int64)), int(self.labels[j])
+        return torch.from_numpy(self.codes[j, view].astype(np.int64)), int(self.labels[j])   # (k, h, w), label
 
 
 @torch.no_grad()
 def nll_bits(model, dataset, device, ddp, rank, world, batch_size=64):
     """Held-out negative log-likelihood in bits per sub-code, one value per sub-code (teacher forcing, true labels,
     eval mode). Ranks split the items and sum; every rank gets the result."""
-    model.eval()
+    model.eval()                                                       # no dropout, no label dropout
     k = model.cfg.num_codebooks
     total = torch.zeros(k + 1, dtype=torch.float64, device=device)       # k summed CE (nats) + token count
     mine = list(range(rank, len(dataset), world))
@@ -157,13 +162,14 @@ def nll_bits(model, dataset, device, ddp, rank, world, batch_size=64):
         codes = torch.stack([c for c, _ in items]).to(device)            # (B, k, h, w)
         labels = torch.tensor([y for _, y in items], device=device)
         logits = model(codes, labels)                                    # (B, k, L, V)
+        # (B, k, L, V) -> (B*k*L, V) against (B, k, h, w) -> (B*k*L,): the same (b, j, t) order
         ce = torch.nn.functional.cross_entropy(logits.flatten(0, 2), codes.flatten(), reduction="none")
         total[:k] += ce.view(len(items), k, -1).sum((0, 2)).double()     # (B*k*L,) -> (B, k, L) -> (k,)
-        total[k] += codes[:, 0].numel()
+        total[k] += codes[:, 0].numel()                                 # B*h*w positions per sub-code
     if ddp:
-        dist.all_reduce(total)
+        dist.all_reduce(total)                                          # sums, then one division
     model.train()
-    return (total[:k] / total[k].clamp(min=1) / math.log(2)).tolist()
+    return (total[:k] / total[k].clamp(min=1) / math.log(2)).tolist()  # nats -> bits per sub-code
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -172,8 +178,8 @@ def nll_bits(model, dataset, device, ddp, rank, world, batch_size=64):
 def parse_args(argv=None):
     first = argparse.ArgumentParser(add_help=False)                   # pass 1: which preset's recipe
     first.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    recipe = RECIPES[first.parse_known_args(argv)[0].preset]
-    bundled = recipe["bundled_data"]
+    recipe = RECIPES[first.parse_known_args(argv)[0].preset]           # pass 2 below takes its defaults from here
+    bundled = recipe["bundled_data"]                                   # tiny: bundled photos + shipped tokenizer
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # model and data
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="FAR preset (far.PRESETS, Tab. 2; its "
@@ -187,7 +193,7 @@ def parse_args(argv=None):
     p.add_argument("--val-path", default=None, help="ImageFolder root of held-out images for the NLL of "
                    "--eval-every (default: data/photos/val when --data-path is the bundled data/photos/train, "
                    "else none)")
-    p.add_argument("--augment", default="tencrop", choices=sorted(VIEWS),
+    p.add_argument("--augment", default="tencrop", choices=sorted(VIEWS),   # stage 1 only; part of meta.json
                    help="views extracted per training image (official: tencrop = 10 crops incl. flips)")
     p.add_argument("--out-dir", default="runs/far", help="codes, checkpoints, log.jsonl, samples (%(default)s)")
     # optimisation (official_code.md §7.3: the official script; the paper's Sec. 4.1 says lr 2e-4)
@@ -203,9 +209,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (%(default)s)")
     p.add_argument("--num-workers", type=int, default=recipe["num_workers"],
                    help="data loader workers per rank (default: %(default)s)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,   # official: bf16 autocast (§7.3)
                    help="autocast dtype of the forward (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,   # official: compiled (§7.3)
                    help="torch.compile the model (default: on with CUDA, off on CPU)")
     p.add_argument("--extract-batch-size", type=int, default=16, help="images per rank per encode in stage 1 "
                    "(%(default)s)")
@@ -213,7 +219,7 @@ def parse_args(argv=None):
     p.add_argument("--sample-every", type=int, default=500, help="steps between PNG grids of samples (%(default)s)")
     p.add_argument("--eval-every", type=int, default=500, help="steps between held-out NLLs (%(default)s)")
     p.add_argument("--ckpt-every", type=int, default=1000, help="steps between numbered checkpoints (%(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")  # codes reused
     args = p.parse_args(argv)
     if args.val_path is None and args.data_path == os.path.join(BUNDLED, "train"):
         args.val_path = os.path.join(BUNDLED, "val")                  # the bundled photos' held-out strip
@@ -225,13 +231,13 @@ def parse_args(argv=None):
             ("num_workers", args.num_workers >= 0, "an integer >= 0"),
             *((n, getattr(args, n) >= 1, "an integer >= 1") for n in ("global_batch_size", "max_steps", "log_every",
               "sample_every", "eval_every", "ckpt_every", "extract_batch_size"))):
-        if not ok:
+        if not ok:                                                    # argparse's error: usage line, exit 2
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
-    for flag in ("data_path", "tokenizer_ckpt"):
+    for flag in ("data_path", "tokenizer_ckpt"):                      # paper presets: no defaults for these
         if getattr(args, flag) is None:
             p.error(f"--{flag.replace('_', '-')} is required for preset {args.preset} (the bundled photos and the "
                     f"shipped tiny tokenizer are for the tiny preset)")
-    if not os.path.isfile(args.tokenizer_ckpt):
+    if not os.path.isfile(args.tokenizer_ckpt):                       # before any rank starts work
         p.error(f"--tokenizer-ckpt {args.tokenizer_ckpt}: no such file")
     return args, p
 
@@ -240,42 +246,45 @@ def build(args, tok, classes, device, ddp, local_rank):
     """(FAR config, raw model, the model the loop calls (compiled and / or DDP), AdamW). k, codebook size and grid
     come from the tokenizer, the number of classes from the data; every rank builds the same initial weights."""
     cuda = device.type == "cuda"
+    # the preset gives the network (Tab. 2 sizes); the tokenizer gives k, K and the grid, the data the classes
     cfg = FARConfig(**{**PRESETS[args.preset], "num_codebooks": tok.cfg.num_codebooks, "head": args.head,
                        "codebook_size": tok.cfg.codebook_size, "grid": tok.cfg.grid, "num_classes": len(classes)})
     torch.manual_seed(args.seed)                                        # same initial weights on every rank
-    raw = FAR(cfg).to(device)
+    raw = FAR(cfg).to(device)                                           # fp32 weights; autocast does bf16
     # Keep `raw` for saving, evaluation and sampling: no `_orig_mod.` / `module.` prefix reaches a checkpoint.
     model = torch.compile(raw) if (cuda if args.compile is None else args.compile) else raw
     if ddp:
-        model = DDP(model, device_ids=[local_rank] if cuda else None)
+        model = DDP(model, device_ids=[local_rank] if cuda else None)  # gradients all-reduced in backward()
     # official_code.md §7.3: weight decay on every tensor with ndim >= 2 (linears, embeddings), none on norms
     groups = [{"params": [p for p in raw.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in raw.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=cuda)
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=cuda)   # fused (CUDA) as official
     return cfg, raw, model, opt
 
 
 def main(argv=None):
+    """Parse, set up torchrun, extract or reuse the codes (stage 1), build or resume FAR, then train() (stage 2)."""
     args, parser = parse_args(argv)
-    ddp, rank, world, local_rank, device = init_distributed()
-    if args.global_batch_size % world:
+    ddp, rank, world, local_rank, device = init_distributed()         # world 1 without torchrun
+    if args.global_batch_size % world:                                 # each rank takes global / world sequences
         parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
     batch, master = args.global_batch_size // world, rank == 0
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")   # as official on GPUs
 
     # stage 1: codes (once; a later run or --resume reuses them) ---------------------------------------------
     try:
-        tok = load_tokenizer(args.tokenizer_ckpt, map_location=device).requires_grad_(False)
+        tok = load_tokenizer(args.tokenizer_ckpt, map_location=device).requires_grad_(False)   # eval mode, fp32
         extract = lambda root, name, aug: extract_codes(tok, root, os.path.join(args.out_dir, "codes", name), aug,
                                                         args.extract_batch_size, device, ddp, rank, world)
-        classes = ImageFolder(args.data_path, (1, 1)).classes
+        classes = ImageFolder(args.data_path, (1, 1)).classes          # folder names, sorted: label = index
         dataset = Codes(*extract(args.data_path, "train", args.augment), seed=args.seed)
-        val_set = Codes(*extract(args.val_path, "val", "none")) if args.val_path else None
+        val_set = Codes(*extract(args.val_path, "val", "none")) if args.val_path else None   # one centre view
     except (CheckpointError, FileNotFoundError) as e:
         parser.error(str(e))
-    if len(dataset) < world * batch:
+    if len(dataset) < world * batch:                                   # drop_last would yield no batch at all
         parser.error(f"--data-path {args.data_path}: {len(dataset)} readable images, fewer than one global batch of "
                      f"{args.global_batch_size}" + (" (every file was unreadable)" if not len(dataset) else ""))
+    # stored in every checkpoint: sample.py finds the tokenizer by path and refuses another one (check_pair)
     tok_info = {"config": asdict(tok.cfg), "fingerprint": codebook_fingerprint(tok),
                 "path": os.path.abspath(args.tokenizer_ckpt)}
     cfg, raw, model, opt = build(args, tok, classes, device, ddp, local_rank)
@@ -288,12 +297,12 @@ def main(argv=None):
         parser.error(str(e))
     torch.manual_seed(args.seed + rank)                                # per-rank randomness (dropout) from here on
     if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["opt"])
+        raw.load_state_dict(ckpt["model"])                              # strict: same config (read_resume)
+        opt.load_state_dict(ckpt["opt"])                                # AdamW moments continue
         for group in opt.param_groups:                                  # a changed --lr applies on resume
             group["lr"] = args.lr
-        step = ckpt["step"]
-        set_rng_states(ckpt["rng"], rank)
+        step = ckpt["step"]                                            # the loop continues at step + 1
+        set_rng_states(ckpt["rng"], rank)                              # dropout and label drop continue exactly
     if master:
         os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
         os.makedirs(os.path.dirname(last), exist_ok=True)
@@ -308,42 +317,43 @@ def main(argv=None):
     extra = {"tokenizer": tok_info, "classes": classes}                # what sample.py checks and names
     train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra, ddp, rank, world, device)
     if ddp:
-        dist.destroy_process_group()
+        dist.destroy_process_group()                                   # a clean exit for torchrun
 
 
 def train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra, ddp, rank, world, device):
     """The loop: teacher-forced cross-entropy over the k sub-codes (Sec. 3.3), AdamW, clip; logs, held-out NLL,
     sample PNGs and checkpoints as asked."""
     master, folder = rank == 0, os.path.join(args.out_dir, "checkpoints")
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None
-    write = lambda record: master and (log.write(json.dumps(record) + "\n"), log.flush())
+    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None   # appended to on --resume
+    write = lambda record: master and (log.write(json.dumps(record) + "\n"), log.flush())   # one JSON per line
 
     def checkpoint():
         """Every rank holds the same weights; gather every rank's RNG state, rank 0 writes last.pt atomically."""
-        rng = rng_states(ddp, world)
-        if master:
+        rng = rng_states(ddp, world)                                   # a collective: every rank calls it
+        if master:   # samples_per_rank: where each rank's StreamSampler resumes; extra: tokenizer + class names
             state = {"model": raw.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(cfg),
                      "args": vars(args), "rng": rng, "data": {"samples_per_rank": step * batch}, **extra}
-            atomic_save(state, os.path.join(folder, "last.pt"))
+            atomic_save(state, os.path.join(folder, "last.pt"))        # what --resume and sample.py read
             if step % args.ckpt_every == 0 or step == args.max_steps:
-                atomic_save(state, os.path.join(folder, f"{step:07d}.pt"))
+                atomic_save(state, os.path.join(folder, f"{step:07d}.pt"))   # kept: fall-backs for read_resume
         if ddp:
-            dist.barrier()
+            dist.barrier()                                             # no rank runs ahead of a half-written file
 
     def evaluate(nll, sample):
         """Held-out NLL (every rank takes part) and, on rank 0, a PNG: one sample of each of the first 8 classes."""
-        if nll and val_set is not None:
+        if nll and val_set is not None:                               # every rank: nll_bits all-reduces
             bits = nll_bits(raw, val_set, device, ddp, rank, world)
             write({"step": step, **{f"val_bits/{j}": v for j, v in enumerate(bits)}})
         if master and sample:
-            labels = torch.arange(min(8, cfg.num_classes), device=device)
-            x = tok.decode_codes(generate(raw, labels, cfg_scale=2.0,
+            labels = torch.arange(min(8, cfg.num_classes), device=device)   # classes 0..7, one sample each
+            x = tok.decode_codes(generate(raw, labels, cfg_scale=2.0,   # Tab. 2's cfg scale; same seed every time
                                           generator=torch.Generator(device).manual_seed(args.seed)))
             save_grid(x, os.path.join(args.out_dir, "samples", f"{step:07d}.png"), nrow=len(x))   # one row
 
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")   # weights fp32
     if step == 0:
         evaluate(nll=True, sample=False)                                # the "before" of the held-out NLL
+    # one endless stream of epochs per rank: the same permutation on every rank, each taking its own share
     sampler = StreamSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     sampler.start = step * batch                                        # exact data position on resume
     # The loader draws its base seed from its own generator, not the global RNG that dropout uses (exact resume).
@@ -351,20 +361,21 @@ def train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra,
                              pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
                              generator=torch.Generator().manual_seed(args.seed + rank)))
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
-    t0, tokens = time.time(), 0
+    t0, tokens = time.time(), 0                                          # tokens: the throughput of this run only
     while step < args.max_steps:
-        codes, labels = next(loader)
+        codes, labels = next(loader)                                    # (B, k, h, w) int64, (B,)
         codes, labels = codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast:
             loss = far_loss(model(codes, labels), codes)                # Sec. 3.3: mean CE over the k sub-codes
         opt.zero_grad(set_to_none=True)
-        loss["loss"].backward()
-        loss["grad_norm"] = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)
+        loss["loss"].backward()                                         # DDP all-reduces the gradients here
+        loss["grad_norm"] = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)   # logged: pre-clip
         opt.step()
-        step, tokens = step + 1, tokens + codes[:, 0].numel() * world
+        step, tokens = step + 1, tokens + codes[:, 0].numel() * world   # positions (B*h*w) over all ranks
         bar.update(1)
+        # loss, ce/j per sub-code, grad_norm averaged over ranks; a NaN stops before any checkpoint is written
         averaged = mean_over_ranks_or_stop(loss, step, os.path.join(folder, "last.pt"), ddp, world, device)
-        end = step == args.max_steps
+        end = step == args.max_steps                                    # always log, evaluate, save the last step
         if step % args.log_every == 0 or end:
             write({"step": step, **averaged, "tokens_per_s": tokens / (time.time() - t0)})
             bar.set_postfix(loss=f"{averaged['loss']:.3f}")
@@ -373,7 +384,7 @@ def train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra,
         if step % args.ckpt_every == 0 or end:
             checkpoint()
     bar.close()
-    if master:
+    if master:                                                          # the last line: where the weights are
         print(f"done: step {step}, checkpoint {os.path.join(folder, 'last.pt')}")
         log.close()
 

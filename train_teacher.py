@@ -19,21 +19,22 @@ import torch.nn.functional as F
 from images import BUNDLED, ImageFolder, open_rgb, random_crop, to_tensor
 from losses import PhotoCNN
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.abspath(__file__))                     # weights/ lives beside this file
 
 
 @torch.no_grad()
 def accuracy(net, dataset):
     """Top-1 accuracy of net on every item of dataset (centre crops for a val folder)."""
-    net.eval()
-    x = torch.stack([dataset[i][0] for i in range(len(dataset))])
-    y = torch.tensor([label for _, label in dataset.samples])
+    net.eval()                                                        # BatchNorm: running statistics
+    x = torch.stack([dataset[i][0] for i in range(len(dataset))])     # (N, 3, S, S): the held-out set is small
+    y = torch.tensor([label for _, label in dataset.samples])         # (N,) class = photo
     acc = (net(x).argmax(1) == y).float().mean().item()
-    net.train()
+    net.train()                                                       # back to batch statistics for training
     return acc
 
 
 def main(argv=None):
+    """Parse the flags, train PhotoCNN on random crops, write weights/tiny_teacher.pt atomically."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", default=os.path.join(BUNDLED, "train"), help="ImageFolder of training photos")
     p.add_argument("--val-path", default=os.path.join(BUNDLED, "val"), help="held-out photos for the accuracy")
@@ -45,33 +46,36 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed (%(default)s)")
     p.add_argument("--out", default=os.path.join(ROOT, "weights", "tiny_teacher.pt"), help="output file")
     args = p.parse_args(argv)
-    for name in ("image_size", "width", "steps", "batch_size"):
+    for name in ("image_size", "width", "steps", "batch_size"):       # checked before any work: one line, exit 2
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be an integer >= 1")
-    torch.manual_seed(args.seed)
-    size = (args.image_size, args.image_size)
+    torch.manual_seed(args.seed)                                      # the initial weights
+    size = (args.image_size, args.image_size)                         # square crops, the tiny tokenizer's input
+    # the training folder is only listed here (photos are decoded below); val gives centre crops for accuracy()
     train, val = ImageFolder(args.data_path, size, train=True, seed=args.seed), ImageFolder(args.val_path, size,
                                                                                              train=False)
-    net = PhotoCNN(len(train.classes), args.width, args.image_size)
+    net = PhotoCNN(len(train.classes), args.width, args.image_size)   # one class per photo subject
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)
-    g = torch.Generator().manual_seed(args.seed)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)   # lr -> 0 at the last step
+    g = torch.Generator().manual_seed(args.seed)                      # every crop's randomness: reproducible
     photos = [open_rgb(path) for path, _ in train.samples]             # 44 photos: decode once, crop every step
-    if any(img is None for img in photos):
-        p.error(f"--data-path {args.data_path}: unreadable images {[s for s, i in zip(train.samples, photos) if i is None]}")
+    if any(img is None for img in photos):                            # a teacher needs every class: no skipping
+        bad = [s for s, i in zip(train.samples, photos) if i is None]
+        p.error(f"--data-path {args.data_path}: unreadable images {bad}")
     for step in range(1, args.steps + 1):
         # random crops (images.random_crop: scale + position + flip) of random photos, a fresh draw each step
         idx = torch.randint(len(photos), (args.batch_size,), generator=g).tolist()
         x = torch.stack([to_tensor(random_crop(photos[i], size, g)) for i in idx])    # (B, 3, S, S)
-        y = torch.tensor([train.samples[i][1] for i in idx])
-        loss = F.cross_entropy(net(x), y)
+        y = torch.tensor([train.samples[i][1] for i in idx])          # (B,) the photo each crop came from
+        loss = F.cross_entropy(net(x), y)                             # which photo: the features are a by-product
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        sched.step()
+        sched.step()                                                  # one cosine step per optimizer step
         if step % 250 == 0 or step == args.steps:
             print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {accuracy(net, val):.3f}", flush=True)
-    config = {"num_classes": len(train.classes), "width": args.width, "image_size": args.image_size}
+    config = {"num_classes": len(train.classes), "width": args.width, "image_size": args.image_size}   # PhotoCNN(**)
+    # plain types only: losses.load_teacher reads it with torch.load(weights_only=True)
     state = {"model": net.state_dict(), "config": config, "classes": train.classes, "steps": args.steps,
              "val_accuracy": accuracy(net, val), "command": "python train_teacher.py"}
     tmp = args.out + ".tmp"
