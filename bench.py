@@ -1,22 +1,28 @@
 """Speed and memory of the quantizer lookup, IBQ, FAR sampling and the tokenizer training step (one table).
 
 Papers: FQGAN / FAR, arXiv 2411.16681 (Eq. 1 lookup, Sec. 3.3 sampling); IBQ, arXiv 2412.02692.
-The "official" and "full-matrix" rows are written from the specifications in ../shared/reference/
-(fqgan_tokenizer_spec.md §1.6, ibq_lfq_spec.md §1.6), not copied from the official code.
+The "official" rows are written from the facts in docs/official_code.md (§1.5 quantizer, §8 IBQ, §6 FAR sampling),
+not copied from the official code; the "reference" rows are quantizer.py's paper forms.
 
   python bench.py                  # every section, median of --repeats runs after one warm-up
-  python bench.py --only lookup    # one section: lookup | ibq | far | train
+  python bench.py --only lookup    # one section: lookup | ibq | far | train | train-dual
+  python bench.py --only lookup --threads 1,2 --busy 2   # the lookup on 1 and 2 threads, quiet and against 2
+                                   # busy-loop processes (the default); other sections run on the last count
+  python bench.py --only train-dual --profile            # FQGAN-Dual G step vs the official quantizer + profile
   python bench.py --quick          # every path once at small sizes (CI: tests/test_bench.py); no timing claims
 
 Peak memory ("peak MiB") is the process's peak resident memory while the call runs minus its resident memory just
 before (Linux VmHWM, reset through /proc/self/clear_refs): the extra memory the call needs, inputs excluded.
 """
 import argparse
+import contextlib
 import ctypes
 import os
 import platform
 import re
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -24,10 +30,11 @@ import torch.nn.functional as F
 
 import far
 from losses import LossConfig, PatchGAN, generator_loss
-from quantizer import IBQuantizer, VectorQuantizer, nearest_code
+from quantizer import (VectorQuantizer, code_softmax, distances, entropy_reference, ibq_reference, lookup_reference,
+                       nearest_code)
 from tokenizer import PRESETS as TOKENIZER_PRESETS, Tokenizer, TokenizerConfig
 
-SECTIONS = ("lookup", "ibq", "far", "train")
+SECTIONS = ("lookup", "ibq", "far", "train", "train-dual")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,161 +98,261 @@ def row(section, what, seconds=None, result="", peak=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Lookup: one FQGAN sub-codebook per GPU batch (32 images x 16 x 16 tokens, K = 16384, d = 8)
+# Lookup: one FQGAN sub-codebook per GPU batch (32 images x 16 x 16 tokens, K = 16384, d = 8), on each --threads
+# count, on quiet cores and against --busy busy-loop processes
 
-def full_matrix_codes(z, codebook):
-    """Eq. (1) as the official code writes it: the whole N x K distance matrix, then argmin."""
-    return (z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.t()).argmin(1)
-
-
-def official_vq_forward(z, weight, beta=0.25, entropy_ratio=0.03, tau=0.01):
-    """The official quantizer's training forward (fqgan_tokenizer_spec.md §1.6): full distances, argmin, losses,
-    the entropy loss on softmax(-dist / tau) over all K codes, straight-through."""
+def official_vq_forward(vq, z):
+    """The official quantizer's training forward (official_code.md §1.5) on a VectorQuantizer's weights, with
+    its interface (z_q, losses, codes): the full N x K distances and their argmin (quantizer.lookup_reference), the
+    entropy loss on softmax(-dist / T) over all K codes (quantizer.entropy_reference; the official log_softmax(A + 1e-5)
+    equals log_softmax(A)), the official straight-through z + sg(z_q - z); autograd through all of it."""
     z = F.normalize(z.permute(0, 2, 3, 1).contiguous(), dim=-1)     # (B, d, h, w) -> (B, h, w, d)
-    flat, e = z.view(-1, z.shape[-1]), F.normalize(weight, dim=-1)   # (N, d), (K, d)
-    dist_ = flat.pow(2).sum(1, keepdim=True) + e.pow(2).sum(1) - 2 * torch.einsum("bd,dn->bn", flat, e.t())
-    codes = dist_.argmin(1)
-    z_q = e[codes].view(z.shape)
-    losses = [torch.mean((z_q - z.detach()) ** 2), beta * torch.mean((z_q.detach() - z) ** 2)]
-    logits = -dist_ / tau
-    p, logp = logits.softmax(-1), (logits + 1e-5).log_softmax(-1)
-    p_mean = p.mean(0)
-    losses.append(entropy_ratio * (-(p * logp).sum(-1).mean() + (p_mean * (p_mean + 1e-5).log()).sum()))
-    return (z + (z_q - z).detach()).permute(0, 3, 1, 2), losses, codes
+    flat, e = z.view(-1, z.shape[-1]), F.normalize(vq.embedding.weight, dim=-1)   # (N, d), (K, d)
+    dist = distances(flat, e)                                         # (N, K)
+    codes = dist.argmin(1)                                            # lookup_reference, keeping dist for the entropy
+    z_q = e[codes].view(z.shape)                                      # (N, d) -> (B, h, w, d)
+    h_sample, h_code = entropy_reference(-dist, vq.entropy_temperature)
+    losses = {"codebook": torch.mean((z_q - z.detach()) ** 2), "commit": vq.beta * torch.mean((z_q.detach() - z) ** 2),
+              "entropy": vq.entropy_weight * (h_sample - h_code)}
+    return (z + (z_q - z).detach()).permute(0, 3, 1, 2), losses, codes.view(z.shape[:-1])
+
+
+class OfficialVQ(torch.nn.Module):
+    """official_vq_forward on a VectorQuantizer's weights, to swap into a Tokenizer branch (same parameters)."""
+
+    def __init__(self, vq):
+        super().__init__()
+        self.vq = vq
+
+    def forward(self, z):
+        return official_vq_forward(self.vq, z)
+
+
+@contextlib.contextmanager
+def busy_loops(n):
+    """n other processes spinning `while True: pass`, as other jobs on a shared machine would: each in its own session,
+    so that where the kernel shares CPU time per session (Linux autogroup) they take it from this one as jobs do."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(n)]
+    try:
+        time.sleep(2.0 if n else 0.0)                                 # let them start and take the cores
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 def bench_lookup(args):
-    b, grid, k, d = (2, 8, 1024, 8) if args.quick else (32, 16, 16384, 8)
+    b, grid, K, d = (2, 8, 1024, 8) if args.quick else (32, 16, 16384, 8)
     n = b * grid * grid
-    print(f"lookup: N = {n} tokens, K = {k}, d = {d}, l2-normalised")
+    print(f"lookup: N = {n} tokens, K = {K}, d = {d}, l2-normalised; threads {args.threads}, busy {args.busy}")
     torch.manual_seed(0)
-    vq = VectorQuantizer(k, d).eval()
-    vq.embedding.weight.data = F.normalize(torch.randn(k, d), dim=-1)   # spread codes (the init is near-uniform)
+    vq = VectorQuantizer(K, d).eval()
+    vq.embedding.weight.data = F.normalize(torch.randn(K, d), dim=-1)   # spread codes (the init is near-uniform)
     z = torch.randn(b, d, grid, grid)
     flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, d), dim=-1)   # (B, d, h, w) -> (N, d), as vq does
     codebook = vq.codebook()
-    rate = gflops()
     with torch.no_grad():
-        t_off = median_time(lambda: official_vq_forward(z, vq.embedding.weight), args.repeats)
-        row("lookup", "official quantizer forward (training, entropy loss)", t_off)
-        peak, full_codes = peak_mib(lambda: full_matrix_codes(flat, codebook))
-        t_full = median_time(lambda: full_matrix_codes(flat, codebook), args.repeats, warmup=False)
-        row("lookup", "full N x K distance matrix + argmin", t_full, "1.0x", peak)
+        # the paper's form vs the fast one, on 1 and more threads, quiet and loaded (timed in turns: a change in the
+        # machine's load slows both alike)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            for busy in sorted({0, args.busy}):
+                with busy_loops(busy):
+                    peak_full, full_codes = peak_mib(lambda: lookup_reference(flat, codebook))
+                    peak_nc, _ = peak_mib(lambda: nearest_code(flat, codebook))
+                    t_full, t_nc = interleaved_medians([lambda: lookup_reference(flat, codebook),
+                                                        lambda: nearest_code(flat, codebook)], args.repeats)
+                    at = f"{threads} thread{'s' * (threads > 1)}, {busy} busy-loop processes"
+                    load = f"load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+                row("lookup", f"quantizer.lookup_reference (N x K distances + argmin), {at}", t_full,
+                    f"1.0x, {load}", peak_full)
+                row("lookup", f"quantizer.nearest_code, {at}", t_nc, f"{t_full / t_nc:.1f}x, {load}", peak_nc)
+                if busy == 0:
+                    quiet = t_full, t_nc                              # kept for the rows below: the last count
+        # on the last thread count, quiet: how far from the compute bound, and the training forward vs the official
+        t_full, t_nc = quiet
+        rate = gflops()
         t_gemm = median_time(lambda: flat @ codebook.t(), args.repeats)
         row("lookup", "bare GEMM z @ C^T (N x K)", t_gemm, f"{t_full / t_gemm:.1f}x")
-        bound = 2 * n * k * d / (rate * 1e9)
-        row("lookup", f"compute bound 2NKd at {rate:.0f} GFLOP/s (2048^3 GEMM)", bound, f"{t_full / bound:.0f}x")
-        peak, _ = peak_mib(lambda: nearest_code(flat, codebook))
-        t_nc = median_time(lambda: nearest_code(flat, codebook), args.repeats, warmup=False)
-        row("lookup", "quantizer.nearest_code", t_nc, f"{t_full / t_nc:.1f}x, {t_nc / bound:.1f}x the bound", peak)
+        bound = 2 * n * K * d / (rate * 1e9)
+        row("lookup", f"compute bound 2NKd at {rate:.0f} GFLOP/s (2048^3 GEMM)", bound,
+            f"{t_full / bound:.0f}x; nearest_code {t_nc / bound:.1f}x the bound")
         peak, (_, _, codes) = peak_mib(lambda: vq(z))
         t_vq = median_time(lambda: vq(z), args.repeats, warmup=False)
         same = torch.equal(codes.flatten(), full_codes)
         row("lookup", "VectorQuantizer forward (eval)", t_vq,
             f"{t_full / t_vq:.1f}x, indices {'identical' if same else 'DIFFERENT'}", peak)
         vq.train().entropy_weight = 0.03                             # the official scripts' entropy_loss_ratio
-        peak, _ = peak_mib(lambda: vq(z))
-        t_vq_ent = median_time(lambda: vq(z), args.repeats, warmup=False)
-        row("lookup", "VectorQuantizer forward (training, entropy loss)", t_vq_ent,
-            f"{t_off / t_vq_ent:.1f}x vs official", peak)
+        t_off, t_vq_ent = interleaved_medians([lambda: official_vq_forward(vq, z), lambda: vq(z)], args.repeats)
+        row("lookup", "official quantizer forward (training, entropy loss)", t_off, "1.0x")
+        row("lookup", "VectorQuantizer forward (training, entropy loss)", t_vq_ent, f"{t_off / t_vq_ent:.1f}x official")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# IBQ: K = 2^18 codes of d = 256, forward + backward
+# IBQ: K = 2^18 codes of d = 256, forward + backward: quantizer.ibq_reference (autograd through N x K tensors) vs
+# quantizer.code_softmax (row blocks, hand-written backward)
 
-def unchunked_ibq(z, codebook, beta=0.25, entropy_weight=0.05, tau=0.01):
-    """IBQ with full N x K tensors and plain autograd (ibq_lfq_spec.md §1.6): z_q and the loss terms."""
-    logits = z @ codebook.t()
-    soft = logits.softmax(-1)
-    hard = F.one_hot(soft.argmax(-1), codebook.shape[0]).to(soft)
-    z_q, z_q2 = (hard - soft.detach() + soft) @ codebook, hard @ codebook
-    quant = F.mse_loss(z_q, z) + F.mse_loss(z_q2.detach(), z) + beta * F.mse_loss(z_q2, z.detach())
-    p, logp = (logits / tau).softmax(-1), (logits / tau).log_softmax(-1)
-    p_mean = p.mean(0)
-    return z_q, quant + entropy_weight * (-(p * logp).sum(-1).mean() + (p_mean * (p_mean + 1e-5).log()).sum())
-
-
-def ibq_step(ibq, z, w, chunked):
-    """Forward + backward of IBQ on tokens z (N, d) with a fixed random "decoder" loss (z_q * w).sum()."""
-    ibq.zero_grad(set_to_none=True)
-    z = z.detach().requires_grad_()
-    if chunked:
-        z_q, losses, _ = ibq(z.t()[None, :, :, None])                 # (N, d) -> (1, d, N, 1)
-        loss = (z_q[0, :, :, 0].t() * w).sum() + sum(losses.values())
-    else:
-        z_q, quant = unchunked_ibq(z, ibq.codebook())
-        loss = (z_q * w).sum() + quant
-    loss.backward()
-    return z.grad, ibq.embedding.weight.grad
+def ibq_step(fn, z, codebook, w):
+    """Forward + backward of fn (ibq_reference or code_softmax) on tokens z (N, d): a fixed random "decoder" loss
+    (z_q * w).sum() plus IBQ's entropy loss (weight 0.05). -> (dL/dz, dL/dC)."""
+    z, codebook = z.detach().requires_grad_(), codebook.detach().requires_grad_()
+    _, z_q, h_sample, h_code = fn(z, codebook)
+    ((z_q * w).sum() + 0.05 * (h_sample - h_code)).backward()
+    return z.grad, codebook.grad
 
 
 def bench_ibq(args):
-    k, d, n_cmp, n_big = (2**12, 32, 64, 128) if args.quick else (2**18, 256, 256, 4096)
-    print(f"ibq: K = {k}, d = {d}; chunked vs unchunked at N = {n_cmp}, chunked alone at N = {n_big}")
+    K, d, n_cmp, n_big = (2**12, 32, 64, 128) if args.quick else (2**18, 256, 256, 4096)
+    print(f"ibq: K = {K}, d = {d}; reference vs code_softmax at N = {n_cmp}, code_softmax alone at N = {n_big}")
     torch.manual_seed(0)
-    ibq = IBQuantizer(k, d)
-    z, w = torch.randn(n_big, d), torch.randn(n_big, d)
-    # gradients of both formulations at N/2, and the unchunked peak there (for the extrapolation below)
-    half, g_ref = peak_mib(lambda: ibq_step(ibq, z[:n_cmp // 2], w[:n_cmp // 2], False))
-    g_ours = ibq_step(ibq, z[:n_cmp // 2], w[:n_cmp // 2], True)
+    codebook, z, w = torch.randn(K, d), torch.randn(n_big, d), torch.randn(n_big, d)   # IBQ's N(0, 1) init
+    fns = {"quantizer.ibq_reference (N x K tensors, autograd)": ibq_reference, "quantizer.code_softmax": code_softmax}
+    # gradients of both at N/2, and the reference's peak there (for the extrapolation below)
+    half, g_ref = peak_mib(lambda: ibq_step(ibq_reference, z[:n_cmp // 2], codebook, w[:n_cmp // 2]))
+    g_ours = ibq_step(code_softmax, z[:n_cmp // 2], codebook, w[:n_cmp // 2])
     err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(g_ours, g_ref))
-    peaks = {}
-    for chunked in (False, True):
-        name = "chunked (quantizer.IBQuantizer)" if chunked else "unchunked formulation"
-        peaks[chunked], _ = peak_mib(lambda: ibq_step(ibq, z[:n_cmp], w[:n_cmp], chunked))
-        t = median_time(lambda: ibq_step(ibq, z[:n_cmp], w[:n_cmp], chunked), args.repeats, warmup=False)
-        row("ibq", f"fwd+bwd N = {n_cmp}, {name}", t, f"grads: max rel. diff {err:.1e}" if chunked else "",
-            peaks[chunked])
-    # the unchunked peak grows linearly in N (all its big tensors are N x K): fit it from N/2 and N, extrapolate
+    peaks = [peak_mib(lambda: ibq_step(fn, z[:n_cmp], codebook, w[:n_cmp]))[0] for fn in fns.values()]
+    times = interleaved_medians([lambda fn=fn: ibq_step(fn, z[:n_cmp], codebook, w[:n_cmp]) for fn in fns.values()],
+                                args.repeats)
+    for name, t, peak in zip(fns, times, peaks):
+        result = "1.0x" if t is times[0] else f"{times[0] / t:.1f}x, grads: max rel. diff {err:.1e}"
+        row("ibq", f"fwd+bwd N = {n_cmp}, {name}", t, result, peak)
+    # the reference's peak grows linearly in N (all its big tensors are N x K): fit it from N/2 and N, extrapolate
     start = time.perf_counter()
-    big, _ = peak_mib(lambda: ibq_step(ibq, z, w, True))
-    if None not in (half, big, peaks[False]):
-        extrapolated = peaks[False] + (peaks[False] - half) * (n_big - n_cmp) / (n_cmp // 2)
-        row("ibq", f"fwd+bwd N = {n_big}, unchunked (extrapolated from N = {n_cmp // 2}, {n_cmp})", None, "",
+    big, _ = peak_mib(lambda: ibq_step(code_softmax, z, codebook, w))
+    if None not in (half, big, peaks[0]):
+        extrapolated = peaks[0] + (peaks[0] - half) * (n_big - n_cmp) / (n_cmp // 2)
+        row("ibq", f"fwd+bwd N = {n_big}, ibq_reference (extrapolated from N = {n_cmp // 2}, {n_cmp})", None, "",
             extrapolated)
-        result = f"1 run, peak 1/{extrapolated / big:.0f} of unchunked"
+        result = f"1 run, peak 1/{extrapolated / big:.0f} of the reference"
     else:
         result = "1 run"
-    row("ibq", f"fwd+bwd N = {n_big}, chunked (quantizer.IBQuantizer)", time.perf_counter() - start, result, big)
+    row("ibq", f"fwd+bwd N = {n_big}, quantizer.code_softmax", time.perf_counter() - start, result, big)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FAR sampling: KV cache vs full recompute, eager vs torch.compile of the decode step
+# FAR sampling: far.generate (static KV cache; eager and torch.compile) vs the official formulation, same weights
 
-def bench_far_preset(args, preset, grid, batch, compile_):
+def official_block(block, x, rope, cache, pos, mask):
+    """One block of the official KV-cached decode step (official_code.md §5.2, §6.1) on a far.Block's weights: k, v
+    written at pos into the full-length cache, attention over every slot under the per-row boolean mask."""
+    attn, (B, S, C) = block.attention, x.shape
+    q, k, v = attn.wqkv(block.attention_norm(x)).split(C, -1)                  # q | k | v along the output dim
+    q, k, v = (t.view(B, S, attn.n_head, C // attn.n_head) for t in (q, k, v))  # (B, S, dim) -> (B, S, H, D)
+    q, k = far.apply_rope(q, rope), far.apply_rope(k, rope)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))                           # (B, S, H, D) -> (B, H, S, D)
+    cache[0][:, :, pos], cache[1][:, :, pos] = k, v
+    y = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=mask)
+    x = x + attn.wo(y.transpose(1, 2).contiguous().view(B, S, C))             # (B, H, S, D) -> (B, S, dim)
+    return x + block.feed_forward(block.ffn_norm(x))
+
+
+@torch.no_grad()
+def official_generate(model, labels, cfg_scale=2.0, temperature=1.0, generator=None):
+    """FAR sampling as the official sampler formulates it (from official_code.md §6, not copied), on the weights
+    of a far.FAR with the "ar" head; codes (n, k, h, w). §4.1 CFG batch [labels; null]. §4.2 backbone caches
+    (2n, H, 1 + h*w rounded up to a multiple of 8, D) with a (2n, S, S) causal mask indexed at every step, and
+    fresh zeroed full-length caches for every head block at every position. §4.3 logits in the model dtype,
+    l_u + (l_c - l_u) s, / T, softmax, one multinomial per sub-code; eval defaults: no top-k / top-p."""
+    cfg, n, dev = model.cfg, labels.shape[0], labels.device
+    k, L, H, D = cfg.num_codebooks, cfg.grid[0] * cfg.grid[1], cfg.n_head, cfg.dim // cfg.n_head
+    assert cfg_scale > 1.0 and cfg.head == "ar", "the official sampler needs CFG (official_code §6.2) and an AR head"
+    model.eval()
+    y = torch.cat([labels, torch.full_like(labels, cfg.num_classes)])       # (2n,): cond first, then null
+    slots = -(-(1 + L) // 8) * 8                                              # max_seq, e.g. 257 -> 264
+    zeros = lambda: torch.zeros(2 * n, H, slots, D, dtype=model.norm.weight.dtype, device=dev)
+    caches = [(zeros(), zeros()) for _ in model.layers]
+    causal = torch.tril(torch.ones(slots, slots, dtype=torch.bool, device=dev))[None].repeat(2 * n, 1, 1)
+    rope = far.rope_2d(cfg.grid, D, cfg.rope_base).to(dev)                   # (1 + L, D/2, 2), rebuilt per setup
+    codes = torch.zeros(n, k, L, dtype=torch.long, device=dev)
+    for t in range(L):
+        pos = torch.tensor([t], device=dev)
+        if t == 0:
+            x = model.cls_embedding(y)[:, None]                               # (2n, 1, dim)
+        else:                                                                 # the previous step's codes, both halves
+            prev = codes[:, :, t - 1].repeat(2, 1)                            # (n, k) -> (2n, k)
+            x = model.aggregation_layer(torch.cat([e(prev[:, j]) for j, e in enumerate(model.tok_embeddings)],
+                                                  -1))[:, None]              # (2n, k*dim) -> (2n, 1, dim)
+        for block, cache in zip(model.layers, caches):
+            x = official_block(block, x, rope[pos], cache, pos, causal[:, None, pos])  # mask (2n, 1, 1, slots)
+        head_caches = [(zeros(), zeros()) for _ in model.ar_head]           # reallocated at every position
+        z = x
+        for j in range(k):
+            jpos = torch.tensor([j], device=dev)
+            if j > 0:
+                z = model.tok_embeddings[j - 1](codes[:, j - 1, t].repeat(2))[:, None]  # (2n, 1, dim)
+            for block, cache in zip(model.ar_head, head_caches):
+                z = official_block(block, z, rope[jpos], cache, jpos, causal[:, None, jpos])
+            cond, uncond = model.output[j](model.norm(z)).split(n)            # (2n, 1, V) -> 2 x (n, 1, V)
+            probs = ((uncond + (cond - uncond) * cfg_scale)[:, -1] / temperature).softmax(-1)
+            codes[:, j, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+    return codes.view(n, k, *cfg.grid)                                        # (n, k, L) -> (n, k, h, w)
+
+
+def interleaved_medians(fns, repeats):
+    """Median wall times of each of fns after one warm-up each, timed in turns (f1, f2, ..., f1, f2, ...), so that
+    a load that other processes put on the machine for a while slows every candidate alike."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, ts in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) for ts in times]
+
+
+def bench_far_preset(args, preset, grid, batch, compile_, recompute):
+    from torch._dynamo.utils import counters
     cfg = far.FARConfig(**{**far.PRESETS[preset], "grid": grid})
     torch.manual_seed(0)
     model = far.FAR(cfg).eval()
+    for out in model.output:  # random classifiers: non-uniform logits, so that equal codes mean something
+        torch.nn.init.normal_(out.weight, std=0.02)
     labels = torch.arange(batch) % cfg.num_classes
     tokens = batch * grid[0] * grid[1]                                # one token = one position, all k sub-codes
-
-    def sample(use_cache):
-        return far.generate(model, labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(0),
-                            use_cache=use_cache)
-    what = f"{preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M), batch {batch} + CFG, {tokens} tokens"
-    t_cache = median_time(lambda: sample(True), args.repeats)
-    row("far", f"{what}, KV cache", t_cache, f"{tokens / t_cache:.1f} tokens/s")
-    t_full = median_time(lambda: sample(False), args.repeats)
-    row("far", f"{what}, full recompute", t_full, f"{tokens / t_full:.1f} tokens/s, cache {t_full / t_cache:.1f}x")
-    if compile_:
-        # the decode step: backbone and AR-head blocks with their KV caches; dynamic shapes for the growing cache
-        model.run_blocks = torch.compile(model.run_blocks, dynamic=True)
-        start = time.perf_counter()
-        sample(True)
-        compile_s = time.perf_counter() - start
-        t_comp = median_time(lambda: sample(True), args.repeats)
-        row("far", f"{what}, KV cache, torch.compile", t_comp,
-            f"{tokens / t_comp:.1f} tokens/s, {t_cache / t_comp:.2f}x eager, compile {compile_s:.0f} s")
+    gen = lambda: torch.Generator().manual_seed(0)
+    sample = lambda **kw: far.generate(model, labels, cfg_scale=2.0, generator=gen(), **kw)
+    what = (f"{preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M), {grid[0]}x{grid[1]}, "
+            f"batch {batch} + CFG, {tokens} tokens")
+    official = lambda: official_generate(model, labels, generator=gen())
+    modes = [True] if compile_ else []                               # generate(compile=...) variants
+    compile_info = {}
+    for mode in modes:  # compile first: the first call traces and compiles the two decode graphs
+        graphs, start = counters["stats"]["unique_graphs"], time.perf_counter()
+        codes = sample(compile=mode)
+        compile_info[mode] = (time.perf_counter() - start, counters["stats"]["unique_graphs"] - graphs, codes)
+    graphs = counters["stats"]["unique_graphs"]
+    candidates = ([official, sample] + [lambda mode=mode: sample(compile=mode) for mode in modes]
+                  + [lambda: sample(use_cache=False)] * recompute)
+    t_off, t_cache, *rest = interleaved_medians(candidates, args.repeats)
+    recompiles = counters["stats"]["unique_graphs"] - graphs         # graphs traced during the timed runs: 0
+    ref = official()
+    same = lambda codes: "identical" if torch.equal(codes, ref) else "DIFFERENT"
+    row("far", f"{what}, official formulation", t_off, f"{tokens / t_off:.1f} tokens/s, 1.0x")
+    row("far", f"{what}, generate (static KV cache)", t_cache,
+        f"{tokens / t_cache:.1f} tokens/s, {t_off / t_cache:.2f}x official, codes {same(sample())}")
+    for mode, t in zip(modes, rest):
+        compile_s, n_graphs, codes = compile_info[mode]
+        row("far", f"{what}, generate(compile={mode!r})", t,
+            f"{tokens / t:.1f} tokens/s, {t_off / t:.2f}x official, {t_cache / t:.2f}x eager, codes {same(codes)}; "
+            f"first call {compile_s:.0f} s, {n_graphs} graphs, {recompiles} recompiles after it")
+    if recompute:
+        row("far", f"{what}, generate(use_cache=False)", rest[-1],
+            f"{tokens / rest[-1]:.1f} tokens/s, {t_off / rest[-1]:.2f}x official")
 
 
 def bench_far(args):
-    print("far: generate() with CFG (scale 2), random weights")
+    print("far: sampling with CFG (scale 2), random weights, fp32; official = official_code.md §6 on the same weights")
     if args.quick:
-        bench_far_preset(args, "tiny", (2, 2), 2, args.compile)
+        bench_far_preset(args, "tiny", (2, 2), 2, args.compile, True)
         return
-    bench_far_preset(args, "tiny", (8, 8), 8, args.compile)
-    # FAR-B at full width and depth; a 4 x 4 grid times the first 16 positions of a 16 x 16 image at the same cost
-    bench_far_preset(args, "far-b", (4, 4), 1, False)
+    bench_far_preset(args, "tiny", (8, 8), 8, args.compile, True)
+    # FAR-B at full width and depth; a 4 x 4 grid = the first 16 positions of a 16 x 16 image at the same cost,
+    # except attention over the longer cache (small next to the GEMMs of 24 + 3 blocks at 1024 wide)
+    bench_far_preset(args, "far-b", (4, 4), 8, args.compile, False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -258,7 +365,7 @@ def bench_train(args):
     torch.manual_seed(0)
     raw, disc = Tokenizer(cfg), PatchGAN()
     opt = torch.optim.Adam(raw.parameters(), lr=2e-4, betas=(0.9, 0.95))
-    loss_cfg = LossConfig(perceptual_weight=0.0, disc_start=400)     # train_tokenizer.py's tiny defaults
+    loss_cfg = LossConfig(perceptual_weight=0.0, gan_start=400)      # train_tokenizer.py's tiny defaults
     x = torch.rand(batch, 3, cfg.image_size, cfg.image_size) * 2 - 1
 
     def step(model):
@@ -281,6 +388,36 @@ def bench_train(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Tokenizer generator step of FQGAN-Dual f16 (Tab. 1) at batch 2, 256 px: ours vs the official quantizer formulation
+# (official_vq_forward) swapped into the same model, same weights. Losses: MSE + quantizer terms + Eq. (7) (no LPIPS,
+# D or teacher: their weights are not available offline); forward + backward, no optimizer step.
+
+def bench_train_dual(args):
+    preset, batch, size = ("tiny", 1, 64) if args.quick else ("fqgan-dual-16", 2, 256)
+    cfg = TokenizerConfig(**{**TOKENIZER_PRESETS[preset], "image_size": size})
+    print(f"train-dual: {preset}, batch {batch} at {size} px, G step (forward + MSE/quantizer/Eq. 7 + backward)")
+    torch.manual_seed(0)
+    tok = Tokenizer(cfg).train()
+    x = torch.rand(batch, 3, size, size) * 2 - 1
+    ours = [branch.quantize for branch in tok.branches]
+    swaps = {"official quantizer formulation": [OfficialVQ(q) for q in ours], "ours (quantizer.VectorQuantizer)": ours}
+
+    def step(quantizers):
+        for branch, q in zip(tok.branches, quantizers):
+            branch.quantize = q
+        x_rec, aux = tok(x)
+        tok.zero_grad(set_to_none=True)
+        generator_loss(x, x_rec, aux, 0, cfg=LossConfig())["total"].backward()
+    t_off, t_ours = interleaved_medians([lambda q=q: step(q) for q in swaps.values()], args.repeats)
+    for (name, quantizers), t in zip(swaps.items(), (t_off, t_ours)):
+        row("train-dual", f"{preset} G step, {name}", t, f"{t_off / t:.2f}x official")
+        if args.profile:                                              # where the time goes: top ops by self CPU time
+            with torch.profiler.profile() as prof:
+                step(quantizers)
+            print(f"{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -289,23 +426,35 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up (default 5; quick 1)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile (FAR decode step, tokenizer step); default on, off with --quick")
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
+    p.add_argument("--threads", default=f"1,{os.cpu_count()}",
+                   help="comma-separated torch.set_num_threads counts: the lookup runs on each, the other sections "
+                        "on the last (default: 1 and all cores)")
+    p.add_argument("--busy", type=int, default=None,
+                   help="also time the lookup against this many busy-loop processes (default 2; quick 0)")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of each train-dual step")
     args = p.parse_args(argv)
     args.repeats = (1 if args.quick else 5) if args.repeats is None else args.repeats
     args.compile = (not args.quick) if args.compile is None else args.compile
-    if args.repeats < 1 or args.threads < 1:
-        p.error(f"--repeats and --threads must be positive, got {args.repeats} and {args.threads}")
+    args.busy = (0 if args.quick else 2) if args.busy is None else args.busy
+    try:
+        args.threads = sorted({int(t) for t in args.threads.split(",")})
+    except ValueError:
+        p.error(f"--threads must be a comma-separated list of integers, got {args.threads!r}")
+    if args.repeats < 1 or args.threads[0] < 1 or args.busy < 0:
+        p.error(f"--repeats and --threads must be positive and --busy >= 0, got {args.repeats}, {args.threads} and "
+                f"{args.busy}")
     return args
 
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads[-1])
     ROWS.clear()
     header = machine()
     print(header, flush=True)
     for name in (args.only,) if args.only else SECTIONS:
-        globals()[f"bench_{name}"](args)
+        torch.set_num_threads(args.threads[-1])
+        globals()[f"bench_{name.replace('-', '_')}"](args)
     print(f"\n{header}; median of {args.repeats} runs after 1 warm-up{' (--quick)' if args.quick else ''}\n")
     print("| section | measurement | median | result | peak MiB |\n|---|---|---|---|---|")
     for section, what, seconds, result, peak in ROWS:

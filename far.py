@@ -6,13 +6,13 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
             p(q_t^1..q_t^k | h_t) = prod_i p(q_t^i | h_t, q_t^1..q_t^{i-1}); CFG on every sub-code's logits.
   Tab. 2    the FAR-Base / FAR-Large configurations (PRESETS "far-b", "far-l").
   Tab. 4    the two baseline heads: k independent linear classifiers, and MLP classifiers, on h_t.
-Facts about the official code (showlab/FQGAN, itself forked from LlamaGen) come from
-`shared/reference/far_spec.md` (cited as "spec §n"); this file is written from that spec, not copied.
+Facts about the official code (showlab/FQGAN, itself forked from LlamaGen) are cited from docs/official_code.md
+(§5-§7, written in our words); this file implements them, nothing is copied.
 
 What is here
   FARConfig, PRESETS     model shape; sizes derived from it (grid, codebook_size, num_classes), never hard-coded.
   FAR                    forward(codes (B, k, h, w), labels (B,)) -> logits (B, k, h*w, codebook_size), fp32.
-  far_loss               mean cross-entropy over the k sub-codes (spec §3.3), returned as a dict for logging.
+  far_loss               mean cross-entropy over the k sub-codes (official_code.md §5.6), a dict for logging.
   generate               class-conditional sampling with static KV caches (one buffer per layer, written in place),
                          CFG, temperature, top-k / top-p; compile=True runs the decode step compiled.
   load_far               loads our checkpoints and the official ones (key remap + config inference).
@@ -42,10 +42,10 @@ class FARConfig:
     codebook_size: int = 16384      # entries per sub-codebook
     grid: tuple = (16, 16)          # (h, w) token grid = image_size // downsample
     num_classes: int = 1000         # class id num_classes is the null (unconditional) class for CFG
-    multiple_of: int = 256          # SwiGLU hidden rounding (spec §1.3)
+    multiple_of: int = 256          # SwiGLU hidden rounding (official_code.md §5.2)
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
-    token_dropout: float = 0.1      # on the whole backbone input, class token included (spec §2)
+    token_dropout: float = 0.1      # on the whole backbone input, class token included (official_code.md §5.4)
     resid_dropout: float = 0.1      # after attention's output projection
     ffn_dropout: float = 0.1        # after the SwiGLU down projection
     attn_dropout: float = 0.0
@@ -61,9 +61,9 @@ class FARConfig:
 
 
 # Keyword arguments for FARConfig; k, codebook_size, grid, num_classes are overridden by the data, e.g.
-# FARConfig(**{**PRESETS["far-b"], "num_codebooks": 3}). Totals (exactly the official ones, spec §1.2):
+# FARConfig(**{**PRESETS["far-b"], "num_codebooks": 3}). Totals (exactly the official ones, official_code.md §5.1):
 # far-b 417,104,896 (k=2) / 451,707,904 (k=3); far-l 901,195,520 / 944,776,960.
-# NOTE(paper≠code): Tab. 2 reports 415M / 898M, exactly these totals minus the aggregation layer (spec §8.16).
+# NOTE(paper≠code): Tab. 2 reports 415M / 898M: exactly these totals minus the aggregation layer (§5.1 there).
 # paper-map: Tab. 2
 PRESETS = {
     # Tab. 2, FAR-Base: the backbone is LlamaGen GPT-L (24 x 1024), 3 full-width head blocks.
@@ -86,7 +86,7 @@ RECIPES = {"far-b": _PAPER_RECIPE, "far-l": _PAPER_RECIPE,
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Llama-style building blocks (spec §1.3; the backbone and the AR head share them)
+# Llama-style building blocks (official_code.md §5.2; the backbone and the AR head share them)
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -101,7 +101,8 @@ class RMSNorm(nn.Module):
 
 
 def rope_2d(grid, head_dim, base):
-    """2-D rotary table (1 + h*w, head_dim/2, 2) of (cos, sin), fp32, for [class token, raster grid] (spec §1.4).
+    """2-D rotary table (1 + h*w, head_dim/2, 2) of (cos, sin), fp32, for [class token, raster grid]
+    (official_code.md §5.3).
 
     Pair p of a head rotates by row*w_p for p < head_dim/4 and by col*w_p after, w_p = base^(-2p / (head_dim/2)).
     NOTE(paper≠code): row 0 (class slot) is all zeros, not the identity, so the class token's q and k are
@@ -224,7 +225,7 @@ class FAR(nn.Module):
             # dim-wide hidden layer, i.e. each classifier becomes a 2-layer MLP.
             # paper-map: Tab. 4 heads
             self.mlp_head = nn.ModuleList(nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU()) for _ in range(k))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # one final norm shared by all sub-codes (spec §8.3)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # one final norm shared by all sub-codes (official_code.md §5.5)
         self.output = nn.ModuleList(nn.Linear(cfg.dim, V, bias=False) for _ in range(k))  # untied from inputs
         self._rope = None  # plain attribute, not a buffer: stays fp32 under .to(bf16), absent from state_dict
         self.apply(self._init_weights)
@@ -238,7 +239,7 @@ class FAR(nn.Module):
             nn.init.zeros_(m.bias)
 
     def rope(self, device):
-        """The (1 + h*w, head_dim/2, 2) rotary table, built once per device (CPU float math, spec §1.4)."""
+        """The (1 + h*w, head_dim/2, 2) rotary table, built once per device (CPU float math, official_code.md §5.3)."""
         if self._rope is None or self._rope.device != device:
             self._rope = rope_2d(self.cfg.grid, self.cfg.dim // self.cfg.n_head, self.cfg.rope_base).to(device)
         return self._rope
@@ -288,7 +289,8 @@ class FAR(nn.Module):
             # that same position; head slot j predicts sub-code j from h_t and sub-codes < j.
             prev = codes[:, :k - 1].transpose(1, 2).reshape(B * L, k - 1)  # (B, k-1, L) -> (B*L, k-1)
             # NOTE(paper≠code): the head takes rotary rows 0..k-1 of the backbone table, so slot 0 (h_t) gets the
-            # class token's zero row (its q, k vanish) and slot 2 gets grid cell (0, 1). Kept for parity (spec §3.2).
+            # class token's zero row (its q, k vanish) and slot 2 gets grid cell (0, 1). Kept for parity
+            # (official_code.md §5.5).
             # paper-map: Factorized AR head
             z = self.norm(self.run_blocks(self.ar_head, self.head_input(hid, prev)))  # (B*L, k, dim)
             logits = [self.classify(z[:, j], j) for j in range(k)]
@@ -306,7 +308,7 @@ class FAR(nn.Module):
         head's static caches (k slots, Attention.forward) only slot j is run, by head_step(model, x, pos, caches)
         (`decode_head` or its compiled form). Slots 0..j-1 were written by this position's earlier sub-codes, and
         the slots above j (still holding the previous position's keys) are masked, so the caches need no reset
-        between positions: spec §4.2's fresh zeroed caches per position, without the allocations."""
+        between positions: official_code.md §6.1's fresh zeroed caches per position, without the allocations."""
         if self.cfg.head != "ar":  # Tab. 4 baselines: classifiers on the normed h_t, blind to the other sub-codes
             return self.classify(self.norm(h), j)
         if caches is None:  # Sec. 3.3, the paper's form: the causal head over the length-(1 + j) sequence
@@ -385,7 +387,8 @@ def generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, 
     so weights updated in training are seen). Sampling, CFG and filtering stay eager: the generator's draws are the
     same, so compiled codes equal eager codes up to float reassociation. The caches take autocast's dtype when
     autocast is on (bf16 keys under torch.autocast), else the weights' dtype; CFG logits are fp32 either way.
-    NOTE(paper≠code): the official sampler crashes at s = 1.0 (2n-row caches for an n-row batch, spec §8.6).
+    NOTE(paper≠code): the official sampler crashes at s = 1.0 (2n-row caches for an n-row batch, official_code §6.2)
+    and applies no guidance at all for s < 1 (its checks are s > 1); we apply the formula for any finite s.
     """
     assert temperature > 0, f"temperature must be > 0, got {temperature}"
     assert use_cache or not compile, "compile compiles the cached decode step; it needs use_cache=True"
@@ -393,17 +396,18 @@ def generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, 
     model.eval()  # no dropout while sampling; the caller's mode is restored at the end
     B, k, L, dev = labels.shape[0], cfg.num_codebooks, cfg.grid[0] * cfg.grid[1], labels.device
     guided = cfg_scale != 1.0
-    # CFG batch: first half conditional, second half the null class num_classes (spec §4.1).
+    # CFG batch: first half conditional, second half the null class num_classes (official_code.md §6.1).
     y = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if guided else labels
     both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)  # both halves get the sampled codes
     codes = torch.zeros(B, k, L, dtype=torch.long, device=dev)
     caches = head_caches = head = None
     if use_cache:
         dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.norm.weight.dtype
-        # slots 0..L-1 = [class token, positions 0..L-2]: the last position is sampled, never fed back (spec §4.3).
+        # slots 0..L-1 = [class token, positions 0..L-2]: the last position is sampled, never fed back
+        # (official_code.md §6.2).
         # NOTE(paper≠code): the official backbone caches have 1 + h*w slots rounded up to a multiple of 8 (264), and
-        # its head caches are that long too and reallocated zeroed at every position (spec §4.2); the mask makes
-        # both unnecessary, with the same codes (bench.py's official_generate checks it on equal weights).
+        # its head caches are that long too and reallocated zeroed at every position (official_code §6.1); the mask
+        # makes both unnecessary, with the same codes (bench.py's official_generate checks it on equal weights).
         caches = kv_caches(cfg, cfg.n_layer, len(y), L, dtype, dev)
         head_caches = kv_caches(cfg, cfg.ar_head_layers, len(y), k, dtype, dev) if cfg.head == "ar" else None
         backbone, head = (compiled(f) if compile else f for f in (decode_backbone, decode_head))

@@ -29,7 +29,7 @@ import torchvision
 class LossConfig:
     rec_weight: float = 1.0          # L_rec = MSE in [-1, 1] (official_code.md §2.1)
     perceptual_weight: float = 1.0   # λ_P, Eq. (2) (official_code.md §2.2)
-    gan_weight: float = 0.5          # λ_G, Eq. (2), on both the G and the D loss once the GAN is on (official_code.md §2.3)
+    gan_weight: float = 0.5          # λ_G, Eq. (2), on the G and the D loss once the GAN is on (official_code §2.3)
     gan_start: int = 20000           # the GAN starts at the official 1-based step 20000 (official_code.md §2.3)
     disentangle_weight: float = 0.1  # λ_dis, Eq. (8)
     rep_weight: float = 0.5          # λ_rep, Eq. (8), once per teacher-supervised branch (representation_loss)
@@ -41,7 +41,7 @@ def weights_dir():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# LPIPS perceptual loss, L_P of Eq. (2) (official_code.md §2.2; Zhang et al. 2018, VGG16 variant v0.1, as in taming/LlamaGen)
+# LPIPS perceptual loss, L_P of Eq. (2) (official_code.md §2.2; Zhang et al. 2018, VGG16 v0.1, as taming/LlamaGen)
 
 VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision VGG16_Weights.IMAGENET1K_V1
 LIN_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-vgg16-lpips.pth"
@@ -85,7 +85,7 @@ class LPIPS(nn.Module):
 
     def train(self, mode=True):
         # NOTE(paper≠code): the official loss module calls .train() on LPIPS, which turns on a Dropout(0.5) in front
-        # of each lin conv during training (official_code.md §2.2). We keep LPIPS deterministic: always eval, no dropout.
+        # of each lin conv during training (official_code.md §2.2). We keep LPIPS deterministic: always eval.
         return super().train(False)
 
     def forward(self, x, y):
@@ -177,7 +177,7 @@ class Teacher(nn.Module):
         return super().train(False)  # frozen: always eval (the official code lets them go back to train; dropout 0)
 
     def preprocess(self, x):
-        """[-1, 1] -> [0, 1] -> teacher resolution -> teacher mean/std (official_code.md §2.5). The teacher sees the INPUT x."""
+        """[-1, 1] -> [0, 1] -> teacher resolution -> teacher mean/std (official_code.md §2.5). It sees the INPUT x."""
         x = x * 0.5 + 0.5
         # NOTE(paper≠code): the official code resizes 256 -> 224 with F.interpolate's default mode, nearest (no
         # antialias), and hard-codes 224. We keep nearest by default for parity; "bicubic" (antialiased) is closer
@@ -191,7 +191,7 @@ class Teacher(nn.Module):
         return self.cls_fn(self.net, self.preprocess(x))
 
 
-DINO_SIZE = 224  # the official teacher input size (official_code.md §2.5, clip_encoder.py/dino_encoder.py); CLIP's is its own
+DINO_SIZE = 224  # the official teacher input size (official_code.md §2.5); CLIP's is its own
 
 
 def _clip_cls(net, x):
@@ -296,7 +296,8 @@ def build_teachers(specs, weights_paths=None, device=None, pretrained=True, inte
     """{branch i: Teacher} for every non-None entry of `specs` (TokenizerConfig.teachers).
 
     specs: "openclip:<model>:<tag or file>" (e.g. "openclip:ViT-L-14:openai"), "timm:<model.tag>"
-    (e.g. "timm:vit_small_patch14_dinov2.lvd142m") or "cnn:<file>" (the offline stand-in PhotoCNN). weights_paths: optional {i: local weight file}; for open_clip the
+    (e.g. "timm:vit_small_patch14_dinov2.lvd142m") or "cnn:<file>" (the offline stand-in PhotoCNN).
+    weights_paths: optional {i: local weight file}; for open_clip the
     tag still decides QuickGELU and mean/std. Teachers have no trainable parameters: keep them out of DDP and of
     checkpoints. pretrained=False builds randomly initialised teachers of the same classes (tests only).
     """
@@ -307,7 +308,7 @@ def build_teachers(specs, weights_paths=None, device=None, pretrained=True, inte
 
 # paper-map: Representation loss
 def info_nce(student, teacher):
-    """The official representation loss (official_code.md §2.5): rows-only, temperature-free InfoNCE on cosine similarities.
+    """The official representation loss (official_code.md §2.5): rows-only, temperature-free InfoNCE on cosines.
 
     student, teacher (B, W). s = l2norm(student), t = l2norm(teacher), M = exp(s tᵀ):
     loss = -mean_i log(M_ii / Σ_j M_ij); the other images of the (per-GPU) batch are the negatives.

@@ -131,7 +131,7 @@ PRESETS = {
 
 # The training recipe of every preset: train_tokenizer.py's defaults, which `--help` prints for the chosen --preset.
 # Paper presets: Sec. 4.1 (batch 256, lr 2e-4, ~40 epochs = 200k steps) and the official scripts (EMA, LPIPS 1.0, GAN
-# 0.5 from step 20k; docs/official_code.md §2.1, §3.1). Tiny presets: 2 CPU cores and the bundled photos (bundled_data),
+# 0.5 from step 20k; official_code.md §2.1, §3.1). Tiny presets: 2 CPU cores and the bundled photos (bundled_data),
 # no LPIPS (its weights are not available offline) and no GAN (without LPIPS it wrecked reconstruction, README).
 _PAPER_RECIPE = dict(bundled_data=False, global_batch_size=256, max_steps=200_000, lr=2e-4, ema_decay=0.9999,
                      perceptual_weight=1.0, gan_weight=0.5, gan_start=20_000)

@@ -2,22 +2,15 @@
 
 Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681.
   Sec. 3.3  the model (far.py); its loss is the mean cross-entropy over the k sub-codes
-  Sec. 4.1  ImageNet 256x256, 300 epochs, global batch 256, constant lr (the codes extracted once with ten-crop +
-            flip are the official recipe, docs/official_code.md §7.1; the paper does not describe them)
-Recipe details follow the official scripts (docs/official_code.md §7): AdamW (0.9, 0.95), weight decay
-0.05 on matrices only, grad clip 1.0, bf16 autocast, no EMA.
+  Sec. 4.1  ImageNet 256x256, 300 epochs, global batch 256, constant lr
+Recipe details follow the official scripts (docs/official_code.md §7): codes extracted once from ten crops + flips
+(the paper does not describe them), AdamW (0.9, 0.95), weight decay 0.05 on matrices only, clip 1.0, no EMA.
+Two stages: extract_codes() encodes every image once into OUT/codes/{train,val}/codes.npy (memory-mapped
+(N, A, k, h, w), A views); training then draws one view per image and step, as the official dataset does.
 
-Two stages, both in this file:
-  1. extract_codes(): every training image -> A augmented views -> codes, once, into OUT/codes/train/codes.npy
-     (a memory-mapped (N, A, k, h, w) array) + labels.npy; the held-out folder likewise (one centre view).
-  2. training: each step draws one view per image (as the official dataset does), teacher-forced cross-entropy.
-
-GPU (FAR-B on the codes of an FQGAN-Dual f16 tokenizer, 8 GPUs, the official 300 epochs):
   torchrun --nproc_per_node=8 train_far.py --preset far-b --tokenizer-ckpt fqgan_dual_ds16.pt \\
-      --data-path /data/imagenet/train --out-dir runs/far-b --max-steps 1501200
-CPU (the tiny preset on the codes of the shipped tiny tokenizer and the bundled photos, minutes on 2 cores):
-  python train_far.py --preset tiny --out-dir runs/far-tiny
-Resume either with the same command plus --resume.
+      --data-path /data/imagenet/train --out-dir runs/far-b            # GPUs: FAR-B, the official 300 epochs
+  python train_far.py --preset tiny --out-dir runs/far-tiny            # CPU; either resumes with --resume
 """
 import argparse
 import json
@@ -48,10 +41,8 @@ VIEWS = {"tencrop": 10, "flip": 2, "none": 1}   # augmented views stored per ima
 # Stage 1: code extraction (official_code.md §7.1)
 
 class Views(Dataset):
-    """Image i of an ImageFolder -> (A views (A, 3, H, W) in [-1, 1], label; label -1 if unreadable).
-
-    tencrop (official): ADM centre crop to 1.1x the size, then the 4 corners + centre and their horizontal flips.
-    flip: centre crop + its flip. none: centre crop (held-out images)."""
+    """Image i -> (A views (A, 3, H, W) in [-1, 1], label; -1 if unreadable). tencrop (official): the 4 corners + centre
+    of the 1.1x ADM centre crop and their flips; flip: centre crop + its flip; none: centre crop (held-out images)."""
 
     def __init__(self, root, size, augment):   # the folder only lists the files: the crops are done here
         self.folder, self.size, self.augment = ImageFolder(root, size, train=False), size, augment
@@ -151,8 +142,8 @@ class Codes(Dataset):
 
 @torch.no_grad()
 def nll_bits(model, dataset, device, ddp, rank, world, batch_size=64):
-    """Held-out negative log-likelihood in bits per sub-code, one value per sub-code (teacher forcing, true labels,
-    eval mode). Ranks split the items and sum; every rank gets the result."""
+    """Held-out NLL in bits, one value per sub-code (teacher forcing, true labels, eval mode). Ranks split the items
+    and sum; every rank gets the result."""
     model.eval()                                                       # no dropout, no label dropout
     k = model.cfg.num_codebooks
     total = torch.zeros(k + 1, dtype=torch.float64, device=device)       # k summed CE (nats) + token count
@@ -170,6 +161,21 @@ def nll_bits(model, dataset, device, ddp, rank, world, batch_size=64):
         dist.all_reduce(total)                                          # sums, then one division
     model.train()
     return (total[:k] / total[k].clamp(min=1) / math.log(2)).tolist()  # nats -> bits per sub-code
+
+
+@torch.no_grad()
+def copy_distance(samples, codes, labels):
+    """Memorisation in codes: (per sample, the fraction of its k*h*w sub-codes that differ from the nearest training
+    view; per training image, the same to the nearest view of another image), or None for large sets (quadratic)."""
+    train = torch.from_numpy(np.asarray(codes)[np.asarray(labels) >= 0].astype(np.int64)).flatten(2)   # (N, A, D)
+    n, a, d = train.shape
+    if n * a > 20_000:                                                 # ImageNet: far too many pairs
+        return None
+    near = lambda x: (x[:, None, None] != train[None]).float().mean(-1)   # (S, D) -> (S, N, A) Hamming fractions
+    to_sample = near(samples.flatten(1).cpu()).flatten(1).amin(1)     # (S,): nearest training view
+    between = near(train[:, a // 2])                                   # (N, N, A): each image's middle view
+    between[torch.arange(n), torch.arange(n)] = 1.0                    # not its own views
+    return to_sample, between.flatten(1).amin(1)                       # (S,), (N,)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -190,15 +196,14 @@ def parse_args(argv=None):
                    help="trained tokenizer (ours or official) whose codes FAR models (default: %(default)s)")
     p.add_argument("--data-path", default=os.path.join(BUNDLED, "train") if bundled else None,
                    help="ImageFolder root of training images (default: %(default)s)")
-    p.add_argument("--val-path", default=None, help="ImageFolder root of held-out images for the NLL of "
-                   "--eval-every (default: data/photos/val when --data-path is the bundled data/photos/train, "
-                   "else none)")
+    p.add_argument("--val-path", help="held-out ImageFolder for the NLL (default: data/photos/val when --data-path is "
+                   "the bundled data/photos/train, else none)")
     p.add_argument("--augment", default="tencrop", choices=sorted(VIEWS),   # stage 1 only; part of meta.json
                    help="views extracted per training image (official: tencrop = 10 crops incl. flips)")
     p.add_argument("--out-dir", default="runs/far", help="codes, checkpoints, log.jsonl, samples (%(default)s)")
     # optimisation (official_code.md §7.3: the official script; the paper's Sec. 4.1 says lr 2e-4)
-    p.add_argument("--global-batch-size", type=int, default=recipe["global_batch_size"],
-                   help="sequences per step over all ranks (default: %(default)s)")
+    p.add_argument("--global-batch-size", type=int, default=recipe["global_batch_size"], help="sequences per "
+                   "step over all ranks (%(default)s)")
     p.add_argument("--max-steps", type=int, default=recipe["max_steps"], help="training steps (default: %(default)s)")
     p.add_argument("--lr", type=float, default=recipe["lr"], help="AdamW learning rate, constant (%(default)s)")
     p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (official script; %(default)s)")
@@ -207,14 +212,13 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (%(default)s)")
     # runtime
     p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (%(default)s)")
-    p.add_argument("--num-workers", type=int, default=recipe["num_workers"],
-                   help="data loader workers per rank (default: %(default)s)")
+    p.add_argument("--num-workers", type=int, default=recipe["num_workers"], help="loader workers per rank "
+                   "(%(default)s)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None,   # official: bf16 autocast (§7.3)
                    help="autocast dtype of the forward (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,   # official: compiled (§7.3)
                    help="torch.compile the model (default: on with CUDA, off on CPU)")
-    p.add_argument("--extract-batch-size", type=int, default=16, help="images per rank per encode in stage 1 "
-                   "(%(default)s)")
+    p.add_argument("--extract-batch-size", type=int, default=16, help="images per encode in stage 1 (%(default)s)")
     p.add_argument("--log-every", type=int, default=50, help="steps between JSONL log lines (%(default)s)")
     p.add_argument("--sample-every", type=int, default=500, help="steps between PNG grids of samples (%(default)s)")
     p.add_argument("--eval-every", type=int, default=500, help="steps between held-out NLLs (%(default)s)")
@@ -321,8 +325,7 @@ def main(argv=None):
 
 
 def train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra, ddp, rank, world, device):
-    """The loop: teacher-forced cross-entropy over the k sub-codes (Sec. 3.3), AdamW, clip; logs, held-out NLL,
-    sample PNGs and checkpoints as asked."""
+    """The loop: teacher-forced CE over the k sub-codes (Sec. 3.3), AdamW, clip; logs, NLL, samples, checkpoints."""
     master, folder = rank == 0, os.path.join(args.out_dir, "checkpoints")
     log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None   # appended to on --resume
     write = lambda record: master and (log.write(json.dumps(record) + "\n"), log.flush())   # one JSON per line
@@ -340,15 +343,19 @@ def train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra,
             dist.barrier()                                             # no rank runs ahead of a half-written file
 
     def evaluate(nll, sample):
-        """Held-out NLL (every rank takes part) and, on rank 0, a PNG: one sample of each of the first 8 classes."""
+        """Held-out NLL (every rank takes part); on rank 0 samples of every class: a PNG and their copy distance."""
         if nll and val_set is not None:                               # every rank: nll_bits all-reduces
             bits = nll_bits(raw, val_set, device, ddp, rank, world)
             write({"step": step, **{f"val_bits/{j}": v for j, v in enumerate(bits)}})
-        if master and sample:
-            labels = torch.arange(min(8, cfg.num_classes), device=device)   # classes 0..7, one sample each
-            x = tok.decode_codes(generate(raw, labels, cfg_scale=2.0,   # Tab. 2's cfg scale; same seed every time
-                                          generator=torch.Generator(device).manual_seed(args.seed)))
+        if master and sample:   # 4 samples of every class, Tab. 2's cfg scale, the same seed every time
+            labels = torch.arange(cfg.num_classes, device=device).repeat_interleave(4)
+            codes = generate(raw, labels, cfg_scale=2.0, generator=torch.Generator(device).manual_seed(args.seed))
+            x = tok.decode_codes(codes[::4][:8])                            # PNG: classes 0..7, one sample each
             save_grid(x, os.path.join(args.out_dir, "samples", f"{step:07d}.png"), nrow=len(x))   # one row
+            dist_ = copy_distance(codes, dataset.codes, dataset.labels)   # does FAR sample or copy?
+            if dist_ is not None:
+                write({"step": step, "copy/sample_nn": dist_[0].median().item(), "copy/train_nn":
+                       dist_[1].median().item(), "copy/fraction": (dist_[0] < dist_[1].min()).float().mean().item()})
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")   # weights fp32
     if step == 0:

@@ -78,7 +78,7 @@ def parse_args(argv=None):
                    help="lambda_dis of Eq. (7)-(8) (default: %(default)s)")
     p.add_argument("--rep-weight", type=float, default=0.5, help="lambda_rep of Eq. (8), per teacher-supervised "
                    "branch; 0 = no teacher (default: %(default)s)")
-    # code-distribution entropy term: 0.03 per codebook in the official scripts (official_code.md §1.5), IBQ 0.05 (§8.3)
+    # code-distribution entropy term: 0.03 per codebook in the official scripts (official_code §1.5), IBQ 0.05 (§8.3)
     p.add_argument("--entropy-weight", type=float, default=None, help="entropy loss weight (default: preset's)")
     # runtime
     p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (default: %(default)s)")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -36,7 +37,7 @@ def test_bad_only_exits_2_naming_the_choices():
     assert all(name in proc.stderr for name in bench.SECTIONS)
 
 
-@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--threads", "0"]])
+@pytest.mark.parametrize("argv", [["--repeats", "0"], ["--threads", "0"], ["--threads", "1,x"], ["--busy", "-1"]])
 def test_non_positive_counts_are_rejected(argv):
     with pytest.raises(SystemExit) as e:
         bench.parse_args(argv)
@@ -48,3 +49,40 @@ def test_every_flag_is_read():
     source = open(os.path.join(ROOT, "bench.py")).read()
     for name in vars(bench.parse_args([])):
         assert source.count(f"args.{name}") >= 1, name
+
+
+def test_threads_list_runs_the_lookup_on_each_count():
+    assert bench.parse_args(["--threads", "2,1,2"]).threads == [1, 2]            # sorted, deduplicated
+    rows = bench.main(["--quick", "--only", "lookup", "--threads", "1,2"])
+    for threads in ("1 thread,", "2 threads,"):
+        assert sum(threads in what for _, what, *_ in rows) == 2                  # reference and nearest_code
+
+
+def test_busy_loops_run_only_inside_the_block():
+    with bench.busy_loops(1):
+        procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert "while True: pass" in procs
+    procs = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()
+    assert not [line for line in procs if "while True: pass" in line and f" {os.getpid()} " in f" {line} "]
+
+
+@pytest.mark.parametrize("official_ste", [True, False])
+def test_official_formulation_equals_vector_quantizer(official_ste):
+    """The official quantizer forward the train-dual rows compare against computes what VectorQuantizer (training,
+    entropy loss) computes: codes, z_q, every loss, and the gradients to z and the codebook."""
+    torch.manual_seed(0)
+    vq = bench.VectorQuantizer(300, 8, entropy_weight=0.03).train()
+    vq.embedding.weight.data = torch.nn.functional.normalize(torch.randn(300, 8), dim=-1)
+    vq.official_ste = official_ste
+    z0, g = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
+    out = []
+    for forward in (bench.OfficialVQ(vq), vq):
+        z = z0.clone().requires_grad_()
+        vq.zero_grad()
+        z_q, losses, codes = forward(z)
+        ((z_q * g).sum() + sum(losses.values())).backward()
+        out.append((codes, z_q.detach(), *(losses[k].detach() for k in ("codebook", "commit", "entropy")),
+                    z.grad, vq.embedding.weight.grad))
+    assert torch.equal(out[0][0], out[1][0])
+    for a, b in zip(out[0][1:], out[1][1:]):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (a - b).abs().max()

@@ -1,4 +1,4 @@
-"""The static KV cache and the compiled decode step of far.generate (Sec. 3.3 sampling; far_spec.md §4).
+"""The static KV cache and the compiled decode step of far.generate (Sec. 3.3 sampling; official_code.md §6).
 
 Invariants: cached sampling draws the same codes as full recompute for every k and head, with and without CFG
 and filtering; each layer's cache is one preallocated buffer written in place (same shape and storage at every
@@ -93,8 +93,8 @@ def test_one_static_buffer_per_layer_written_in_place(k):
 def test_compiled_decode_equals_eager_and_never_recompiles():
     """torch.compile of the decode step: same codes as eager under the same generator; two graphs (decode_backbone,
     decode_head) for 16 positions x (1 + k) steps; a second call, a second model of the same shapes and updated
-    weights reuse them (error_on_recompile turns any recompilation into an error). One block each keeps the cold inductor compile
-    short on CPU (~30 s idle, ~60 s on 2 loaded cores; inductor's on-disk cache makes reruns ~10 s)."""
+    weights reuse them (error_on_recompile turns any recompilation into an error). One block each keeps the cold
+    inductor compile short on CPU (~30 s idle, ~60 s on 2 loaded cores; inductor's on-disk cache makes reruns ~10 s)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     far.compiled.cache_clear()

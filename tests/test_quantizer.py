@@ -1,10 +1,12 @@
-"""Invariants of quantizer.py: exact lookup, gradient routes, IBQ's chunked backward, entropy and Eq. (7).
+"""Invariants of quantizer.py: each fast path equals the paper's form written out (lookup_reference, ibq_reference),
+on any blocking and thread count; gradient routes; entropy and Eq. (7) by hand.
 
 Run: python -m pytest tests/test_quantizer.py -q
 """
 import math
 import os
 import sys
+import threading
 
 import pytest
 import torch
@@ -13,54 +15,91 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import quantizer  # noqa: E402
 from quantizer import (IBQuantizer, VectorQuantizer, code_softmax, codebook_usage, disentangle_loss,  # noqa: E402
-                       nearest_code)
+                       distances, entropy_reference, ibq_reference, lookup_block_elems, lookup_reference, nearest_code)
 
 
-def brute_force_codes(z, codebook):
-    """Eq. (1) with the whole N x K distance matrix (the formulation the chunked lookup must equal)."""
-    d = z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.t()
-    return d.argmin(1)
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    """Run a test on 1 and on 2 intra-op threads (2: the lookups shard tokens over single-core pool threads)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("n,k,d,chunk", [(300, 64, 8, 1), (1000, 4096, 8, 1000), (512, 2**16, 4, 2**12),
-                                         (257, 1000, 256, 2**18)])
-def test_nearest_code_equals_brute_force(n, k, d, chunk):
-    g = torch.Generator().manual_seed(n + k)
-    z, codebook = torch.randn(n, d, generator=g), torch.randn(k, d, generator=g)
-    assert torch.equal(nearest_code(z, codebook, chunk_elems=chunk), brute_force_codes(z, codebook))
+@pytest.mark.parametrize("n,K,d,block", [(300, 64, 8, 1), (1000, 4096, 8, 1000), (512, 2**16, 4, 2**12),
+                                         (257, 1000, 256, 2**18), (3000, 1000, 8, 2**12), (700, 3001, 8, None)])
+def test_nearest_code_equals_reference(n, K, d, block, threads):
+    g = torch.Generator().manual_seed(n + K)
+    z, codebook = torch.randn(n, d, generator=g), torch.randn(K, d, generator=g)
+    assert torch.equal(nearest_code(z, codebook, block_elems=block), lookup_reference(z, codebook))
 
 
-@pytest.mark.parametrize("k,chunk", [(4096, 2**20), (1000, 256), (3001, 2**12), (70, 1)])
-def test_nearest_code_duplicates_resolve_to_first_index(k, chunk):
-    """Exact duplicate codes (inside a group of 64, across groups, across code blocks when chunk < K) tie exactly:
-    the first index wins, as in argmin, and the result equals brute force."""
-    g = torch.Generator().manual_seed(k)
-    codebook = F.normalize(torch.randn(k, 8, generator=g), dim=-1)
-    src, dst = torch.randint(0, k, (2, k // 4), generator=g)
+def test_nearest_code_in_one_block_equals_reference():
+    """The GPU path (lookup_block_elems on CUDA: the whole N x K matrix in one block), run on the CPU."""
+    g = torch.Generator().manual_seed(0)
+    z, codebook = torch.randn(600, 8, generator=g), torch.randn(1000, 8, generator=g)
+    assert torch.equal(nearest_code(z, codebook, block_elems=600 * 1000), lookup_reference(z, codebook))
+
+
+def test_lookup_block_elems_by_device():
+    # CUDA: the whole matrix when it fits the budget (32 images of 16 x 16 tokens and 16384 codes do)
+    assert lookup_block_elems(torch.device("cuda"), 8192, 16384, 8) == 8192 * 16384
+    assert lookup_block_elems(torch.device("cuda"), 2**20, 2**18, 8) * 4 == quantizer.GPU_BLOCK_BYTES
+    # CPU: cache-sized blocks that grow with d (taller GEMMs for IBQ's d = 256), whatever N and K are
+    assert lookup_block_elems(torch.device("cpu"), 8192, 16384, 8) == 2**20
+    assert lookup_block_elems(torch.device("cpu"), 8, 16, 256) == 2**25
+
+
+def test_shards_run_on_one_core_each_and_leave_thread_counts_alone():
+    """The pool threads of the 2-thread lookup run their ops on one core each; the caller keeps 2 threads, and a thread
+    started afterwards gets the default (2), not the 1 that set_num_threads set on the pool threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        shards = quantizer._in_shards(lambda blocks: (torch.get_num_threads(), blocks), 100, 10, torch.device("cpu"))
+        assert [(n, len(blocks)) for n, blocks in shards] == [(1, 5), (1, 5)]   # 10 blocks of 10 rows
+        assert torch.get_num_threads() == 2
+        later = []
+        t = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert later == [2]
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("K,block", [(4096, 2**20), (1000, 256), (3001, 2**12), (70, 1)])
+def test_nearest_code_duplicates_resolve_to_first_index(K, block, threads):
+    """Exact duplicate codes (inside a group of 64, across groups, across code blocks when block < K) tie exactly:
+    the first index wins, as in argmin, and the result equals the reference."""
+    g = torch.Generator().manual_seed(K)
+    codebook = F.normalize(torch.randn(K, 8, generator=g), dim=-1)
+    src, dst = torch.randint(0, K, (2, K // 4), generator=g)
     codebook[dst] = codebook[src]                                     # duplicates before and after their source
     z = torch.cat([codebook[src], F.normalize(torch.randn(300, 8, generator=g), dim=-1)])   # tokens on the ties
-    codes = nearest_code(z, codebook, chunk_elems=chunk)
-    assert torch.equal(codes, brute_force_codes(z, codebook))
+    codes = nearest_code(z, codebook, block_elems=block)
+    assert torch.equal(codes, lookup_reference(z, codebook))
     first = {}
     for j, row in enumerate(map(tuple, codebook.tolist())):
         first.setdefault(row, j)
     assert all(first[tuple(codebook[j].tolist())] == j for j in codes[:src.shape[0]].tolist())
 
 
-@pytest.mark.parametrize("k,chunk", [(4096, 2**20), (1000, 256), (3001, 2**12)])
-def test_nearest_code_near_ties_within_rounding(k, chunk):
+@pytest.mark.parametrize("K,block", [(4096, 2**20), (1000, 256), (3001, 2**12)])
+def test_nearest_code_near_ties_within_rounding(K, block):
     """Codes 1 ulp apart: fp32 cannot order them, and which one wins depends on the GEMM kernel MKL picks for the
-    block shape (brute force over other shapes flips some, the official code's batch size too). What holds for any
+    block shape (the reference over other shapes flips some, the official code's batch size too). What holds for any
     blocking: the chosen code is within fp32 rounding of the exact (fp64) nearest one."""
-    g = torch.Generator().manual_seed(k)
-    codebook = F.normalize(torch.randn(k, 8, generator=g), dim=-1)
-    near = torch.randint(0, k, (k // 4,), generator=g)
+    g = torch.Generator().manual_seed(K)
+    codebook = F.normalize(torch.randn(K, 8, generator=g), dim=-1)
+    near = torch.randint(0, K, (K // 4,), generator=g)
     codebook[near] = torch.nextafter(codebook[near], torch.full_like(codebook[near], 2.0))   # 1 ulp away
     z = torch.cat([codebook[near], F.normalize(torch.randn(300, 8, generator=g), dim=-1)])
-    codes = nearest_code(z, codebook, chunk_elems=chunk)
-    z64, c64 = z.double(), codebook.double()
-    dist64 = z64.pow(2).sum(1, keepdim=True) + c64.pow(2).sum(1) - 2 * z64 @ c64.t()
+    codes = nearest_code(z, codebook, block_elems=block)
+    dist64 = distances(z.double(), codebook.double())
     assert (dist64.gather(1, codes[:, None])[:, 0] - dist64.min(1).values).max() < 1e-6
 
 
@@ -75,13 +114,13 @@ def test_nearest_code_batch_of_one_and_padding():
 @pytest.mark.parametrize("l2_norm", [True, False])
 def test_vq_codes_and_values(l2_norm):
     torch.manual_seed(0)
-    vq = VectorQuantizer(512, 8, l2_norm=l2_norm, chunk_elems=2**10)
+    vq = VectorQuantizer(512, 8, l2_norm=l2_norm, block_elems=2**10)
     z = torch.randn(2, 8, 5, 7)
     z_q, losses, codes = vq(z)
     flat = z.permute(0, 2, 3, 1).reshape(-1, 8)                       # (B, d, h, w) -> (B*h*w, d)
     if l2_norm:
         flat = F.normalize(flat, dim=-1)
-    expected = brute_force_codes(flat, vq.codebook()).view(2, 5, 7)
+    expected = lookup_reference(flat, vq.codebook()).view(2, 5, 7)
     assert torch.equal(codes, expected)
     # the straight-through output is exactly the codebook rows (decode_codes relies on it)
     assert torch.equal(z_q, vq.codebook()[codes].permute(0, 3, 1, 2))
@@ -115,46 +154,56 @@ def test_codebook_and_commit_terms_move_only_their_tensors():
     assert g_c is None or g_c.abs().sum() == 0                        # sg(z_q): the codebook is not moved
 
 
-def unchunked_code_softmax(z, codebook, temperature):
-    """The IBQ / entropy formulas with full N x K tensors and plain autograd (ibq_lfq_spec.md §1.6)."""
-    logits = z @ codebook.t()
-    soft = logits.softmax(-1)
-    codes = soft.argmax(-1)
-    hard = F.one_hot(codes, codebook.shape[0]).to(soft)
-    z_q = (hard - soft.detach() + soft) @ codebook
-    p, logp = (logits / temperature).softmax(-1), (logits / temperature).log_softmax(-1)
-    h_sample = -(p * logp).sum(-1).mean()
-    p_mean = p.mean(0)
-    h_code = -(p_mean * (p_mean + 1e-5).log()).sum()
-    return codes, z_q, h_sample, h_code
-
-
-@pytest.mark.parametrize("chunk", [1, 37 * 50, 2**18])
-def test_code_softmax_chunked_equals_unchunked(chunk):
-    g = torch.Generator().manual_seed(chunk)
-    n, k, d, t = 60, 50, 6, 0.5
-    z0, c0 = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(k, d, generator=g, dtype=torch.float64)
+@pytest.mark.parametrize("straight_through", [True, False])
+@pytest.mark.parametrize("block", [1, 37 * 50, 2**18])
+def test_code_softmax_equals_reference(block, straight_through, threads):
+    """Values and gradients (through z_q and both entropy terms) equal autograd through ibq_reference, in fp64."""
+    g = torch.Generator().manual_seed(block)
+    n, K, d, t = 60, 50, 6, 0.5
+    z0, c0 = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(K, d, generator=g, dtype=torch.float64)
     w_zq, w_hs, w_hc = torch.randn(n, d, generator=g, dtype=torch.float64), 0.7, -1.3
     results = []
-    for fn in (unchunked_code_softmax, lambda z, c, t: code_softmax(z, c, t, chunk)):
+    for fn in (ibq_reference, lambda z, c, t: code_softmax(z, c, t, straight_through, block)):
         z, c = z0.clone().requires_grad_(), c0.clone().requires_grad_()
         codes, z_q, h_s, h_c = fn(z, c, t)
-        ((z_q * w_zq).sum() + w_hs * h_s + w_hc * h_c).backward()
-        results.append((codes, z_q.detach(), h_s.detach(), h_c.detach(), z.grad, c.grad))
+        loss = w_hs * h_s + w_hc * h_c + ((z_q * w_zq).sum() if straight_through else 0)
+        loss.backward()
+        results.append((h_s.detach(), h_c.detach(), z.grad, c.grad) + ((codes, z_q) if straight_through else ()))
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (a - b).abs().max()
+    if not straight_through:
+        assert code_softmax(z0, c0, t, False, block)[:2] == (None, None)
+
+
+def test_code_softmax_sharp_fp32_as_accurate_as_reference():
+    """T = 0.01 on logits spread over hundreds: most probabilities underflow, and code_softmax keeps them at e^LOG_P_MIN
+    of the row's largest (off exp's subnormal path). In fp32 it is as close to the fp64 reference as fp32 autograd
+    through the reference is."""
+    g = torch.Generator().manual_seed(0)
+    z0, c0, w = torch.randn(300, 9, generator=g), torch.randn(2000, 9, generator=g), torch.randn(300, 9, generator=g)
+
+    def run(fn, dtype):
+        z, c = z0.to(dtype, copy=True).requires_grad_(), c0.to(dtype, copy=True).requires_grad_()
+        codes, z_q, h_s, h_c = fn(z, c, 0.01)
+        (0.03 * (h_s - h_c) + (z_q * w.to(dtype)).sum()).backward()
+        return [t.double() for t in (h_s.detach(), h_c.detach(), z.grad, c.grad)]
+    exact = run(ibq_reference, torch.float64)
+    ref = run(ibq_reference, torch.float32)
+    ours = run(lambda z, c, t: code_softmax(z, c, t, True, 2**12), torch.float32)
+    for e, r, o in zip(exact, ref, ours):
+        assert (o - e).abs().max() <= 2 * (r - e).abs().max() + 1e-7, ((o - e).abs().max(), (r - e).abs().max())
 
 
 def test_ibq_every_codebook_row_gets_gradient():
     torch.manual_seed(0)
-    ibq = IBQuantizer(1000, 16, entropy_weight=0.0, chunk_elems=4096)
+    ibq = IBQuantizer(1000, 16, entropy_weight=0.0, block_elems=4096)
     z = torch.randn(2, 16, 4, 4, requires_grad=True)
     z_q, losses, codes = ibq(z)
     assert torch.equal(z_q, ibq.codebook()[codes].permute(0, 3, 1, 2))   # value: the hard lookup
     (z_q.square().sum() + sum(losses.values())).backward()
     assert ibq.embedding.weight.grad.abs().sum(1).gt(0).all()         # all 1000 rows, not only the 32 chosen
     assert z.grad.abs().sum() > 0
-    # the three quantization terms have one value in the forward pass: 2.25 * MSE(C[codes], z) (spec §1.2)
+    # the three quantization terms have one value in the forward pass: 2.25 * MSE(C[codes], z) (official_code.md §8.2)
     mse = F.mse_loss(ibq.codebook()[codes].permute(0, 3, 1, 2), z)
     assert torch.allclose(sum(losses.values()), 2.25 * mse)
 
@@ -175,19 +224,14 @@ def test_entropy_loss_hand_computed():
 
 
 def test_vq_entropy_equals_official_distance_formula():
-    """The VQ entropy term (official: softmax of -dist / T over all codes) through the chunked path."""
+    """The VQ entropy term (official: softmax of -dist / T over all codes) through the blocked path."""
     torch.manual_seed(1)
-    vq = VectorQuantizer(100, 8, entropy_weight=0.03, chunk_elems=256).train()
+    vq = VectorQuantizer(100, 8, entropy_weight=0.03, block_elems=256).train()
     z = torch.randn(2, 8, 4, 4)
     _, losses, _ = vq(z)
-    flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)
-    c = vq.codebook()
-    d = flat.pow(2).sum(1, keepdim=True) + c.pow(2).sum(1) - 2 * flat @ c.t()
-    logits = -d / 0.01
-    p, logp = logits.softmax(1), logits.log_softmax(1)
-    p_mean = p.mean(0)
-    expected = 0.03 * (-(p * logp).sum(1).mean() + (p_mean * (p_mean + 1e-5).log()).sum())
-    assert torch.allclose(losses["entropy"], expected, rtol=1e-4, atol=1e-6)
+    flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)   # (B, d, h, w) -> (N, d), as vq does
+    h_sample, h_code = entropy_reference(-distances(flat, vq.codebook()), 0.01)
+    assert torch.allclose(losses["entropy"], 0.03 * (h_sample - h_code), rtol=1e-4, atol=1e-6)
 
 
 def test_disentangle_loss_hand_computed():

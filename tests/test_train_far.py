@@ -110,3 +110,15 @@ def test_bad_flags_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         train_far.parse_args(flags)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_copy_distance_finds_a_copied_training_view():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 512, (5, 3, 2, 4, 4), generator=g).numpy()   # 5 images x 3 views x (k, h, w)
+    labels = np.array([0, 1, 2, -1, 1])                                     # image 3 unreadable: left out
+    samples = torch.stack([torch.from_numpy(codes[1, 2]).long(), torch.randint(0, 512, (2, 4, 4), generator=g)])
+    to_sample, between = train_far.copy_distance(samples, codes, labels)
+    assert to_sample[0] == 0 and to_sample[1] > 0.9      # an exact copy of a view; a random sequence differs nearly all
+    assert between.shape == (4,) and (between > 0.9).all()   # random training images are far from each other
+    codes[4] = codes[0]                                  # image 4 duplicates image 0: distance 0 between them
+    assert train_far.copy_distance(samples, codes, labels)[1][[0, 3]].tolist() == [0.0, 0.0]
