@@ -211,10 +211,9 @@ def evaluate_generation(args, device, rank, world):
                     local.setdefault(k, []).append(v.cpu())
         return gather(local)
     feats, ref = features(args.samples), features(args.reference)   # every rank gets all features
-    for path, files in unreadable.items():
-        if files and rank == 0:                                       # named, at most 5, never silently
-            print(f"note: {len(files)} unreadable images skipped in {path}: {', '.join(files[:5])}"
-                  + (" ..." if len(files) > 5 else ""))
+    for path, files in ((p, f) for p, f in unreadable.items() if f and rank == 0):   # named, at most 5
+        print(f"note: {len(files)} unreadable images skipped in {path}: {', '.join(files[:5])}"
+              + (" ..." if len(files) > 5 else ""))
     return {"images": len(feats[LAYERS["fid"]]), "unreadable": len(unreadable[args.samples]),
             "reference_images": len(ref[LAYERS["fid"]]), "reference_unreadable": len(unreadable[args.reference]),
             **fidelity(feats, ref)}                                   # Tab. 2: FID, IS, precision, recall
@@ -229,15 +228,14 @@ def parse_args(argv=None):
     p.add_argument("--data-path", default=os.path.join(BUNDLED, "val"), help="ImageFolder root (ImageNet val layout "
                    "root/<class>/<image>), center-cropped at the model's resolution (default: data/photos/val)")
     p.add_argument("--num-images", type=int, default=0, help="evaluate the first N images only (default 0: all)")
+    p.add_argument("--classes", nargs="+", metavar="CLASS", help="only these classes of --data-path (default: all)")
     p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=None, help="LPIPS (default: if its "
                    "weights are in $FQGAN_WEIGHTS, else null and a note; --lpips: missing weights are an error)")
     p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None, help="rFID and IS (default: if the "
                    "Inception weights exist, else null and a note; --fid: missing weights are an error)")
-    # generation mode (Tab. 2)
     p.add_argument("--samples", help="generated images, npz (arr_0: N x H x W x 3 uint8) or folder; generation mode")
-    p.add_argument("--reference", default=None, help="reference images, npz or folder")
-    # both modes
-    p.add_argument("--inception-weights", help="torch-fidelity Inception file (default: "
+    p.add_argument("--reference", default=None, help="reference images, npz or folder")   # generation mode, Tab. 2
+    p.add_argument("--inception-weights", help="torch-fidelity Inception file (default: "   # both modes
                    f"$FQGAN_WEIGHTS/{os.path.basename(URL_INCEPTION_V3)})")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers per process (tokenizer mode)")
@@ -252,6 +250,8 @@ def parse_args(argv=None):
         if not os.path.exists(getattr(args, name)):
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} does not exist" + (" (train one with "
                     "train_tokenizer.py, or pass a checkpoint)" if name == "tokenizer_ckpt" else ""))
+    if args.classes and not args.samples and not set(args.classes) <= set(os.listdir(args.data_path)):
+        p.error(f"--classes {' '.join(args.classes)}: not all are class folders of --data-path {args.data_path}")
     for name in ("samples", "reference") if args.samples else ():       # the inputs, checked before any work
         path = getattr(args, name)
         try:                                                          # reads the npz header only, not the images
@@ -281,7 +281,7 @@ def main(argv=None):
         res = {"samples": args.samples, "reference": args.reference, **evaluate_generation(args, device, rank, world)}
     else:
         tok = tok.to(device)
-        dataset = ImageFolder(args.data_path, tok.cfg.image_shape, train=False)   # ADM centre crop, official §4.1
+        dataset = ImageFolder(args.data_path, tok.cfg.image_shape, train=False, only=args.classes)   # ADM crop §4.1
         res = {"checkpoint": args.tokenizer_ckpt, "data_path": args.data_path, "image_size": "%dx%d" % dataset.size,
                **evaluate_tokenizer(args, tok, dataset, device, rank, world)}
     if rank == 0:

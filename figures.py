@@ -41,7 +41,7 @@ def figure3(tok, x, path, header=20):
     codes = tok.encode(x)                                     # (n, k, h, w), one index map per sub-codebook
     # Eq. (6) with all k sub-codes, then with only sub-code i (the others' embeddings zeroed), as in the paper's Fig. 3
     cols = [x, tok.decode_codes(codes)] + [tok.decode_codes(codes, keep=[i]) for i in range(tok.cfg.num_codebooks)]
-    titles = ["original", "reconstruction"] + [f"only {i + 1} ({b})" for i, b in enumerate(tok.cfg.branch_names)]
+    titles = ["original", "reconstruction"] + [f"only {i} ({b})" for i, b in enumerate(tok.cfg.branch_names)]
     s = max(1, 128 // max(x.shape[-2:]))                      # small images are enlarged so that the titles fit
     grid = torch.stack([to_uint8(c) for c in cols], 1).repeat_interleave(s, -1).repeat_interleave(s, -2)
     n, c, _, h, w = grid.shape                                # (n, c, 3, h, w) -> (n*h, c*w, 3)
@@ -110,7 +110,7 @@ def figure4(tok, dataset, path, n_classes, method, batch_size, max_points=1000, 
         z = branch.quantize.codebook()[codes[:, i]].flatten(0, 2)[keep.to(device)]   # (N, h, w, d) -> (max_points, d)
         y = (tsne(z) if method == "tsne" else pca(z)).cpu()       # (max_points, 2)
         y = (y - y.min(0).values) / (y.max(0).values - y.min(0).values).clamp(min=1e-12) * (panel - 20) + 10  # px
-        draw.text((i * panel + 6, 4), f"sub-codebook {i + 1} ({tok.cfg.branch_names[i]})", fill="black")
+        draw.text((i * panel + 6, 4), f"sub-codebook {i} ({tok.cfg.branch_names[i]})", fill="black")
         draw.rectangle([i * panel, header, (i + 1) * panel - 1, header + panel - 1], outline=(200, 200, 200))
         for (u, w), c in zip(y.tolist(), labels[keep].tolist()):   # one dot of radius 2 px per token
             draw.ellipse([i * panel + u - 2, header + w - 2, i * panel + u + 2, header + w + 2], fill=PALETTE[c])

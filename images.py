@@ -37,15 +37,16 @@ def _halve_then_resize(img, short_side):
     return img.resize(tuple(round(x * scale) for x in img.size), resample=Image.BICUBIC)
 
 
-def random_crop(img, size, g):
+def random_crop(img, size, g, max_scale=1 / 0.8):
     """Official training augmentation (docs/official_code.md §3.2): short side to S ~ U{s..s/0.8} with s = max(size),
-    a random (H, W) crop, a horizontal flip with probability 1/2.
+    a random (H, W) crop, a horizontal flip with probability 1/2. max_scale sets the top of the range, S ~ U{s..s *
+    max_scale} (the tiny recipe's 2.0 also shows the photos at the scale of the 128 px val tiles).
 
     Every random number comes from the torch.Generator g, which the dataset seeds per (seed, epoch, index): a resumed
     run sees the same crops as an uninterrupted one, whatever the number of loader workers.
     """
     h, w = size
-    img = _halve_then_resize(img, int(torch.randint(max(h, w), round(max(h, w) / 0.8) + 1, (1,), generator=g)))
+    img = _halve_then_resize(img, int(torch.randint(max(h, w), round(max(h, w) * max_scale) + 1, (1,), generator=g)))
     top = int(torch.randint(0, img.size[1] - h + 1, (1,), generator=g))
     left = int(torch.randint(0, img.size[0] - w + 1, (1,), generator=g))
     img = img.crop((left, top, left + w, top + h))
@@ -101,15 +102,20 @@ class ImageFolder(Dataset):
                    it, never measures a neighbour twice.
     """
 
-    def __init__(self, root, size, train=True, seed=0):
+    def __init__(self, root, size, train=True, seed=0, only=None, exclude=(), max_scale=1 / 0.8):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder not found: {root} (expected root/<class>/<image> files)")
         self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
-        self.samples = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes)
+        unknown = sorted((set(only or ()) | set(exclude)) - set(self.classes))
+        if unknown:
+            raise ValueError(f"no class {', '.join(unknown)} under {root}; its classes: {', '.join(self.classes)}")
+        # only / exclude pick classes (held-out photos); labels stay the alphabetical rank among all classes
+        keep = [c for c in self.classes if (only is None or c in only) and c not in exclude]
+        self.samples = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes) if c in keep
                         for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTS)]
         if not self.samples:
             raise FileNotFoundError(f"no images under {root}/<class>/ (extensions {', '.join(IMAGE_EXTS)})")
-        self.size, self.train, self.seed = tuple(size), train, seed
+        self.size, self.train, self.seed, self.max_scale = tuple(size), train, seed, max_scale
 
     def __len__(self):
         return len(self.samples)
@@ -127,7 +133,7 @@ class ImageFolder(Dataset):
             img = open_rgb(path)
             if img is not None:
                 g = torch.Generator().manual_seed(hash((self.seed, epoch, index)) % 2**62)
-                return to_tensor(random_crop(img, self.size, g)), label, index, skipped
+                return to_tensor(random_crop(img, self.size, g, self.max_scale)), label, index, skipped
         raise RuntimeError(f"none of the {len(self.samples)} images under the data folder could be read")
 
 

@@ -31,10 +31,10 @@ from tqdm import tqdm
 from checkpoints import (CheckpointError, atomic_save, codebook_fingerprint, init_distributed, load_tokenizer,
                          mean_over_ranks_or_stop, read_resume, remove_stale_temps, rng_states, set_rng_states)
 from far import FAR, PRESETS, RECIPES, FARConfig, far_loss, generate
-from images import BUNDLED, ImageFolder, StreamSampler, center_crop, open_rgb, save_grid, to_tensor
+from images import BUNDLED, ImageFolder, StreamSampler, center_crop, open_rgb, random_crop, save_grid, to_tensor
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")   # the shipped tiny tokenizer
-VIEWS = {"tencrop": 10, "flip": 2, "none": 1}   # augmented views stored per image (official: tencrop, §7.1)
+VIEWS = {"tencrop": 10, "flip": 2, "none": 1, "random": 40}   # views stored per image (official: tencrop, §7.1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -42,7 +42,8 @@ VIEWS = {"tencrop": 10, "flip": 2, "none": 1}   # augmented views stored per ima
 
 class Views(Dataset):
     """Image i -> (A views (A, 3, H, W) in [-1, 1], label; -1 if unreadable). tencrop (official): the 4 corners + centre
-    of the 1.1x ADM centre crop and their flips; flip: centre crop + its flip; none: centre crop (held-out images)."""
+    of the 1.1x ADM centre crop and their flips; flip: centre crop + its flip; none: centre crop (held-out images);
+    random (tiny recipe): 40 of the tokenizer's training crops (images.random_crop), seeded by the image index."""
 
     def __init__(self, root, size, augment):   # the folder only lists the files: the crops are done here
         self.folder, self.size, self.augment = ImageFolder(root, size, train=False), size, augment
@@ -55,7 +56,10 @@ class Views(Dataset):
         img, (h, w) = open_rgb(path), self.size                       # None when the file cannot be read
         if img is None:                                               # zeros keep the batch shape; -1 marks it
             return torch.zeros(VIEWS[self.augment], 3, h, w), -1
-        if self.augment == "tencrop":   # 256 px: centre crop to int(256 * 1.1) = 281, then five 256 crops x 2
+        if self.augment == "random":   # a few dozen photos: the tiny FAR needs more views than ten to not copy them
+            g = torch.Generator().manual_seed(i)                      # the same views on every run and rank
+            views = [random_crop(img, (h, w), g) for _ in range(VIEWS["random"])]
+        elif self.augment == "tencrop":   # 256 px: centre crop to int(256 * 1.1) = 281, then five 256 crops x 2
             views = TF.ten_crop(center_crop(img, (int(h * 1.1), int(w * 1.1))), [h, w])  # tl, tr, bl, br, c, flipped
         else:
             img = center_crop(img, (h, w))                            # ADM's centre crop, as evaluation (§4.1)
@@ -198,8 +202,9 @@ def parse_args(argv=None):
                    help="ImageFolder root of training images (default: %(default)s)")
     p.add_argument("--val-path", help="held-out ImageFolder for the NLL (default: data/photos/val when --data-path is "
                    "the bundled data/photos/train, else none)")
-    p.add_argument("--augment", default="tencrop", choices=sorted(VIEWS),   # stage 1 only; part of meta.json
-                   help="views extracted per training image (official: tencrop = 10 crops incl. flips)")
+    p.add_argument("--augment", default=recipe["augment"], choices=sorted(VIEWS),   # stage 1 only; in meta.json
+                   help="views extracted per training image (official: tencrop = 10 crops incl. flips; random = 40 "
+                   "random training crops) (default: %(default)s)")
     p.add_argument("--out-dir", default="runs/far", help="codes, checkpoints, log.jsonl, samples (%(default)s)")
     # optimisation (official_code.md §7.3: the official script; the paper's Sec. 4.1 says lr 2e-4)
     p.add_argument("--global-batch-size", type=int, default=recipe["global_batch_size"], help="sequences per "

@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
+from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
 from checkpoints import (CheckpointError, atomic_save, init_distributed, mean_over_ranks_or_stop, read_resume,
@@ -52,6 +52,10 @@ def parse_args(argv=None):
     p.add_argument("--val-path", default=None, help="ImageFolder root of held-out images for the PSNR of "
                    "--eval-every (default: data/photos/val when --data-path is the bundled data/photos/train, "
                    "else none)")
+    p.add_argument("--hold-out", nargs="+", default=[], metavar="CLASS", help="classes (whole photos) left out of "
+                   "training and of the val PSNR; their PSNR (all their images) is logged as held_out_psnr_ema")
+    p.add_argument("--crop-scale", type=float, default=recipe["crop_scale"], help="training crops: short side to "
+                   "S ~ U{s..s * crop-scale}, then a random s x s crop (official 1.25) (default: %(default)s)")
     p.add_argument("--image-size", type=int, default=None, help="training resolution (default: the preset's)")
     p.add_argument("--codebook-size", type=int, default=None, help="K, entries per sub-codebook (default: preset's)")
     p.add_argument("--out-dir", default="runs/tokenizer", help="checkpoints, log.jsonl, sample PNGs (%(default)s)")
@@ -61,6 +65,11 @@ def parse_args(argv=None):
                    help="images per step over all ranks (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=recipe["max_steps"], help="training steps (default: %(default)s)")
     p.add_argument("--lr", type=float, default=recipe["lr"], help="lr of both Adam optimizers (default: %(default)s)")
+    p.add_argument("--lr-decay", choices=["constant", "cosine"], default=recipe["lr_decay"],   # official: constant
+                   help="lr after warm-up: constant, or a cosine to 0 at --max-steps (a resumed run keeps its "
+                   "--max-steps for the same schedule) (default: %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=recipe["warmup_steps"],
+                   help="steps of linear lr warm-up from 0 (default: %(default)s)")
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (official script; default: %(default)s)")
     p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (official script; default: %(default)s)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, G and D each (%(default)s)")
@@ -99,6 +108,8 @@ def parse_args(argv=None):
     for name, ok, valid in (
             ("global_batch_size", args.global_batch_size >= 1, "an integer >= 1"),
             ("max_steps", args.max_steps >= 1, "an integer >= 1"),
+            ("warmup_steps", args.warmup_steps >= 0, "an integer >= 0"),
+            ("crop_scale", math.isfinite(args.crop_scale) and args.crop_scale >= 1, "a number >= 1"),
             ("lr", math.isfinite(args.lr) and args.lr > 0, "a finite number > 0"),
             ("ema_decay", 0 <= args.ema_decay < 1, "in [0, 1)"),
             ("grad_clip", args.grad_clip > 0, "> 0"),
@@ -153,6 +164,15 @@ def build(args, cfg, device, ddp, local_rank):
     return m
 
 
+def lr_at(args, step):
+    """lr of the update that step `step` (0-based) makes: linear warm-up over --warmup-steps, then constant (official)
+    or a cosine from --lr to 0 at --max-steps (tiny recipe: the short run ends annealed)."""
+    warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+    if args.lr_decay == "cosine":
+        warm *= 0.5 * (1 + math.cos(math.pi * min(step, args.max_steps) / args.max_steps))
+    return args.lr * warm
+
+
 def save_checkpoint(args, cfg, m, step, batch, ddp, world, master):
     """Every rank holds the same weights; gather every rank's RNG state, rank 0 writes last.pt atomically (+ a
     numbered copy every --ckpt-every steps). Plain types only: torch.load(weights_only=True) reads it."""
@@ -179,7 +199,10 @@ def psnr_on(model, dataset, device, ddp=False, rank=0, world=1, batch_size=16):
     mine = list(range(rank, len(dataset), world))                    # strided share: every image counted once
     for i in range(0, len(mine), batch_size):
         items = [dataset[j] for j in mine[i:i + batch_size]]          # (image, label, index, skipped) each
-        x = torch.stack([img for img, label, _, _ in items if label >= 0]).to(device)   # unreadable files dropped
+        readable = [img for img, label, _, _ in items if label >= 0]   # unreadable files dropped
+        if not readable:
+            continue                                                  # a batch of unreadable files: nothing to add
+        x = torch.stack(readable).to(device)
         x_rec = model.decode_codes(model.encode(x)).clamp(-1, 1)     # from the codes, as evaluate.py (§4.1)
         mse = ((x_rec - x) / 2).pow(2).flatten(1).mean(1)            # on [0, 1] images: (x - y) / 2
         total += torch.stack([(10 * torch.log10(1 / mse.clamp(min=1e-10))).sum().double(),
@@ -214,8 +237,15 @@ def main(argv=None):
                                       entropy_weight=args.entropy_weight).items() if v is not None}
     cfg = TokenizerConfig(**{**PRESETS[args.preset], **overrides})
     m = build(args, cfg, device, ddp, local_rank)
-    dataset = ImageFolder(args.data_path, cfg.image_shape, train=True, seed=args.seed)   # official random crop (§3.2)
-    val_set = ImageFolder(args.val_path, cfg.image_shape, train=False) if args.val_path else None   # centre crop
+    try:                                                               # a --hold-out class must exist
+        dataset = ImageFolder(args.data_path, cfg.image_shape, train=True, seed=args.seed, exclude=args.hold_out,
+                              max_scale=args.crop_scale)
+        val_set = (ImageFolder(args.val_path, cfg.image_shape, train=False, exclude=args.hold_out) if args.val_path
+                   else None)                                          # official random crop (§3.2); centre crop
+        held_out = ConcatDataset([ImageFolder(root, cfg.image_shape, train=False, only=args.hold_out) for root in
+                                  (args.data_path, args.val_path) if root]) if args.hold_out else None
+    except ValueError as e:
+        parser.error(f"--hold-out: {e}")
 
     # resume: weights, both optimizers, every rank's RNG and the data position --------------------------------
     step, last = 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
@@ -228,8 +258,6 @@ def main(argv=None):
         for module, key in ((m.raw, "model"), (m.ema, "ema"), (m.disc_raw, "disc"), (m.opt_g, "opt_g"),
                             (m.opt_d, "opt_d")):
             module.load_state_dict(ckpt[key])
-        for group in m.opt_g.param_groups + m.opt_d.param_groups:       # a changed --lr applies on resume
-            group["lr"] = args.lr
         step = ckpt["step"]                                            # the loop continues at step + 1
         set_rng_states(ckpt["rng"], rank)                              # after the reseed above, which it replaces
     if master:
@@ -242,12 +270,12 @@ def main(argv=None):
               f"{args.precision}" + (f"; removed stale {', '.join(stale)}" if stale else ""))
         if args.resume and ckpt is None:
             print(f"--resume: no {last} yet, starting from scratch")
-    train(args, cfg, m, step, batch, dataset, val_set, ddp, rank, world, device)
+    train(args, cfg, m, step, batch, dataset, val_set, held_out, ddp, rank, world, device)
     if ddp:
         dist.destroy_process_group()                                   # a clean exit for torchrun
 
 
-def train(args, cfg, m, step, batch, dataset, val_set, ddp, rank, world, device):
+def train(args, cfg, m, step, batch, dataset, val_set, held_out, ddp, rank, world, device):
     """The loop, Eq. (8): a G step, a D step on the same images, the EMA; logs, held-out PSNR, PNGs, checkpoints."""
     master, last = rank == 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
     log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None   # appended to on --resume
@@ -272,6 +300,8 @@ def train(args, cfg, m, step, batch, dataset, val_set, ddp, rank, world, device)
         with autocast:
             x_rec, aux = m.model(x)                                     # Eq. (3)-(6); aux: codes, z_q, losses, features
             g = generator_loss(x, x_rec, aux, step, lpips=m.lpips, disc=m.disc, teachers=m.teachers, cfg=m.loss_cfg)
+        for group in m.opt_g.param_groups + m.opt_d.param_groups:       # from the step: resume needs no state
+            group["lr"] = lr_at(args, step)
         m.opt_g.zero_grad(set_to_none=True)
         g["total"].backward()                                           # DDP all-reduces G's gradients here
         g["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.raw.parameters(), args.grad_clip)   # logged: pre-clip norm
@@ -307,7 +337,8 @@ def train(args, cfg, m, step, batch, dataset, val_set, ddp, rank, world, device)
                       os.path.join(args.out_dir, "samples", f"{step:07d}.png"), nrow=len(x[:8]))
         if val_set is not None and (step % args.eval_every == 0 or end):   # raw and EMA weights, every rank
             write({"step": step, "val_psnr": psnr_on(m.raw, val_set, device, ddp, rank, world),
-                   "val_psnr_ema": psnr_on(m.ema, val_set, device, ddp, rank, world)})
+                   "val_psnr_ema": psnr_on(m.ema, val_set, device, ddp, rank, world),
+                   **({"held_out_psnr_ema": psnr_on(m.ema, held_out, device, ddp, rank, world)} if held_out else {})})
         if step % args.ckpt_every == 0 or end:
             save_checkpoint(args, cfg, m, step, batch, ddp, world, master)
     bar.close()

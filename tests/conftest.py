@@ -41,3 +41,22 @@ def pair(tmp_path_factory, tok_ckpt):
     torch.save({"model": far.state_dict(), "config": asdict(fcfg), "tokenizer": info,
                 "classes": list("vwxyz")}, d / "far.pt")
     return d, tok, far
+
+
+@pytest.fixture
+def killed_after(monkeypatch):
+    """killed_after(main, argv, step): run a training script's main(argv) and "kill" it right after its checkpoint of
+    `step` (argv must save one there, e.g. --ckpt-every step). The run keeps its own --max-steps, so a cosine lr
+    schedule is the same as in the uninterrupted run; --resume then continues from that checkpoint."""
+    def run(module, argv, step):
+        real = module.save_checkpoint
+
+        def save_then_die(args, cfg, m, at, *rest):
+            real(args, cfg, m, at, *rest)
+            if at == step:
+                raise KeyboardInterrupt                                 # what Ctrl-C / SIGINT would raise
+        monkeypatch.setattr(module, "save_checkpoint", save_then_die)
+        with pytest.raises(KeyboardInterrupt):
+            module.main(argv)
+        monkeypatch.setattr(module, "save_checkpoint", real)
+    return run

@@ -95,6 +95,12 @@ CASES = [
     *[(f"train_tokenizer --image-size {v}", "train_tokenizer", lambda d, p, v=v: ["--image-size", v], 2,
        f"--image-size {v} is out of range: preset tiny needs a positive multiple of its downsample factor 8")
       for v in ("60", "0", "-64")],
+    ("train_tokenizer --hold-out nosuch", "train_tokenizer", lambda d, p: ["--hold-out", "nosuch"], 2,
+     "--hold-out: no class nosuch under"),
+    ("train_tokenizer --crop-scale 0.5", "train_tokenizer", lambda d, p: ["--crop-scale", "0.5"], 2,
+     "--crop-scale 0.5 is out of range: must be a number >= 1"),
+    ("train_tokenizer --warmup-steps -1", "train_tokenizer", lambda d, p: ["--warmup-steps", "-1"], 2,
+     "--warmup-steps -1 is out of range"),
     ("train_tokenizer --lr -1", "train_tokenizer", lambda d, p: ["--lr", "-1"], 2,
      "--lr -1.0 is out of range: must be a finite number > 0"),
     ("train_tokenizer --num-workers -1", "train_tokenizer", lambda d, p: ["--num-workers", "-1"], 2,
@@ -106,6 +112,8 @@ CASES = [
      lambda d, p: ["--tokenizer-ckpt", str(p / "tok.pt"), "--data-path", str(d / "all_broken"), "--out-dir",
                    str(d / "far_run")], 2, "every file was unreadable"),
     # generation mode of evaluate.py: the inputs are checked before Inception is loaded
+    ("evaluate --classes nosuch", "evaluate", lambda d, p: ["--classes", "nosuch"], 2,
+     "--classes nosuch: not all are class folders of --data-path"),
     ("evaluate npz with 0 images", "evaluate",
      lambda d, p: ["--samples", str(d / "zero.npz"), "--reference", str(d / "zero.npz")], 2, "holds 0 images"),
     ("evaluate npz without arr_0", "evaluate",

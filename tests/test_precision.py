@@ -47,12 +47,13 @@ def record_dtypes(monkeypatch):
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-ibq"])
-def test_tokenizer_bf16_steps_and_resume(preset, tmp_path, monkeypatch):
+def test_tokenizer_bf16_steps_and_resume(preset, tmp_path, monkeypatch, killed_after):
     seen = record_dtypes(monkeypatch)
-    flags = BF16 + ["--preset", preset, "--gan-weight", "0.5", "--gan-start", "1", "--entropy-weight", "0.03"]
-    train_tokenizer.main(flags + ["--out-dir", str(tmp_path / "full"), "--max-steps", "3"])
-    train_tokenizer.main(flags + ["--out-dir", str(tmp_path / "split"), "--max-steps", "2"])
-    train_tokenizer.main(flags + ["--out-dir", str(tmp_path / "split"), "--max-steps", "3", "--resume"])
+    flags = BF16 + ["--preset", preset, "--gan-weight", "0.5", "--gan-start", "1", "--entropy-weight", "0.03",
+                    "--max-steps", "3", "--ckpt-every", "2"]                  # the tiny recipe: cosine lr
+    train_tokenizer.main(flags + ["--out-dir", str(tmp_path / "full")])
+    killed_after(train_tokenizer, flags + ["--out-dir", str(tmp_path / "split")], 2)
+    train_tokenizer.main(flags + ["--out-dir", str(tmp_path / "split"), "--resume"])
     full, split = ([r for r in log(tmp_path / d) if "g/total" in r] for d in ("full", "split"))
     assert len(full) == 3 and all(all(v == v and abs(v) != float("inf") for v in r.values()) for r in full)
     assert full[-1]["d/hinge"] > 0 and full[-1]["g/gan_weight"] == 0.5     # the discriminator ran, under bf16

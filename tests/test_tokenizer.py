@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tokenizer import PRESETS, Tokenizer, TokenizerConfig, swish  # noqa: E402
+from tokenizer import PRESETS, AttnBlock, Tokenizer, TokenizerConfig, swish  # noqa: E402
 
 
 def small_config(k=2, **kw):
@@ -84,6 +84,24 @@ def test_decode_codes_keep_zeroes_other_sub_codebooks():
         other[:, [0, 2]] = (other[:, [0, 2]] + 1) % 64
         assert torch.equal(tok.decode_codes(other, keep=[1]), only_1)
         assert not torch.equal(tok.decode_codes(other), tok.decode_codes(codes))
+
+
+def test_residual_adapter_adds_its_output_to_z():
+    torch.manual_seed(0)
+    plain = Tokenizer(small_config()).eval()
+    residual = Tokenizer(small_config(adapter_residual=True)).eval()
+    residual.load_state_dict(plain.state_dict())                        # same parameters, only the skip differs
+    z = torch.randn(2, 64, 8, 8)
+    for a, b in zip(plain.branches, residual.branches):
+        assert torch.allclose(b.adapter(z), z + a.adapter(z))
+
+
+def test_attention_off_and_norm_groups_reach_every_block():
+    tok = Tokenizer(small_config(attn=False, norm_groups=4))
+    assert not any(isinstance(m, AttnBlock) for m in tok.modules())   # no attention anywhere in encoder / decoder
+    assert {m.num_groups for m in tok.modules() if isinstance(m, torch.nn.GroupNorm)} == {4}
+    x_rec, _ = tok(torch.rand(1, 3, 32, 32) * 2 - 1)
+    assert x_rec.shape == (1, 3, 32, 32)
 
 
 def test_k1_without_adapter_is_a_plain_vqgan():
