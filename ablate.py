@@ -11,8 +11,8 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
 Every run goes through train_tokenizer.main / train_far.main with equal steps, batch and data per row; the
 tokenizer metrics come from evaluate.evaluate_tokenizer on the EMA weights.
 
-  OMP_NUM_THREADS=1 python ablate.py --table 3 --out results/ablation_tab3.json    # ~30 min on one CPU thread
-  OMP_NUM_THREADS=1 python ablate.py --table 4 --out results/ablation_tab4.json    # ~17 min, weights/tiny_tokenizer.pt
+  python ablate.py --table 3 --precision bf16 --out results/ablation_tab3.json   # hours on 2 cores (21 runs)
+  python ablate.py --table 4 --out results/ablation_tab4.json                     # weights/tiny_tokenizer.pt's codes
   python ablate.py --table 3 --quick --out /tmp/t3.json                            # smoke run, seconds
 The JSON is rewritten after every run; rerunning the same command skips the runs it already holds.
 Tests: python -m pytest tests/test_ablate.py -q
@@ -35,7 +35,7 @@ import evaluate
 import train_far
 import train_tokenizer
 from checkpoints import load_far, load_tokenizer
-from far import generate
+from far import RECIPES as FAR_RECIPES, generate
 from images import BUNDLED, ImageFolder
 from losses import teacher_file
 from quantizer import codebook_usage
@@ -96,7 +96,8 @@ def tokenizer_run(name, seed, args, out):
             "--max-steps", str(args.steps), "--seed", str(seed), "--out-dir", out, "--num-workers", "0",
             # every tiny-* preset trains with the tiny recipe (tokenizer.RECIPES); a row adds one term at a time
             "--disentangle-weight", "0", "--rep-weight", "0", "--eval-every", str(args.steps),
-            "--sample-every", str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.steps)] + extra
+            "--sample-every", str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.steps),
+            *(["--precision", args.precision] if args.precision else [])] + extra
     t0 = time.time()
     train_tokenizer.main(argv)                      # later flags win: extra re-sets the disentangle / rep weights
     seconds = time.time() - t0
@@ -163,7 +164,8 @@ def far_run(head, seed, args, out, tok, judge, codes_dir):
     argv = ["--preset", "tiny", "--head", head, "--tokenizer-ckpt", args.tokenizer_ckpt, "--out-dir", out,
             "--max-steps", str(args.steps), "--global-batch-size", str(args.batch_size), "--seed", str(seed),
             "--augment", args.augment, "--eval-every", str(args.steps), "--sample-every", str(args.steps),
-            "--ckpt-every", str(args.steps), "--log-every", str(args.steps)]
+            "--ckpt-every", str(args.steps), "--log-every", str(args.steps),
+            *(["--precision", args.precision] if args.precision else [])]
     if os.path.isdir(codes_dir) and not os.path.exists(os.path.join(out, "codes")):
         os.makedirs(out, exist_ok=True)             # the codes of the first run, extracted once (same tokenizer)
         os.symlink(os.path.abspath(codes_dir), os.path.join(out, "codes"))
@@ -189,13 +191,18 @@ def parse_args(argv=None):
     p.add_argument("--table", required=True, choices=["3", "4"], help="Tab. 3 (tokenizer) or Tab. 4 (FAR head)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one run per row and seed")
     p.add_argument("--rows", nargs="+", default=None, help="subset of rows (default: all of the table)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 200 Tab. 3, 250 Tab. 4)")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch per step (default: 8 Tab. 3, 32 Tab. 4)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 1000 Tab. 3; Tab. 4: "
+                   "the tiny FAR recipe's, far.RECIPES)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="autocast of every run (default: the "
+                   "scripts' own, fp32 on CPU; bf16 is much faster for the tiny trunk on CPUs with AMX)")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch per step (default: the tiny recipe's "
+                   "16 Tab. 3, 32 Tab. 4)")
     p.add_argument("--image-size", type=int, default=64, help="Tab. 3 training and evaluation resolution (64)")
     p.add_argument("--usage-crops", type=int, default=10, help="Tab. 3: random crops per held-out image for usage")
     p.add_argument("--tokenizer-ckpt", default=os.path.join(ROOT, "weights", "tiny_tokenizer.pt"),
                    help="Tab. 4: the tokenizer whose codes FAR models (default: the shipped tiny tokenizer)")
-    p.add_argument("--augment", default="tencrop", choices=sorted(train_far.VIEWS), help="Tab. 4: train_far views")
+    p.add_argument("--augment", default=FAR_RECIPES["tiny"]["augment"], choices=sorted(train_far.VIEWS),
+                   help="Tab. 4: train_far views (default: the tiny FAR recipe's, %(default)s)")
     p.add_argument("--samples-per-class", type=int, default=4, help="Tab. 4: samples per class for consistency")
     p.add_argument("--clf-steps", type=int, default=1000, help="Tab. 4: classifier steps (batch 64)")
     p.add_argument("--clf-crops", type=int, default=20, help="Tab. 4: random crops per training photo for the CNN")
@@ -209,7 +216,7 @@ def parse_args(argv=None):
         args.seeds, args.steps, args.batch_size = args.seeds[:1], args.steps or 2, args.batch_size or 2
         args.usage_crops, args.augment, args.samples_per_class, args.clf_steps, args.clf_crops = 1, "none", 1, 2, 1
         args.image_size = 32
-    args.steps = args.steps or (1000 if tab3 else 250)
+    args.steps = args.steps or (1000 if tab3 else FAR_RECIPES["tiny"]["max_steps"])
     args.batch_size = args.batch_size or (RECIPES["tiny"]["global_batch_size"] if tab3 else 32)
     rows = list(TAB3) if tab3 else ["linear", "mlp", "ar"]
     if any(r not in rows for r in args.rows or []):
