@@ -40,7 +40,7 @@ def _halve_then_resize(img, short_side):
 def random_crop(img, size, g, max_scale=1 / 0.8):
     """Official training augmentation (docs/official_code.md §3.2): short side to S ~ U{s..s/0.8} with s = max(size),
     a random (H, W) crop, a horizontal flip with probability 1/2. max_scale sets the top of the range, S ~ U{s..s *
-    max_scale} (the tiny recipe's 2.0 also shows the photos at the scale of the 128 px val tiles).
+    max_scale} (the tiny recipe's 3.0 also shows the photos at the scale of the 128 px val tiles).
 
     Every random number comes from the torch.Generator g, which the dataset seeds per (seed, epoch, index): a resumed
     run sees the same crops as an uninterrupted one, whatever the number of loader workers.

@@ -43,7 +43,7 @@ VIEWS = {"tencrop": 10, "flip": 2, "none": 1, "random": 40}   # views stored per
 class Views(Dataset):
     """Image i -> (A views (A, 3, H, W) in [-1, 1], label; -1 if unreadable). tencrop (official): the 4 corners + centre
     of the 1.1x ADM centre crop and their flips; flip: centre crop + its flip; none: centre crop (held-out images);
-    random (tiny recipe): 40 of the tokenizer's training crops (images.random_crop), seeded by the image index."""
+    random (tiny recipe): 40 official training crops (images.random_crop, scale up to 1.25), seeded by the index."""
 
     def __init__(self, root, size, augment):   # the folder only lists the files: the crops are done here
         self.folder, self.size, self.augment = ImageFolder(root, size, train=False), size, augment
