@@ -39,7 +39,7 @@ from far import RECIPES as FAR_RECIPES, generate
 from images import BUNDLED, ImageFolder
 from losses import teacher_file
 from quantizer import codebook_usage
-from tokenizer import PRESETS, RECIPES, Tokenizer, TokenizerConfig
+from tokenizer import PRESETS, Tokenizer, TokenizerConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 K = PRESETS["tiny"]["codebook_size"]     # 512 entries per sub-codebook
@@ -94,7 +94,7 @@ def tokenizer_run(name, seed, args, out):
             "--val-path", os.path.join(BUNDLED, "val"),
             "--image-size", str(args.image_size), "--global-batch-size", str(args.batch_size),
             "--max-steps", str(args.steps), "--seed", str(seed), "--out-dir", out, "--num-workers", "0",
-            # every tiny-* preset trains with the tiny recipe (tokenizer.RECIPES); a row adds one term at a time
+            # every tiny-* preset trains with the tiny recipe (train_tokenizer.RECIPES); a row adds one term at a time
             "--disentangle-weight", "0", "--rep-weight", "0", "--eval-every", str(args.steps),
             "--sample-every", str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.steps),
             *(["--precision", args.precision] if args.precision else [])] + extra
@@ -217,7 +217,7 @@ def parse_args(argv=None):
         args.usage_crops, args.augment, args.samples_per_class, args.clf_steps, args.clf_crops = 1, "none", 1, 2, 1
         args.image_size = 32
     args.steps = args.steps or (1000 if tab3 else FAR_RECIPES["tiny"]["max_steps"])
-    args.batch_size = args.batch_size or (RECIPES["tiny"]["global_batch_size"] if tab3 else 32)
+    args.batch_size = args.batch_size or (train_tokenizer.RECIPES["tiny"]["global_batch_size"] if tab3 else 32)
     rows = list(TAB3) if tab3 else ["linear", "mlp", "ar"]
     if any(r not in rows for r in args.rows or []):
         p.error(f"--rows must be among {rows}")
@@ -242,7 +242,7 @@ def main(argv=None):
         "budget": {"steps": args.steps, "global_batch_size": args.batch_size, "seeds": args.seeds}})
     results.setdefault("rows", {})
     if args.table == "3":
-        recipe = RECIPES["tiny"]                    # every row trains with the tiny recipe (tokenizer.RECIPES)
+        recipe = train_tokenizer.RECIPES["tiny"]                    # every row trains with the tiny recipe
         results["budget"].update(image_size=args.image_size, usage_crops=args.usage_crops, lr=recipe["lr"],
                                  gan=False, lpips_loss=False, ema_decay=recipe["ema_decay"],
                                  data="data/photos/train (44 photos), eval on data/photos/val (40)")

@@ -273,8 +273,7 @@ class IBQuantizer(nn.Module):
                       "double": F.mse_loss(z_q, z)}                   # via the soft one-hot: reaches every row
             if self.entropy_weight > 0:
                 losses["entropy"] = self.entropy_weight * (h_sample - h_code)
-        z_q = z_q.view(b, h, w, d).permute(0, 3, 1, 2)                # (N, d) -> (B, d, h, w)
-        return z_q, losses, codes.view(b, h, w)
+        return z_q.view(b, h, w, d).permute(0, 3, 1, 2), losses, codes.view(b, h, w)   # (N, d) -> (B, d, h, w)
 
 
 @torch.no_grad()

@@ -135,24 +135,6 @@ PRESETS = {
                       head_dims=(0, 128)),
 }
 
-# The training recipe of every preset: train_tokenizer.py's defaults, which `--help` prints for the chosen --preset.
-# Paper presets: Sec. 4.1 (batch 256, constant lr 2e-4, ~40 epochs = 200k steps) and the official scripts (LPIPS 1.0,
-# GAN 0.5 from step 20k, the official crop; official_code.md §2.1, §3.1; they keep no EMA, we do). Tiny presets: 2 CPU
-# cores and the bundled photos (bundled_data), no LPIPS (its weights are not available offline) and no GAN (without
-# LPIPS it wrecked reconstruction in an earlier run).
-_PAPER_RECIPE = dict(bundled_data=False, global_batch_size=256, max_steps=200_000, lr=2e-4, ema_decay=0.9999,
-                     perceptual_weight=1.0, gan_weight=0.5, gan_start=20_000, lr_decay="constant", warmup_steps=0,
-                     crop_scale=1.25)
-# The tiny recipe (README "The tiny models"): lr 1e-3 with 50 warm-up steps and a cosine to 0, and training crops
-# with the short side up to 3x the crop (the 256 px train tiles seen from 1/4 to 3/4 of their size, which includes
-# the 1/2 at which the 128 px val strips are evaluated); 1100 steps fit in 15 minutes on 2 cores with bf16.
-_TINY_RECIPE = dict(bundled_data=True, global_batch_size=16, max_steps=1100, lr=1e-3, ema_decay=0.99,
-                    perceptual_weight=0.0, gan_weight=0.0, gan_start=400, lr_decay="cosine", warmup_steps=50,
-                    crop_scale=3.0)
-RECIPES = {"fqgan-dual-16": _PAPER_RECIPE, "fqgan-triple-16": _PAPER_RECIPE, "fqgan-dual-8": _PAPER_RECIPE,
-           "fqgan-triple-8": _PAPER_RECIPE, "vqgan-16": _PAPER_RECIPE, "ibq-16": _PAPER_RECIPE,
-           "tiny": _TINY_RECIPE, "tiny-vq": _TINY_RECIPE, "tiny-ibq": _TINY_RECIPE, "tiny-dual": _TINY_RECIPE}
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Building blocks (LlamaGen / taming VQGAN)

@@ -56,7 +56,7 @@ class Views(Dataset):
         img, (h, w) = open_rgb(path), self.size                       # None when the file cannot be read
         if img is None:                                               # zeros keep the batch shape; -1 marks it
             return torch.zeros(VIEWS[self.augment], 3, h, w), -1
-        if self.augment == "random":   # a few dozen photos: the tiny FAR needs more views than ten to not copy them
+        if self.augment == "random":   # a few dozen photos: ten views are too few, the tiny FAR copied them
             g = torch.Generator().manual_seed(i)                      # the same views on every run and rank
             views = [random_crop(img, (h, w), g) for _ in range(VIEWS["random"])]
         elif self.augment == "tencrop":   # 256 px: centre crop to int(256 * 1.1) = 281, then five 256 crops x 2
@@ -139,8 +139,7 @@ class Codes(Dataset):
         i, epoch = item if isinstance(item, tuple) else (item, 0)     # StreamSampler yields (index, epoch)
         # hash of a tuple of ints: the same in every process and run (no PYTHONHASHSEED salt on ints)
         g = torch.Generator().manual_seed(hash((self.seed, epoch, i)) % 2 ** 62)
-        view = int(torch.randint(self.codes.shape[1], (), generator=g))   # one of the A views, uniform
-        j = self.index[i]
+        view, j = int(torch.randint(self.codes.shape[1], (), generator=g)), self.index[i]   # a view, uniform; its row
         return torch.from_numpy(self.codes[j, view].astype(np.int64)), int(self.labels[j])   # (k, h, w), label
 
 
@@ -202,9 +201,8 @@ def parse_args(argv=None):
                    help="ImageFolder root of training images (default: %(default)s)")
     p.add_argument("--val-path", help="held-out ImageFolder for the NLL (default: data/photos/val when --data-path is "
                    "the bundled data/photos/train, else none)")
-    p.add_argument("--augment", default=recipe["augment"], choices=sorted(VIEWS),   # stage 1 only; in meta.json
-                   help="views extracted per training image (official: tencrop = 10 crops incl. flips; random = 40 "
-                   "random training crops) (default: %(default)s)")
+    p.add_argument("--augment", default=recipe["augment"], choices=sorted(VIEWS), help="views extracted per "
+                   "training image (official: tencrop; random = 40 crops) (default: %(default)s)")   # in meta.json
     p.add_argument("--out-dir", default="runs/far", help="codes, checkpoints, log.jsonl, samples (%(default)s)")
     # optimisation (official_code.md §7.3: the official script; the paper's Sec. 4.1 says lr 2e-4)
     p.add_argument("--global-batch-size", type=int, default=recipe["global_batch_size"], help="sequences per "
@@ -357,8 +355,7 @@ def train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra,
             codes = generate(raw, labels, cfg_scale=2.0, generator=torch.Generator(device).manual_seed(args.seed))
             x = tok.decode_codes(codes[::4][:8])                            # PNG: classes 0..7, one sample each
             save_grid(x, os.path.join(args.out_dir, "samples", f"{step:07d}.png"), nrow=len(x))   # one row
-            dist_ = copy_distance(codes, dataset.codes, dataset.labels)   # does FAR sample or copy?
-            if dist_ is not None:
+            if (dist_ := copy_distance(codes, dataset.codes, dataset.labels)) is not None:   # sample or copy?
                 write({"step": step, "copy/sample_nn": dist_[0].median().item(), "copy/train_nn":
                        dist_[1].median().item(), "copy/fraction": (dist_[0] < dist_[1].min()).float().mean().item()})
 
