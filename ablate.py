@@ -14,11 +14,14 @@ tokenizer metrics come from evaluate.evaluate_tokenizer on the EMA weights.
   python ablate.py --table 3 --precision bf16 --out results/ablation_tab3.json   # hours on 2 cores (21 runs)
   python ablate.py --table 4 --out results/ablation_tab4.json                     # weights/tiny_tokenizer.pt's codes
   python ablate.py --table 3 --quick --out /tmp/t3.json                            # smoke run, seconds
-The JSON is rewritten after every run; rerunning the same command skips the runs it already holds.
+The JSON is rewritten after every run; rerunning the same command skips the runs it already holds. Two processes
+may fill one JSON (their runs are merged under a lock): on 2 cores, two single-thread processes with disjoint --rows
+(OMP_NUM_THREADS=1 each) finish the table sooner than one process with two threads.
 Tests: python -m pytest tests/test_ablate.py -q
 """
 import argparse
 import datetime
+import fcntl
 import json
 import os
 import platform
@@ -37,8 +40,8 @@ import train_tokenizer
 from checkpoints import load_far, load_tokenizer
 from far import RECIPES as FAR_RECIPES, generate
 from images import BUNDLED, ImageFolder
-from losses import teacher_file
 from quantizer import codebook_usage
+from teachers import teacher_file
 from tokenizer import PRESETS, Tokenizer, TokenizerConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -63,10 +66,10 @@ PAPER = {"3": {"VQ(K)": [3.71, 20.56, 0.98], "VQ(2K)": [3.60, 20.56, 0.84], "FQ(
 
 
 def teacher_missing(preset):
-    """None if every teacher of the preset has its weight file in $FQGAN_WEIGHTS (losses.teacher_file), else why."""
+    """None if every teacher of the preset has its weight file in $FQGAN_WEIGHTS (teachers.teacher_file), else why."""
     for spec in filter(None, PRESETS[preset]["teachers"]):
-        found, expected = teacher_file(spec)
-        if found is None:
+        found, expected = teacher_file(spec)            # (local file or None, where it is looked for)
+        if found is None:                               # a row that needs CLIP offline: reported, not faked
             return f"teacher {spec} needs pretrained weights, absent here ({expected}); not substituted"
     return None
 
@@ -75,12 +78,12 @@ def mean_std(runs):
     """{metric: mean} and {metric: sample std (None for one seed)} over seeds; lists (one value per sub-codebook)
     element-wise; a metric that is None in any run (LPIPS without weights) stays None."""
     def agg(f, values):
-        if isinstance(values[0], list):
+        if isinstance(values[0], list):                  # per sub-codebook: aggregate position by position
             return [agg(f, list(v)) for v in zip(*values)]
-        if None in values or (f is statistics.stdev and len(values) < 2):
+        if None in values or (f is statistics.stdev and len(values) < 2):   # unknown, or one seed: no spread
             return None
         return f(values)
-    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float, list)) or v is None]
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float, list)) or v is None]   # numbers only
     return ({k: agg(statistics.mean, [r[k] for r in runs]) for k in keys},
             {k: agg(statistics.stdev, [r[k] for r in runs]) for k in keys})
 
@@ -90,20 +93,20 @@ def mean_std(runs):
 
 def tokenizer_run(name, seed, args, out):
     preset, extra = TAB3[name]
-    argv = ["--preset", preset, "--data-path", os.path.join(BUNDLED, "train"),
-            "--val-path", os.path.join(BUNDLED, "val"),
+    argv = ["--preset", preset, "--data-path", os.path.join(BUNDLED, "train"),   # every row: the bundled photos
+            "--val-path", os.path.join(BUNDLED, "val"),                           # and their held-out strips
             "--image-size", str(args.image_size), "--global-batch-size", str(args.batch_size),
-            "--max-steps", str(args.steps), "--seed", str(seed), "--out-dir", out, "--num-workers", "0",
+            "--max-steps", str(args.steps), "--seed", str(seed), "--out-dir", out, "--num-workers", "0",   # in-process
             # every tiny-* preset trains with the tiny recipe (train_tokenizer.RECIPES); a row adds one term at a time
             "--disentangle-weight", "0", "--rep-weight", "0", "--eval-every", str(args.steps),
             "--sample-every", str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.steps),
             *(["--precision", args.precision] if args.precision else [])] + extra
-    t0 = time.time()
+    t0 = time.time()                                # train_seconds: the run's wall time (threads in the JSON)
     train_tokenizer.main(argv)                      # later flags win: extra re-sets the disentangle / rep weights
     seconds = time.time() - t0
-    ckpt = os.path.join(out, "checkpoints", "last.pt")
+    ckpt = os.path.join(out, "checkpoints", "last.pt")   # the run's final step
     tok = load_tokenizer(ckpt)                      # EMA weights, eval mode
-    size = (args.image_size,) * 2
+    size = (args.image_size,) * 2                   # the held-out strips at the training resolution
     res = evaluate.evaluate_tokenizer(evaluate.parse_args(["--tokenizer-ckpt", ckpt, "--num-workers", "0",
                                                            "--out-json", os.path.join(out, "eval.json")])[0], tok,
                                       ImageFolder(os.path.join(BUNDLED, "val"), size, train=False), "cpu", 0, 1)
@@ -112,7 +115,7 @@ def tokenizer_run(name, seed, args, out):
     with torch.no_grad():
         codes = torch.cat([tok.encode(torch.stack([crops[(i, e)][0] for i in range(len(crops))]))
                            for e in range(args.usage_crops)])               # (crops * 40, k, h, w)
-    usage = [codebook_usage(codes[:, i], tok.cfg.codebook_size) for i in range(tok.cfg.num_codebooks)]
+    usage = [codebook_usage(codes[:, i], tok.cfg.codebook_size) for i in range(tok.cfg.num_codebooks)]   # Tab. 3 col.
     return {"psnr": res["psnr"], "ssim": res["ssim"], "lpips": res["lpips"],
             "usage": [u["usage"].item() for u in usage], "perplexity": [u["perplexity"].item() for u in usage],
             "usage_tokens": codes[:, 0].numel(), "train_seconds": round(seconds, 1),
@@ -123,6 +126,7 @@ def tokenizer_run(name, seed, args, out):
 # Tab. 4: the judge (a small CNN) and one FAR run = train, held-out NLL, class consistency of samples
 
 def small_cnn(num_classes):
+    """The Tab. 4 judge: 4 stride-2 conv stages and a linear classifier over the 11 photo classes."""
     block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.ReLU()]   # halves H, W
     return nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), *block(128, 128),
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
@@ -130,30 +134,31 @@ def small_cnn(num_classes):
 
 @torch.no_grad()
 def accuracy(net, x, y):
+    """Fraction of images x (N, 3, H, W) whose argmax class is y (N,); the net is put in eval mode."""
     return (net.eval()(x).argmax(1) == y).float().mean().item()
 
 
 def train_classifier(tok, args):
     """CNN on random crops of the train photos and their reconstructions by `tok`; accuracy on held-out crops."""
-    size = tuple(g * tok.cfg.downsample for g in tok.cfg.grid)
+    size = tuple(g * tok.cfg.downsample for g in tok.cfg.grid)       # the tokenizer's input size
     train = ImageFolder(os.path.join(BUNDLED, "train"), size, train=True, seed=0)
-    items = [train[(i, e)] for e in range(args.clf_crops) for i in range(len(train))]
-    x, y = torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items])
-    with torch.no_grad():
+    items = [train[(i, e)] for e in range(args.clf_crops) for i in range(len(train))]   # clf_crops epochs of crops
+    x, y = torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items])   # (N, 3, H, W), (N,)
+    with torch.no_grad():   # samples are decoded codes: the judge must know what reconstructions look like
         rec = torch.cat([tok.decode_codes(tok.encode(b)).clamp(-1, 1) for b in x.split(64)])
-    x, y = torch.cat([x, rec]), torch.cat([y, y])
-    torch.manual_seed(0)
+    x, y = torch.cat([x, rec]), torch.cat([y, y])                    # photos + their reconstructions, same labels
+    torch.manual_seed(0)                                              # the same judge for every row and seed
     net = small_cnn(len(train.classes))
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     for _ in range(args.clf_steps):
-        idx = torch.randint(len(x), (64,))
+        idx = torch.randint(len(x), (64,))                           # a batch of 64, drawn with replacement
         loss = F.cross_entropy(net.train()(x[idx]), y[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
     val = ImageFolder(os.path.join(BUNDLED, "val"), size, train=False)
     xv, yv = torch.stack([val[i][0] for i in range(len(val))]), torch.tensor([s[1] for s in val.samples])
-    with torch.no_grad():
+    with torch.no_grad():                                             # how well it judges reconstructions
         xr = tok.decode_codes(tok.encode(xv)).clamp(-1, 1)
     return net, {"train_images": len(x), "steps": args.clf_steps, "val_accuracy": accuracy(net, xv, yv),
                  "val_reconstruction_accuracy": accuracy(net, xr, yv), "classes": train.classes}
@@ -161,24 +166,25 @@ def train_classifier(tok, args):
 
 # paper-map: Tab. 4
 def far_run(head, seed, args, out, tok, judge, codes_dir):
+    """Train FAR with one head (Sec. 3.3 or a Tab. 4 baseline), then its held-out NLL and class consistency."""
     argv = ["--preset", "tiny", "--head", head, "--tokenizer-ckpt", args.tokenizer_ckpt, "--out-dir", out,
             "--max-steps", str(args.steps), "--global-batch-size", str(args.batch_size), "--seed", str(seed),
             "--augment", args.augment, "--eval-every", str(args.steps), "--sample-every", str(args.steps),
             "--ckpt-every", str(args.steps), "--log-every", str(args.steps),
             *(["--precision", args.precision] if args.precision else [])]
-    if os.path.isdir(codes_dir) and not os.path.exists(os.path.join(out, "codes")):
+    if os.path.isdir(codes_dir) and not os.path.exists(os.path.join(out, "codes")):   # not the first run
         os.makedirs(out, exist_ok=True)             # the codes of the first run, extracted once (same tokenizer)
         os.symlink(os.path.abspath(codes_dir), os.path.join(out, "codes"))
     t0 = time.time()
-    train_far.main(argv)
+    train_far.main(argv)                            # the same script and recipe a user runs
     seconds = time.time() - t0
-    with open(os.path.join(out, "log.jsonl")) as f:
+    with open(os.path.join(out, "log.jsonl")) as f:  # the held-out NLL of the last step
         last = [r for r in map(json.loads, f) if "val_bits/0" in r][-1]
     bits = [last[f"val_bits/{j}"] for j in range(tok.cfg.num_codebooks)]
     model = load_far(os.path.join(out, "checkpoints", "last.pt"))
-    labels = torch.arange(model.cfg.num_classes).repeat_interleave(args.samples_per_class)
-    g = torch.Generator().manual_seed(seed)
-    images = tok.decode_codes(generate(model, labels, cfg_scale=2.0, generator=g)).clamp(-1, 1)
+    labels = torch.arange(model.cfg.num_classes).repeat_interleave(args.samples_per_class)   # every class
+    g = torch.Generator().manual_seed(seed)                             # samples reproducible per seed
+    images = tok.decode_codes(generate(model, labels, cfg_scale=2.0, generator=g)).clamp(-1, 1)   # Tab. 2's CFG
     return {"val_bits_per_subcode": bits, "val_bits_mean": statistics.mean(bits),
             "class_consistency": accuracy(judge, images, labels), "samples": len(labels),
             "train_seconds": round(seconds, 1), "params": sum(p.numel() for p in model.parameters())}
@@ -212,14 +218,15 @@ def parse_args(argv=None):
                    "for Tab. 4 when --tokenizer-ckpt is absent")
     args = p.parse_args(argv)
     tab3 = args.table == "3"
-    if args.quick:
+    if args.quick:                                  # tests: every code path in seconds, numbers meaningless
         args.seeds, args.steps, args.batch_size = args.seeds[:1], args.steps or 2, args.batch_size or 2
         args.usage_crops, args.augment, args.samples_per_class, args.clf_steps, args.clf_crops = 1, "none", 1, 2, 1
         args.image_size = 32
+    # Tab. 3: long enough for the quantizer, not an under-trained trunk, to limit PSNR; Tab. 4: the FAR recipe
     args.steps = args.steps or (1000 if tab3 else FAR_RECIPES["tiny"]["max_steps"])
     args.batch_size = args.batch_size or (train_tokenizer.RECIPES["tiny"]["global_batch_size"] if tab3 else 32)
     rows = list(TAB3) if tab3 else ["linear", "mlp", "ar"]
-    if any(r not in rows for r in args.rows or []):
+    if any(r not in rows for r in args.rows or []):   # a typo in --rows must not silently run nothing
         p.error(f"--rows must be among {rows}")
     args.rows = args.rows or rows
     return args
@@ -228,9 +235,9 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.work_dir, exist_ok=True)
-    results = json.load(open(args.out)) if os.path.exists(args.out) else {}
+    results = json.load(open(args.out)) if os.path.exists(args.out) else {}   # earlier runs are kept and skipped
     if results.get("budget", {}).get("steps") not in (None, args.steps):
-        raise SystemExit(f"{args.out} holds runs of another budget; use another --out")
+        raise SystemExit(f"{args.out} holds runs of another budget; use another --out")   # never mix budgets
     results.update({
         "table": args.table, "paper": PAPER[args.table],
         "command": " ".join(["python", "ablate.py"] + (sys.argv[1:] if argv is None else argv)),
@@ -241,13 +248,13 @@ def main(argv=None):
                     "python": platform.python_version()},
         "budget": {"steps": args.steps, "global_batch_size": args.batch_size, "seeds": args.seeds}})
     results.setdefault("rows", {})
-    if args.table == "3":
+    if args.table == "3":                           # run = train one tokenizer, then measure it
         recipe = train_tokenizer.RECIPES["tiny"]                    # every row trains with the tiny recipe
         results["budget"].update(image_size=args.image_size, usage_crops=args.usage_crops, lr=recipe["lr"],
                                  gan=False, lpips_loss=False, ema_decay=recipe["ema_decay"],
                                  data="data/photos/train (44 photos), eval on data/photos/val (40)")
         run = lambda name, seed, out: tokenizer_run(name, seed, args, out)
-    else:
+    else:                                           # Tab. 4: one tokenizer for every row, FAR heads vary
         if not os.path.isfile(args.tokenizer_ckpt):
             if not args.quick:
                 raise SystemExit(f"--tokenizer-ckpt {args.tokenizer_ckpt} not found "
@@ -257,16 +264,27 @@ def main(argv=None):
             args.tokenizer_ckpt = os.path.join(args.work_dir, "random_tokenizer.pt")
             torch.save({"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)}, args.tokenizer_ckpt)
         tok = load_tokenizer(args.tokenizer_ckpt)
-        judge, results["classifier"] = train_classifier(tok, args)
+        judge, results["classifier"] = train_classifier(tok, args)   # its accuracy is recorded too
         results["budget"].update(augment=args.augment, samples_per_class=args.samples_per_class, cfg_scale=2.0,
                                  tokenizer=os.path.abspath(args.tokenizer_ckpt).removeprefix(ROOT + os.sep), lr=1e-3)
-        codes = os.path.join(args.work_dir, "tab4-codes")
+        codes = os.path.join(args.work_dir, "tab4-codes")   # extracted by the first run, linked by the others
         run = lambda head, seed, out: far_run(head, seed, args, out, tok, judge, codes)
     def save():
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        """Merge our runs into the file's and rewrite it atomically, under a lock on its folder: two ablate.py
+        processes (e.g. one per core with OMP_NUM_THREADS=1, disjoint --rows or --seeds) can fill one table."""
+        folder = os.path.dirname(os.path.abspath(args.out))
+        os.makedirs(folder, exist_ok=True)
+        lock = os.open(folder, os.O_RDONLY)
+        fcntl.flock(lock, fcntl.LOCK_EX)                            # released when the descriptor is closed
+        for name, row in (json.load(open(args.out)) if os.path.exists(args.out) else {}).get("rows", {}).items():
+            ours = results["rows"].setdefault(name, dict(row))
+            ours["runs"] = {**row.get("runs", {}), **ours["runs"]}   # the file's runs plus ours
+            if ours["runs"]:
+                ours["mean"], ours["std"] = mean_std([ours["runs"][s] for s in sorted(ours["runs"], key=int)])
         with open(args.out + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(args.out + ".tmp", args.out)
+        os.close(lock)
     for name in args.rows:                          # rows without their pretrained teacher are reported, not run
         reason = teacher_missing(TAB3[name][0]) if args.table == "3" else None
         row = results["rows"].setdefault(name, {"runs": {}})
@@ -274,14 +292,14 @@ def main(argv=None):
     for seed in args.seeds:                         # seed-major: a cut-short table still has every row
         for name in args.rows:
             row = results["rows"][name]
-            if "skipped" in row or str(seed) in row["runs"]:
+            if "skipped" in row or str(seed) in row["runs"]:   # done in an earlier call: resume skips it
                 continue
-            out = os.path.join(args.work_dir, f"tab{args.table}-{name}-seed{seed}")
+            out = os.path.join(args.work_dir, f"tab{args.table}-{name}-seed{seed}")   # one folder per run
             row["runs"][str(seed)] = run(name, seed, out)
             if args.table == "4" and not os.path.exists(codes):   # share the first run's codes with the others
                 os.symlink(os.path.abspath(os.path.join(out, "codes")), codes)
             row["mean"], row["std"] = mean_std(list(row["runs"].values()))
-            save()
+            save()                                  # after every run: a killed table loses one run at most
     save()
     for name, row in results["rows"].items():       # the table, mean +- std over seeds
         if "skipped" in row:
@@ -290,6 +308,7 @@ def main(argv=None):
             fmt = lambda m, s: ((f"{m:.3f}" + ("" if s is None else f"+-{s:.3f}")) if isinstance(m, float) else
                                 "/".join(fmt(a, b) for a, b in zip(m, s)) if isinstance(m, list) else str(m))
             keys = ("psnr", "ssim", "lpips", "usage") if args.table == "3" else ("val_bits_mean", "class_consistency")
+            # one line per row: metric mean+-std, per sub-codebook values joined by /
             print(f"{name:<18} " + "  ".join(f"{k} {fmt(row['mean'][k], row['std'][k])}" for k in keys))
     return results
 

@@ -53,7 +53,7 @@ def machine():
 def median_time(fn, repeats, warmup=True):
     """Median wall time of fn() over `repeats` runs after one warm-up run (unless done already), in seconds."""
     if warmup:
-        fn()
+        fn()                                                          # first call: allocations, caches, lazy init
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -63,6 +63,7 @@ def median_time(fn, repeats, warmup=True):
 
 
 def _status_mib(field):
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in MiB."""
     with open("/proc/self/status") as f:
         return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) / 1024
 
@@ -78,7 +79,7 @@ def peak_mib(fn):
         before = _status_mib("VmRSS")
     except (OSError, AttributeError):
         return None, fn()
-    out = fn()
+    out = fn()                                                        # the peak since the reset includes this call
     return _status_mib("VmHWM") - before, out
 
 
@@ -92,6 +93,7 @@ ROWS = []  # (section, measurement, median seconds or None, result, peak MiB or 
 
 
 def row(section, what, seconds=None, result="", peak=None):
+    """Record one table row and print it at once (long sections show progress)."""
     ROWS.append((section, what, seconds, result, peak))
     print(f"  {what}: {'' if seconds is None else f'{seconds:.4g} s '}{result}"
           f"{'' if peak is None else f' peak {peak:.0f} MiB'}", flush=True)
@@ -125,7 +127,7 @@ class OfficialVQ(torch.nn.Module):
         self.vq = vq
 
     def forward(self, z):
-        return official_vq_forward(self.vq, z)
+        return official_vq_forward(self.vq, z)                        # (z_q, losses, codes), as VectorQuantizer
 
 
 @contextlib.contextmanager
@@ -137,27 +139,27 @@ def busy_loops(n):
         time.sleep(2.0 if n else 0.0)                                 # let them start and take the cores
         yield
     finally:
-        for proc in procs:
+        for proc in procs:                                            # never leave a spinning process behind
             proc.kill()
             proc.wait()
 
 
 def bench_lookup(args):
-    b, grid, K, d = (2, 8, 1024, 8) if args.quick else (32, 16, 16384, 8)
-    n = b * grid * grid
+    b, grid, K, d = (2, 8, 1024, 8) if args.quick else (32, 16, 16384, 8)   # Tab. 1: K = 16384, d = 8
+    n = b * grid * grid                                               # tokens per sub-codebook per batch
     print(f"lookup: N = {n} tokens, K = {K}, d = {d}, l2-normalised; threads {args.threads}, busy {args.busy}")
     torch.manual_seed(0)
     vq = VectorQuantizer(K, d).eval()
     vq.embedding.weight.data = F.normalize(torch.randn(K, d), dim=-1)   # spread codes (the init is near-uniform)
     z = torch.randn(b, d, grid, grid)
     flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, d), dim=-1)   # (B, d, h, w) -> (N, d), as vq does
-    codebook = vq.codebook()
+    codebook = vq.codebook()                                          # (K, d), l2-normalised as in training
     with torch.no_grad():
         # the paper's form vs the fast one, on 1 and more threads, quiet and loaded (timed in turns: a change in the
         # machine's load slows both alike)
         for threads in args.threads:
             torch.set_num_threads(threads)
-            for busy in sorted({0, args.busy}):
+            for busy in sorted({0, args.busy}):                       # quiet first, then against busy loops
                 with busy_loops(busy):
                     peak_full, full_codes = peak_mib(lambda: lookup_reference(flat, codebook))
                     peak_nc, _ = peak_mib(lambda: nearest_code(flat, codebook))
@@ -172,15 +174,15 @@ def bench_lookup(args):
                     quiet = t_full, t_nc                              # kept for the rows below: the last count
         # on the last thread count, quiet: how far from the compute bound, and the training forward vs the official
         t_full, t_nc = quiet
-        rate = gflops()
+        rate = gflops()                                               # the machine's fp32 matmul rate
         t_gemm = median_time(lambda: flat @ codebook.t(), args.repeats)
         row("lookup", "bare GEMM z @ C^T (N x K)", t_gemm, f"{t_full / t_gemm:.1f}x")
-        bound = 2 * n * K * d / (rate * 1e9)
+        bound = 2 * n * K * d / (rate * 1e9)                          # seconds for the 2NKd FLOPs of the distances
         row("lookup", f"compute bound 2NKd at {rate:.0f} GFLOP/s (2048^3 GEMM)", bound,
             f"{t_full / bound:.0f}x; nearest_code {t_nc / bound:.1f}x the bound")
         peak, (_, _, codes) = peak_mib(lambda: vq(z))
         t_vq = median_time(lambda: vq(z), args.repeats, warmup=False)
-        same = torch.equal(codes.flatten(), full_codes)
+        same = torch.equal(codes.flatten(), full_codes)               # the module must agree with Eq. (1) exactly
         row("lookup", "VectorQuantizer forward (eval)", t_vq,
             f"{t_full / t_vq:.1f}x, indices {'identical' if same else 'DIFFERENT'}", peak)
         vq.train().entropy_weight = 0.03                             # the official scripts' entropy_loss_ratio
@@ -196,13 +198,14 @@ def bench_lookup(args):
 def ibq_step(fn, z, codebook, w):
     """Forward + backward of fn (ibq_reference or code_softmax) on tokens z (N, d): a fixed random "decoder" loss
     (z_q * w).sum() plus IBQ's entropy loss (weight 0.05). -> (dL/dz, dL/dC)."""
-    z, codebook = z.detach().requires_grad_(), codebook.detach().requires_grad_()
-    _, z_q, h_sample, h_code = fn(z, codebook)
+    z, codebook = z.detach().requires_grad_(), codebook.detach().requires_grad_()   # fresh leaves per call
+    _, z_q, h_sample, h_code = fn(z, codebook)                        # (codes, z_q, entropy terms)
     ((z_q * w).sum() + 0.05 * (h_sample - h_code)).backward()
     return z.grad, codebook.grad
 
 
 def bench_ibq(args):
+    # IBQ's largest codebook (2^18 x 256); the reference compared at N = 256, where its N x K tensors still fit
     K, d, n_cmp, n_big = (2**12, 32, 64, 128) if args.quick else (2**18, 256, 256, 4096)
     print(f"ibq: K = {K}, d = {d}; reference vs code_softmax at N = {n_cmp}, code_softmax alone at N = {n_big}")
     torch.manual_seed(0)
@@ -211,11 +214,11 @@ def bench_ibq(args):
     # gradients of both at N/2, and the reference's peak there (for the extrapolation below)
     half, g_ref = peak_mib(lambda: ibq_step(ibq_reference, z[:n_cmp // 2], codebook, w[:n_cmp // 2]))
     g_ours = ibq_step(code_softmax, z[:n_cmp // 2], codebook, w[:n_cmp // 2])
-    err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(g_ours, g_ref))
+    err = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(g_ours, g_ref))   # both gradients
     peaks = [peak_mib(lambda: ibq_step(fn, z[:n_cmp], codebook, w[:n_cmp]))[0] for fn in fns.values()]
     times = interleaved_medians([lambda fn=fn: ibq_step(fn, z[:n_cmp], codebook, w[:n_cmp]) for fn in fns.values()],
                                 args.repeats)
-    for name, t, peak in zip(fns, times, peaks):
+    for name, t, peak in zip(fns, times, peaks):                      # the reference row is the 1.0x
         result = "1.0x" if t is times[0] else f"{times[0] / t:.1f}x, grads: max rel. diff {err:.1e}"
         row("ibq", f"fwd+bwd N = {n_cmp}, {name}", t, result, peak)
     # the reference's peak grows linearly in N (all its big tensors are N x K): fit it from N/2 and N, extrapolate
@@ -240,9 +243,9 @@ def official_block(block, x, rope, cache, pos, mask):
     attn, (B, S, C) = block.attention, x.shape
     q, k, v = attn.wqkv(block.attention_norm(x)).split(C, -1)                  # q | k | v along the output dim
     q, k, v = (t.view(B, S, attn.n_head, C // attn.n_head) for t in (q, k, v))  # (B, S, dim) -> (B, S, H, D)
-    q, k = far.apply_rope(q, rope), far.apply_rope(k, rope)
+    q, k = far.apply_rope(q, rope), far.apply_rope(k, rope)                    # 2-D RoPE on q and k only
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))                           # (B, S, H, D) -> (B, H, S, D)
-    cache[0][:, :, pos], cache[1][:, :, pos] = k, v
+    cache[0][:, :, pos], cache[1][:, :, pos] = k, v                            # write this step's slot
     y = F.scaled_dot_product_attention(q, cache[0], cache[1], attn_mask=mask)
     x = x + attn.wo(y.transpose(1, 2).contiguous().view(B, S, C))             # (B, H, S, D) -> (B, S, dim)
     return x + block.feed_forward(block.ffn_norm(x))
@@ -265,8 +268,8 @@ def official_generate(model, labels, cfg_scale=2.0, temperature=1.0, generator=N
     caches = [(zeros(), zeros()) for _ in model.layers]
     causal = torch.tril(torch.ones(slots, slots, dtype=torch.bool, device=dev))[None].repeat(2 * n, 1, 1)
     rope = far.rope_2d(cfg.grid, D, cfg.rope_base).to(dev)                   # (1 + L, D/2, 2), rebuilt per setup
-    codes = torch.zeros(n, k, L, dtype=torch.long, device=dev)
-    for t in range(L):
+    codes = torch.zeros(n, k, L, dtype=torch.long, device=dev)               # filled position by position
+    for t in range(L):                                                        # raster order over the h x w grid
         pos = torch.tensor([t], device=dev)
         if t == 0:
             x = model.cls_embedding(y)[:, None]                               # (2n, 1, dim)
@@ -277,8 +280,8 @@ def official_generate(model, labels, cfg_scale=2.0, temperature=1.0, generator=N
         for block, cache in zip(model.layers, caches):
             x = official_block(block, x, rope[pos], cache, pos, causal[:, None, pos])  # mask (2n, 1, 1, slots)
         head_caches = [(zeros(), zeros()) for _ in model.ar_head]           # reallocated at every position
-        z = x
-        for j in range(k):
+        z = x                                                                 # the backbone output starts the head
+        for j in range(k):                                                    # sub-code j sees those < j (Sec. 3.3)
             jpos = torch.tensor([j], device=dev)
             if j > 0:
                 z = model.tok_embeddings[j - 1](codes[:, j - 1, t].repeat(2))[:, None]  # (2n, 1, dim)
@@ -294,7 +297,7 @@ def interleaved_medians(fns, repeats):
     """Median wall times of each of fns after one warm-up each, timed in turns (f1, f2, ..., f1, f2, ...), so that
     a load that other processes put on the machine for a while slows every candidate alike."""
     for fn in fns:
-        fn()
+        fn()                                                          # warm-up of every candidate first
     times = [[] for _ in fns]
     for _ in range(repeats):
         for fn, ts in zip(fns, times):
@@ -305,15 +308,16 @@ def interleaved_medians(fns, repeats):
 
 
 def bench_far_preset(args, preset, grid, batch, compile_, recompute):
-    from torch._dynamo.utils import counters
+    """Rows for one FAR preset: official formulation, generate eager, compiled, and without the cache."""
+    from torch._dynamo.utils import counters                          # counts the graphs dynamo traces
     cfg = far.FARConfig(**{**far.PRESETS[preset], "grid": grid})
     torch.manual_seed(0)
     model = far.FAR(cfg).eval()
     for out in model.output:  # random classifiers: non-uniform logits, so that equal codes mean something
         torch.nn.init.normal_(out.weight, std=0.02)
-    labels = torch.arange(batch) % cfg.num_classes
+    labels = torch.arange(batch) % cfg.num_classes                    # a mix of classes, like a sample grid
     tokens = batch * grid[0] * grid[1]                                # one token = one position, all k sub-codes
-    gen = lambda: torch.Generator().manual_seed(0)
+    gen = lambda: torch.Generator().manual_seed(0)                    # same seed: every candidate, same codes
     sample = lambda **kw: far.generate(model, labels, cfg_scale=2.0, generator=gen(), **kw)
     what = (f"{preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M), {grid[0]}x{grid[1]}, "
             f"batch {batch} + CFG, {tokens} tokens")
@@ -329,7 +333,7 @@ def bench_far_preset(args, preset, grid, batch, compile_, recompute):
                   + [lambda: sample(use_cache=False)] * recompute)
     t_off, t_cache, *rest = interleaved_medians(candidates, args.repeats)
     recompiles = counters["stats"]["unique_graphs"] - graphs         # graphs traced during the timed runs: 0
-    ref = official()
+    ref = official()                                                  # codes to compare every variant with
     same = lambda codes: "identical" if torch.equal(codes, ref) else "DIFFERENT"
     row("far", f"{what}, official formulation", t_off, f"{tokens / t_off:.1f} tokens/s, 1.0x")
     row("far", f"{what}, generate (static KV cache)", t_cache,
@@ -345,6 +349,7 @@ def bench_far_preset(args, preset, grid, batch, compile_, recompute):
 
 
 def bench_far(args):
+    """FAR sampling rows: tiny at its own grid, FAR-B at full size on a short grid."""
     print("far: sampling with CFG (scale 2), random weights, fp32; official = official_code.md §6 on the same weights")
     if args.quick:
         bench_far_preset(args, "tiny", (2, 2), 2, args.compile, True)
@@ -359,14 +364,15 @@ def bench_far(args):
 # Tokenizer training step (tiny): forward + generator_loss + backward + Adam, eager vs torch.compile
 
 def bench_train(args):
-    batch = 2 if args.quick else 16
+    """The tiny tokenizer's training step (forward, losses, backward, Adam), eager and compiled."""
+    batch = 2 if args.quick else 16                                   # 16: the tiny recipe's batch
     cfg = TokenizerConfig(**TOKENIZER_PRESETS["tiny"])
     print(f"train: tiny tokenizer, batch {batch} at {cfg.image_size} px, G step (D forward inside the G loss)")
     torch.manual_seed(0)
     raw, disc = Tokenizer(cfg), PatchGAN()
     opt = torch.optim.Adam(raw.parameters(), lr=2e-4, betas=(0.9, 0.95))
     loss_cfg = LossConfig(perceptual_weight=0.0, gan_start=400)      # train_tokenizer.py's tiny defaults
-    x = torch.rand(batch, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    x = torch.rand(batch, 3, cfg.image_size, cfg.image_size) * 2 - 1   # random images in [-1, 1]
 
     def step(model):
         x_rec, aux = model(x)
@@ -393,6 +399,7 @@ def bench_train(args):
 # D or teacher: their weights are not available offline); forward + backward, no optimizer step.
 
 def bench_train_dual(args):
+    """FQGAN-Dual's G step with our quantizer and with the official formulation swapped into the same model."""
     preset, batch, size = ("tiny", 1, 64) if args.quick else ("fqgan-dual-16", 2, 256)
     cfg = TokenizerConfig(**{**TOKENIZER_PRESETS[preset], "image_size": size})
     print(f"train-dual: {preset}, batch {batch} at {size} px, G step (forward + MSE/quantizer/Eq. 7 + backward)")
@@ -403,7 +410,7 @@ def bench_train_dual(args):
     swaps = {"official quantizer formulation": [OfficialVQ(q) for q in ours], "ours (quantizer.VectorQuantizer)": ours}
 
     def step(quantizers):
-        for branch, q in zip(tok.branches, quantizers):
+        for branch, q in zip(tok.branches, quantizers):               # swap the quantizers, keep every weight
             branch.quantize = q
         x_rec, aux = tok(x)
         tok.zero_grad(set_to_none=True)
@@ -433,6 +440,7 @@ def parse_args(argv=None):
                    help="also time the lookup against this many busy-loop processes (default 2; quick 0)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of each train-dual step")
     args = p.parse_args(argv)
+    # --quick: one run of each path, no compile, no busy loops (CI checks the code runs, not its speed)
     args.repeats = (1 if args.quick else 5) if args.repeats is None else args.repeats
     args.compile = (not args.quick) if args.compile is None else args.compile
     args.busy = (0 if args.quick else 2) if args.busy is None else args.busy
@@ -449,13 +457,14 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads[-1])
-    ROWS.clear()
+    ROWS.clear()                                                      # main() may be called twice (tests)
     header = machine()
     print(header, flush=True)
     for name in (args.only,) if args.only else SECTIONS:
-        torch.set_num_threads(args.threads[-1])
+        torch.set_num_threads(args.threads[-1])                       # the lookup section changes it
         globals()[f"bench_{name.replace('-', '_')}"](args)
     print(f"\n{header}; median of {args.repeats} runs after 1 warm-up{' (--quick)' if args.quick else ''}\n")
+    # the Markdown table that docs/results.md quotes
     print("| section | measurement | median | result | peak MiB |\n|---|---|---|---|---|")
     for section, what, seconds, result, peak in ROWS:
         print(f"| {section} | {what} | {'' if seconds is None else f'{seconds:.3g} s'} | {result} | "

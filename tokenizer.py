@@ -16,10 +16,9 @@ Data flow (k branches, concatenated in branch order; official order [vis, sem] /
                                                |     [-> feature head P_i (teacher-supervised branches only)]
                                                +-> ... ; concat z_q^1..z_q^k -> post_quant_conv -> Decoder -> x_rec
 
-Numerics follow the official code where it matters for bit-exact checkpoint parity
-(docs/official_code.md §1.3): swish as x*sigmoid(x), bmm attention with the scale after the
-matmul, asymmetric padding before the stride-2 conv, nearest upsampling, exact GELU, LayerNorm eps 1e-5,
-GroupNorm eps 1e-6.
+Numerics follow the official code where it matters for bit-exact checkpoint parity (docs/official_code.md §1.3):
+swish as x*sigmoid(x), bmm attention with the scale after the matmul, asymmetric padding before the stride-2 conv,
+nearest upsampling, exact GELU, LayerNorm eps 1e-5, GroupNorm eps 1e-6.
 
 Usage:
   from tokenizer import Tokenizer, TokenizerConfig, PRESETS
@@ -63,7 +62,7 @@ class TokenizerConfig:
     adapter_residual: bool = False          # z_i = z + A_i(z) instead of A_i(z) (official: False; tiny: see preset)
     # branches and representation learning (Sec. 3.2.2); one entry per sub-codebook, in concatenation order
     branch_names: tuple = ("vis", "sem")
-    teachers: tuple = (None, "openclip:ViT-L-14:openai")   # frozen teacher per branch (built in losses.py)
+    teachers: tuple = (None, "openclip:ViT-L-14:openai")   # frozen teacher per branch (teachers.py)
     head_dims: tuple = (0, 1024)            # feature-head width per branch = teacher feature width; 0: no head
     head_layers: int = 3
     head_heads: int = 8
@@ -77,23 +76,17 @@ class TokenizerConfig:
         if self.quantizer not in ("vq", "ibq"):
             raise ValueError(f"quantizer must be 'vq' or 'ibq', got {self.quantizer!r}")
 
-    @property
-    def downsample(self):
-        return 2 ** (len(self.ch_mult) - 1)
+    downsample = property(lambda self: 2 ** (len(self.ch_mult) - 1))    # f: one stride-2 step per level but the last
+    # (H, W) of the images the configured grid comes from: grid * downsample
+    image_shape = property(lambda self: (self.grid[0] * self.downsample, self.grid[1] * self.downsample))
 
     @property
     def grid(self):
         """(h, w) of the latent grid for the configured image size: grid = image_size // downsample."""
         size = (self.image_size,) * 2 if isinstance(self.image_size, int) else tuple(self.image_size)
-        for s in size:
-            if s % self.downsample:
-                raise ValueError(f"image size {size} is not divisible by the downsample factor {self.downsample}")
+        if any(s % self.downsample for s in size):
+            raise ValueError(f"image size {size} is not divisible by the downsample factor {self.downsample}")
         return size[0] // self.downsample, size[1] // self.downsample
-
-    @property
-    def image_shape(self):
-        """(H, W) of the images the configured grid comes from: grid * downsample."""
-        return self.grid[0] * self.downsample, self.grid[1] * self.downsample
 
 
 _DUAL = dict(branch_names=("vis", "sem"), teachers=(None, "openclip:ViT-L-14:openai"), head_dims=(0, 1024))
@@ -181,22 +174,16 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out)
 
 
-class Downsample(nn.Module):
-    def __init__(self, c):
+class Resample(nn.Module):
+    """"downsample": pad right/bottom by 1, then a stride-2 conv; "upsample": nearest x2, then a conv."""
+
+    def __init__(self, c, kind):
         super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, 2, 0)
+        self.kind, self.conv = kind, nn.Conv2d(c, c, 3, *((2, 0) if kind == "downsample" else (1, 1)))
 
     def forward(self, x):
-        return self.conv(F.pad(x, (0, 1, 0, 1)))                      # pad right/bottom by 1, then stride 2
-
-
-class Upsample(nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv = nn.Conv2d(c, c, 3, 1, 1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+        x = F.pad(x, (0, 1, 0, 1)) if self.kind == "downsample" else F.interpolate(x, scale_factor=2.0, mode="nearest")
+        return self.conv(x)
 
 
 class Level(nn.Module):
@@ -206,15 +193,13 @@ class Level(nn.Module):
         super().__init__()
         self.res = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, dropout, groups) for i in range(n_res))
         self.attn = nn.ModuleList(AttnBlock(cout, groups) for _ in range(n_res)) if attn else nn.ModuleList()
-        if resample is not None:    # registered as .downsample / .upsample (official names)
-            setattr(self, resample.__name__.lower(), resample(cout))
-        self.resample = resample.__name__.lower() if resample else None
+        if resample is not None:    # "downsample" / "upsample": registered under that name (official names)
+            setattr(self, resample, Resample(cout, resample))
+        self.resample = resample
 
     def forward(self, x):
         for i, res in enumerate(self.res):
-            x = res(x)
-            if len(self.attn):
-                x = self.attn[i](x)
+            x = self.attn[i](res(x)) if len(self.attn) else res(x)
         return getattr(self, self.resample)(x) if self.resample else x
 
 
@@ -222,8 +207,8 @@ def mid_blocks(c, cfg):
     """res -> attention -> res at the lowest resolution (official names mid.0, mid.1, mid.2); res -> res without
     attention (cfg.attn False)."""
     attn = [AttnBlock(c, cfg.norm_groups)] if cfg.attn else []
-    return nn.ModuleList([ResnetBlock(c, c, cfg.dropout, cfg.norm_groups), *attn,
-                          ResnetBlock(c, c, cfg.dropout, cfg.norm_groups)])
+    return nn.Sequential(ResnetBlock(c, c, cfg.dropout, cfg.norm_groups), *attn,
+                         ResnetBlock(c, c, cfg.dropout, cfg.norm_groups))
 
 
 class Encoder(nn.Module):
@@ -235,19 +220,14 @@ class Encoder(nn.Module):
         chs = [cfg.ch * m for m in cfg.ch_mult]
         n = len(chs)
         self.conv_in = nn.Conv2d(3, cfg.ch, 3, 1, 1)
-        self.conv_blocks = nn.ModuleList(
+        self.conv_blocks = nn.Sequential(*(
             Level(([cfg.ch] + chs)[i], chs[i], cfg.num_res_blocks, attn=cfg.attn and i == n - 1,
-                  resample=Downsample if i < n - 1 else None, dropout=cfg.dropout, groups=cfg.norm_groups)
-            for i in range(n))
+                  resample="downsample" if i < n - 1 else None, dropout=cfg.dropout, groups=cfg.norm_groups)
+            for i in range(n)))
         self.mid = mid_blocks(chs[-1], cfg)
 
     def forward(self, x):
-        h = self.conv_in(x)
-        for level in self.conv_blocks:
-            h = level(h)
-        for block in self.mid:
-            h = block(h)
-        return h
+        return self.mid(self.conv_blocks(self.conv_in(x)))          # (B, 3, H, W) -> (B, C, h, w)
 
 
 class Decoder(nn.Module):
@@ -256,22 +236,17 @@ class Decoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         chs = [cfg.ch * m for m in cfg.ch_mult][::-1]                 # deepest first
-        n = len(chs)
         self.conv_in = nn.Conv2d(cfg.z_channels, chs[0], 3, 1, 1)
         self.mid = mid_blocks(chs[0], cfg)
-        self.conv_blocks = nn.ModuleList(
+        self.conv_blocks = nn.Sequential(*(
             Level(chs[max(i - 1, 0)], chs[i], cfg.num_res_blocks + 1, attn=cfg.attn and i == 0,
-                  resample=Upsample if i < n - 1 else None, dropout=cfg.dropout, groups=cfg.norm_groups)
-            for i in range(n))
+                  resample="upsample" if i < len(chs) - 1 else None, dropout=cfg.dropout, groups=cfg.norm_groups)
+            for i in range(len(chs))))
         self.norm_out = group_norm(chs[-1], cfg.norm_groups)
         self.conv_out = nn.Conv2d(chs[-1], 3, 3, 1, 1)
 
     def forward(self, z):
-        h = self.conv_in(z)
-        for block in self.mid:
-            h = block(h)
-        for level in self.conv_blocks:
-            h = level(h)
+        h = self.conv_blocks(self.mid(self.conv_in(z)))               # (B, z_channels, h, w) -> (B, ch, H, W)
         return self.conv_out(swish(self.norm_out(h)))                 # no tanh, no clamp (official)
 
 
@@ -303,8 +278,7 @@ class SelfAttention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width, heads):
         super().__init__()
-        self.ln_1, self.attn = nn.LayerNorm(width), SelfAttention(width, heads)
-        self.ln_2 = nn.LayerNorm(width)
+        self.ln_1, self.attn, self.ln_2 = nn.LayerNorm(width), SelfAttention(width, heads), nn.LayerNorm(width)
         self.mlp = nn.Sequential(OrderedDict(c_fc=nn.Linear(width, 4 * width), gelu=nn.GELU(),
                                              c_proj=nn.Linear(4 * width, width)))
 
@@ -350,7 +324,7 @@ class FeatPredHead(nn.Module):
     """Sec. 3.2.2: predicts a frozen teacher's feature from one branch's quantized codes z_q^i (B, d, h, w).
 
     Linear-ReLU-Linear lift to the teacher width, a class token, learned positions, a small transformer.
-    Returns (B, 1 + h*w, width); token 0 is compared with the teacher's CLS feature (losses.py).
+    Returns (B, 1 + h*w, width); token 0 is compared with the teacher's CLS feature (teachers.py).
     """
 
     def __init__(self, codebook_dim, width, layers, heads, grid):
@@ -387,12 +361,10 @@ class Branch(nn.Module):
         self.norm_out = group_norm(width, cfg.norm_groups)
         self.conv_out = nn.Conv2d(width, cfg.z_channels, 3, 1, 1)
         self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.codebook_dim, 1)
-        if cfg.quantizer == "vq":
-            self.quantize = VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.l2_norm, cfg.beta,
-                                            cfg.entropy_weight, cfg.entropy_temperature)
-        else:
-            self.quantize = IBQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.beta, cfg.entropy_weight,
-                                        cfg.entropy_temperature)
+        self.quantize = (VectorQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.l2_norm, cfg.beta, cfg.entropy_weight,
+                                         cfg.entropy_temperature) if cfg.quantizer == "vq" else
+                         IBQuantizer(cfg.codebook_size, cfg.codebook_dim, cfg.beta, cfg.entropy_weight,
+                                     cfg.entropy_temperature))
         self.feat_head = (FeatPredHead(cfg.codebook_dim, cfg.head_dims[i], cfg.head_layers, cfg.head_heads, cfg.grid)
                           if cfg.head_dims[i] else None)
 
@@ -468,10 +440,8 @@ class Tokenizer(nn.Module):
         keep = range(k) if keep is None else keep
         if any(not 0 <= i < k for i in keep):
             raise ValueError(f"keep must list sub-codebook indices in [0, {k}), got {list(keep)}")
-        z_qs = []
-        for i, branch in enumerate(self.branches):
-            z_q = branch.quantize.codebook()[codes[:, i]]            # (B, h, w) -> (B, h, w, d)
-            z_qs.append(z_q.permute(0, 3, 1, 2) * (1.0 if i in keep else 0.0))  # -> (B, d, h, w)
+        z_qs = [branch.quantize.codebook()[codes[:, i]].permute(0, 3, 1, 2) * (1.0 if i in keep else 0.0)
+                for i, branch in enumerate(self.branches)]           # (B, h, w) -> (B, h, w, d) -> (B, d, h, w)
         return self.decode(torch.cat(z_qs, dim=1))
 
 

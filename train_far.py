@@ -155,9 +155,8 @@ def nll_bits(model, dataset, device, ddp, rank, world, batch_size=64):
         items = [dataset[i] for i in mine[s:s + batch_size]]
         codes = torch.stack([c for c, _ in items]).to(device)            # (B, k, h, w)
         labels = torch.tensor([y for _, y in items], device=device)
-        logits = model(codes, labels)                                    # (B, k, L, V)
-        # (B, k, L, V) -> (B*k*L, V) against (B, k, h, w) -> (B*k*L,): the same (b, j, t) order
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 2), codes.flatten(), reduction="none")
+        # logits (B, k, L, V) -> (B*k*L, V) against (B, k, h, w) -> (B*k*L,): the same (b, j, t) order
+        ce = torch.nn.functional.cross_entropy(model(codes, labels).flatten(0, 2), codes.flatten(), reduction="none")
         total[:k] += ce.view(len(items), k, -1).sum((0, 2)).double()     # (B*k*L,) -> (B, k, L) -> (k,)
         total[k] += codes[:, 0].numel()                                 # B*h*w positions per sub-code
     if ddp:
@@ -340,8 +339,7 @@ def train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra,
             state = {"model": raw.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(cfg),
                      "args": vars(args), "rng": rng, "data": {"samples_per_rank": step * batch}, **extra}
             atomic_save(state, os.path.join(folder, "last.pt"))        # what --resume and sample.py read
-            if step % args.ckpt_every == 0 or step == args.max_steps:
-                atomic_save(state, os.path.join(folder, f"{step:07d}.pt"))   # kept: fall-backs for read_resume
+            atomic_save(state, os.path.join(folder, f"{step:07d}.pt"))  # kept (every --ckpt-every, the last step)
         if ddp:
             dist.barrier()                                             # no rank runs ahead of a half-written file
 

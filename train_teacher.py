@@ -2,10 +2,10 @@
 
 Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681, Sec. 3.2.2: one sub-codebook
 learns to predict a frozen teacher's feature (CLIP ViT-L/14 for FQGAN-Dual). CLIP's weights cannot be downloaded
-here, so the tiny-dual preset uses this stand-in: a small CNN (losses.PhotoCNN, 0.1 M parameters) trained to tell
+here, so the tiny-dual preset uses this stand-in: a small CNN (teachers.PhotoCNN, 0.1 M parameters) trained to tell
 the 11 bundled photos apart from random 64-px crops. Its pooled feature says which photo a crop comes from; that is
 all it knows, where CLIP's feature describes what an image shows in general. It is plainly a stand-in: a teacher
-with the same interface (losses.load_teacher("cnn:tiny_teacher.pt")), whose effect on a sub-codebook can be measured
+with the same interface (teachers.load_teacher("cnn:tiny_teacher.pt")), whose effect on a sub-codebook can be measured
 offline (evaluate.py's class probe, figures.py's Fig. 4).
 
   python train_teacher.py                      # -> weights/tiny_teacher.pt
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from images import BUNDLED, ImageFolder, open_rgb, random_crop, to_tensor
-from losses import PhotoCNN
+from teachers import PhotoCNN
 
 ROOT = os.path.dirname(os.path.abspath(__file__))                     # weights/ lives beside this file
 
@@ -75,7 +75,7 @@ def main(argv=None):
         if step % 250 == 0 or step == args.steps:
             print(f"step {step}: loss {loss.item():.3f}, held-out accuracy {accuracy(net, val):.3f}", flush=True)
     config = {"num_classes": len(train.classes), "width": args.width, "image_size": args.image_size}   # PhotoCNN(**)
-    # plain types only: losses.load_teacher reads it with torch.load(weights_only=True)
+    # plain types only: teachers.load_teacher reads it with torch.load(weights_only=True)
     state = {"model": net.state_dict(), "config": config, "classes": train.classes, "steps": args.steps,
              "val_accuracy": accuracy(net, val), "command": "python train_teacher.py"}
     tmp = args.out + ".tmp"

@@ -31,8 +31,9 @@ from tqdm import tqdm
 from checkpoints import (CheckpointError, atomic_save, init_distributed, mean_over_ranks_or_stop, read_resume,
                          remove_stale_temps, rng_states, set_rng_states)
 from images import BUNDLED, ImageFolder, StreamSampler, save_grid, unreadable_files
-from losses import LPIPS, LossConfig, PatchGAN, build_teachers, discriminator_loss, generator_loss
+from losses import LPIPS, LossConfig, PatchGAN, discriminator_loss, generator_loss
 from quantizer import codebook_usage
+from teachers import build_teachers
 from tokenizer import PRESETS, Tokenizer, TokenizerConfig
 
 
@@ -253,8 +254,7 @@ def main(argv=None):
     overrides = {k: v for k, v in dict(image_size=args.image_size, codebook_size=args.codebook_size,
                                       entropy_weight=args.entropy_weight).items() if v is not None}
     cfg = TokenizerConfig(**{**PRESETS[args.preset], **overrides})
-    m = build(args, cfg, device, ddp, local_rank)
-    try:                                                               # a --hold-out class must exist
+    try:                                                               # before the model: a --hold-out class must exist
         dataset = ImageFolder(args.data_path, cfg.image_shape, train=True, seed=args.seed, exclude=args.hold_out,
                               max_scale=args.crop_scale)
         val_set = (ImageFolder(args.val_path, cfg.image_shape, train=False, exclude=args.hold_out) if args.val_path
@@ -263,6 +263,7 @@ def main(argv=None):
                                   (args.data_path, args.val_path) if root]) if args.hold_out else None
     except ValueError as e:
         parser.error(f"--hold-out: {e}")
+    m = build(args, cfg, device, ddp, local_rank)
 
     # resume: weights, both optimizers, every rank's RNG and the data position --------------------------------
     step, last = 0, os.path.join(args.out_dir, "checkpoints", "last.pt")

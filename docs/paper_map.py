@@ -16,7 +16,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "docs", "paper_map.md")
-FILES = ["quantizer.py", "tokenizer.py", "losses.py", "far.py", "train_tokenizer.py", "train_far.py", "sample.py",
+FILES = ["quantizer.py", "tokenizer.py", "losses.py", "teachers.py", "far.py", "train_tokenizer.py", "train_far.py", "sample.py",
          "evaluate.py", "figures.py", "ablate.py"]
 TAG = re.compile(r"#\s*paper-map:\s*(.+?)\s*$")
 # (item, what the paper says it is); the order of the table in docs/paper_map.md

@@ -72,3 +72,24 @@ def test_quick_table4_and_resume(tmp_path):
     # the same command again finds every run in the JSON and trains nothing
     ablate.main(argv)
     assert json.loads(out.read_text())["rows"] == data["rows"]
+
+
+def test_two_processes_fill_one_table(tmp_path, monkeypatch):
+    """Two ablate.py processes on one --out (disjoint rows): the runs another process writes while this one trains
+    are kept when this one saves (save merges under a lock), not overwritten by its older copy of the file."""
+    out = tmp_path / "tab3.json"
+    other = {"psnr": 20.0, "ssim": 0.5, "lpips": None, "usage": [1.0], "perplexity": [9.0]}
+
+    def fake_run(name, seed, args, run_dir):
+        # the other process finishes its row VQ(K) while we train FQ(Kx2): it rewrites the file under our feet
+        data = json.loads(out.read_text()) if out.exists() else {"budget": {"steps": 2}, "rows": {}}
+        data["rows"]["VQ(K)"] = {"runs": {"0": other}}
+        out.write_text(json.dumps(data))
+        return {**other, "psnr": 22.0, "usage": [1.0, 1.0], "perplexity": [9.0, 9.0]}
+
+    monkeypatch.setattr(ablate, "tokenizer_run", fake_run)
+    ablate.main(["--table", "3", "--quick", "--rows", "FQ(Kx2)", "--work-dir", str(tmp_path / "runs"),
+                 "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert rows["VQ(K)"]["runs"]["0"] == other and rows["VQ(K)"]["mean"]["psnr"] == 20.0     # theirs, kept
+    assert rows["FQ(Kx2)"]["runs"]["0"]["psnr"] == 22.0 and rows["FQ(Kx2)"]["mean"]["psnr"] == 22.0   # ours

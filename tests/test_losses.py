@@ -1,4 +1,4 @@
-"""Tests of losses.py (LPIPS, PatchGAN + hinge, representation loss, Eq. (8)) and of the bundled photo set.
+"""Tests of losses.py (LPIPS, PatchGAN + hinge, representation loss, Eq. (8)), teachers.py and of the bundled photo set.
 
 CPU only, no downloads: LPIPS and the teachers use random weights of the real architectures.
 Run: python -m pytest tests/test_losses.py -q
@@ -18,6 +18,7 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import losses  # noqa: E402
+import teachers  # noqa: E402
 
 PHOTOS = os.path.join(ROOT, "data", "photos")
 
@@ -150,7 +151,7 @@ def real_teachers():
     # Real classes, random weights: a DINOv2-S (timm) and a CLIP ViT-B/32 (open_clip, smaller than L/14).
     specs = (None, "timm:vit_small_patch14_dinov2.lvd142m", "openclip:ViT-B-32:openai")
     torch.manual_seed(0)
-    return losses.build_teachers(specs, pretrained=False)
+    return teachers.build_teachers(specs, pretrained=False)
 
 
 def test_teachers_are_frozen_with_official_widths(real_teachers):
@@ -205,7 +206,7 @@ def test_teacher_weights_load_from_local_file_and_fail_clearly(tmp_path, monkeyp
     torch.manual_seed(1)
     ref = timm.create_model(spec[5:], pretrained=False, num_classes=0, img_size=224)
     torch.save(ref.state_dict(), tmp_path / "dino.pth")
-    t = losses.load_teacher(spec, weights_path=str(tmp_path / "dino.pth"))
+    t = teachers.load_teacher(spec, weights_path=str(tmp_path / "dino.pth"))
     assert torch.equal(t.net.cls_token, ref.cls_token) and torch.equal(t.net.norm.weight, ref.norm.weight)
     monkeypatch.setenv("FQGAN_WEIGHTS", str(tmp_path))
     hf = "https://huggingface.co/timm/"
@@ -213,7 +214,7 @@ def test_teacher_weights_load_from_local_file_and_fail_clearly(tmp_path, monkeyp
                       ("openclip:ViT-L-14:openai",
                        hf + "vit_large_patch14_clip_224.openai/resolve/main/open_clip_model.safetensors")):
         with pytest.raises(FileNotFoundError) as e:
-            losses.build_teachers([None, spec], weights_paths={1: str(tmp_path / "missing.safetensors")})
+            teachers.build_teachers([None, spec], weights_paths={1: str(tmp_path / "missing.safetensors")})
         msg = str(e.value)
         assert url in msg and str(tmp_path / (spec.replace(":", "-") + ".safetensors")) in msg
         assert "weights_paths" in msg and str(tmp_path / "missing.safetensors") in msg
@@ -222,7 +223,7 @@ def test_teacher_weights_load_from_local_file_and_fail_clearly(tmp_path, monkeyp
 # --------------------------------------------------------------------------------------------------------------
 # Eq. (8) with a fake tokenizer output
 
-class StubTeacher(losses.Teacher):
+class StubTeacher(teachers.Teacher):
     """A cheap Teacher: its 'CLS feature' is the flattened 4x4 resized image (width 48)."""
 
     def __init__(self):
@@ -245,8 +246,8 @@ def test_generator_loss_total_is_eq8(lpips, step):
     x = torch.rand(3, 3, 32, 32) * 2 - 1
     x_rec = (x + 0.1 * torch.randn_like(x)).requires_grad_()
     aux = fake_aux(3, B=3, teachers=(1, 2))
-    teachers = {1: StubTeacher(), 2: StubTeacher()}
-    g = losses.generator_loss(x, x_rec, aux, step, lpips=lpips, disc=losses.PatchGAN(), teachers=teachers)
+    stubs = {1: StubTeacher(), 2: StubTeacher()}
+    g = losses.generator_loss(x, x_rec, aux, step, lpips=lpips, disc=losses.PatchGAN(), teachers=stubs)
     quant = sum(v for n, v in aux["losses"].items() if n != "disentangle")
     lam_g = 0.5 if step == 19999 else 0.0
     # Eq. (8) with the official weights; triple: λ_rep NCE_mid + λ_rep NCE_high, λ_rep = 0.5 each
@@ -265,12 +266,12 @@ def test_triple_representation_weighting_is_the_official_sum():
     a student equal to the teacher has cosine logits [[1, 0], [0, 1]] -> NCE = log(1 + 1/e); a swapped one has
     [[0, 1], [1, 0]] -> NCE = log(1 + e)."""
     eye = torch.eye(2)
-    fixed = lambda feats: losses.Teacher(nn.Identity(), 2, (4, 4), (0.5,) * 3, (0.5,) * 3, lambda net, x: feats)
-    teachers = {1: fixed(eye), 2: fixed(eye)}
+    fixed = lambda feats: teachers.Teacher(nn.Identity(), 2, (4, 4), (0.5,) * 3, (0.5,) * 3, lambda net, x: feats)
+    frozen = {1: fixed(eye), 2: fixed(eye)}
     features = {1: eye[:, None].clone(), 2: eye.flip(0)[:, None].clone()}      # token 0 of (B, 1, W) heads
     aux = {"codes": torch.zeros(2, 3, 1, 1, dtype=torch.long), "losses": {}, "features": features}
     x = torch.zeros(2, 3, 8, 8)
-    g = losses.generator_loss(x, x, aux, 0, teachers=teachers)
+    g = losses.generator_loss(x, x, aux, 0, teachers=frozen)
     nce_same, nce_swapped = math.log(1 + math.exp(-1)), math.log(1 + math.e)
     assert g["rep/1"].item() == pytest.approx(nce_same, rel=1e-6)
     assert g["rep/2"].item() == pytest.approx(nce_swapped, rel=1e-6)

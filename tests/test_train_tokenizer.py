@@ -16,7 +16,8 @@ from PIL import Image
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import train_tokenizer  # noqa: E402
-from losses import build_teachers, generator_loss  # noqa: E402
+from losses import generator_loss  # noqa: E402
+from teachers import build_teachers  # noqa: E402
 from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
 
 # the tiny preset at 32 px (4x4 tokens), 4 images a step: a few hundred ms per step
