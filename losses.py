@@ -9,8 +9,8 @@ Numbers follow the official code as described in docs/official_code.md §2-§3.
 
 Used by the training script, once per step, with the tokenizer output `x_rec, aux = tokenizer(x)`:
     lpips, disc = LPIPS(), PatchGAN()
-    teachers = teachers.build_teachers(cfg.teachers)          # {branch i: frozen Teacher} (teachers.py)
-    g = generator_loss(x, x_rec, aux, step, lpips=lpips, disc=disc, teachers=teachers)   # g["total"].backward()
+    frozen = build_teachers(cfg.teachers)                     # teachers.py: {branch i: frozen Teacher}
+    g = generator_loss(x, x_rec, aux, step, lpips=lpips, disc=disc, teachers=frozen)     # g["total"].backward()
     d = discriminator_loss(x, x_rec, step, disc)                                          # d["total"].backward()
 Nothing here prints; every function returns a dict of named scalar tensors for the loop to log.
 Weights for LPIPS are looked up in $FQGAN_WEIGHTS (default: torch.hub.get_dir()/checkpoints).

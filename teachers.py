@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from losses import weights_dir
 
+
 class Teacher(nn.Module):
     """A frozen vision model: x (B, 3, H, W) in [-1, 1] -> its CLS feature (B, width), computed without gradient.
 

@@ -175,7 +175,7 @@ class AttnBlock(nn.Module):
 
 
 class Resample(nn.Module):
-    """"downsample": pad right/bottom by 1, then a stride-2 conv; "upsample": nearest x2, then a conv."""
+    """Resample by 2: kind "downsample" pads right/bottom by 1, then a stride-2 conv; "upsample": nearest, conv."""
 
     def __init__(self, c, kind):
         super().__init__()

@@ -119,10 +119,14 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=500, help="steps between held-out PSNRs (%(default)s)")
     p.add_argument("--ckpt-every", type=int, default=1000, help="steps between numbered checkpoints (%(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")  # exact step + data
-    args = p.parse_args(argv)
+    return check_args(p, p.parse_args(argv)), p
+
+
+def check_args(p, args):
+    """Every value is checked here, before any work: one line naming the flag, the value and the valid range, exit 2
+    (argparse's p.error). Fills in the bundled val strips as --val-path for the bundled train photos."""
     if args.val_path is None and args.data_path == os.path.join(BUNDLED, "train"):
         args.val_path = os.path.join(BUNDLED, "val")                  # the bundled photos' held-out strip
-    # Every value is checked here, before any work: one line naming the flag, the value and the valid range, exit 2.
     for name, ok, valid in (
             ("global_batch_size", args.global_batch_size >= 1, "an integer >= 1"),
             ("max_steps", args.max_steps >= 1, "an integer >= 1"),
@@ -146,7 +150,7 @@ def parse_args(argv=None):
     if args.image_size is not None and (args.image_size < downsample or args.image_size % downsample):
         p.error(f"--image-size {args.image_size} is out of range: preset {args.preset} needs a positive multiple of "
                 f"its downsample factor {downsample}")
-    return args, p
+    return args
 
 
 # --------------------------------------------------------------------------------------------------------------
