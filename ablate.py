@@ -14,9 +14,9 @@ tokenizer metrics come from evaluate.evaluate_tokenizer on the EMA weights.
   python ablate.py --table 3 --precision bf16 --out results/ablation_tab3.json   # hours on 2 cores (21 runs)
   python ablate.py --table 4 --out results/ablation_tab4.json                     # weights/tiny_tokenizer.pt's codes
   python ablate.py --table 3 --quick --out /tmp/t3.json                            # smoke run, seconds
-The JSON is rewritten after every run; rerunning the same command skips the runs it already holds. Two processes
-may fill one JSON (their runs are merged under a lock): on 2 cores, two single-thread processes with disjoint --rows
-(OMP_NUM_THREADS=1 each) finish the table sooner than one process with two threads.
+The JSON is rewritten after every run; rerunning the same command skips the runs it already holds. Several
+processes may fill one JSON with disjoint --rows or --seeds (their runs are merged under a lock), e.g. one per
+machine sharing a folder; on the 2 cores of docs/results.md two 1-thread processes were slower than one 2-thread one.
 Tests: python -m pytest tests/test_ablate.py -q
 """
 import argparse
@@ -270,8 +270,8 @@ def main(argv=None):
         codes = os.path.join(args.work_dir, "tab4-codes")   # extracted by the first run, linked by the others
         run = lambda head, seed, out: far_run(head, seed, args, out, tok, judge, codes)
     def save():
-        """Merge our runs into the file's and rewrite it atomically, under a lock on its folder: two ablate.py
-        processes (e.g. one per core with OMP_NUM_THREADS=1, disjoint --rows or --seeds) can fill one table."""
+        """Merge our runs into the file's and rewrite it atomically, under a lock on its folder: several ablate.py
+        processes with disjoint --rows or --seeds can fill one table (module docstring)."""
         folder = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(folder, exist_ok=True)
         lock = os.open(folder, os.O_RDONLY)
