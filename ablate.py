@@ -15,8 +15,8 @@ tokenizer metrics come from evaluate.evaluate_tokenizer on the EMA weights.
   python ablate.py --table 4 --out results/ablation_tab4.json                     # weights/tiny_tokenizer.pt's codes
   python ablate.py --table 3 --quick --out /tmp/t3.json                            # smoke run, seconds
 The JSON is rewritten after every run; rerunning the same command skips the runs it already holds. Several
-processes may fill one JSON with disjoint --rows or --seeds (their runs are merged under a lock), e.g. one per
-machine sharing a folder; on the 2 cores of docs/results.md two 1-thread processes were slower than one 2-thread one.
+processes on one machine may fill one JSON with disjoint --rows or --seeds (their runs are merged under a lock);
+on the 2 cores of docs/results.md two 1-thread processes were slower than one 2-thread one.
 Tests: python -m pytest tests/test_ablate.py -q
 """
 import argparse
