@@ -46,17 +46,18 @@ from tokenizer import PRESETS, Tokenizer, TokenizerConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 K = PRESETS["tiny"]["codebook_size"]     # 512 entries per sub-codebook
-# Tab. 3 rows: name -> (preset, extra train_tokenizer flags). Every row trains without GAN, LPIPS loss or teacher
-# unless named; dis/rep weights are set explicitly so a row differs from the one above it in one term only.
+# Tab. 3 rows: name -> (preset, extra train_tokenizer flags), on the 8x8-token tiny8 trunk (tokenizer.PRESETS).
+# Every row trains without GAN, LPIPS loss or teacher unless named; dis/rep weights are set explicitly so a row
+# differs from the one above it in one term only.
 # paper-map: Tab. 3
 TAB3 = {
-    "VQ(K)": ("tiny-vq", []),                                              # paper: VQGAN, 16384
-    "VQ(2K)": ("tiny-vq", ["--codebook-size", str(2 * K)]),                 # paper: VQGAN, 32768
-    "FQ(Kx2)": ("tiny", []),                                               # paper: FQ 16384 x 2
-    "FQ(Kx2)+dis": ("tiny", ["--disentangle-weight", "0.1"]),              # Eq. (7), lambda_dis = 0.1
-    "FQ(Kx2)+rep": ("tiny-dual", ["--rep-weight", "0.5"]),                 # Sec. 3.2.2, lambda_rep = 0.5
-    "FQ(Kx2)+dis+rep": ("tiny-dual", ["--disentangle-weight", "0.1", "--rep-weight", "0.5"]),
-    "IBQ(2K)": ("tiny-ibq", []),                                           # one 1024-code IBQ codebook
+    "VQ(K)": ("tiny8-vq", []),                                             # paper: VQGAN, 16384
+    "VQ(2K)": ("tiny8-vq", ["--codebook-size", str(2 * K)]),                # paper: VQGAN, 32768
+    "FQ(Kx2)": ("tiny8", []),                                              # paper: FQ 16384 x 2
+    "FQ(Kx2)+dis": ("tiny8", ["--disentangle-weight", "0.1"]),             # Eq. (7), lambda_dis = 0.1
+    "FQ(Kx2)+rep": ("tiny8-dual", ["--rep-weight", "0.5"]),                # Sec. 3.2.2, lambda_rep = 0.5
+    "FQ(Kx2)+dis+rep": ("tiny8-dual", ["--disentangle-weight", "0.1", "--rep-weight", "0.5"]),
+    "IBQ(2K)": ("tiny8-ibq", []),                                          # one 1024-code IBQ codebook
 }
 # The paper's numbers for the same rows (Tab. 3: rFID, PSNR, usage; Tab. 4: gFID at top-k 4096 / 8192)
 PAPER = {"3": {"VQ(K)": [3.71, 20.56, 0.98], "VQ(2K)": [3.60, 20.56, 0.84], "FQ(Kx2)": [2.00, 22.21, 0.97],
@@ -259,7 +260,7 @@ def main(argv=None):
             if not args.quick:
                 raise SystemExit(f"--tokenizer-ckpt {args.tokenizer_ckpt} not found "
                                  "(train one with train_tokenizer.py)")
-            torch.manual_seed(0)                    # --quick: a random tiny tokenizer at 32 px (4x4 codes)
+            torch.manual_seed(0)                    # --quick: a random tiny tokenizer at 32 px (8x8 codes)
             cfg = TokenizerConfig(**{**PRESETS["tiny"], "image_size": 32})
             args.tokenizer_ckpt = os.path.join(args.work_dir, "random_tokenizer.pt")
             torch.save({"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)}, args.tokenizer_ckpt)

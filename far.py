@@ -70,9 +70,9 @@ PRESETS = {
     "far-b": dict(dim=1024, n_layer=24, n_head=16, ar_head_layers=3),
     # Tab. 2, FAR-Large: the backbone is LlamaGen GPT-XL (36 x 1280), 4 head blocks.
     "far-l": dict(dim=1280, n_layer=36, n_head=20, ar_head_layers=4),
-    # CPU-sized (1.6M params): the 8x8 codes of the tiny tokenizer (k = 2 x 512) and the 11 bundled photo classes;
+    # CPU-sized (1.6M params): the 16x16 codes of the tiny tokenizer (k = 2 x 512) and the 11 bundled photo classes;
     # trains in minutes on 2 cores (train_far.py takes k, codebook_size, grid and num_classes from the data anyway).
-    "tiny": dict(dim=128, n_layer=4, n_head=2, ar_head_layers=2, codebook_size=512, grid=(8, 8),
+    "tiny": dict(dim=128, n_layer=4, n_head=2, ar_head_layers=2, codebook_size=512, grid=(16, 16),
                  num_classes=11, multiple_of=64),
 }
 

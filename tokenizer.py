@@ -93,10 +93,14 @@ _DUAL = dict(branch_names=("vis", "sem"), teachers=(None, "openclip:ViT-L-14:ope
 _TRIPLE = dict(num_codebooks=3, branch_names=("vis", "sem_mid", "sem_high"),
                teachers=(None, "timm:vit_small_patch14_dinov2.lvd142m", "openclip:ViT-B-16:openai"),
                head_dims=(0, 384, 768))
-# tiny enc/dec: 64 channels at 64 px and 8 channels per GroupNorm group (with 32 groups on 32 channels each channel was
-# normalised alone, an instance norm, and the decoder grew a spike there: the old tiny's corner blotch, README)
-_TINY_TRUNK = dict(image_size=64, ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=64, norm_groups=8)
+# tiny enc/dec: 64 px, downsample 4 -> 16x16 tokens (the paper's 256 px / 16 grid; tiny8: 8x8), 64 channels, 8 channels
+# per GroupNorm group (32 groups on 32 channels = instance norm, whose spike was the old tiny's corner blotch, README)
+_TINY_TRUNK = dict(image_size=64, ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=8)
+_TINY8_TRUNK = dict(_TINY_TRUNK, ch_mult=(1, 1, 2, 2))
 _SINGLE = dict(num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,), head_dims=(0,))
+_TINY_FQ = dict(codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True, teachers=(None, None),
+                branch_names=("vis", "sem"), head_dims=(0, 0))
+_TINY_REP = dict(_TINY_FQ, head_layers=1, teachers=(None, "cnn:tiny_teacher.pt"), head_dims=(0, 128))
 # paper-map: Tab. 1
 PRESETS = {
     # Tab. 1: FQGAN-Dual / -Triple at downsample 16 (16x16 tokens at 256 px) and 8 (32x32 tokens)
@@ -110,22 +114,20 @@ PRESETS = {
     # NOTE(paper≠code): IBQ's own encoder is taming's (attention at 16x16 in every block); we reuse ours.
     "ibq-16": dict(quantizer="ibq", codebook_dim=256, num_res_blocks=4, entropy_weight=0.05, l2_norm=False,
                    **_SINGLE),
-    # CPU size: 64 px, downsample 8 -> 8x8 grid, two 512-entry sub-codebooks, no teacher (no weights offline).
-    # NOTE(paper≠code): the tiny adapters are residual, z_i = z + A_i(z), which trains faster at this size than A_i(z)
-    # alone (README "The tiny models"); the paper presets keep the official form.
-    "tiny": dict(**_TINY_TRUNK, codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
-                 branch_names=("vis", "sem"), teachers=(None, None), head_dims=(0, 0)),
-    # Tab. 3 analogs at CPU size (ablate.py): the tiny trunk with one plain branch, as vqgan-16 is to fqgan-dual-16
-    # (no adapter, LlamaGen's VQ); VQ(2K) is this plus --codebook-size 1024. IBQ as ibq-16: one codebook of
-    # d = z_channels, raw inner-product logits, entropy 0.05; K = 1024 = the 2 x 512 codes FQ stores.
-    "tiny-vq": dict(**_TINY_TRUNK, codebook_size=512, **_SINGLE),
-    "tiny-ibq": dict(**_TINY_TRUNK, codebook_size=1024, quantizer="ibq", codebook_dim=64, entropy_weight=0.05,
-                     l2_norm=False, **_SINGLE),
+    # CPU size: 64 px, downsample 4 -> 16x16 grid, two 512-entry sub-codebooks, no teacher (no weights offline).
+    # NOTE(paper≠code): residual tiny adapters, z_i = z + A_i(z), train faster at this size (README, tiny models).
+    "tiny": dict(**_TINY_TRUNK, **_TINY_FQ),
     # tiny + representation learning (Sec. 3.2.2, Tab. 3 "+rep"): the offline stand-in teacher (train_teacher.py, a
     # small CNN that tells the 11 bundled photos apart, 128-d features) on the second branch, where Dual has CLIP.
-    "tiny-dual": dict(**_TINY_TRUNK, codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
-                      head_layers=1, branch_names=("vis", "sem"), teachers=(None, "cnn:tiny_teacher.pt"),
-                      head_dims=(0, 128)),
+    "tiny-dual": dict(**_TINY_TRUNK, **_TINY_REP),
+    # Tab. 3 at CPU size (ablate.py), on the cheaper 8x8 grid where the quantizer limits reconstruction: tiny8(-dual)
+    # = tiny(-dual) at downsample 8; tiny8-vq: one plain branch, as vqgan-16 is to fqgan-dual-16 (VQ(2K): add
+    # --codebook-size 1024); tiny8-ibq as ibq-16: d = z_channels, raw logits, K = 1024 = the 2 x 512 codes FQ stores.
+    "tiny8": dict(**_TINY8_TRUNK, **_TINY_FQ),
+    "tiny8-dual": dict(**_TINY8_TRUNK, **_TINY_REP),
+    "tiny8-vq": dict(**_TINY8_TRUNK, codebook_size=512, **_SINGLE),
+    "tiny8-ibq": dict(**_TINY8_TRUNK, codebook_size=1024, quantizer="ibq", codebook_dim=64, entropy_weight=0.05,
+                      l2_norm=False, **_SINGLE),
 }
 
 
@@ -204,8 +206,7 @@ class Level(nn.Module):
 
 
 def mid_blocks(c, cfg):
-    """res -> attention -> res at the lowest resolution (official names mid.0, mid.1, mid.2); res -> res without
-    attention (cfg.attn False)."""
+    """res -> attention -> res at the lowest resolution (official names mid.0, mid.1, mid.2); res -> res if no attn."""
     attn = [AttnBlock(c, cfg.norm_groups)] if cfg.attn else []
     return nn.Sequential(ResnetBlock(c, c, cfg.dropout, cfg.norm_groups), *attn,
                          ResnetBlock(c, c, cfg.dropout, cfg.norm_groups))
@@ -218,12 +219,11 @@ class Encoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         chs = [cfg.ch * m for m in cfg.ch_mult]
-        n = len(chs)
         self.conv_in = nn.Conv2d(3, cfg.ch, 3, 1, 1)
         self.conv_blocks = nn.Sequential(*(
-            Level(([cfg.ch] + chs)[i], chs[i], cfg.num_res_blocks, attn=cfg.attn and i == n - 1,
-                  resample="downsample" if i < n - 1 else None, dropout=cfg.dropout, groups=cfg.norm_groups)
-            for i in range(n)))
+            Level(([cfg.ch] + chs)[i], chs[i], cfg.num_res_blocks, attn=cfg.attn and i == len(chs) - 1,
+                  resample="downsample" if i < len(chs) - 1 else None, dropout=cfg.dropout, groups=cfg.norm_groups)
+            for i in range(len(chs))))
         self.mid = mid_blocks(chs[-1], cfg)
 
     def forward(self, x):

@@ -15,10 +15,10 @@ from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tok_ckpt(tmp_path_factory):
-    """A randomly initialised (seed 0) tiny tokenizer at 32 px: 4x4 codes from two 512-entry sub-codebooks, saved in
-    our checkpoint format {"model", "config"}."""
+    """A randomly initialised (seed 0) tiny8 tokenizer at 32 px: 4x4 codes from two 512-entry sub-codebooks (short
+    FAR sequences keep the tests fast), saved in our checkpoint format {"model", "config"}."""
     torch.manual_seed(0)
-    cfg = TokenizerConfig(**{**PRESETS["tiny"], "image_size": 32})
+    cfg = TokenizerConfig(**{**PRESETS["tiny8"], "image_size": 32})
     path = tmp_path_factory.mktemp("tok") / "tok.pt"
     torch.save({"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)}, path)
     return str(path)

@@ -93,8 +93,8 @@ CASES = [
     ("train_tokenizer --codebook-size 0", "train_tokenizer", lambda d, p: ["--codebook-size", "0"], 2,
      "--codebook-size 0 is out of range"),
     *[(f"train_tokenizer --image-size {v}", "train_tokenizer", lambda d, p, v=v: ["--image-size", v], 2,
-       f"--image-size {v} is out of range: preset tiny needs a positive multiple of its downsample factor 8")
-      for v in ("60", "0", "-64")],
+       f"--image-size {v} is out of range: preset tiny needs a positive multiple of its downsample factor 4")
+      for v in ("62", "0", "-64")],
     ("train_tokenizer --hold-out nosuch", "train_tokenizer", lambda d, p: ["--hold-out", "nosuch"], 2,
      "--hold-out: no class nosuch under"),
     ("train_tokenizer --crop-scale 0.5", "train_tokenizer", lambda d, p: ["--crop-scale", "0.5"], 2,

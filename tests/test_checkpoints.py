@@ -114,7 +114,7 @@ def test_far_checkpoint_round_trips(tmp_path):
     for out in model.output:                              # non-zero classifiers: the zero init is constant
         nn.init.normal_(out.weight, std=0.1)
     g = torch.Generator().manual_seed(1)
-    codes = torch.randint(0, model.cfg.codebook_size, (2, 2, 8, 8), generator=g)
+    codes = torch.randint(0, model.cfg.codebook_size, (2, 2, *model.cfg.grid), generator=g)
     labels = torch.randint(0, model.cfg.num_classes, (2,), generator=g)
     with torch.no_grad():
         ref = model(codes, labels)
@@ -123,7 +123,7 @@ def test_far_checkpoint_round_trips(tmp_path):
     official = tmp_path / "official.pt"
     sd = far_ours_to_official(model.state_dict())
     sd["layers.0.attention.kv_cache.k_cache"] = torch.zeros(1)  # saved after sampling: dropped on load
-    args = argparse.Namespace(image_size=128, downsample_size=16, gpt_model="FAR-tiny")  # grid 8x8
+    args = argparse.Namespace(image_size=256, downsample_size=16, gpt_model="FAR-tiny")  # grid 16x16
     torch.save({"model": sd, "optimizer": {}, "steps": 3, "args": args}, official)
     for path in (ours, official):
         loaded = load_far(path)  # weights_only=True (+ argparse.Namespace allow-listed)

@@ -231,7 +231,9 @@ def test_two_processes_equal_one(tok_ckpt, tmp_path):
     two = json.loads((tmp_path / "two.json").read_text())      # rank 0 gets images 0, 2, 4, 6; rank 1 the rest
     assert one["images"] == two["images"] == 7
     for key in ("psnr", "ssim", "usage/0", "usage/1", "perplexity/0", "perplexity/1"):
-        assert math.isclose(one[key], two[key], rel_tol=1e-6, abs_tol=1e-6), (key, one[key], two[key])
+        # ssim: float32 convolutions over other batches round differently (measured: 1.3e-6 apart at 0.0297)
+        assert math.isclose(one[key], two[key], rel_tol=1e-4 if key == "ssim" else 1e-6, abs_tol=1e-6), \
+            (key, one[key], two[key])
 
 
 # --------------------------------------------------------------------------------------------------------------

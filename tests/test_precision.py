@@ -46,7 +46,7 @@ def record_dtypes(monkeypatch):
     return seen
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-ibq"])
+@pytest.mark.parametrize("preset", ["tiny", "tiny8-ibq"])
 def test_tokenizer_bf16_steps_and_resume(preset, tmp_path, monkeypatch, killed_after):
     seen = record_dtypes(monkeypatch)
     flags = BF16 + ["--preset", preset, "--gan-weight", "0.5", "--gan-start", "1", "--entropy-weight", "0.03",
@@ -73,7 +73,7 @@ def test_bf16_losses_are_fp32_and_the_quantizers_ignore_autocast():
     input inside and outside autocast: they compute in fp32 whatever the ambient autocast state."""
     from losses import generator_loss
     torch.manual_seed(0)
-    tok = Tokenizer(TokenizerConfig(**{**PRESETS["tiny-ibq"], "image_size": 32}))
+    tok = Tokenizer(TokenizerConfig(**{**PRESETS["tiny8-ibq"], "image_size": 32}))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         x_rec, aux = tok(x)

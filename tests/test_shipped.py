@@ -85,14 +85,15 @@ def chroma_excess(rec, x):
 
 @pytest.mark.skipif(not os.path.exists(SHIPPED), reason="weights/tiny_tokenizer.pt not shipped")
 def test_shipped_tokenizer_reconstructs_without_a_blotch():
-    """Measured: the tiny of this README 22.94 dB, spike 8.0, rainbow 1.9; the old shipped tiny (32 groups on 32
-    channels) 18.55 dB, spike 36, rainbow 6.8 at its top-left corner."""
+    """Measured: the tiny of this README 25.05 dB, spike 6.7, rainbow 1.8; the 8x8-token tiny before it 22.94 dB,
+    spike 8.0, rainbow 1.9; the old shipped tiny (32 groups on 32 channels) 18.55 dB, spike 36, rainbow 6.8 at its
+    top-left corner."""
     tok = load_tokenizer(SHIPPED).eval()
     x = val_images(tok)
     with torch.no_grad():
         rec = tok.decode_codes(tok.encode(x))
     u8 = to_uint8(rec).float(), to_uint8(x).float()                    # as evaluate.py measures
     psnr = (10 * torch.log10(1 / (u8[0] - u8[1]).div(255).pow(2).flatten(1).mean(1))).mean().item()
-    assert psnr >= 22.5, psnr                                          # README table
+    assert psnr >= 24.0, psnr                                          # README table (the issue's target)
     assert chroma_excess(u8[0] / 127.5 - 1, u8[1] / 127.5 - 1) < 3.5   # no rainbow patch anywhere
     assert spike_ratio(tok, x) < 12.0                                  # no droplet in the decoder's norms

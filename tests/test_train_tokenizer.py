@@ -175,7 +175,9 @@ def test_overfit_one_batch():
     torch.manual_seed(0)
     ds = train_tokenizer.ImageFolder(os.path.join(train_tokenizer.BUNDLED, "train"), (32, 32))
     x = torch.stack([ds[(i, 0)][0] for i in range(0, 40, 10)])        # 4 photos of 4 classes
-    tok = Tokenizer(TokenizerConfig(**{**PRESETS["tiny"], "image_size": 32}))
+    # tiny8 (4x4 tokens at 32 px) descends steadily; tiny (8x8 tokens here) at this lr without the recipe's warm-up
+    # jumps back on one batch now and then (measured: 0.357 -> 0.128 at step 50, 0.199 at 60, 0.233 at 120)
+    tok = Tokenizer(TokenizerConfig(**{**PRESETS["tiny8"], "image_size": 32}))
     opt = torch.optim.Adam(tok.parameters(), lr=1e-3)                 # the tiny recipe's peak lr
     losses = []
     for _ in range(80):
