@@ -11,9 +11,9 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
 Every run goes through train_tokenizer.main / train_far.main with equal steps, batch and data per row; the
 tokenizer metrics come from evaluate.evaluate_tokenizer on the EMA weights.
 
-  python ablate.py --table 3 --precision bf16 --out results/ablation_tab3.json   # hours on 2 cores (21 runs)
-  python ablate.py --table 4 --out results/ablation_tab4.json                     # weights/tiny_tokenizer.pt's codes
-  python ablate.py --table 3 --quick --out /tmp/t3.json                            # smoke run, seconds
+  python ablate.py --table 3 --precision bf16 --steps 600 --out results/ablation_tab3.json   # results/: ~3 h, 21 runs
+  python ablate.py --table 4 --out results/ablation_tab4.json                                 # the shipped tokenizer
+  python ablate.py --table 3 --quick --out /tmp/t3.json                                        # smoke run, seconds
 The JSON is rewritten after every run; rerunning the same command skips the runs it already holds. Several
 processes on one machine may fill one JSON with disjoint --rows or --seeds (their runs are merged under a lock);
 on the 2 cores of docs/results.md two 1-thread processes were slower than one 2-thread one.
