@@ -15,17 +15,20 @@ Nothing pickled is ever executed: weights_only=True, with argparse.Namespace as 
 files store their training arguments that way).
 """
 import argparse
+import datetime
 import glob
 import hashlib
 import math
 import os
 import re
+import shutil
 import sys
 import zipfile
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from far import FAR, FARConfig, PRESETS as FAR_PRESETS
 from tokenizer import PRESETS as TOKENIZER_PRESETS, Tokenizer, TokenizerConfig
@@ -39,21 +42,43 @@ class CheckpointError(ValueError):
 # --------------------------------------------------------------------------------------------------------------
 # torchrun set-up and RNG states
 
-def init_distributed():
+# NCCL's default 10 minutes is shorter than what one rank may legitimately do while the others wait in a collective:
+# write a FAR-L checkpoint (~11 GB), finish its share of a code extraction, sample the evaluation grid. 60 minutes
+# (FQGAN_DIST_TIMEOUT_MIN to change it) still turns a real hang into an error instead of a silent stall.
+DIST_TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("FQGAN_DIST_TIMEOUT_MIN", 60)))
+
+
+def init_distributed(device=None):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: join the group (NCCL on CUDA, gloo on CPU) and take the device
-    from LOCAL_RANK (multi-node works the same). Plain `python script.py` is rank 0 of a world of 1.
+    from LOCAL_RANK (multi-node works the same). Plain `python script.py` is rank 0 of a world of 1. `device` ("cpu",
+    "cuda", "cuda:1") overrides the choice (sample.py / evaluate.py --device); a bare "cuda" means cuda:LOCAL_RANK.
     Returns (ddp, rank, world, local_rank, device)."""
-    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()       # torchrun always sets RANK
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")           # env:// rendezvous from torchrun's variables
-        rank, world, local_rank = dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
-    else:
-        rank, world, local_rank = 0, 1, 0                             # plain python: one process
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")    # one GPU per process on its node
-    if cuda:
+    ddp, local_rank = "RANK" in os.environ, int(os.environ.get("LOCAL_RANK", 0))   # torchrun always sets RANK
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None else device.index)   # one GPU per process
         torch.cuda.set_device(device)                                 # so NCCL and bare .cuda() use this GPU
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True   # the official setting
+        # NOTE(paper≠code): the official scripts allow TF32 for all fp32 matmuls. We keep matmuls in true fp32: under
+        # bf16 autocast only the quantizer's distances and its IBQ / entropy logits (T = 0.01 multiplies TF32's 1e-3
+        # error by 100) run fp32 matmuls. Convolutions keep TF32 (torch's default); evaluate.py turns it off.
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+        torch.backends.cudnn.benchmark = True                         # fixed shapes: pick the fastest conv once
+    if ddp:   # device_id binds NCCL to this GPU now (no lazy init at the first collective)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT,
+                                device_id=device if device.type == "cuda" else None)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1                                            # plain python: one process
     return ddp, rank, world, local_rank, device
+
+
+def distribute(raw, ddp, device, compile_):
+    """The module a training loop calls: raw in DDP (gradients all-reduced in backward), then compiled. In this order
+    the compiled backward is split at DDP's gradient buckets, so each bucket's all-reduce overlaps the rest of the
+    backward; compiled first, the backward would be one node. Keep `raw` for EMA, saving and evaluation: no
+    `module.` / `_orig_mod.` prefix reaches a checkpoint."""
+    model = DDP(raw, device_ids=[device.index] if device.type == "cuda" else None) if ddp else raw
+    return torch.compile(model) if compile_ else model
 
 
 def rng_states(ddp, world):
@@ -86,6 +111,24 @@ def atomic_save(obj, path):
     finally:
         if os.path.exists(tmp):                                       # only if save or replace failed
             os.remove(tmp)
+
+
+def save_last(state, folder, numbered):
+    """Rank 0: state -> folder/last.pt atomically; numbered=True also makes folder/<step:07d>.pt, a hard link to the
+    same file (written once, not twice: FAR-L's is ~11 GB; a later last.pt replaces the name, not the linked file)."""
+    last, path = os.path.join(folder, "last.pt"), os.path.join(folder, f"{state['step']:07d}.pt")
+    atomic_save(state, last)
+    if numbered:
+        tmp = f"{path}.tmp{os.getpid()}"
+        try:
+            try:
+                os.link(last, tmp)                                    # the same file under a second name
+            except OSError:                                           # a filesystem without hard links: copy
+                shutil.copyfile(last, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def remove_stale_temps(folder):
@@ -238,10 +281,10 @@ def tokenizer_ours_to_official(sd, cfg):
     return out
 
 
-def load_tokenizer(path, map_location="cpu"):
-    """Our checkpoint or an official FQGAN one (detected by its keys) -> Tokenizer in eval mode, loaded strictly.
-    Ours prefers the EMA weights; fp16 exports (weights/) come back as fp32. CheckpointError for anything else."""
-    ckpt = read_checkpoint(path, "tokenizer checkpoint", map_location)
+def load_tokenizer(path, device="cpu"):
+    """Our checkpoint or an official FQGAN one (detected by its keys) -> Tokenizer on `device` in eval mode, loaded
+    strictly. Ours prefers the EMA weights; fp16 exports (weights/) come back as fp32. CheckpointError otherwise."""
+    ckpt = read_checkpoint(path, "tokenizer checkpoint", device)      # the tensors are read straight onto device
     try:
         if isinstance(ckpt, dict) and "config" in ckpt:               # ours, written by train_tokenizer.py
             cfg = TokenizerConfig(**ckpt["config"])
@@ -250,15 +293,18 @@ def load_tokenizer(path, map_location="cpu"):
             sd = next((ckpt[k] for k in ("ema", "model", "state_dict") if isinstance(ckpt, dict) and k in ckpt), ckpt)
             cfg = config_from_official(sd)
             sd, official = tokenizer_official_to_ours(sd, cfg), True
-        tok = Tokenizer(cfg)
-        tok.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in sd.items()}, strict=True)
+        with torch.device("meta"):                                    # no init of weights that are overwritten
+            tok = Tokenizer(cfg)
+        # assign=True: the module takes the loaded tensors (on device); fp16 / bf16 exports back to fp32 first
+        tok.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in sd.items()}, strict=True,
+                            assign=True)
     except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         text = " ".join(str(e).split())
         raise CheckpointError(f"tokenizer checkpoint {path} is not a tokenizer of this project or the official FQGAN "
                               f"({type(e).__name__}: {text[:200]})") from None
     for branch in tok.branches:     # the official straight-through rounding, for bit-exact parity (quantizer.py)
         branch.quantize.official_ste = official
-    return tok.eval()
+    return tok.to(device).eval()                                      # .to: anything the file did not hold
 
 
 def codebook_fingerprint(tok):
@@ -301,13 +347,13 @@ def far_official_config(state_dict, args=None):
                         "num_classes": num_classes})
 
 
-def load_far(path_or_ckpt, map_location="cpu"):
-    """Our FAR checkpoint, an official one, or an already loaded dict of either (read_checkpoint) -> FAR in eval mode.
+def load_far(path_or_ckpt, device="cpu"):
+    """Our FAR checkpoint, an official one, or an already loaded dict of either (read_checkpoint) -> FAR on `device`
+    in eval mode.
 
     Ours: {"model": sd, "config": asdict(FARConfig), ...}. Official: {"model"|"module"|"state_dict": sd, "args":
     argparse.Namespace, ...} or a bare state dict with names like tok_embeddings_1.weight. fp16 exports -> fp32."""
-    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else read_checkpoint(path_or_ckpt, "FAR checkpoint",
-                                                                               map_location)
+    ckpt = path_or_ckpt if isinstance(path_or_ckpt, dict) else read_checkpoint(path_or_ckpt, "FAR checkpoint", device)
     try:
         if "config" in ckpt:  # ours
             cfg, sd = FARConfig(**ckpt["config"]), ckpt["model"]
@@ -323,7 +369,7 @@ def load_far(path_or_ckpt, map_location="cpu"):
         name = "the given dict" if isinstance(path_or_ckpt, dict) else path_or_ckpt
         raise CheckpointError(f"FAR checkpoint {name} is not a FAR of this project or the official code "
                               f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
-    return model.eval()
+    return model.to(device).eval()                                    # a dict read on the CPU moves here
 
 
 def check_pair(far_cfg, tok, recorded, far_path, tok_path):

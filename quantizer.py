@@ -3,7 +3,8 @@
 FQGAN ("Factorized Visual Tokenization and Generation", arXiv 2411.16681): Sec. 3.1 (Eq. 1, the VQ part of Eq. 2),
 Sec. 3.2 (Eq. 5, one quantizer per sub-codebook), Sec. 3.2.1 (Eq. 7). IBQ (arXiv 2412.02692): the official facts
 are in docs/official_code.md §8 (and §1.5 for FQGAN's quantizer). lookup_reference and ibq_reference write Eq. (1)
-and IBQ out on N x K matrices; nearest_code and code_softmax compute the same in blocks.
+and IBQ out on N x K matrices, and torch.compile traces them (inductor fuses them); in eager mode nearest_code and
+code_softmax compute the same in blocks (blocked()).
 Tests: pytest tests/test_quantizer.py. Speed: python bench.py --only lookup
 
 Glossary (shared by all files): z encoder features, z_q quantized, codes indices, k sub-codebooks,
@@ -34,8 +35,8 @@ def distances(z, codebook):
     return z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.t()
 
 
-def lookup_reference(z, codebook):
-    """Eq. (1): codes_i = argmin_j ||z_i - c_j||^2 -> (N,) int64, the first index on ties."""
+def lookup_reference(z, codebook, _block_elems=None):
+    """Eq. (1): codes_i = argmin_j ||z_i - c_j||^2 -> (N,) int64, the first index on ties (nearest_code's signature)."""
     return distances(z, codebook).argmin(1)                           # paper-map: Eq. (1)
 
 
@@ -55,6 +56,19 @@ def ibq_reference(z, codebook, temperature=0.01):
     hard = F.one_hot(codes, codebook.shape[0]).to(soft)               # (N, K)
     z_q = (hard - soft.detach() + soft) @ codebook                    # paper-map: IBQ
     return codes, z_q, *entropy_reference(logits, temperature)
+
+
+def blocked():
+    """True in eager mode: the quantizers take the blocked forms. Under torch.compile they take the paper's forms, which
+    compile without graph breaks (the blocked ones use a thread pool and a custom autograd Function)."""
+    return not torch.compiler.is_compiling()
+
+
+@torch.no_grad()
+def max_inner_product(z, codebook, block_elems=None):
+    """IBQ's codes without its softmax (evaluation, code extraction): argmax_j z_i . c_j -> (N,), in row blocks."""
+    rows = max(1, (block_elems or lookup_block_elems(z.device, len(z), *codebook.shape)) // len(codebook))
+    return torch.cat([(z[i:i + rows] @ codebook.t()).argmax(1) for i in range(0, len(z), rows)])
 
 
 def lookup_block_elems(device, n, K, d):
@@ -225,17 +239,21 @@ class VectorQuantizer(nn.Module):
             z = z.float().permute(0, 2, 3, 1).reshape(-1, d)          # (B, d, h, w) -> (B*h*w, d), row-major b, h, w
             if self.l2_norm:
                 z = F.normalize(z, dim=-1)                            # Sec. 3.1: cosine-similarity lookup
-            codebook = self.codebook()
-            codes = nearest_code(z.detach(), codebook.detach(), self.block_elems)   # Eq. (1)
-            z_q = codebook[codes]                                     # (N, d); gradient reaches the chosen rows
+            codebook, fast = self.codebook(), blocked()
+            codes = (nearest_code if fast else lookup_reference)(z.detach(), codebook.detach(), self.block_elems)   # Eq. (1)
+            # F.embedding, not codebook[codes]: indexing's backward (index_put_ accumulate) sums in a thread-dependent
+            # order on a multi-core CPU, so 2-thread training was not reproducible; embedding's backward is
+            z_q = F.embedding(codes, codebook)                        # (N, d); gradient reaches the chosen rows
             # Eq. (2), L_VQ = ||sg(z) - z_q||^2 + beta ||z - sg(z_q)||^2 (means over all N*d elements)
             losses = {"codebook": F.mse_loss(z_q, z.detach()), "commit": self.beta * F.mse_loss(z, z_q.detach())}
-            if self.training and self.entropy_weight > 0:
-                # Entropy loss on softmax(-dist / T). -dist = 2 z.c - ||c||^2 - ||z||^2; the last term is constant
-                # per row and cancels in the softmax, so append a column: [2z, -1] . [c, ||c||^2] = -dist + ||z||^2.
-                z_aug = torch.cat([2 * z, -z.new_ones(z.shape[0], 1)], 1)                # (N, d+1)
-                c_aug = torch.cat([codebook, codebook.pow(2).sum(1, keepdim=True)], 1)   # (K, d+1)
-                _, _, h_sample, h_code = code_softmax(z_aug, c_aug, self.entropy_temperature, False, self.block_elems)
+            if self.training and self.entropy_weight > 0:             # entropy loss on softmax(-dist / T)
+                if fast:   # -dist = 2 z.c - ||c||^2 - ||z||^2, whose last term cancels in the softmax: as one product
+                    z_aug = torch.cat([2 * z, -z.new_ones(z.shape[0], 1)], 1)                # (N, d+1)
+                    c_aug = torch.cat([codebook, codebook.pow(2).sum(1, keepdim=True)], 1)   # (K, d+1)
+                    _, _, h_sample, h_code = code_softmax(z_aug, c_aug, self.entropy_temperature, False,
+                                                          self.block_elems)
+                else:
+                    h_sample, h_code = entropy_reference(-distances(z, codebook), self.entropy_temperature)
                 losses["entropy"] = self.entropy_weight * (h_sample - h_code)
             # Straight-through estimator (Sec. 3.1): value z_q, gradient identity to z.
             z_q = (z + (z_q - z).detach() if self.official_ste       # paper-map: Eq. (1) straight-through
@@ -266,12 +284,18 @@ class IBQuantizer(nn.Module):
         b, d, h, w = z.shape
         with torch.autocast(z.device.type, enabled=False):
             z = z.float().permute(0, 2, 3, 1).reshape(-1, d)          # (B, d, h, w) -> (B*h*w, d)
-            codebook = self.codebook()
-            codes, z_q, h_sample, h_code = code_softmax(z, codebook, self.entropy_temperature, True, self.block_elems)
-            z_hard = codebook[codes]                                  # = hard @ C, gradient to the chosen rows only
+            codebook, T = self.codebook(), self.entropy_temperature
+            if not self.training:                                     # the codes only: no softmax, no entropy
+                codes = (max_inner_product if blocked() else lambda z, c, _: (z @ c.t()).argmax(1))(
+                    z, codebook, self.block_elems)
+                z_q, h_sample, h_code = F.embedding(codes, codebook), None, None
+            else:
+                codes, z_q, h_sample, h_code = (code_softmax(z, codebook, T, True, self.block_elems) if blocked()
+                                                else ibq_reference(z, codebook, T))
+            z_hard = F.embedding(codes, codebook)                     # = hard @ C, gradient to the chosen rows only
             losses = {"codebook": self.beta * F.mse_loss(z_hard, z.detach()), "commit": F.mse_loss(z_hard.detach(), z),
                       "double": F.mse_loss(z_q, z)}                   # via the soft one-hot: reaches every row
-            if self.entropy_weight > 0:
+            if self.training and self.entropy_weight > 0:
                 losses["entropy"] = self.entropy_weight * (h_sample - h_code)
         return z_q.view(b, h, w, d).permute(0, 3, 1, 2), losses, codes.view(b, h, w)   # (N, d) -> (B, d, h, w)
 

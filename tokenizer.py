@@ -394,26 +394,27 @@ class Tokenizer(nn.Module):
         if x.shape[2] % f or x.shape[3] % f:
             raise ValueError(f"image size {tuple(x.shape[2:])} is not divisible by the downsample factor {f}")
 
-    def forward(self, x):
+    def forward(self, x, features=True):
         """x (B, 3, H, W) in [-1, 1] -> (x_rec (B, 3, H, W), aux) with aux =
         {"codes": (B, k, h, w), "z_q": [k x (B, d, h, w)], "losses": {"codebook/i", "commit/i", ..., "disentangle"},
-         "features": {i: (B, 1 + h*w, width)} for each teacher-supervised branch i}."""
+         "features": {i: (B, 1 + h*w, width)} for each teacher-supervised branch i}. features=False skips the heads
+        (training without teachers: their output would be unused)."""
         self._check_images(x)
         # paper-map: Eq. (3)
         z = self.encoder(x)                                           # Eq. (3): z = E(x), shared by the branches
-        z_qs, codes, losses, features = [], [], {}, {}
+        z_qs, codes, losses, heads = [], [], {}, {}
         for i, branch in enumerate(self.branches):
             z_q, branch_losses, branch_codes = branch(z)              # Eq. (4)-(5)
             z_qs.append(z_q)
             codes.append(branch_codes)
             losses.update({f"{name}/{i}": v for name, v in branch_losses.items()})
-            if branch.feat_head is not None:
-                features[i] = branch.feat_head(z_q)                   # Sec. 3.2.2
+            if branch.feat_head is not None and features:
+                heads[i] = branch.feat_head(z_q)                      # Sec. 3.2.2
         if len(z_qs) > 1:
             # paper-map: Eq. (7)
             losses["disentangle"] = disentangle_loss(z_qs)            # Eq. (7), unweighted
         x_rec = self.decode(torch.cat(z_qs, dim=1))                   # Eq. (6): k x (B, d, h, w) -> (B, k*d, h, w)
-        aux = {"codes": torch.stack(codes, dim=1), "z_q": z_qs, "losses": losses, "features": features}
+        aux = {"codes": torch.stack(codes, dim=1), "z_q": z_qs, "losses": losses, "features": heads}
         return x_rec, aux
 
     def decode(self, z_q):

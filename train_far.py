@@ -5,8 +5,8 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
   Sec. 4.1  ImageNet 256x256, 300 epochs, global batch 256, constant lr
 Recipe details follow the official scripts (docs/official_code.md §7): codes extracted once from ten crops + flips
 (the paper does not describe them), AdamW (0.9, 0.95), weight decay 0.05 on matrices only, clip 1.0, no EMA.
-Two stages: extract_codes() encodes every image once into OUT/codes/{train,val}/codes.npy (memory-mapped
-(N, A, k, h, w), A views); training then draws one view per image and step, as the official dataset does.
+Two stages: extract_codes() encodes every image once into OUT/codes/{train,val}/ (memory-mapped (N, A, k, h, w)
+codes, A views, one shard per rank); training then draws one view per image and step, as the official dataset does.
 
   torchrun --nproc_per_node=8 train_far.py --preset far-b --tokenizer-ckpt fqgan_dual_ds16.pt \\
       --data-path /data/imagenet/train --out-dir runs/far-b            # GPUs: FAR-B, the official 300 epochs
@@ -24,17 +24,20 @@ import torch
 import torch.distributed as dist
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, atomic_save, codebook_fingerprint, init_distributed, load_tokenizer,
-                         mean_over_ranks_or_stop, read_resume, remove_stale_temps, rng_states, set_rng_states)
+from checkpoints import (CheckpointError, codebook_fingerprint, distribute, init_distributed, load_tokenizer,
+                         mean_over_ranks_or_stop, read_resume, remove_stale_temps, rng_states, save_last,
+                         set_rng_states)
 from far import FAR, PRESETS, RECIPES, FARConfig, far_loss, generate
 from images import BUNDLED, ImageFolder, StreamSampler, center_crop, open_rgb, random_crop, save_grid, to_tensor
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")   # the shipped tiny tokenizer
 VIEWS = {"tencrop": 10, "flip": 2, "none": 1, "random": 40}   # views stored per image (official: tencrop, §7.1)
+# Evaluation during training is bounded whatever the number of classes and images: samples of at most SAMPLE_CLASSES
+# classes (evenly spaced ids) x 4; the copy distance only up to MAX_COPY_VIEWS training views.
+SAMPLE_CLASSES, MAX_COPY_VIEWS = 16, 20_000
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -67,60 +70,86 @@ class Views(Dataset):
         return torch.stack([to_tensor(v) for v in views]), label                         # (A, 3, H, W)
 
 
+class Shards:
+    """The row-interleaved shards of one extraction as one read-only array: row i is row i // W of shard i % W (rank r
+    encoded images r, r + W, ...). Memory-mapped: loader workers share the pages, nothing is read twice."""
+
+    def __init__(self, paths):
+        self.parts = [np.load(p, mmap_mode="r") for p in paths]
+        self.shape = (sum(len(p) for p in self.parts), *self.parts[0].shape[1:])
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, index):                                     # an image's row, or (row, view, ...)
+        i, *rest = index if isinstance(index, tuple) else (index,)
+        return self.parts[i % len(self.parts)][(i // len(self.parts), *rest)]
+
+    def __array__(self, dtype=None, copy=None):                       # the whole array (small sets, tests)
+        out = np.empty(self.shape, dtype or self.parts[0].dtype)
+        for r, part in enumerate(self.parts):
+            out[r::len(self.parts)] = part
+        return out
+
+
 @torch.no_grad()
 def extract_codes(tok, root, out_dir, augment, batch_size, device, ddp, rank, world):
-    """Encode every image of root once into out_dir/{codes.npy (N, A, k, h, w), labels.npy (N,)}; returns both
-    memory-mapped. Ranks split the images; meta.json is written last, so its presence means the files are complete
-    (an interrupted extraction starts over). Unreadable images get label -1 and are left out of training."""
+    """Encode every image of root once into out_dir; returns (codes (N, A, k, h, w) as Shards, labels (N,)). Rank r
+    encodes images r, r + W, ... into its own files codes.r.npy / labels.r.npy: no file is written by two processes,
+    so any shared filesystem works across nodes. meta.json, written last (rank 0, after a barrier), marks a complete
+    extraction and records W; an interrupted one starts over. Unreadable images get label -1: left out of training."""
     # NOTE(paper≠code): the official script encodes one image per GPU step and writes one int64 file per image and
-    # branch (official_code.md §7.1); we encode batches into one memory-mapped array: same crops, fp32 as official.
+    # branch (official_code.md §7.1); we encode batches into memory-mapped arrays: same crops, fp32 as official.
     tcfg, size = tok.cfg, tok.cfg.image_shape                         # the crops are the tokenizer's input size
     # what the stored codes depend on: a later run reuses them only if all of it is the same
-    meta = {"tokenizer": codebook_fingerprint(tok), "augment": augment, "root": os.path.abspath(root),
+    meta = {"format": 2, "tokenizer": codebook_fingerprint(tok), "augment": augment, "root": os.path.abspath(root),
             "size": list(size)}
-    paths = [os.path.join(out_dir, n) for n in ("codes.npy", "labels.npy", "meta.json")]
-    if os.path.exists(paths[2]):                                      # a complete earlier extraction
-        stored = json.load(open(paths[2]))
+    shard = lambda name, r, w: os.path.join(out_dir, f"{name}.{r}.npy")   # w: the extraction's world size
+    done = os.path.join(out_dir, "meta.json")
+    if os.path.exists(done):                                          # a complete earlier extraction
+        stored = json.load(open(done))
         if {k: stored.get(k) for k in meta} != meta:                  # never train on another tokenizer's codes
-            raise CheckpointError(f"{out_dir} holds the codes of another tokenizer or data ({stored}); use another "
-                                  f"--out-dir")
-        return [np.load(p, mmap_mode="r") for p in paths[:2]]
+            raise CheckpointError(f"{out_dir} holds the codes of another tokenizer or data, or of an older version "
+                                  f"of this script ({stored}); use another --out-dir")
+        return load_shards(out_dir, stored["shards"])
     views = Views(root, size, augment)
-    n, k, A = len(views), tcfg.num_codebooks, VIEWS[augment]
+    k, A, mine = tcfg.num_codebooks, VIEWS[augment], list(range(rank, len(views), world))   # this rank's images
     dtype = np.uint16 if tcfg.codebook_size <= 2 ** 16 else np.int32  # 16384 codes fit in 2 bytes, not int64's 8
-    tmp = [p + ".tmp.npy" for p in paths[:2]]                         # renamed into place once complete
-    if rank == 0:                                                     # one rank creates the files, all fill them
-        os.makedirs(out_dir, exist_ok=True)
-        np.lib.format.open_memmap(tmp[0], "w+", dtype, (n, A, k, *tcfg.grid))
-        np.lib.format.open_memmap(tmp[1], "w+", np.int64, (n,))
-    if ddp:
-        dist.barrier()                                                # the files exist before anyone opens them
-    codes, labels = (np.lib.format.open_memmap(t, "r+") for t in tmp)
-    mine = list(range(rank, n, world))                                 # this rank's images
+    os.makedirs(out_dir, exist_ok=True)
+    tmp = [shard(n, rank, world) + ".tmp.npy" for n in ("codes", "labels")]   # renamed into place once complete
+    codes = np.lib.format.open_memmap(tmp[0], "w+", dtype, (len(mine), A, k, *tcfg.grid))
+    labels = np.lib.format.open_memmap(tmp[1], "w+", np.int64, (len(mine),))
     loader = DataLoader(torch.utils.data.Subset(views, mine), batch_size=batch_size, num_workers=2)   # in order
-    done = 0                                                          # how many of `mine` are written
+    row = 0                                                           # rows of this shard written so far
     for x, y in tqdm(loader, desc=f"extract {os.path.basename(out_dir)}", disable=rank != 0, dynamic_ncols=True):
         b = x.shape[0]
         c = tok.encode(x.flatten(0, 1).to(device))                     # (b, A, 3, H, W) -> (b*A, 3, H, W) -> codes
-        idx = mine[done:done + b]                                     # the dataset indices of this batch
-        codes[idx] = c.view(b, A, k, *tcfg.grid).cpu().numpy().astype(dtype)   # (b*A, k, h, w) -> (b, A, k, h, w)
-        labels[idx] = y.numpy()                                       # -1 for unreadable files (Views)
-        done += b
+        codes[row:row + b] = c.view(b, A, k, *tcfg.grid).cpu().numpy().astype(dtype)   # (b*A, ...) -> (b, A, ...)
+        labels[row:row + b] = y.numpy()                               # -1 for unreadable files (Views)
+        row += b
     codes.flush(), labels.flush()
     del codes, labels                                                 # close the maps before the rename
+    for t, name in zip(tmp, ("codes", "labels")):
+        os.replace(t, shard(name, rank, world))
     if ddp:
-        dist.barrier()                                                # every rank's rows are written
+        dist.barrier()                                                # every rank's shard is in place
     if rank == 0:
-        for t, p in zip(tmp, paths):
-            os.replace(t, p)
-        meta["unreadable"] = int((np.load(paths[1]) < 0).sum())       # reported, and skipped by Codes
-        with open(paths[2] + ".tmp", "w") as f:
+        meta["shards"] = world
+        meta["unreadable"] = int((np.asarray(load_shards(out_dir, world)[1]) < 0).sum())   # reported, skipped
+        with open(done + ".tmp", "w") as f:
             json.dump(meta, f)
-        os.replace(paths[2] + ".tmp", paths[2])                        # last: the marker of a complete extraction
-        print(f"extracted {n} images x {A} views from {root}: {meta['unreadable']} unreadable, skipped")
+        os.replace(done + ".tmp", done)                               # last: the marker of a complete extraction
+        print(f"extracted {len(views)} images x {A} views from {root} ({world} shards): {meta['unreadable']} "
+              f"unreadable, skipped")
     if ddp:
-        dist.barrier()                                                # no rank reads before the rename
-    return [np.load(p, mmap_mode="r") for p in paths[:2]]            # read-only maps: shared by loader workers
+        dist.barrier()                                                # no rank reads before meta.json exists
+    return load_shards(out_dir, world)
+
+
+def load_shards(out_dir, world):
+    """(codes (N, A, k, h, w) as Shards, labels (N,) int64) of an extraction made by `world` ranks."""
+    codes = Shards([os.path.join(out_dir, f"codes.{r}.npy") for r in range(world)])
+    return codes, np.asarray(Shards([os.path.join(out_dir, f"labels.{r}.npy") for r in range(world)]))
 
 
 class Codes(Dataset):
@@ -139,7 +168,7 @@ class Codes(Dataset):
         i, epoch = item if isinstance(item, tuple) else (item, 0)     # StreamSampler yields (index, epoch)
         # hash of a tuple of ints: the same in every process and run (no PYTHONHASHSEED salt on ints)
         g = torch.Generator().manual_seed(hash((self.seed, epoch, i)) % 2 ** 62)
-        view, j = int(torch.randint(self.codes.shape[1], (), generator=g)), self.index[i]   # a view, uniform; its row
+        view, j = int(torch.randint(self.codes.shape[1], (), generator=g)), int(self.index[i])   # a view; its row
         return torch.from_numpy(self.codes[j, view].astype(np.int64)), int(self.labels[j])   # (k, h, w), label
 
 
@@ -166,18 +195,27 @@ def nll_bits(model, dataset, device, ddp, rank, world, batch_size=64):
 
 
 @torch.no_grad()
-def copy_distance(samples, codes, labels):
+def copy_distance(samples, codes, labels, max_queries=256, views_per_chunk=128):
     """Memorisation in codes: (per sample, the fraction of its k*h*w sub-codes that differ from the nearest training
-    view; per training image, the same to the nearest view of another image), or None for large sets (quadratic)."""
-    train = torch.from_numpy(np.asarray(codes)[np.asarray(labels) >= 0].astype(np.int64)).flatten(2)   # (N, A, D)
-    n, a, d = train.shape
-    if n * a > 20_000:                                                 # ImageNet: far too many pairs
+    view; per training image, the same to the nearest view of another image), or None above MAX_COPY_VIEWS training
+    views (ImageNet: the question needs another method). Bounded memory: training views are read views_per_chunk at a
+    time, and at most max_queries training images (evenly spaced) are compared with the others."""
+    rows = np.flatnonzero(np.asarray(labels) >= 0)                    # readable training images
+    n, a = len(rows), codes.shape[1]
+    if n * a > MAX_COPY_VIEWS:                                        # decided from shapes: nothing read yet
         return None
-    near = lambda x: (x[:, None, None] != train[None]).float().mean(-1)   # (S, D) -> (S, N, A) Hamming fractions
-    to_sample = near(samples.flatten(1).cpu()).flatten(1).amin(1)     # (S,): nearest training view
-    between = near(train[:, a // 2])                                   # (N, N, A): each image's middle view
-    between[torch.arange(n), torch.arange(n)] = 1.0                    # not its own views
-    return to_sample, between.flatten(1).amin(1)                       # (S,), (N,)
+    read = lambda js: torch.from_numpy(np.stack([codes[int(j)] for j in js]).astype(np.int64)).flatten(2)   # (c, A, D)
+    q = torch.linspace(0, n - 1, min(n, max_queries)).round().long()   # the query images
+    queries, samples = read(rows[q.numpy()])[:, a // 2], samples.flatten(1).cpu()   # middle views (Q, D); (S, D)
+    near_s, near_q, step = torch.ones(len(samples)), torch.ones(len(q)), max(1, views_per_chunk // a)
+    for c0 in range(0, n, step):
+        block = read(rows[c0:c0 + step]).flatten(0, 1)                 # (c, A, D) -> (c*A, D)
+        differ = lambda x: (x[:, None] != block[None]).sum(-1) / block.shape[1]   # (X, D) -> (X, c*A) fractions
+        near_s = torch.minimum(near_s, differ(samples).amin(1))
+        d = differ(queries).view(len(q), -1, a)                        # (Q, c*A) -> (Q, c, A)
+        d[q[:, None] == torch.arange(c0, c0 + d.shape[1])[None]] = 1.0   # not the query image's own views
+        near_q = torch.minimum(near_q, d.flatten(1).amin(1))
+    return near_s, near_q                                              # (S,), (Q,)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -248,19 +286,16 @@ def parse_args(argv=None):
     return args, p
 
 
-def build(args, tok, classes, device, ddp, local_rank):
-    """(FAR config, raw model, the model the loop calls (compiled and / or DDP), AdamW). k, codebook size and grid
-    come from the tokenizer, the number of classes from the data; every rank builds the same initial weights."""
+def build(args, tok, classes, device, ddp):
+    """(FAR config, raw model on device, the model the loop calls (DDP and / or compiled), AdamW). k, codebook size
+    and grid come from the tokenizer, the number of classes from the data; every rank builds the same weights."""
     cuda = device.type == "cuda"
     # the preset gives the network (Tab. 2 sizes); the tokenizer gives k, K and the grid, the data the classes
     cfg = FARConfig(**{**PRESETS[args.preset], "num_codebooks": tok.cfg.num_codebooks, "head": args.head,
                        "codebook_size": tok.cfg.codebook_size, "grid": tok.cfg.grid, "num_classes": len(classes)})
     torch.manual_seed(args.seed)                                        # same initial weights on every rank
     raw = FAR(cfg).to(device)                                           # fp32 weights; autocast does bf16
-    # Keep `raw` for saving, evaluation and sampling: no `_orig_mod.` / `module.` prefix reaches a checkpoint.
-    model = torch.compile(raw) if (cuda if args.compile is None else args.compile) else raw
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if cuda else None)  # gradients all-reduced in backward()
+    model = distribute(raw, ddp, device, cuda if args.compile is None else args.compile)   # raw: saving, sampling
     # official_code.md §7.3: weight decay on every tensor with ndim >= 2 (linears, embeddings), none on norms
     groups = [{"params": [p for p in raw.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in raw.parameters() if p.dim() < 2], "weight_decay": 0.0}]
@@ -271,7 +306,7 @@ def build(args, tok, classes, device, ddp, local_rank):
 def main(argv=None):
     """Parse, set up torchrun, extract or reuse the codes (stage 1), build or resume FAR, then train() (stage 2)."""
     args, parser = parse_args(argv)
-    ddp, rank, world, local_rank, device = init_distributed()         # world 1 without torchrun
+    ddp, rank, world, _, device = init_distributed()         # world 1 without torchrun
     if args.global_batch_size % world:                                 # each rank takes global / world sequences
         parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
     batch, master = args.global_batch_size // world, rank == 0
@@ -279,7 +314,7 @@ def main(argv=None):
 
     # stage 1: codes (once; a later run or --resume reuses them) ---------------------------------------------
     try:
-        tok = load_tokenizer(args.tokenizer_ckpt, map_location=device).requires_grad_(False)   # eval mode, fp32
+        tok = load_tokenizer(args.tokenizer_ckpt, device).requires_grad_(False)   # on device, eval mode, fp32
         extract = lambda root, name, aug: extract_codes(tok, root, os.path.join(args.out_dir, "codes", name), aug,
                                                         args.extract_batch_size, device, ddp, rank, world)
         classes = ImageFolder(args.data_path, (1, 1)).classes          # folder names, sorted: label = index
@@ -293,7 +328,7 @@ def main(argv=None):
     # stored in every checkpoint: sample.py finds the tokenizer by path and refuses another one (check_pair)
     tok_info = {"config": asdict(tok.cfg), "fingerprint": codebook_fingerprint(tok),
                 "path": os.path.abspath(args.tokenizer_ckpt)}
-    cfg, raw, model, opt = build(args, tok, classes, device, ddp, local_rank)
+    cfg, raw, model, opt = build(args, tok, classes, device, ddp)
 
     # resume: weights, optimizer, every rank's RNG and the data position --------------------------------------
     step, last = 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
@@ -338,8 +373,7 @@ def train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra,
         if master:   # samples_per_rank: where each rank's StreamSampler resumes; extra: tokenizer + class names
             state = {"model": raw.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(cfg),
                      "args": vars(args), "rng": rng, "data": {"samples_per_rank": step * batch}, **extra}
-            atomic_save(state, os.path.join(folder, "last.pt"))        # what --resume and sample.py read
-            atomic_save(state, os.path.join(folder, f"{step:07d}.pt"))  # kept (every --ckpt-every, the last step)
+            save_last(state, folder, numbered=True)                    # last.pt (--resume, sample.py) + numbered
         if ddp:
             dist.barrier()                                             # no rank runs ahead of a half-written file
 
@@ -348,10 +382,11 @@ def train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra,
         if nll and val_set is not None:                               # every rank: nll_bits all-reduces
             bits = nll_bits(raw, val_set, device, ddp, rank, world)
             write({"step": step, **{f"val_bits/{j}": v for j, v in enumerate(bits)}})
-        if master and sample:   # 4 samples of every class, Tab. 2's cfg scale, the same seed every time
-            labels = torch.arange(cfg.num_classes, device=device).repeat_interleave(4)
+        if master and sample:   # 4 samples of <= SAMPLE_CLASSES classes, Tab. 2's cfg scale, the same seed every time
+            labels = torch.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, SAMPLE_CLASSES), device=device)
+            labels = labels.round().long().repeat_interleave(4)            # all classes 0..C-1 when C <= 16
             codes = generate(raw, labels, cfg_scale=2.0, generator=torch.Generator(device).manual_seed(args.seed))
-            x = tok.decode_codes(codes[::4][:8])                            # PNG: classes 0..7, one sample each
+            x = tok.decode_codes(codes[::4][:8])                            # PNG: 8 classes, one sample each
             save_grid(x, os.path.join(args.out_dir, "samples", f"{step:07d}.png"), nrow=len(x))   # one row
             if (dist_ := copy_distance(codes, dataset.codes, dataset.labels)) is not None:   # sample or copy?
                 write({"step": step, "copy/sample_nn": dist_[0].median().item(), "copy/train_nn":

@@ -24,12 +24,11 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import ConcatDataset, DataLoader
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, atomic_save, init_distributed, mean_over_ranks_or_stop, read_resume,
-                         remove_stale_temps, rng_states, set_rng_states)
+from checkpoints import (CheckpointError, distribute, init_distributed, mean_over_ranks_or_stop,
+                         read_resume, remove_stale_temps, rng_states, save_last, set_rng_states)
 from images import BUNDLED, ImageFolder, StreamSampler, save_grid, unreadable_files
 from losses import LPIPS, LossConfig, PatchGAN, discriminator_loss, generator_loss
 from quantizer import codebook_usage
@@ -156,12 +155,11 @@ def check_args(p, args):
 # --------------------------------------------------------------------------------------------------------------
 # Set-up: models, losses, optimizers
 
-def build(args, cfg, device, ddp, local_rank):
+def build(args, cfg, device, ddp):
     """Everything the loop trains or calls, as one namespace m: m.raw (the tokenizer), m.ema (its EMA), m.model (what
-    the loop calls: compiled and / or DDP-wrapped raw), m.disc_raw / m.disc (PatchGAN; disc None when gan_weight = 0),
+    the loop calls: raw in DDP and / or compiled), m.disc_raw / m.disc (PatchGAN; disc None when gan_weight = 0),
     m.opt_g / m.opt_d, m.lpips (None when perceptual_weight = 0), m.teachers ({branch: frozen teacher}), m.loss_cfg.
-    Every rank builds the same initial weights from args.seed."""
-    cuda = device.type == "cuda"
+    Every module is on `device`; every rank builds the same initial weights from args.seed."""
     torch.manual_seed(args.seed)                                        # same initial weights on every rank
     # the EMA never trains (no grad); PatchGAN is built even at gan_weight 0: checkpoints always hold "disc", "opt_d"
     m = SimpleNamespace(raw=Tokenizer(cfg).to(device), ema=Tokenizer(cfg).to(device).requires_grad_(False),
@@ -169,13 +167,16 @@ def build(args, cfg, device, ddp, local_rank):
     m.ema.load_state_dict(m.raw.state_dict())                          # the EMA starts at the initial weights
     m.lpips = LPIPS().to(device) if args.perceptual_weight > 0 else None   # frozen VGG16 + lin layers (§2.2)
     m.teachers = build_teachers(cfg.teachers, device=device) if args.rep_weight > 0 else {}   # frozen: never DDP
-    # Keep `raw` for EMA, saving and evaluation: no `_orig_mod.` / `module.` prefix ever reaches a checkpoint.
-    m.model = torch.compile(m.raw) if (cuda if args.compile is None else args.compile) else m.raw
+    if args.precision == "bf16":                                        # frozen: cast once, not by autocast per step
+        for frozen in [m.lpips, *m.teachers.values()]:
+            frozen.to(torch.bfloat16) if frozen is not None else None
+    for branch in m.raw.branches:   # no teacher: the heads are not run (features=False), so they must not train
+        if branch.feat_head is not None and not m.teachers:             # (DDP would wait for their gradients)
+            branch.feat_head.requires_grad_(False)
+    m.model = distribute(m.raw, ddp, device, device.type == "cuda" if args.compile is None else args.compile)
     m.disc = m.disc_raw if args.gan_weight > 0 else None               # gan_weight 0: D is never run
-    if ddp:                                                             # gradients all-reduced in backward()
-        m.model = DDP(m.model, device_ids=[local_rank] if cuda else None)
-        # D's BatchNorm normalises with per-rank batch statistics (not synced), as official (§2.3)
-        m.disc = DDP(m.disc, device_ids=[local_rank] if cuda else None) if m.disc is not None else None
+    if ddp and m.disc is not None:   # D's BatchNorm normalises with per-rank batch statistics (not synced, §2.3)
+        m.disc = distribute(m.disc, ddp, device, compile_=False)
     # the optimizers hold the raw parameters, which compile and DDP share (no copies)
     m.opt_g = torch.optim.Adam(m.raw.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))   # no weight decay
     m.opt_d = torch.optim.Adam(m.disc_raw.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
@@ -204,10 +205,8 @@ def save_checkpoint(args, cfg, m, step, batch, ddp, world, master):
         state = {"model": m.raw.state_dict(), "ema": m.ema.state_dict(), "disc": m.disc_raw.state_dict(),
                  "opt_g": m.opt_g.state_dict(), "opt_d": m.opt_d.state_dict(), "step": step, "config": asdict(cfg),
                  "args": vars(args), "rng": rng, "data": {"samples_per_rank": step * batch}}
-        folder = os.path.join(args.out_dir, "checkpoints")
-        atomic_save(state, os.path.join(folder, "last.pt"))            # what --resume reads
-        if step % args.ckpt_every == 0 or step == args.max_steps:
-            atomic_save(state, os.path.join(folder, f"{step:07d}.pt"))   # kept: fall-backs for read_resume
+        # last.pt (what --resume reads) and, every --ckpt-every and at the end, a numbered fall-back for read_resume
+        save_last(state, os.path.join(args.out_dir, "checkpoints"), step % args.ckpt_every == 0 or step == args.max_steps)
     if ddp:
         dist.barrier()                                                 # no rank runs ahead of a half-written file
 
@@ -249,7 +248,7 @@ def count_over_ranks(files, ddp, world):
 def main(argv=None):
     """Parse, set up torchrun, build or resume everything, then train(); see the module docstring for commands."""
     args, parser = parse_args(argv)
-    ddp, rank, world, local_rank, device = init_distributed()         # world 1 without torchrun
+    ddp, rank, world, _, device = init_distributed()                 # world 1 without torchrun
     if args.global_batch_size % world:                                 # each rank takes global / world images
         parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
     batch, master = args.global_batch_size // world, rank == 0
@@ -267,7 +266,7 @@ def main(argv=None):
                                   (args.data_path, args.val_path) if root]) if args.hold_out else None
     except ValueError as e:
         parser.error(f"--hold-out: {e}")
-    m = build(args, cfg, device, ddp, local_rank)
+    m = build(args, cfg, device, ddp)
 
     # resume: weights, both optimizers, every rank's RNG and the data position --------------------------------
     step, last = 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
@@ -314,13 +313,14 @@ def train(args, cfg, m, step, batch, dataset, val_set, held_out, ddp, rank, worl
                              generator=torch.Generator().manual_seed(args.seed + rank)))
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     unreadable, t0, images = set(), time.time(), 0                     # images: the throughput of this run only
+    ema_params, raw_params = list(m.ema.parameters()), list(m.raw.parameters())
     while step < args.max_steps:
         x, _, index, skipped = next(loader)                            # x (B, 3, H, W) in [-1, 1]; labels unused
         x = x.to(device, non_blocking=True)                            # overlaps the copy when pin_memory
         unreadable |= unreadable_files(index, skipped, len(dataset))  # distinct files, not draws
         # generator step, Eq. (8) -------------------------------------------------------------------------------
         with autocast:
-            x_rec, aux = m.model(x)                                     # Eq. (3)-(6); aux: codes, z_q, losses, features
+            x_rec, aux = m.model(x, features=bool(m.teachers))         # Eq. (3)-(6); aux: codes, z_q, losses, features
             g = generator_loss(x, x_rec, aux, step, lpips=m.lpips, disc=m.disc, teachers=m.teachers, cfg=m.loss_cfg)
         for group in m.opt_g.param_groups + m.opt_d.param_groups:       # from the step: resume needs no state
             group["lr"] = lr_at(args, step)
@@ -328,9 +328,8 @@ def train(args, cfg, m, step, batch, dataset, val_set, held_out, ddp, rank, worl
         g["total"].backward()                                           # DDP all-reduces G's gradients here
         g["grad_norm"] = torch.nn.utils.clip_grad_norm_(m.raw.parameters(), args.grad_clip)   # logged: pre-clip norm
         m.opt_g.step()
-        with torch.no_grad():                                           # EMA of the generator weights
-            for p_ema, p in zip(m.ema.parameters(), m.raw.parameters()):   # parameters only, as official --ema
-                p_ema.lerp_(p, 1 - args.ema_decay)                      # p_ema = decay * p_ema + (1 - decay) * p
+        with torch.no_grad():   # EMA of the generator weights (parameters only, as official --ema), one fused op
+            torch._foreach_lerp_(ema_params, raw_params, 1 - args.ema_decay)   # p_ema = decay p_ema + (1 - decay) p
         # discriminator step, after G, on the same images and the pre-update reconstructions ------------------
         d = {}
         if m.disc is not None:

@@ -102,7 +102,7 @@ def test_our_tokenizer_checkpoint_round_trip(tmp_path):
 def test_official_far_key_listing_loads_strictly(keys_file, k):
     listing = parity_weights.read_keys(keys_file)
     sd = {name: torch.empty(shape, device="meta") for name, shape in listing}
-    model = load_far(sd)  # infers FAR-B, k, codebook_size, num_classes; strict load
+    model = load_far(sd, "meta")  # infers FAR-B, k, codebook_size, num_classes; strict load, stays on meta
     assert (model.cfg.num_codebooks, model.cfg.dim, model.cfg.grid) == (k, 1024, (16, 16))
     exported = [(n, tuple(t.shape)) for n, t in far_ours_to_official(model.state_dict()).items()]
     assert exported == listing  # same names, shapes and order as the official state dict, no extra buffers

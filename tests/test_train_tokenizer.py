@@ -15,6 +15,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoints  # noqa: E402
 import train_tokenizer  # noqa: E402
 from losses import generator_loss  # noqa: E402
 from teachers import build_teachers  # noqa: E402
@@ -90,9 +91,9 @@ def test_checkpoint_crash_leaves_last_loadable(tmp_path, monkeypatch):
     def broken_save(obj, path):
         open(path, "wb").write(b"half a checkpoint")                  # the disk fills up mid-write
         raise OSError("No space left on device")
-    monkeypatch.setattr(train_tokenizer.torch, "save", broken_save)
+    monkeypatch.setattr(checkpoints.torch, "save", broken_save)
     with pytest.raises(OSError):
-        train_tokenizer.atomic_save({"step": 2}, str(last))
+        checkpoints.save_last({"step": 2}, str(last.parent), numbered=True)
     assert last.read_bytes() == before
     assert torch.load(last, weights_only=True)["step"] == 1
     assert not [f for f in os.listdir(last.parent) if ".tmp" in f]     # no half-written temp file left behind
