@@ -72,6 +72,19 @@ def init_distributed(device=None):
     return ddp, rank, world, local_rank, device
 
 
+def device_flag(text):
+    """argparse type of --device: "cpu", "cuda" or "cuda:N" -> the string, checked against this machine."""
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
+    n = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and (device.index or 0) >= n):
+        raise argparse.ArgumentTypeError(f"{text!r}: use cpu" + (f", cuda or cuda:0..{n - 1}" if n else
+                                         " (this machine has no CUDA device)"))
+    return text
+
+
 def distribute(raw, ddp, device, compile_):
     """The module a training loop calls: raw in DDP (gradients all-reduced in backward), then compiled. In this order
     the compiled backward is split at DDP's gradient buckets, so each bucket's all-reduce overlaps the rest of the

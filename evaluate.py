@@ -34,7 +34,7 @@ from torch_fidelity.metric_prc import prc_features_to_metric
 from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, check_writable, init_distributed, load_tokenizer
+from checkpoints import CheckpointError, check_writable, device_flag, init_distributed, load_tokenizer
 from images import BUNDLED, IMAGE_EXTS, ImageFolder, image_batches, list_images, npz_header, to_uint8
 from losses import LPIPS, weights_dir
 from quantizer import codebook_usage
@@ -87,44 +87,53 @@ def load_inception(device, path=None):
                                     feature_extractor_weights_path=path, verbose=False).to(device)   # eval mode
 
 
-def fidelity(feats, ref=None, prc=True):
+def fidelity(feats, ref=None, prc=True, device="cpu"):
     """From the Inception feature dicts of the evaluated images and of the reference: Inception Score (10 splits, or
-    one per image below 10), FID (Sec. 4.1), precision / recall (Tab. 2; k = 3 as ADM), torch-fidelity's formulas."""
-    isc = isc_features_to_metric(feats[LAYERS["isc"]], splits=min(10, len(feats[LAYERS["isc"]])))
+    one per image below 10), FID (Sec. 4.1), precision / recall (Tab. 2; k = 3 as ADM), torch-fidelity's formulas.
+    One process runs it; IS and precision / recall on `device` (the N x N neighbour distances), FID in numpy."""
+    isc = isc_features_to_metric(feats[LAYERS["isc"]].to(device), splits=min(10, len(feats[LAYERS["isc"]])))
     out = {"inception_score": isc["inception_score_mean"], "inception_score_std": isc["inception_score_std"]}
     if ref is not None:                                               # FID: Frechet distance of two Gaussians
         stats = [fid_features_to_statistics(f[LAYERS["fid"]]) for f in (feats, ref)]   # (mu, sigma) of each set
         out["fid"] = fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
     if ref is not None and prc:     # batched k-NN balls (save_cpu_ram): never the whole N x N distance matrix
-        pr = prc_features_to_metric(feats[LAYERS["prc"]], ref[LAYERS["prc"]], save_cpu_ram=True, verbose=False)
+        pr = prc_features_to_metric(*(f[LAYERS["prc"]].to(device) for f in (feats, ref)), save_cpu_ram=True,
+                                    verbose=False)
         out["precision"], out["recall"] = pr["precision"], pr["recall"]
     return out
 
 
 def gather(local):
-    """Concatenate a dict of lists of CPU tensors (one row per image) over all ranks, in rank order."""
+    """Concatenate a dict of lists of CPU tensors (one row per image) over all ranks, in rank order, on rank 0 only
+    (the other ranks get None: the metrics are computed once)."""
     local = {k: torch.cat(v) for k, v in local.items() if v}          # [(b_i, ...)] -> (sum b_i, ...)
     if not dist.is_initialized():                                     # one process: nothing to gather
         return local
-    parts = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, local)                              # pickled: ranks may hold different sizes
-    return {k: torch.cat([p[k] for p in parts if k in p]) for k in set().union(*parts)}   # a rank may have none
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(local, parts, dst=0)                           # pickled: ranks may hold different sizes
+    return parts and {k: torch.cat([p[k] for p in parts if k in p]) for k in set().union(*parts)}   # some have none
 
 
-def class_probe(features, labels):
+def class_probe(features, labels, rows=4096):
     """Fig. 4 as one number: leave-one-out nearest-centroid accuracy of images from their feature (N, d), labels (N,).
     Each image is classified by the most cosine-similar class centroid, its own class's centroid computed without it;
-    images whose class has no other image are left out. Chance is 1 / number of classes."""
+    images whose class has no other image are left out. Chance is 1 / number of classes. Memory: (rows, C) at a time,
+    never (N, C, d): for a unit f, (s_c - f).f = s_c.f - 1 and |s_c - f|^2 = |s_c|^2 - 2 s_c.f + 1."""
     f = F.normalize(features.double(), dim=1)                         # (N, d) unit rows: dot = cosine
-    classes = labels.unique()                                         # (C,) sorted class ids
-    onehot = (labels[:, None] == classes[None]).double()             # (N, C)
-    sums, counts = onehot.T @ f, onehot.sum(0)                        # (C, d) per-class sums, (C,) sizes
-    own = onehot.bool()                                               # (N, C) True at each image's own class
-    centroids = sums[None] - own[..., None] * f[:, None]              # (N, C, d): own class without the image itself
-    sizes = counts[None] - own.double()                               # (N, C)
-    scores = torch.einsum("ncd,nd->nc", F.normalize(centroids, dim=2), f).masked_fill(sizes == 0, -math.inf)
-    keep = (sizes * own).sum(1) > 0                                   # the image's class has another image
-    return (classes[scores.argmax(1)] == labels)[keep].double().mean().item()   # accuracy over kept images
+    classes, own = labels.unique(return_inverse=True)                 # (C,) sorted ids; (N,) each image's class
+    counts = torch.bincount(own, minlength=len(classes)).double()     # (C,) class sizes
+    sums = torch.zeros(len(classes), f.shape[1], dtype=f.dtype).index_add_(0, own, f)   # (C, d) per-class sums
+    hits, kept = 0, 0
+    for i in range(0, len(f), rows):
+        o, r = own[i:i + rows], torch.arange(len(f[i:i + rows]))       # (n,) own classes, row numbers
+        dot = f[i:i + rows] @ sums.T                                  # (n, C) s_c . f
+        sq, sizes = sums.pow(2).sum(1).expand_as(dot).clone(), counts.expand_as(dot).clone()   # (n, C) |s_c|^2, sizes
+        sq[r, o], sizes[r, o] = sq[r, o] - 2 * dot[r, o] + 1, sizes[r, o] - 1   # own class without the image
+        dot[r, o] -= 1
+        scores = (dot / sq.clamp(min=0).sqrt().clamp(min=1e-12)).masked_fill(sizes == 0, -math.inf)
+        keep = sizes[r, o] > 0                                        # the image's class has another image
+        hits, kept = hits + (scores.argmax(1) == o)[keep].sum().item(), kept + keep.sum().item()
+    return hits / kept if kept else float("nan")                      # accuracy over kept images
 
 
 def optional(flag, build, what):
@@ -171,26 +180,27 @@ def evaluate_tokenizer(args, tok, dataset, device, rank, world):
             batch.update({f"{name}/{k}": v for k, v in feats.items()})
         for k, v in batch.items():
             local.setdefault(k, []).append(v.cpu())
-    stats = gather({k: v for k, v in local.items() if k != "codes"})  # the codes stay local: usage all-reduces
-    unreadable = int(stats["unreadable"].sum())                       # over every rank
+    # Tab. 3 usage + perplexity of each sub-codebook over all ranks: a rank without images all-reduces (0, k, h, w)
+    codes, usage = torch.cat(local.pop("codes", None) or [torch.zeros(0, tok.cfg.num_codebooks, 1, 1).long()]), {}
+    for i in range(tok.cfg.num_codebooks):
+        u = codebook_usage(codes[:, i].to(device), tok.cfg.codebook_size)   # on device: NCCL needs CUDA tensors
+        usage[f"usage/{i}"], usage[f"perplexity/{i}"] = u["usage"].item(), u["perplexity"].item()
+    stats = gather(local)                                             # rank 0 computes the rest, the others wait
+    if stats is None:
+        return None
     if "psnr" not in stats:                                           # no rank had a single readable image
         raise ValueError(f"none of the {n} images under {args.data_path} could be read")
-    res = {"images": len(stats["psnr"]), "unreadable": unreadable, "psnr": stats["psnr"].mean().item(),
-           "ssim": stats["ssim"].mean().item(), "lpips": stats["lpips"].mean().item() if lpips is not None else None,
+    res = {"images": len(stats["psnr"]), "unreadable": int(stats["unreadable"].sum()), "psnr": stats["psnr"].mean()
+           .item(), "ssim": stats["ssim"].mean().item(), "lpips": stats["lpips"].mean().item() if lpips else None,
            "rfid": None, "inception_score": None, "inception_score_std": None}
     for i in range(tok.cfg.num_codebooks):   # how well each sub-codebook's codes alone tell the classes apart
         res[f"probe/{i}"] = class_probe(stats[f"emb/{i}"], stats["label"])
     res["probe_chance"] = 1 / len(stats["label"].unique())
     if inception is not None:
         feats = [{k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith(p)} for p in ("rec/", "real/")]
-        metrics = fidelity(*feats, prc=False)                         # rFID against the crops, as official §4.1
+        metrics = fidelity(*feats, prc=False, device=device)          # rFID against the crops, as official §4.1
         res.update(rfid=metrics.pop("fid"), **metrics)                # IS of the reconstructions
-    # Tab. 3 usage + perplexity of each sub-codebook over all ranks: a rank without images all-reduces (0, k, h, w)
-    codes = torch.cat(local.get("codes") or [torch.zeros(0, tok.cfg.num_codebooks, 1, 1, dtype=torch.long)])
-    for i in range(tok.cfg.num_codebooks):
-        u = codebook_usage(codes[:, i].to(device), tok.cfg.codebook_size)   # on device: NCCL needs CUDA tensors
-        res[f"usage/{i}"], res[f"perplexity/{i}"] = u["usage"].item(), u["perplexity"].item()
-    return res
+    return {**res, **usage}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -210,13 +220,15 @@ def evaluate_generation(args, device, rank, world):
                 for k, v in inception.convert_features_tuple_to_dict(inception(x.to(device))).items():
                     local.setdefault(k, []).append(v.cpu())
         return gather(local)
-    feats, ref = features(args.samples), features(args.reference)   # every rank gets all features
-    for path, files in ((p, f) for p, f in unreadable.items() if f and rank == 0):   # named, at most 5
+    feats, ref = features(args.samples), features(args.reference)   # rank 0 gets all features, the others None
+    if rank > 0:
+        return None
+    for path, files in ((p, f) for p, f in unreadable.items() if f):   # named, at most 5
         print(f"note: {len(files)} unreadable images skipped in {path}: {', '.join(files[:5])}"
               + (" ..." if len(files) > 5 else ""))
     return {"images": len(feats[LAYERS["fid"]]), "unreadable": len(unreadable[args.samples]),
             "reference_images": len(ref[LAYERS["fid"]]), "reference_unreadable": len(unreadable[args.reference]),
-            **fidelity(feats, ref)}                                   # Tab. 2: FID, IS, precision, recall
+            **fidelity(feats, ref, device=device)}                    # Tab. 2: FID, IS, precision, recall
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -238,6 +250,7 @@ def parse_args(argv=None):
     p.add_argument("--inception-weights", help="torch-fidelity Inception file (default: "   # both modes
                    f"$FQGAN_WEIGHTS/{os.path.basename(URL_INCEPTION_V3)})")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
+    p.add_argument("--device", type=device_flag, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK with CUDA)")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers per process (tokenizer mode)")
     p.add_argument("--out-json", default=None, help="results file (default: runs/eval/{tokenizer,generation}.json)")
     args = p.parse_args(argv)                                         # every value checked below: exit 2, one line
@@ -272,19 +285,21 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args, parser = parse_args(argv)
+    ddp, rank, world, _, device = init_distributed(args.device)       # torchrun: shard the images over ranks
+    torch.backends.cudnn.allow_tf32 = False                           # metrics: true fp32 convolutions (Inception)
     try:
-        tok = None if args.samples else load_tokenizer(args.tokenizer_ckpt)   # ours or official, eval mode
+        tok = None if args.samples else load_tokenizer(args.tokenizer_ckpt, device)   # ours or official, eval mode
     except CheckpointError as e:
         parser.error(str(e))
-    ddp, rank, world, _, device = init_distributed()                   # torchrun: shard the images over ranks
     if args.samples:
-        res = {"samples": args.samples, "reference": args.reference, **evaluate_generation(args, device, rank, world)}
+        inputs = {"samples": args.samples, "reference": args.reference}
+        metrics = evaluate_generation(args, device, rank, world)
     else:
-        tok = tok.to(device)
         dataset = ImageFolder(args.data_path, tok.cfg.image_shape, train=False, only=args.classes)   # ADM crop §4.1
-        res = {"checkpoint": args.tokenizer_ckpt, "data_path": args.data_path, "image_size": "%dx%d" % dataset.size,
-               **evaluate_tokenizer(args, tok, dataset, device, rank, world)}
-    if rank == 0:
+        inputs = {"checkpoint": args.tokenizer_ckpt, "data_path": args.data_path, "image_size": "%dx%d" % dataset.size}
+        metrics = evaluate_tokenizer(args, tok, dataset, device, rank, world)
+    res = None if metrics is None else {**inputs, **metrics}          # None on ranks > 0: rank 0 reports
+    if res is not None:
         for key, value in res.items():                        # the table: one line per metric, null when missing
             print(f"{key:<22}{'null' if value is None else f'{value:.4f}' if isinstance(value, float) else value}")
         with open(f"{args.out_json}.tmp", "w") as f:                   # None -> null in the JSON

@@ -20,19 +20,19 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, check_pair, check_writable, init_distributed, load_far, load_tokenizer, \
-    read_checkpoint
+from checkpoints import (CheckpointError, check_pair, check_writable, device_flag, init_distributed, load_far,
+                         load_tokenizer, read_checkpoint)
 from far import generate
 from images import save_grid, to_uint8
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")   # the shipped tiny FAR + tokenizer
 
 
-def load_pair(args):
+def load_pair(args, device):
     """(FAR, tokenizer, class names or None), checked against each other (checkpoints.check_pair). Without
     --tokenizer-ckpt, the tokenizer recorded in our FAR checkpoint: its path, else a file of that name beside FAR."""
     ckpt = read_checkpoint(args.far_ckpt, "--far-ckpt")                # weights_only=True: no pickled code runs
-    model = load_far(ckpt)                                             # ours or official (renamed, config inferred)
+    model = load_far(ckpt, device)                                     # ours or official (renamed, config inferred)
     recorded = ckpt.get("tokenizer", {})                               # ours: the tokenizer FAR was trained on
     if args.tokenizer_ckpt is None:                                    # an official FAR file records none: {}
         rec = recorded.get("path")                                     # absolute path at training time
@@ -40,7 +40,7 @@ def load_pair(args):
         args.tokenizer_ckpt = next((f for f in (rec, near) if f and os.path.isfile(f)), None)   # or beside FAR
         if args.tokenizer_ckpt is None:
             raise CheckpointError(f"--tokenizer-ckpt is needed: {args.far_ckpt} names no tokenizer file found here")
-    tok = load_tokenizer(args.tokenizer_ckpt)
+    tok = load_tokenizer(args.tokenizer_ckpt, device)
     check_pair(model.cfg, tok, recorded, args.far_ckpt, args.tokenizer_ckpt)   # same (k, K, grid), codebooks
     return model, tok, ckpt.get("classes")                             # folder names, recorded by train_far.py
 
@@ -77,6 +77,7 @@ def parse_args(argv=None):
     p.add_argument("--out-npz", default=None, help="npz file (arr_0 uint8 (N, H, W, 3), labels (N,))")
     p.add_argument("--batch-size", type=int, default=32, help="images per generate() call and process (%(default)s)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="FAR autocast (default: bf16 on CUDA, else fp32)")
+    p.add_argument("--device", type=device_flag, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK with CUDA)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
                    "one-position decode step, static KV cache (default: on with CUDA, off on CPU; same codes)")
     args = p.parse_args(argv)
@@ -95,30 +96,45 @@ def parse_args(argv=None):
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
     try:   # the output first: a bad path fails now, not after hours of sampling
         check_writable(args.out_npz, "--out-npz") if args.out_npz else check_writable(args.out, "--out")
-        model, tok, classes = load_pair(args)
+    except CheckpointError as e:
+        p.error(str(e))
+    return args, p
+
+
+def load_checked(args, p, device):
+    """(FAR, tokenizer, class names) on device, or exit 2 with one line: a file that is not a checkpoint, a mismatched
+    pair, a --class-id this FAR does not have."""
+    try:
+        model, tok, classes = load_pair(args, device)                  # both in eval mode (checkpoints.load_*)
     except CheckpointError as e:
         p.error(str(e))
     for c in args.class_id or []:                                      # id num_classes is CFG's null class
         if not 0 <= c < model.cfg.num_classes:
             p.error(f"--class-id {c} is out of range: this FAR has classes 0..{model.cfg.num_classes - 1}"
                     + (f" ({', '.join(f'{i} {n}' for i, n in enumerate(classes))})" if classes else ""))
-    return args, model, tok, classes
+    return model, tok, classes
+
+
+def png(model, tok, classes, args, device):
+    """The PNG mode: --per-class samples of each --class-id, one grid row per class."""
+    labels = torch.tensor(args.class_id).repeat_interleave(args.per_class)   # (C * per_class,) row by row
+    images = torch.cat([sample(model, tok, labels[i:i + args.batch_size], args, i // args.batch_size, device)
+                        for i in range(0, len(labels), args.batch_size)])              # (N, 3, H, W) uint8
+    save_grid(images, args.out, nrow=args.per_class)                   # atomic PNG, one row per class id
+    names = ", ".join(f"{c} ({classes[c]})" if classes else str(c) for c in args.class_id)
+    print(f"wrote {args.out}: {args.per_class} samples of class {names}, cfg {args.cfg_scale}, seed {args.seed}")
 
 
 def main(argv=None):
-    args, model, tok, classes = parse_args(argv)
-    ddp, rank, world, _, device = init_distributed()                   # torchrun: NCCL / gloo; else rank 0 of 1
+    args, parser = parse_args(argv)
+    ddp, rank, world, _, device = init_distributed(args.device)       # torchrun: NCCL / gloo; else rank 0 of 1
+    model, tok, classes = load_checked(args, parser, device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.compile = device.type == "cuda" if args.compile is None else args.compile
-    model, tok = model.to(device), tok.to(device)                      # both in eval mode (checkpoints.load_*)
-    if args.num_samples == 0:                                          # a PNG grid, one process
-        labels = torch.tensor(args.class_id).repeat_interleave(args.per_class)   # (C * per_class,) row by row
-        images = torch.cat([sample(model, tok, labels[i:i + args.batch_size], args, i // args.batch_size, device)
-                            for i in range(0, len(labels), args.batch_size)])          # (N, 3, H, W) uint8
-        save_grid(images, args.out, nrow=args.per_class)               # atomic PNG, one row per class id
-        names = ", ".join(f"{c} ({classes[c]})" if classes else str(c) for c in args.class_id)
-        print(f"wrote {args.out}: {args.per_class} samples of class {names}, cfg {args.cfg_scale}, seed {args.seed}")
-        return
+    if args.num_samples == 0:                                          # a PNG grid: one file, by rank 0 alone
+        if rank == 0:
+            png(model, tok, classes, args, device)
+        return dist.destroy_process_group() if ddp else None
     # npz: class-balanced labels in a seeded order; global batch b is generated by rank b % world into a shared
     # memory-mapped file, which rank 0 packs into the npz at the end (nothing half-written under --out-npz).
     # NOTE(paper≠code): the official sampler draws labels uniformly at random per batch (official_code.md §6.4).
