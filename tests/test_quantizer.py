@@ -269,3 +269,19 @@ def test_codebook_usage_under_ddp_equals_global_batch():
     full = codebook_usage(torch.tensor([0, 1, 1, 5, 2, 2, 2, 7]), 16)
     for rank in range(2):
         assert torch.allclose(out[rank], torch.stack([full["usage"], full["perplexity"]]))
+
+
+def test_codebook_gradient_is_bitwise_reproducible_at_the_default_thread_count():
+    """Indexing's backward (index_put_ with accumulate) sums a codebook row's gradient in thread order on a multi-core
+    CPU, so 2-thread training was not reproducible (three identical runs, three results). The quantizers look rows up
+    with F.embedding, whose backward sums in a fixed order. 16 x 16 x 16 tokens: the size at which it showed."""
+    torch.manual_seed(0)
+    for q in (VectorQuantizer(512, 8), IBQuantizer(512, 8, entropy_weight=0.0)):
+        z = torch.randn(16, 8, 16, 16)
+        grads = []
+        for _ in range(5):
+            q.zero_grad()
+            z_q, losses, _ = q(z)
+            (z_q.sum() + sum(losses.values())).backward()
+            grads.append(q.embedding.weight.grad.clone())
+        assert all(torch.equal(grads[0], g) for g in grads[1:]), type(q).__name__

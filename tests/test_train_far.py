@@ -3,7 +3,9 @@
 Run: python -m pytest tests/test_train_far.py -q
 """
 import json
+import math
 import os
+import subprocess
 import sys
 
 import numpy as np
@@ -122,3 +124,39 @@ def test_copy_distance_finds_a_copied_training_view():
     assert between.shape == (4,) and (between > 0.9).all()   # random training images are far from each other
     codes[4] = codes[0]                                  # image 4 duplicates image 0: distance 0 between them
     assert train_far.copy_distance(samples, codes, labels)[1][[0, 3]].tolist() == [0.0, 0.0]
+
+
+def test_compiled_after_ddp_on_two_processes(tok_ckpt, data, tmp_path):
+    """What a GPU run does by default, with gloo on this CPU: torch.compile of the DDP-wrapped FAR (the compiled backward
+    split at DDP's buckets). It trains, its checkpoint holds the raw module's names (no module. / _orig_mod. prefix),
+    and it samples (the raw module) at the end."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train_far.py", *FAST, "--tokenizer-ckpt", tok_ckpt, "--data-path", data, "--compile",
+                           "--max-steps", "3", "--sample-every", "3", "--out-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 3 and list(state["model"]) == list(train_far.FAR(train_far.FARConfig(**state["config"]))
+                                                                  .state_dict())
+    losses = [r["loss"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "loss" in r]
+    assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
+    assert os.path.exists(tmp_path / "samples" / "0000003.png")
+
+
+def test_copy_distance_is_bounded_by_the_limits_not_the_data(monkeypatch):
+    """Above MAX_COPY_VIEWS it returns None before reading a single row; below, it reads rows a chunk at a time and
+    compares at most max_queries training images with the rest (ImageNet: 1.28 M images x 10 views)."""
+    class Rows:                                                       # codes (N, A, k, h, w) that count their reads
+        def __init__(self, n, a):
+            self.shape, self.reads = (n, a, 2, 2, 2), []
+
+        def __getitem__(self, i):
+            self.reads.append(i)
+            return torch.randint(0, 8, self.shape[1:], generator=torch.Generator().manual_seed(i)).numpy()
+    samples = torch.randint(0, 8, (3, 2, 2, 2))
+    huge = Rows(1_281_167, 10)
+    assert train_far.copy_distance(samples, huge, np.zeros(huge.shape[0], np.int64)) is None and not huge.reads
+    monkeypatch.setattr(train_far, "MAX_COPY_VIEWS", 10_000)
+    rows = Rows(1000, 4)
+    to_sample, between = train_far.copy_distance(samples, rows, np.zeros(1000, np.int64), max_queries=50)
+    assert to_sample.shape == (3,) and between.shape == (50,) and len(rows.reads) == 1000 + 50   # each row once

@@ -27,6 +27,13 @@ FAST = ["--preset", "tiny", "--image-size", "32", "--global-batch-size", "4", "-
         "--gan-weight", "0.5"]
 
 
+def torchrun(*argv):
+    """Two processes on this CPU (gloo), as a user starts them: torchrun --standalone --nproc_per_node=2 ..."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def run(out, *extra):
     train_tokenizer.main(FAST + ["--out-dir", str(out), *extra])
     return torch.load(out / "checkpoints" / "last.pt", weights_only=True)
@@ -63,13 +70,11 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, killed_after):
 def test_two_process_gloo_equals_one_process(tmp_path):
     # entropy off: its codebook-entropy term uses each rank's own batch (as the official code); GAN off: the
     # discriminator's BatchNorm also normalises per rank. Everything else must agree on the same global batch.
+    # Each at its default thread count: all cores for one process, 1 per process under torchrun (its own default).
     common = FAST + ["--max-steps", "3", "--entropy-weight", "0", "--gan-start", "1000"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "train_tokenizer.py", *common, "--out-dir", str(tmp_path / "one")],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "train_tokenizer.py", *common, "--out-dir", str(tmp_path / "two")],
-                   cwd=ROOT, env=env, check=True, capture_output=True)
+                   cwd=ROOT, check=True, capture_output=True)
+    torchrun("train_tokenizer.py", *common, "--out-dir", str(tmp_path / "two"))
     one, two = ([r for r in read_log(tmp_path / d) if "g/total" in r] for d in ("one", "two"))
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
@@ -81,6 +86,28 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     for a, b in zip(one, two):
         for key in ("val_psnr", "val_psnr_ema"):
             assert abs(a.get(key, 0) - b.get(key, 0)) < 1e-4, (a["step"], key)
+
+
+def test_rep_weight_0_on_a_feature_head_preset_under_torchrun(tmp_path):
+    """tiny-dual has a feature head; without a teacher it is neither run nor trained, so DDP (which waits for every
+    trained parameter's gradient) gets through step 2 and beyond."""
+    torchrun("train_tokenizer.py", *FAST, "--preset", "tiny-dual", "--rep-weight", "0", "--max-steps", "3",
+             "--out-dir", str(tmp_path))
+    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 3 and not any(k.startswith("g/rep") for r in read_log(tmp_path) for k in r)
+    torch.manual_seed(0)                                               # build()'s initial weights: the head kept them
+    fresh = Tokenizer(TokenizerConfig(**{**PRESETS["tiny-dual"], "image_size": 32})).state_dict()
+    head = [k for k in fresh if ".feat_head." in k]
+    assert head and all(torch.equal(state["model"][k], fresh[k]) for k in head)
+    assert not torch.equal(state["model"]["decoder.conv_out.weight"], fresh["decoder.conv_out.weight"])
+
+
+def test_identical_runs_give_identical_weights_at_the_default_thread_count(tmp_path):
+    """The tiny recipe's size (64 px, 16 images, 16 x 16 tokens), where 2-thread runs used to differ after one step."""
+    flags = ["--max-steps", "2", "--num-workers", "0", "--eval-every", "100", "--sample-every", "100"]
+    a, b = (train_tokenizer.main(flags + ["--out-dir", str(tmp_path / d)]) or
+            torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:3]
 
 
 def test_checkpoint_crash_leaves_last_loadable(tmp_path, monkeypatch):

@@ -1,0 +1,110 @@
+"""The ImageNet-scale rehearsal on a CPU: the real scripts on ImageNet-*shaped* data (1000 classes of tiny images, made
+in a temp dir), with every cadence (samples, evaluation, checkpoints) hit within a few steps, run at 10 and at 1000
+classes. What must not grow with the number of classes or images: the peak memory of each process and its time per
+training step (evaluation included). A path that sampled every class, or built an (N, C, d) tensor, fails here.
+
+Run: python -m pytest tests/test_scale.py -q   (about a minute on 2 cores)
+"""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL, LARGE = 10, 1000                                                # classes
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """{classes: ImageNet-layout folder root/<class>/<image>} with 2 random 32 px images per class, and "val": a fixed
+    10-class held-out folder (the held-out metrics then cost the same at both sizes)."""
+    rng, roots = np.random.default_rng(0), {}
+    for name, classes in (("val", SMALL), (SMALL, SMALL), (LARGE, LARGE)):
+        root = roots[name] = tmp_path_factory.mktemp(f"imagenet{name}")
+        for c in range(classes):
+            os.makedirs(root / f"n{c:08d}")                            # ImageNet's synset-style folder names
+            for j in range(2):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"n{c:08d}" / f"{j}.png")
+    return roots
+
+
+def run(out, script, *argv):
+    """Run a script in its own process as a user would -> its peak resident memory in MiB (os.wait4's ru_maxrss)."""
+    with open(out / f"{script}.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, argv)], cwd=out, stdout=log,
+                                stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, (out / f"{script}.log").read_text()[-3000:]
+    return usage.ru_maxrss / 1024
+
+
+def last_log(out, key):
+    """The last value of `key` in out/log.jsonl (throughputs: measured from the loop's start, evaluation included)."""
+    return [r[key] for r in map(json.loads, open(out / "log.jsonl")) if key in r][-1]
+
+
+def both_sizes(tmp_path, data, script, flags):
+    """Run script at 10 and 1000 classes (flags(root, out) -> argv) -> {classes: (peak MiB, out dir)}."""
+    result = {}
+    for classes in (SMALL, LARGE):
+        out = tmp_path / f"{script[:-3]}{classes}"
+        out.mkdir()
+        result[classes] = run(out, script, *flags(data[classes], out)), out
+    return result
+
+
+def assert_bounded(result, what, key=None, extra_mib=150):
+    """Peak memory at 1000 classes within extra_mib of the 10-class run; throughput (log key) at least a third."""
+    (small, out_s), (large, out_l) = result[SMALL], result[LARGE]
+    assert large < small + extra_mib, f"{what}: peak {large:.0f} MiB at {LARGE} classes vs {small:.0f} at {SMALL}"
+    if key:
+        ratio = last_log(out_l, key) / last_log(out_s, key)
+        assert ratio > 1 / 3, f"{what}: {key} at {LARGE} classes is {ratio:.2f}x the {SMALL}-class run's"
+
+
+def test_tokenizer_training_is_bounded(tmp_path, data):
+    flags = lambda root, out: ["--preset", "tiny8", "--image-size", 32, "--global-batch-size", 4, "--max-steps", 4,
+                               "--num-workers", 0, "--log-every", 1, "--sample-every", 2, "--eval-every", 2,
+                               "--ckpt-every", 2, "--data-path", root, "--val-path", data["val"], "--out-dir", out]
+    result = both_sizes(tmp_path, data, "train_tokenizer.py", flags)
+    assert_bounded(result, "train_tokenizer.py", "images_per_s")
+    assert sorted(os.listdir(result[LARGE][1] / "checkpoints")) == ["0000002.pt", "0000004.pt", "last.pt"]
+
+
+@pytest.fixture(scope="module")
+def far_runs(tmp_path_factory, data, tok_ckpt):
+    """train_far.py at both sizes (codes of the conftest tokenizer, 4x4 grid): extraction, NLL, samples, checkpoints
+    every 2 steps."""
+    flags = lambda root, out: ["--tokenizer-ckpt", tok_ckpt, "--augment", "none", "--global-batch-size", 8,
+                               "--max-steps", 4, "--log-every", 1, "--sample-every", 2, "--eval-every", 2,
+                               "--ckpt-every", 2, "--data-path", root, "--val-path", data["val"], "--out-dir", out]
+    return both_sizes(tmp_path_factory.mktemp("far"), data, "train_far.py", flags)
+
+
+def test_far_training_is_bounded(far_runs):
+    assert_bounded(far_runs, "train_far.py", "tokens_per_s")
+    out = far_runs[LARGE][1]
+    assert json.load(open(out / "codes" / "train" / "meta.json"))["unreadable"] == 0
+    assert os.path.exists(out / "samples" / "0000004.png")
+    assert [r["step"] for r in map(json.loads, open(out / "log.jsonl")) if "copy/sample_nn" in r] == [2, 4]
+
+
+def test_sampling_is_bounded(tmp_path, far_runs):
+    flags = lambda out: ["--far-ckpt", far_runs[out][1] / "checkpoints" / "last.pt", "--num-samples", 16,
+                         "--batch-size", 8, "--out-npz", tmp_path / f"{out}.npz"]
+    small, large = (run(tmp_path, "sample.py", *flags(classes)) for classes in (SMALL, LARGE))
+    assert large < small + 150, f"sample.py: peak {large:.0f} MiB at {LARGE} classes vs {small:.0f} at {SMALL}"
+    assert len(np.unique(np.load(tmp_path / f"{LARGE}.npz")["labels"])) == 16   # 16 of the 1000 classes, balanced
+
+
+def test_evaluation_is_bounded(tmp_path, data, tok_ckpt):
+    flags = lambda root, out: ["--tokenizer-ckpt", tok_ckpt, "--data-path", root, "--num-workers", 0, "--no-fid",
+                               "--no-lpips", "--out-json", out / "res.json"]
+    result = both_sizes(tmp_path, data, "evaluate.py", flags)
+    assert_bounded(result, "evaluate.py")       # the class probe of 2000 images x 1000 classes, (N, C) at most
+    res = json.load(open(result[LARGE][1] / "res.json"))
+    assert res["images"] == 2 * LARGE and res["probe_chance"] == 1 / LARGE
