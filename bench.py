@@ -5,7 +5,7 @@ The "official" rows are written from the facts in docs/official_code.md (§1.5 q
 not copied from the official code; the "reference" rows are quantizer.py's paper forms.
 
   python bench.py                  # every section, median of --repeats runs after one warm-up
-  python bench.py --only lookup    # one section: lookup | ibq | far | train | train-dual
+  python bench.py --only lookup    # one section: lookup | ibq | far | train | train-dual | memory
   python bench.py --only lookup --threads 1,2 --busy 2   # the lookup on 1 and 2 threads, quiet and against 2
                                    # busy-loop processes (the default); other sections run on the last count
   python bench.py --only train-dual --profile            # FQGAN-Dual G step vs the official quantizer + profile
@@ -24,17 +24,25 @@ import statistics
 import subprocess
 import sys
 import time
+import weakref
 
+import open_clip
+import timm
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakIdKeyDictionary
 
 import far
-from losses import LossConfig, PatchGAN, generator_loss
+import quantizer
+from losses import LPIPS, LossConfig, PatchGAN, generator_loss, info_nce
 from quantizer import (VectorQuantizer, code_softmax, distances, entropy_reference, ibq_reference, lookup_reference,
                        nearest_code)
+from teachers import PhotoCNN
 from tokenizer import PRESETS as TOKENIZER_PRESETS, Tokenizer, TokenizerConfig
 
-SECTIONS = ("lookup", "ibq", "far", "train", "train-dual")
+SECTIONS = ("lookup", "ibq", "far", "train", "train-dual", "memory")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -422,6 +430,119 @@ def bench_train_dual(args):
             with torch.profiler.profile() as prof:
                 step(quantizers)
             print(f"{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Peak GPU memory of each paper preset's training step at the paper's per-GPU batch (Sec. 4.1: 256 images on 8 GPUs),
+# estimated on the CPU: the step runs on fake tensors (shapes and dtypes, no data, no compute) under bf16 autocast, with
+# the quantizers' paper forms (what a compiled CUDA run takes), and torch's MemTracker counts the bytes of the tensors
+# alive at the peak: weights, EMA, activations saved for backward, gradients. What the fake step does not hold is added
+# from the parameter counts: Adam / AdamW moments (8 bytes per trained parameter), DDP's gradient buckets (4) and the
+# frozen teachers in bf16 (2). Not counted: the CUDA context and the caching allocator's slack (~1-3 GB), cuDNN
+# workspaces, and inductor's fusion (compiled runs need less activation memory than this eager count).
+
+GPU_GB, BATCH_PER_GPU = (80, 40, 24), 256 // 8
+
+
+class PeakBytes(TorchDispatchMode):
+    """Counts the bytes of every storage an op creates until it is freed, and the peak of their sum (fake tensors
+    too: a storage's size is known without its data). Module-agnostic, unlike torch's MemTracker, which hooks the
+    parameters of every module it sees and fails on frozen ones (LPIPS, the EMA)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.peak, self.seen = 0, 0, WeakIdKeyDictionary()
+
+    def _free(self, n):
+        self.live -= n
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (x for x in torch.utils._pytree.tree_leaves(out) if isinstance(x, torch.Tensor)):
+            storage = t.untyped_storage()
+            if storage not in self.seen:                              # new storage: in-place ops and views are not
+                self.seen[storage] = n = storage.nbytes()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(storage, self._free, n)
+        return out
+
+
+def fake_peak_bytes(build):
+    """build() -> step: both run on fake tensors; the peak bytes of all tensors alive, from build() through step()."""
+    with FakeTensorMode(), PeakBytes() as tracker:                    # every allocation, the weights' included
+        build()()
+    return tracker.peak
+
+
+def teacher_params(spec):
+    """Parameter count of a frozen teacher spec (teachers.py), built on the meta device: no weights needed."""
+    kind, _, name = spec.partition(":")
+    if kind == "openclip":
+        return sum(p.numel() for p in open_clip.create_model(name.partition(":")[0], device="meta").visual.parameters())
+    with torch.device("meta"):                                        # cnn: the offline stand-in (teachers.py)
+        net = PhotoCNN() if kind == "cnn" else timm.create_model(name, pretrained=False, num_classes=0)
+    return sum(p.numel() for p in net.parameters())
+
+
+def tokenizer_step(cfg, batch):
+    """The generator step of train_tokenizer.py at the paper recipe (LPIPS, GAN on, Eq. 7, L_rep with a stand-in
+    teacher feature), forward + backward; the EMA copy is alive throughout."""
+    def build():
+        tok, ema, disc, lpips = Tokenizer(cfg), Tokenizer(cfg), PatchGAN(), LPIPS(pretrained=False)
+        ema.requires_grad_(False)
+
+        def step():
+            x = torch.randn(batch, 3, *cfg.image_shape)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                x_rec, aux = tok(x)
+                g = generator_loss(x, x_rec, aux, LossConfig().gan_start, lpips=lpips, disc=disc)
+                rep = [info_nce(f[:, 0], torch.randn(batch, f.shape[-1])) for f in aux["features"].values()]
+            (g["total"] + 0.5 * sum(rep)).backward()
+        return step
+    trained = sum(p.numel() for p in Tokenizer(cfg).parameters()) + sum(p.numel() for p in PatchGAN().parameters())
+    frozen = sum(teacher_params(t) for t in cfg.teachers if t)
+    return fake_peak_bytes(build), trained, 2 * frozen
+
+
+def far_step(cfg, batch):
+    """train_far.py's step: forward (teacher forcing), mean CE over the k sub-codes, backward."""
+    def build():
+        model = far.FAR(cfg)
+
+        def step():
+            codes = torch.randint(0, cfg.codebook_size, (batch, cfg.num_codebooks, *cfg.grid))
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = far.far_loss(model(codes, torch.randint(0, cfg.num_classes, (batch,))), codes)["loss"]
+            loss.backward()
+        return step
+    with torch.device("meta"):
+        trained = sum(p.numel() for p in far.FAR(cfg).parameters())
+    return fake_peak_bytes(build), trained, 0
+
+
+def bench_memory(args):
+    """Estimated peak GPU memory per GPU of every paper preset's training step (see the section comment)."""
+    batch = 2 if args.quick else BATCH_PER_GPU
+    tok_presets = ["tiny", "tiny-dual"] if args.quick else [p for p in TOKENIZER_PRESETS if not p.startswith("tiny")]
+    far_presets = [("tiny", 11)] if args.quick else [("far-b", 1000), ("far-l", 1000)]
+    print(f"memory: training step per GPU at batch {batch}, bf16 autocast, fake tensors (estimate, no GPU used)")
+    quantizer.BLOCKED = False                                         # a compiled run takes the paper's forms
+    try:
+        steps = [(f"tokenizer {p}", lambda p=p: tokenizer_step(TokenizerConfig(**TOKENIZER_PRESETS[p]), batch))
+                 for p in tok_presets]
+        steps += [(f"FAR {p}, {c} classes", lambda p=p, c=c: far_step(far.FARConfig(**{**far.PRESETS[p],
+                   "num_classes": c}), batch)) for p, c in far_presets]
+        for preset, fn in steps:
+            start = time.perf_counter()
+            peak, trained, frozen = fn()
+            total = (peak + 12 * trained + frozen) / 2**30              # + moments (8 B) and DDP buckets (4 B)
+            fits = " ".join(f"{gb}:{'yes' if total < gb else 'no'}" for gb in GPU_GB)
+            row("memory", f"{preset} train step, batch {batch}/GPU", time.perf_counter() - start,
+                f"{total:.1f} GiB = {peak / 2**30:.1f} step + {12 * trained / 2**30:.1f} Adam/DDP + "
+                f"{frozen / 2**30:.1f} teachers; fits {fits} GB")
+    finally:
+        quantizer.BLOCKED = True
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -56,12 +56,12 @@ class LPIPS(nn.Module):
     taps = (3, 8, 15, 22, 29)        # relu1_2, relu2_2, relu3_3, relu4_3, relu5_3 in vgg16.features
     channels = (64, 128, 256, 512, 512)
 
-    def __init__(self, vgg_path=None, lin_path=None):
+    def __init__(self, vgg_path=None, lin_path=None, pretrained=True):
         super().__init__()
         vgg_path = vgg_path or os.path.join(weights_dir(), os.path.basename(VGG_URL))
         lin_path = lin_path or os.path.join(weights_dir(), os.path.basename(LIN_URL))
         missing = [f"  {p}\n    download: {u}" for p, u in ((vgg_path, VGG_URL), (lin_path, LIN_URL))
-                   if not os.path.isfile(p)]
+                   if not os.path.isfile(p)] if pretrained else []    # pretrained=False: random weights (bench.py)
         if missing:
             raise FileNotFoundError(
                 "LPIPS weights not found:\n" + "\n".join(missing) + "\nPut the files at these paths (the folder is "
@@ -73,14 +73,15 @@ class LPIPS(nn.Module):
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         # VGG16 conv trunk up to relu5_3 (no classifier: 14.7 M parameters instead of 138 M)
         self.net = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])[: self.taps[-1] + 1]
-        sd = torch.load(vgg_path, map_location="cpu", weights_only=True)
-        sd = {k.removeprefix("features."): v for k, v in sd.items() if not k.startswith("classifier.")}
-        self.net.load_state_dict({k: v for k, v in sd.items() if int(k.split(".")[0]) <= self.taps[-1]})
         # one 1x1 conv per tap, no bias: the learned per-channel weights of LPIPS ("lin0".."lin4")
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.channels)
-        sd = torch.load(lin_path, map_location="cpu", weights_only=True)
-        for i, lin in enumerate(self.lins):   # official keys: lin{i}.model.1.weight (model = [Dropout, Conv])
-            lin.weight.data.copy_(sd.get(f"lin{i}.model.1.weight", sd.get(f"lins.{i}.weight")))
+        if pretrained:
+            sd = torch.load(vgg_path, map_location="cpu", weights_only=True)
+            sd = {k.removeprefix("features."): v for k, v in sd.items() if not k.startswith("classifier.")}
+            self.net.load_state_dict({k: v for k, v in sd.items() if int(k.split(".")[0]) <= self.taps[-1]})
+            sd = torch.load(lin_path, map_location="cpu", weights_only=True)
+            for i, lin in enumerate(self.lins):   # official keys: lin{i}.model.1.weight (model = [Dropout, Conv])
+                lin.weight.data.copy_(sd.get(f"lin{i}.model.1.weight", sd.get(f"lins.{i}.weight")))
         self.requires_grad_(False).eval()
 
     def train(self, mode=True):

@@ -58,10 +58,13 @@ def ibq_reference(z, codebook, temperature=0.01):
     return codes, z_q, *entropy_reference(logits, temperature)
 
 
+BLOCKED = True   # False: the paper's forms in eager mode too (bench.py's memory estimate of a compiled run)
+
+
 def blocked():
     """True in eager mode: the quantizers take the blocked forms. Under torch.compile they take the paper's forms, which
     compile without graph breaks (the blocked ones use a thread pool and a custom autograd Function)."""
-    return not torch.compiler.is_compiling()
+    return BLOCKED and not torch.compiler.is_compiling()
 
 
 @torch.no_grad()
