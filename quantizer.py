@@ -21,8 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # CPU blocks hold CPU_ELEMS_PER_DIM * d elements: 2^20 (4 MiB, cache-sized) for the d = 8 lookup, 2^25 for IBQ's
-# d = 256, whose 2d flops per element need tall GEMMs. On a GPU a block is the whole N x K matrix if it fits the budget.
-CPU_ELEMS_PER_DIM, GPU_BLOCK_BYTES = 2**17, 2**30
+# d = 256, whose 2d flops per element need tall GEMMs. On a GPU a block is the whole N x K matrix if it fits
+# GPU_BLOCK_BYTES (FQGAN_BLOCK_MB, default 1024). code_softmax's forward + backward hold up to ~8.5 blocks at once
+# (IBQ's straight-through; 5 for the entropy term alone), so eager GPU runs (--no-compile) need up to 8.5 GiB for it:
+# FQGAN_BLOCK_MB=256 on 24 GB cards. Compiled runs take the paper's forms (blocked()), without blocks.
+CPU_ELEMS_PER_DIM, GPU_BLOCK_BYTES = 2**17, int(float(os.environ.get("FQGAN_BLOCK_MB", 1024)) * 2**20)
 GROUP = 64                      # codes per group in nearest_code's two-level argmin
 # code_softmax keeps log-probabilities >= LOG_P_MIN (p >= e^-60 ~ 1e-26 of the row's largest; no fp32 sum over
 # K <= 2^18 codes can see it): below, exp() and GEMMs take x86's slow paths for subnormal floats.

@@ -95,14 +95,14 @@ def test_far_training_is_bounded(far_runs):
 
 def test_sampling_is_bounded(tmp_path, far_runs):
     flags = lambda out: ["--far-ckpt", far_runs[out][1] / "checkpoints" / "last.pt", "--num-samples", 16,
-                         "--batch-size", 8, "--out-npz", tmp_path / f"{out}.npz"]
+                         "--batch-size", 8, "--device", "cpu", "--out-npz", tmp_path / f"{out}.npz"]
     small, large = (run(tmp_path, "sample.py", *flags(classes)) for classes in (SMALL, LARGE))
     assert large < small + 150, f"sample.py: peak {large:.0f} MiB at {LARGE} classes vs {small:.0f} at {SMALL}"
     assert len(np.unique(np.load(tmp_path / f"{LARGE}.npz")["labels"])) == 16   # 16 of the 1000 classes, balanced
 
 
 def test_evaluation_is_bounded(tmp_path, data, tok_ckpt):
-    flags = lambda root, out: ["--tokenizer-ckpt", tok_ckpt, "--data-path", root, "--num-workers", 0, "--no-fid",
+    flags = lambda root, out: ["--tokenizer-ckpt", tok_ckpt, "--data-path", root, "--num-workers", 0, "--no-fid", "--device", "cpu",
                                "--no-lpips", "--out-json", out / "res.json"]
     result = both_sizes(tmp_path, data, "evaluate.py", flags)
     assert_bounded(result, "evaluate.py")       # the class probe of 2000 images x 1000 classes, (N, C) at most
