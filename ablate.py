@@ -38,7 +38,7 @@ import evaluate
 import train_far
 import train_tokenizer
 from checkpoints import load_far, load_tokenizer
-from far import RECIPES as FAR_RECIPES, generate
+from far import generate
 from images import BUNDLED, ImageFolder
 from quantizer import codebook_usage
 from teachers import teacher_file
@@ -199,7 +199,7 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one run per row and seed")
     p.add_argument("--rows", nargs="+", default=None, help="subset of rows (default: all of the table)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 1000 Tab. 3; Tab. 4: "
-                   "the tiny FAR recipe's, far.RECIPES)")
+                   "the tiny FAR recipe's, train_far.RECIPES)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="autocast of every run (default: the "
                    "scripts' own, fp32 on CPU; bf16 is much faster for the tiny trunk on CPUs with AMX)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch per step (default: the tiny recipe's "
@@ -208,7 +208,7 @@ def parse_args(argv=None):
     p.add_argument("--usage-crops", type=int, default=10, help="Tab. 3: random crops per held-out image for usage")
     p.add_argument("--tokenizer-ckpt", default=os.path.join(ROOT, "weights", "tiny_tokenizer.pt"),
                    help="Tab. 4: the tokenizer whose codes FAR models (default: the shipped tiny tokenizer)")
-    p.add_argument("--augment", default=FAR_RECIPES["tiny"]["augment"], choices=sorted(train_far.VIEWS),
+    p.add_argument("--augment", default=train_far.RECIPES["tiny"]["augment"], choices=sorted(train_far.VIEWS),
                    help="Tab. 4: train_far views (default: the tiny FAR recipe's, %(default)s)")
     p.add_argument("--samples-per-class", type=int, default=4, help="Tab. 4: samples per class for consistency")
     p.add_argument("--clf-steps", type=int, default=1000, help="Tab. 4: classifier steps (batch 64)")
@@ -224,7 +224,7 @@ def parse_args(argv=None):
         args.usage_crops, args.augment, args.samples_per_class, args.clf_steps, args.clf_crops = 1, "none", 1, 2, 1
         args.image_size = 32
     # Tab. 3: long enough for the quantizer, not an under-trained trunk, to limit PSNR; Tab. 4: the FAR recipe
-    args.steps = args.steps or (1000 if tab3 else FAR_RECIPES["tiny"]["max_steps"])
+    args.steps = args.steps or (1000 if tab3 else train_far.RECIPES["tiny"]["max_steps"])
     args.batch_size = args.batch_size or (train_tokenizer.RECIPES["tiny"]["global_batch_size"] if tab3 else 32)
     rows = list(TAB3) if tab3 else ["linear", "mlp", "ar"]
     if any(r not in rows for r in args.rows or []):   # a typo in --rows must not silently run nothing

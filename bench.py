@@ -36,9 +36,9 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import far
 import quantizer
+from fast import code_softmax, nearest_code
 from losses import LPIPS, LossConfig, PatchGAN, generator_loss, info_nce
-from quantizer import (VectorQuantizer, code_softmax, distances, entropy_reference, ibq_reference, lookup_reference,
-                       nearest_code)
+from quantizer import VectorQuantizer, distances, entropy_reference, ibq_reference, lookup_reference
 from teachers import PhotoCNN
 from tokenizer import PRESETS as TOKENIZER_PRESETS, Tokenizer, TokenizerConfig
 
@@ -177,7 +177,7 @@ def bench_lookup(args):
                     load = f"load {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
                 row("lookup", f"quantizer.lookup_reference (N x K distances + argmin), {at}", t_full,
                     f"1.0x, {load}", peak_full)
-                row("lookup", f"quantizer.nearest_code, {at}", t_nc, f"{t_full / t_nc:.1f}x, {load}", peak_nc)
+                row("lookup", f"fast.nearest_code, {at}", t_nc, f"{t_full / t_nc:.1f}x, {load}", peak_nc)
                 if busy == 0:
                     quiet = t_full, t_nc                              # kept for the rows below: the last count
         # on the last thread count, quiet: how far from the compute bound, and the training forward vs the official
@@ -201,7 +201,7 @@ def bench_lookup(args):
 
 # ----------------------------------------------------------------------------------------------------------------
 # IBQ: K = 2^18 codes of d = 256, forward + backward: quantizer.ibq_reference (autograd through N x K tensors) vs
-# quantizer.code_softmax (row blocks, hand-written backward)
+# fast.code_softmax (row blocks, hand-written backward)
 
 def ibq_step(fn, z, codebook, w):
     """Forward + backward of fn (ibq_reference or code_softmax) on tokens z (N, d): a fixed random "decoder" loss
@@ -218,7 +218,7 @@ def bench_ibq(args):
     print(f"ibq: K = {K}, d = {d}; reference vs code_softmax at N = {n_cmp}, code_softmax alone at N = {n_big}")
     torch.manual_seed(0)
     codebook, z, w = torch.randn(K, d), torch.randn(n_big, d), torch.randn(n_big, d)   # IBQ's N(0, 1) init
-    fns = {"quantizer.ibq_reference (N x K tensors, autograd)": ibq_reference, "quantizer.code_softmax": code_softmax}
+    fns = {"quantizer.ibq_reference (N x K tensors, autograd)": ibq_reference, "fast.code_softmax": code_softmax}
     # gradients of both at N/2, and the reference's peak there (for the extrapolation below)
     half, g_ref = peak_mib(lambda: ibq_step(ibq_reference, z[:n_cmp // 2], codebook, w[:n_cmp // 2]))
     g_ours = ibq_step(code_softmax, z[:n_cmp // 2], codebook, w[:n_cmp // 2])
@@ -239,7 +239,7 @@ def bench_ibq(args):
         result = f"1 run, peak 1/{extrapolated / big:.0f} of the reference"
     else:
         result = "1 run"
-    row("ibq", f"fwd+bwd N = {n_big}, quantizer.code_softmax", time.perf_counter() - start, result, big)
+    row("ibq", f"fwd+bwd N = {n_big}, fast.code_softmax", time.perf_counter() - start, result, big)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -527,7 +527,7 @@ def bench_memory(args):
     tok_presets = ["tiny", "tiny-dual"] if args.quick else [p for p in TOKENIZER_PRESETS if not p.startswith("tiny")]
     far_presets = [("tiny", 11)] if args.quick else [("far-b", 1000), ("far-l", 1000)]
     print(f"memory: training step per GPU at batch {batch}, bf16 autocast, fake tensors (estimate, no GPU used)")
-    quantizer.BLOCKED = False                                         # a compiled run takes the paper's forms
+    quantizer.FAST = False                                         # a compiled run takes the paper's forms
     try:
         steps = [(f"tokenizer {p}", lambda p=p: tokenizer_step(TokenizerConfig(**TOKENIZER_PRESETS[p]), batch))
                  for p in tok_presets]
@@ -542,7 +542,7 @@ def bench_memory(args):
                 f"{total:.1f} GiB = {peak / 2**30:.1f} step + {12 * trained / 2**30:.1f} Adam/DDP + "
                 f"{frozen / 2**30:.1f} teachers; fits {fits} GB")
     finally:
-        quantizer.BLOCKED = True
+        quantizer.FAST = True
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import argparse
 import datetime
 import glob
 import hashlib
+import json
 import math
 import os
 import re
@@ -94,11 +95,11 @@ def distribute(raw, ddp, device, compile_):
     return torch.compile(model) if compile_ else model
 
 
-def rng_states(ddp, world):
+def rng_states():
     """Every rank's CPU (and CUDA) RNG state, gathered so that rank 0 stores them all in the checkpoint."""
     rng = {"cpu": [torch.get_rng_state()], "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else []}
-    if ddp:
-        gathered = [None] * world
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, rng)                         # a collective: every rank must call it
         rng = {k: [s for r in gathered for s in r[k]] for k in rng}    # world x {cpu, cuda} -> {cpu: world states}
     return rng
@@ -212,14 +213,15 @@ def read_resume(out_dir, cfg, global_batch_size):
     return ckpt
 
 
-def mean_over_ranks_or_stop(terms, step, last, ddp, world, device):
+def mean_over_ranks_or_stop(terms, step, last):
     """{name: scalar tensor} -> {name: float} averaged over ranks. A non-finite term stops training (exit 1, naming
     the step and the term) before anything is written, so `last` stays the last good checkpoint."""
+    device, ddp = next(iter(terms.values())).device, dist.is_initialized()
     values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
                           for v in terms.values()])                   # (n_terms,): one all-reduce for all terms
     if ddp:
         dist.all_reduce(values)                                       # sum, so a NaN on one rank reaches every rank
-        values /= world
+        values /= dist.get_world_size()
     if not torch.isfinite(values).all():                              # every rank sees the same values: all stop
         bad = [k for k, v in zip(terms, values.tolist()) if not math.isfinite(v)]
         if int(os.environ.get("RANK", 0)) == 0:                       # one message, not one per rank
@@ -229,6 +231,71 @@ def mean_over_ranks_or_stop(terms, step, last, ddp, world, device):
             dist.destroy_process_group()
         sys.exit(1)
     return dict(zip(terms, values.tolist()))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A training run, as both training scripts use it: start, resume, log, save
+
+def start_training(args, parser):
+    """torchrun set-up of a training script -> (ddp, rank, world, device, per-rank batch). Exits 2 (parser.error)
+    when --global-batch-size does not split over the ranks. --precision and --compile default by device: bf16 and
+    compiled on CUDA (the paper's runs), fp32 and eager on a CPU."""
+    ddp, rank, world, _, device = init_distributed()
+    if args.global_batch_size % world:                                # each rank takes global / world samples
+        parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
+    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    args.compile = device.type == "cuda" if args.compile is None else args.compile
+    return ddp, rank, world, device, args.global_batch_size // world
+
+
+def resume(args, parser, cfg, state, rank):
+    """Seed this rank (seed + rank: dropout, label drop) and, with --resume and an OUT/checkpoints/last.pt, load every
+    entry of state ({name in the file: module or optimizer}) and this rank's RNG -> the step to continue from (0 for a
+    fresh run). A file that does not fit the run exits 2 with the reason (read_resume)."""
+    try:
+        ckpt = read_resume(args.out_dir, cfg, args.global_batch_size) if args.resume else None
+    except CheckpointError as e:
+        parser.error(str(e))
+    torch.manual_seed(args.seed + rank)                               # per-rank randomness from here on
+    if ckpt is None:
+        return 0
+    for name, obj in state.items():
+        obj.load_state_dict(ckpt[name])                               # strict: the same config (read_resume)
+    set_rng_states(ckpt["rng"], rank)                                 # after the reseed above, which it replaces
+    return ckpt["step"]                                               # the loop continues at step + 1
+
+
+def open_run(args, master, summary, step):
+    """Rank 0 prepares OUT (checkpoints/, samples/, the temp files of a killed write removed) and prints the summary.
+    Returns log(record), which appends one JSON line to OUT/log.jsonl on rank 0 (and does nothing elsewhere)."""
+    if not master:
+        return lambda record: None
+    folder = os.path.join(args.out_dir, "checkpoints")
+    os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+    os.makedirs(folder, exist_ok=True)
+    stale = remove_stale_temps(folder)
+    print(summary + (f"; removed stale {', '.join(stale)}" if stale else ""))
+    if args.resume and step == 0:
+        print(f"--resume: no {os.path.join(folder, 'last.pt')} yet, starting from scratch")
+
+    def log(record):
+        with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:   # appended to on --resume
+            f.write(json.dumps(record) + "\n")
+    return log
+
+
+def save_checkpoint(args, cfg, step, batch, state, extra=None):
+    """Every rank calls it: the RNG states of all ranks are gathered, rank 0 writes OUT/checkpoints/last.pt and
+    <step>.pt (save_last) with every entry of state ({name: module or optimizer}) as a state dict, the step, config,
+    arguments and data position (each rank's StreamSampler resumes at step * batch), plus extra (plain values); then
+    the ranks meet, so that none runs ahead of a half-written file. torch.load(weights_only=True) reads it."""
+    rng = rng_states()                                                # a collective: every rank must call it
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        save_last({**{name: obj.state_dict() for name, obj in state.items()}, "step": step, "config": asdict(cfg),
+                   "args": vars(args), "rng": rng, "data": {"samples_per_rank": step * batch}, **(extra or {})},
+                  os.path.join(args.out_dir, "checkpoints"), numbered=True)
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -316,7 +383,7 @@ def load_tokenizer(path, device="cpu"):
         raise CheckpointError(f"tokenizer checkpoint {path} is not a tokenizer of this project or the official FQGAN "
                               f"({type(e).__name__}: {text[:200]})") from None
     for branch in tok.branches:     # the official straight-through rounding, for bit-exact parity (quantizer.py)
-        branch.quantize.official_ste = official
+        branch.quantize.paper_ste = official
     return tok.to(device).eval()                                      # .to: anything the file did not hold
 
 

@@ -6,46 +6,47 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
             p(q_t^1..q_t^k | h_t) = prod_i p(q_t^i | h_t, q_t^1..q_t^{i-1}); CFG on every sub-code's logits.
   Tab. 2    the FAR-Base / FAR-Large configurations (PRESETS "far-b", "far-l").
   Tab. 4    the two baseline heads: k independent linear classifiers, and MLP classifiers, on h_t.
-Facts about the official code (showlab/FQGAN, itself forked from LlamaGen) are cited from docs/official_code.md
-(§5-§7, written in our words); this file implements them, nothing is copied.
 
 What is here
   FARConfig, PRESETS     model shape; sizes derived from it (grid, codebook_size, num_classes), never hard-coded.
-  FAR                    forward(codes (B, k, h, w), labels (B,)) -> logits (B, k, h*w, codebook_size), fp32.
-  far_loss               mean cross-entropy over the k sub-codes (official_code.md §5.6), a dict for logging.
-  generate               class-conditional sampling with static KV caches (one buffer per layer, written in place),
-                         CFG, temperature, top-k / top-p; compile=True runs the decode step compiled.
-  load_far               loads our checkpoints and the official ones (key remap + config inference).
-
-Codes are (B, k, h, w) int64 with sub-code 1 = the tokenizer's visual branch first (Dual: vis, sem; Triple:
-vis, sem_mid, sem_high), the layout `decode_codes(codes)` takes. Parameter counts: `python far.py`.
-Tests (invariants + parity with the official logits): `python -m pytest tests/test_far.py -q`; the cache and the
-compiled decode step: `python -m pytest tests/test_far_cache.py -q`. Sampling speed: `python bench.py --only far`.
+  FAR                    forward(codes (B, k, h, w), labels (B,)) -> logits (B, k, h*w, codebook_size), fp32;
+                         head_logits, the factorized AR head at one position, serves training and sampling.
+  far_loss               mean cross-entropy over the k sub-codes, a dict for logging.
+  generate               class-conditional sampling, CFG, temperature, top-k / top-p. use_cache=False is the
+                         paper's form (each token recomputes the prefix); use_cache=True (default) runs the same
+                         loop with static KV caches, optionally compiled: fast.decode, tested to give the same codes.
+Loading our and the official checkpoints is checkpoints.load_far. Codes are (B, k, h, w) int64 with sub-code 1 = the
+tokenizer's visual branch first (Dual: vis, sem; Triple: vis, sem_mid, sem_high), the layout decode_codes takes.
+A `# parity: §n` tag marks a line that follows the released code so that its checkpoints load and give the same
+logits; docs/official_code.md §n says what it does (tests/test_checkpoints.py checks the logits).
+Parameter counts: `python far.py`. Tests: `python -m pytest tests/test_far.py tests/test_far_cache.py -q`.
+Sampling speed: `python bench.py --only far`.
 """
 import argparse
-import functools
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import fast
+
 
 @dataclass
 class FARConfig:
     dim: int = 1024                 # backbone and head width
     n_layer: int = 24               # backbone blocks
-    n_head: int = 16                # head_dim = dim // n_head (64 in every official config)
+    n_head: int = 16                # head_dim = dim // n_head (64 in every paper config)
     ar_head_layers: int = 3         # blocks of the factorized AR head (Sec. 3.3); unused by the Tab. 4 baselines
     head: str = "ar"                # "ar" (Sec. 3.3) | "linear" | "mlp" (Tab. 4 baselines)
     num_codebooks: int = 2          # k sub-codes per position (2 = Dual, 3 = Triple)
     codebook_size: int = 16384      # entries per sub-codebook
     grid: tuple = (16, 16)          # (h, w) token grid = image_size // downsample
     num_classes: int = 1000         # class id num_classes is the null (unconditional) class for CFG
-    multiple_of: int = 256          # SwiGLU hidden rounding (official_code.md §5.2)
+    multiple_of: int = 256          # SwiGLU hidden rounding (Llama)
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
-    token_dropout: float = 0.1      # on the whole backbone input, class token included (official_code.md §5.4)
+    token_dropout: float = 0.1      # on the whole backbone input, class token included (# parity: §5.4)
     resid_dropout: float = 0.1      # after attention's output projection
     ffn_dropout: float = 0.1        # after the SwiGLU down projection
     attn_dropout: float = 0.0
@@ -61,9 +62,9 @@ class FARConfig:
 
 
 # Keyword arguments for FARConfig; k, codebook_size, grid, num_classes are overridden by the data, e.g.
-# FARConfig(**{**PRESETS["far-b"], "num_codebooks": 3}). Totals (exactly the official ones, official_code.md §5.1):
-# far-b 417,104,896 (k=2) / 451,707,904 (k=3); far-l 901,195,520 / 944,776,960.
-# NOTE(paper≠code): Tab. 2 reports 415M / 898M: exactly these totals minus the aggregation layer (§5.1 there).
+# FARConfig(**{**PRESETS["far-b"], "num_codebooks": 3}). Totals: far-b 417,104,896 (k=2) / 451,707,904 (k=3); far-l
+# 901,195,520 / 944,776,960 (# parity: the released models' exactly). The recipes are train_far.RECIPES.
+# NOTE(paper≠code): Tab. 2 reports 415M / 898M: exactly these totals minus the aggregation layer.
 # paper-map: Tab. 2
 PRESETS = {
     # Tab. 2, FAR-Base: the backbone is LlamaGen GPT-L (24 x 1024), 3 full-width head blocks.
@@ -76,21 +77,9 @@ PRESETS = {
                  num_classes=11, multiple_of=64),
 }
 
-# The training recipe of every preset: train_far.py's defaults, which `--help` prints for the chosen --preset.
-# Paper presets: the official script (constant lr 1e-4, global batch 256, 300 epochs of ImageNet = 1,501,200 steps;
-# docs/official_code.md §7.3). NOTE(paper≠code): Sec. 4.1 says lr 2e-4. Tiny: the bundled photos, the codes of the
-# shipped tiny tokenizer (bundled_data), a higher lr for a short run, codes small enough for the main process;
-# 40 random crops per photo instead of ten (with ten, FAR learnt the 440 views by heart and its held-out NLL rose
-# above chance) and 600 steps (held-out NLL lowest there on 8x8 codes, still falling on 16x16; README, tiny models).
-_PAPER_RECIPE = dict(bundled_data=False, global_batch_size=256, max_steps=1_501_200, lr=1e-4, num_workers=4,
-                     augment="tencrop")
-RECIPES = {"far-b": _PAPER_RECIPE, "far-l": _PAPER_RECIPE,
-           "tiny": dict(bundled_data=True, global_batch_size=32, max_steps=600, lr=1e-3, num_workers=0,
-                        augment="random")}
-
 
 # ----------------------------------------------------------------------------------------------------------------
-# Llama-style building blocks (official_code.md §5.2; the backbone and the AR head share them)
+# Llama-style building blocks (the backbone and the AR head share them; # parity: names and op order, §5.2)
 
 class RMSNorm(nn.Module):
     def __init__(self, dim, eps):
@@ -99,14 +88,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # Normalise in fp32, cast back to x's dtype, *then* scale: the official order (matters in bf16).
+        # Normalise in fp32, cast back to x's dtype, *then* scale (matters in bf16; # parity: §5.2)
         x32 = x.float()
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rope_2d(grid, head_dim, base):
     """2-D rotary table (1 + h*w, head_dim/2, 2) of (cos, sin), fp32, for [class token, raster grid]
-    (official_code.md §5.3).
+    (# parity: §5.3).
 
     Pair p of a head rotates by row*w_p for p < head_dim/4 and by col*w_p after, w_p = base^(-2p / (head_dim/2)).
     NOTE(paper≠code): row 0 (class slot) is all zeros, not the identity, so the class token's q and k are
@@ -143,10 +132,8 @@ class Attention(nn.Module):
         """x (B, S, dim) at sequence slots pos (S,) int64, whose rotary rows are rope (S, D/2, 2).
 
         cache=None: causal self-attention among the S slots (training, full recompute).
-        cache=(k_cache, v_cache), each (B, H, slots, D) preallocated for the whole sequence (the static cache of
-        gpt-fast / LlamaGen): this step's keys and values are written in place at slots pos, and each query attends
-        to every slot <= its own through a boolean mask. Attention thus has the same shapes at every position, so a
-        compiled decode step is traced once. Slots above pos hold zeros or stale values; the mask hides them."""
+        cache=(k_cache, v_cache), each (B, H, slots, D), preallocated by fast.decode: this step's keys and values
+        are written at slots pos, and each query attends to every slot <= its own (a mask hides the rest)."""
         B, S, C = x.shape
         q, k, v = self.wqkv(x).view(B, S, 3, self.n_head, C // self.n_head).unbind(2)  # 3 x (B, S, H, D)
         q, k = apply_rope(q, rope), apply_rope(k, rope)                                # v is not rotated
@@ -155,8 +142,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1,
                                                dropout_p=self.attn_dropout if self.training else 0.0)
         else:
-            # index_put_ at a position *tensor*: no growth, no torch.cat, no Python int baked into a compiled graph.
-            # The cache dtype must be k's: the weights' dtype, or autocast's (bf16) when that is on (generate()).
+            # written at a position *tensor*: the same shapes at every step, so a compiled step is traced once
             k_cache, v_cache = cache
             k_cache[:, :, pos], v_cache[:, :, pos] = k, v
             mask = pos[:, None] >= torch.arange(k_cache.shape[2], device=x.device)    # (S, slots), True = visible
@@ -225,11 +211,11 @@ class FAR(nn.Module):
         if cfg.head == "ar":  # Sec. 3.3: full-width blocks, same dropouts, shared across positions
             self.ar_head = nn.ModuleList(Block(cfg) for _ in range(cfg.ar_head_layers))
         if cfg.head == "mlp":  # Tab. 4 "MLP classifiers": Linear -> GELU in front of each classifier
-            # NOTE(paper≠code): the paper gives no MLP sizes and the official repo has no such head; we use one
+            # NOTE(paper≠code): the paper gives no MLP sizes (and no released code has this head); we use one
             # dim-wide hidden layer, i.e. each classifier becomes a 2-layer MLP.
             # paper-map: Tab. 4 heads
             self.mlp_head = nn.ModuleList(nn.Sequential(nn.Linear(cfg.dim, cfg.dim), nn.GELU()) for _ in range(k))
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # one final norm shared by all sub-codes (official_code.md §5.5)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # one final norm shared by all sub-codes (# parity: §5.5)
         self.output = nn.ModuleList(nn.Linear(cfg.dim, V, bias=False) for _ in range(k))  # untied from inputs
         self._rope = None  # plain attribute, not a buffer: stays fp32 under .to(bf16), absent from state_dict
         self.apply(self._init_weights)
@@ -243,15 +229,15 @@ class FAR(nn.Module):
             nn.init.zeros_(m.bias)
 
     def rope(self, device):
-        """The (1 + h*w, head_dim/2, 2) rotary table, built once per device (CPU float math, official_code.md §5.3)."""
+        """The (1 + h*w, head_dim/2, 2) rotary table, built once per device (on the CPU in fp32, # parity: §5.3)."""
         if self._rope is None or self._rope.device != device:
             self._rope = rope_2d(self.cfg.grid, self.cfg.dim // self.cfg.n_head, self.cfg.rope_base).to(device)
         return self._rope
 
     def run_blocks(self, blocks, x, pos=None, caches=None):
         """Run x (B, S, dim) through blocks. pos (S,) int64 = the sequence slots of x: its rotary rows and, with
-        caches (one static (k_cache, v_cache) pair per block), where its keys and values are written. pos=None:
-        slots 0..S-1, no cache (training and the full-recompute reference)."""
+        caches (one static (k_cache, v_cache) pair per block, fast.decode), where its keys and values are written.
+        pos=None: slots 0..S-1, no cache (training and the paper's sampling form)."""
         rope = self.rope(x.device)
         rope = rope[:x.shape[1]] if pos is None else rope[pos]  # (S, D/2, 2): a gather, so compiled once for all pos
         for block, cache in zip(blocks, caches or [None] * len(blocks)):
@@ -264,16 +250,24 @@ class FAR(nn.Module):
         e = torch.cat([emb(codes[:, j]) for j, emb in enumerate(self.tok_embeddings)], -1)  # (B, S, k*dim)
         return self.aggregation_layer(e)
 
-    def head_input(self, h, prev):
-        """AR-head sequence [h_t, E_1(c_1), ..., E_j(c_j)] (N, 1 + j, dim) from h (N, dim), prev (N, j).
-
-        The head reuses the input tables but not the aggregation layer: slot i (i >= 1) holds E_i(c_i) alone."""
-        embs = [self.tok_embeddings[i](prev[:, i]) for i in range(prev.shape[1])]  # j x (N, dim)
-        return torch.stack([h] + embs, 1)                                          # (N, 1 + j, dim)
-
     def classify(self, z, j):
         """Logits of sub-code j (0-based) from normed features z (N, dim)."""
         return self.output[j](self.mlp_head[j](z) if self.cfg.head == "mlp" else z)
+
+    # paper-map: Factorized AR head
+    def head_logits(self, h, prev):
+        """Sec. 3.3, the factorized AR head at one position: h (N, dim) = h_t, prev (N, j) = the sub-codes before ->
+        logits (N, 1 + j, V); slot i is p(q^i | h_t, q^1..q^{i-1}). The head is a causal transformer over
+        [h_t, E_1(q^1), ..., E_j(q^j)]: the input tables without the aggregation layer, so slot i sees exactly what
+        precedes it. Tab. 4 baselines: each classifier reads the normed h_t alone, blind to the other sub-codes."""
+        if self.cfg.head == "ar":
+            x = torch.stack([h] + [self.tok_embeddings[i](prev[:, i]) for i in range(prev.shape[1])], 1)  # (N, 1+j, dim)
+            # NOTE(paper≠code): the head takes rotary rows 0..j of the backbone table, so slot 0 (h_t) gets the class
+            # token's zero row and slot 2 grid cell (0, 1). # parity: §5.5
+            z = self.norm(self.run_blocks(self.ar_head, x))          # (N, 1 + j, dim)
+        else:
+            z = self.norm(h)[:, None].expand(-1, prev.shape[1] + 1, -1)
+        return torch.stack([self.classify(z[:, i], i) for i in range(z.shape[1])], 1)   # (N, 1 + j, V)
 
     def forward(self, codes, labels):
         """Teacher-forced logits. codes (B, k, h, w) int64, labels (B,) -> logits (B, k, h*w, codebook_size) fp32.
@@ -286,44 +280,15 @@ class FAR(nn.Module):
         L = h * w
         # Backbone input [cls, e_0, ..., e_{L-2}]: slot t predicts position t; the last token is never fed.
         x = torch.cat([self.cls_embedding(labels)[:, None], self.embed(codes[:, :, :-1])], 1)  # (B, L, dim)
-        hid = self.run_blocks(self.layers, self.tok_dropout(x))       # (B, L, dim), h_t before the final norm
-        hid = hid.reshape(B * L, -1)                                   # (B, L, dim) -> (B*L, dim)
-        if self.cfg.head == "ar":
-            # Sec. 3.3: one length-k causal sequence per position, teacher-forced with the true sub-codes of
-            # that same position; head slot j predicts sub-code j from h_t and sub-codes < j.
-            prev = codes[:, :k - 1].transpose(1, 2).reshape(B * L, k - 1)  # (B, k-1, L) -> (B*L, k-1)
-            # NOTE(paper≠code): the head takes rotary rows 0..k-1 of the backbone table, so slot 0 (h_t) gets the
-            # class token's zero row (its q, k vanish) and slot 2 gets grid cell (0, 1). Kept for parity
-            # (official_code.md §5.5).
-            # paper-map: Factorized AR head
-            z = self.norm(self.run_blocks(self.ar_head, self.head_input(hid, prev)))  # (B*L, k, dim)
-            logits = [self.classify(z[:, j], j) for j in range(k)]
-        else:
-            # Tab. 4 baselines: k classifiers read the same normed h_t, the sub-codes are predicted independently.
-            z = self.norm(hid)
-            logits = [self.classify(z, j) for j in range(k)]
-        return torch.stack([l.view(B, L, -1) for l in logits], 1).float()  # k x (B*L, V) -> (B, k, L, V)
-
-    def subcode_logits(self, h, prev, j, caches=None, head_step=None):
-        """Logits (N, V) of sub-code j (0-based) at one position for sampling: h (N, dim) = h_t, prev (N, j) the
-        sub-codes < j just sampled there.
-
-        caches=None recomputes the whole head sequence [h_t, E_1(c_1), ..., E_j(c_j)] (the reference). With the
-        head's static caches (k slots, Attention.forward) only slot j is run, by head_step(model, x, pos, caches)
-        (`decode_head` or its compiled form). Slots 0..j-1 were written by this position's earlier sub-codes, and
-        the slots above j (still holding the previous position's keys) are masked, so the caches need no reset
-        between positions: official_code.md §6.1's fresh zeroed caches per position, without the allocations."""
-        if self.cfg.head != "ar":  # Tab. 4 baselines: classifiers on the normed h_t, blind to the other sub-codes
-            return self.classify(self.norm(h), j)
-        if caches is None:  # Sec. 3.3, the paper's form: the causal head over the length-(1 + j) sequence
-            return self.classify(self.norm(self.run_blocks(self.ar_head, self.head_input(h, prev)))[:, -1], j)
-        x = h if j == 0 else self.tok_embeddings[j - 1](prev[:, -1])  # head slot j: h_t, then E_j(c_j) alone
-        pos = torch.full((1,), j, dtype=torch.long, device=h.device)   # a tensor: one graph serves every j
-        return self.classify(head_step(self, x[:, None], pos, caches), j)  # x: (N, dim) -> (N, 1, dim), one slot
+        hid = self.run_blocks(self.layers, self.tok_dropout(x)).reshape(B * L, -1)   # h_t: (B, L, dim) -> (B*L, dim)
+        # the head at every position at once, teacher-forced with the true sub-codes 1..k-1 of that position
+        prev = codes[:, :k - 1].transpose(1, 2).reshape(B * L, k - 1)  # (B, k-1, L) -> (B*L, k-1)
+        logits = self.head_logits(hid, prev)                          # (B*L, k, V)
+        return logits.view(B, L, k, -1).transpose(1, 2).float()       # -> (B, k, L, V)
 
 
 def far_loss(logits, codes):
-    """Spec §3.3: mean over sub-codes of the token-averaged cross-entropy. logits (B, k, L, V), codes (B, k, h, w).
+    """Sec. 3.3: the mean over sub-codes of the token-averaged cross-entropy. logits (B, k, L, V), codes (B, k, h, w).
 
     Returns {"loss": mean, "ce/0": ..., "ce/{k-1}": ...} (tensors; the training loop logs them)."""
     B, k, L, V = logits.shape
@@ -348,92 +313,43 @@ def filter_logits(logits, top_k=0, top_p=1.0):
     return logits
 
 
-# The decode step: one position through the backbone, then one slot per sub-code through the AR head. Both are
-# plain functions of (model, x, pos, caches) with fixed shapes, so `torch.compile` traces each once (gpt-fast).
-
-def decode_backbone(model, x, pos, caches):
-    """x (N, 1, dim) at backbone slot pos (1,) int64 -> h_t (N, dim) before the final norm; writes the caches."""
-    return model.run_blocks(model.layers, x, pos, caches)[:, -1]
-
-
-def decode_head(model, x, pos, caches):
-    """Sec. 3.3 AR-head slot pos (1,) = j: x (N, 1, dim) (h_t or E_j(c_j)) -> normed z (N, dim) for sub-code j."""
-    return model.norm(model.run_blocks(model.ar_head, x, pos, caches)[:, -1])
-
-
-@functools.cache
-def compiled(step):
-    """torch.compile(step), made once per process (so sample.py's batches reuse the traced graph). fullgraph: a graph
-    break would be a bug; dynamic=False: one specialised graph per (batch, config), never recompiled per position."""
-    return torch.compile(step, fullgraph=True, dynamic=False)
-
-
-def kv_caches(cfg, n_blocks, batch, slots, dtype, device):
-    """One zeroed static (k_cache, v_cache) pair of shape (batch, n_head, slots, head_dim) per block."""
-    shape = (batch, cfg.n_head, slots, cfg.dim // cfg.n_head)
-    return [(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(n_blocks)]
-
-
 @torch.no_grad()
 def generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, generator=None, use_cache=True,
              compile=False):
-    """Sample codes (B, k, h, w) int64 for class labels (B,), raster order, sub-codes 1..k at each position.
+    """Sample codes (B, k, h, w) int64 for class labels (B,): raster order, sub-codes 1..k at each position (Sec. 3.3).
 
-    cfg_scale s: Sec. 3.3 guidance l = l_u + s (l_c - l_u) on every sub-code's logits; s == 1 runs the
-    conditional batch only. Random numbers come from `generator` only: one multinomial per sub-code.
-    use_cache=True: static KV caches (Attention.forward) preallocated once per call, backbone (CFG batch, H, h*w,
-    head_dim) and AR head (CFG batch, H, k, head_dim); each position runs one token. use_cache=False recomputes
-    backbone and head from scratch every step: the reference the cached path must match.
-    compile=True (needs use_cache): the decode step (decode_backbone, decode_head) runs through torch.compile. The
-    first call traces and compiles two graphs (tens of seconds for tiny, minutes for FAR-B on a CPU); every later
-    position, call and model of the same batch and config reuses them (parameters are graph inputs, not constants,
-    so weights updated in training are seen). Sampling, CFG and filtering stay eager: the generator's draws are the
-    same, so compiled codes equal eager codes up to float reassociation. The caches take autocast's dtype when
-    autocast is on (bf16 keys under torch.autocast), else the weights' dtype; CFG logits are fp32 either way.
-    NOTE(paper≠code): the official sampler crashes at s = 1.0 (2n-row caches for an n-row batch, official_code §6.2)
-    and applies no guidance at all for s < 1 (its checks are s > 1); we apply the formula for any finite s.
-    """
+    cfg_scale s: guidance l = l_u + s (l_c - l_u) on every sub-code's logits (the null class gives l_u); s == 1 runs
+    the conditional batch only. Random numbers come from `generator` only: one multinomial per sub-code.
+    use_cache=False is the paper's form below: every position reruns the backbone over the whole prefix and the AR
+    head over the sub-codes sampled so far. use_cache=True (fast.decode) runs one token per position through static
+    KV caches; compile=True also compiles that step. Same draws, same codes (tests/test_far_cache.py)."""
     assert temperature > 0, f"temperature must be > 0, got {temperature}"
     assert use_cache or not compile, "compile compiles the cached decode step; it needs use_cache=True"
     cfg, was_training = model.cfg, model.training
     model.eval()  # no dropout while sampling; the caller's mode is restored at the end
-    B, k, L, dev = labels.shape[0], cfg.num_codebooks, cfg.grid[0] * cfg.grid[1], labels.device
-    guided = cfg_scale != 1.0
-    # CFG batch: first half conditional, second half the null class num_classes (official_code.md §6.1).
+    B, k, L, guided = labels.shape[0], cfg.num_codebooks, cfg.grid[0] * cfg.grid[1], cfg_scale != 1.0
+    # CFG batch: first half conditional, second half the null class num_classes; both halves get the sampled codes
     y = torch.cat([labels, torch.full_like(labels, cfg.num_classes)]) if guided else labels
-    both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)  # both halves get the sampled codes
-    codes = torch.zeros(B, k, L, dtype=torch.long, device=dev)
-    caches = head_caches = head = None
+    both = (lambda t: torch.cat([t, t])) if guided else (lambda t: t)
+    codes = torch.zeros(B, k, L, dtype=torch.long, device=labels.device)
+
+    def pick(logits):   # (nB, V) -> one sub-code per image (B,)
+        logits = logits.float()
+        if guided:  # NOTE(paper≠code): in fp32 (the released sampler: bf16), for any finite s (there: only s > 1)
+            cond, uncond = logits.chunk(2)
+            # paper-map: CFG
+            logits = uncond + cfg_scale * (cond - uncond)
+        probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
     if use_cache:
-        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.norm.weight.dtype
-        # slots 0..L-1 = [class token, positions 0..L-2]: the last position is sampled, never fed back
-        # (official_code.md §6.2).
-        # NOTE(paper≠code): the official backbone caches have 1 + h*w slots rounded up to a multiple of 8 (264), and
-        # its head caches are that long too and reallocated zeroed at every position (official_code §6.1); the mask
-        # makes both unnecessary, with the same codes (bench.py's official_generate checks it on equal weights).
-        caches = kv_caches(cfg, cfg.n_layer, len(y), L, dtype, dev)
-        head_caches = kv_caches(cfg, cfg.ar_head_layers, len(y), k, dtype, dev) if cfg.head == "ar" else None
-        backbone, head = (compiled(f) if compile else f for f in (decode_backbone, decode_head))
-        model.rope(dev)  # build the rotary table eagerly: the compiled graphs only read it
-    for t in range(L):
-        if use_cache:  # feed only slot t: the class token at t = 0, else the codes sampled at position t-1
-            x = model.cls_embedding(y)[:, None] if t == 0 else model.embed(both(codes[:, :, t - 1:t]))  # (nB, 1, dim)
-            # the residual stream in the weights' dtype at every t, as forward()'s torch.cat makes it under autocast
-            # (embed's Linear gives bf16 there): one input dtype, so the compiled step is not traced twice
-            x = x.to(model.norm.weight.dtype)
-            h = backbone(model, x, torch.full((1,), t, dtype=torch.long, device=dev), caches)         # (nB, dim)
-        else:
-            x = torch.cat([model.cls_embedding(y)[:, None], model.embed(both(codes[:, :, :t]))], 1)  # (nB, t+1, dim)
-            h = model.run_blocks(model.layers, x)[:, -1]
-        for j in range(k):  # Sec. 3.3: sub-code j conditions on the sub-codes < j just sampled here
-            logits = model.subcode_logits(h, both(codes[:, :j, t]), j, head_caches, head).float()  # (nB, V)
-            if guided:  # Sec. 3.3 CFG; NOTE(paper≠code): official keeps these logits in bf16, we use fp32
-                cond, uncond = logits.chunk(2)
-                # paper-map: CFG
-                logits = uncond + cfg_scale * (cond - uncond)
-            probs = filter_logits(logits / temperature, top_k, top_p).softmax(-1)
-            codes[:, j, t] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        fast.decode(model, y, codes, both, pick, compile)
+    else:   # the paper's form
+        for t in range(L):
+            x = torch.cat([model.cls_embedding(y)[:, None], model.embed(both(codes[:, :, :t]))], 1)   # (nB, t+1, dim)
+            h = model.run_blocks(model.layers, x)[:, -1]               # h_t
+            for j in range(k):  # Sec. 3.3: sub-code j conditions on the sub-codes < j just sampled here
+                codes[:, j, t] = pick(model.head_logits(h, both(codes[:, :j, t]))[:, -1])
     model.train(was_training)
     return codes.view(B, k, *cfg.grid)  # (B, k, L) -> (B, k, h, w)
 

@@ -25,7 +25,8 @@ multi() { torchrun --standalone --nproc_per_node="$procs" "$@"; }   # NCCL on GP
 # 1. Eq. (1) on the device: the lookup the device picks (lookup_block_elems) equals the paper's full-matrix argmin.
 step lookup python - <<'EOF'
 import torch
-from quantizer import lookup_block_elems, lookup_reference, nearest_code
+from fast import lookup_block_elems, nearest_code
+from quantizer import lookup_reference
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 g = torch.Generator(dev).manual_seed(0)
 z, c = (torch.nn.functional.normalize(torch.randn(n, 8, device=dev, generator=g), dim=1) for n in (8192, 16384))

@@ -6,7 +6,7 @@ ADM's centre crop to evaluate, and ADM's truncating uint8 conversion for everyth
 The models (quantizer, tokenizer, losses, far) never import this file; the scripts do.
 
   ImageFolder     root/<class>/<image> -> (image (3, H, W) in [-1, 1], class, ...); unreadable files skipped, counted
-  StreamSampler   an endless, rank-sharded stream of epochs that resumes at an exact sample
+  StreamSampler   an endless, rank-sharded stream of epochs that resumes at an exact sample; stream: its batches
   to_uint8        [-1, 1] -> uint8 exactly as the official sampler writes its PNGs
   image_batches   uint8 batches streamed from an ADM npz or a folder (evaluate.py's generation mode)
   save_png        atomic PNG writer (temp file + os.replace); save_grid draws a batch as one grid
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 # The bundled photo set (data/README.md): 11 classes, train tiles and a held-out strip; the tiny presets' data.
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "photos")
@@ -154,6 +154,16 @@ class StreamSampler(DistributedSampler):
             self.set_epoch(epoch)
             yield from ((i, epoch) for i in list(super().__iter__())[offset:])
             epoch, offset = epoch + 1, 0
+
+
+def stream(dataset, batch, seed, rank, world, step, num_workers, pin_memory=False):
+    """This rank's endless batches of dataset from training step `step` on, exactly as an uninterrupted run would
+    see them: one StreamSampler (every rank the same permutation per epoch, each its share), started at step * batch.
+    The loader draws its worker seeds from its own generator, not from the global RNG that dropout uses."""
+    sampler = StreamSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    sampler.start = step * batch                                      # the exact data position on resume
+    return iter(DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
+                           persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed + rank)))
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681.
   Eq. (2)        L_VQGAN = L_rec + L_VQ + λ_P·L_P + λ_G·L_G  (L_VQ comes weighted from the quantizer, aux["losses"])
-  Eq. (7)        λ_dis = 0.1 on the disentanglement term (the term itself is computed in quantizer.py)
+  Eq. (7)        the disentanglement regularizer and its weight λ_dis = 0.1
   Sec. 3.2.2     representation learning: feature head token 0 vs a frozen teacher's CLS (teachers.py), InfoNCE
   Eq. (8)        L = L_VQGAN + λ_dis·L_dis + λ_rep·L_rep
 Numbers follow the official code as described in docs/official_code.md §2-§3.
@@ -16,6 +16,7 @@ Nothing here prints; every function returns a dict of named scalar tensors for t
 Weights for LPIPS are looked up in $FQGAN_WEIGHTS (default: torch.hub.get_dir()/checkpoints).
 Tests: python -m pytest tests/test_losses.py -q
 """
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -193,6 +194,19 @@ def representation_loss(features, teachers, x):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# The disentanglement regularizer, Sec. 3.2.1
+
+# paper-map: Eq. (7)
+def disentangle_loss(z_qs):
+    """Eq. (7): L_dis = mean over patches of (z_q^a . z_q^b)^2 of the l2-normalised sub-codes z_qs (k >= 2 tensors
+    (B, d, h, w), the tokenizer's aux["z_q"]), pushing the sub-codebooks towards orthogonal, complementary codes; for
+    k = 3 the mean over the three pairs (# parity: the Triple loss). λ_dis weighs it in generator_loss (Eq. 8)."""
+    pairs = [(F.normalize(a, dim=1) * F.normalize(b, dim=1)).sum(1).pow(2).mean()   # (B, h, w) -> mean
+             for a, b in itertools.combinations(z_qs, 2)]
+    return torch.stack(pairs).mean()
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The generator objective, Eq. (8)
 
 def generator_loss(x, x_rec, aux, step, *, lpips=None, disc=None, teachers=None, cfg=LossConfig()):
@@ -211,14 +225,13 @@ def generator_loss(x, x_rec, aux, step, *, lpips=None, disc=None, teachers=None,
         out["gan"] = -disc(x_rec).mean()
         out["gan_weight"] = torch.tensor(adversarial_weight(step, cfg), device=x.device)
         total = total + out["gan_weight"] * out["gan"]             # λ_G(step) · L_G, Eq. (2)
-    quant = [v for k, v in aux["losses"].items() if k != "disentangle"]
-    out.update(aux["losses"])                                      # codebook/i, commit/i, entropy/i, disentangle
-    if quant:
-        out["quant"] = torch.stack(quant).sum()                    # L_VQ, Eq. (2): already weighted (β, entropy)
+    out.update(aux["losses"])                                      # codebook/i, commit/i, entropy/i: weighted
+    if aux["losses"]:
+        out["quant"] = torch.stack(list(aux["losses"].values())).sum()   # L_VQ, Eq. (2): already weighted (β, entropy)
         total = total + out["quant"]
-    if "disentangle" in aux["losses"]:
-        # paper-map: Eq. (7)
-        total = total + cfg.disentangle_weight * aux["losses"]["disentangle"]   # λ_dis · L_dis, Eq. (7)-(8)
+    if len(aux["z_q"]) > 1:                                        # k >= 2 sub-codebooks
+        out["disentangle"] = disentangle_loss(aux["z_q"])          # L_dis, Eq. (7)
+        total = total + cfg.disentangle_weight * out["disentangle"]   # λ_dis · L_dis, Eq. (8)
     if teachers:
         out.update(representation_loss(aux["features"], teachers, x))
         total = total + cfg.rep_weight * out["rep"]                # λ_rep · L_rep, Eq. (8)

@@ -4,7 +4,7 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
   Sec. 3.1      VQGAN backbone (LlamaGen's VQ-16/VQ-8 encoder and decoder)
   Sec. 3.2      factorized quantization: Eq. (3) shared trunk, Eq. (4) one adapter per sub-codebook,
                 Eq. (5) one quantizer per sub-codebook, Eq. (6) decode the channel-wise concatenation
-  Sec. 3.2.1    disentanglement regularizer, Eq. (7) (computed here, weighted in losses.py)
+  Sec. 3.2.1    disentanglement regularizer, Eq. (7): on the z_q this returns (losses.py)
   Sec. 3.2.2    feature-prediction heads for representation learning (the loss is in losses.py)
   Tab. 1        the presets fqgan-dual-16/-8 and fqgan-triple-16/-8; Tab. 3 the single-codebook vqgan-16 baseline
   IBQ (arXiv 2412.02692) as the second quantizer: preset ibq-16.
@@ -33,7 +33,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from quantizer import IBQuantizer, VectorQuantizer, disentangle_loss
+from quantizer import IBQuantizer, VectorQuantizer
 
 
 @dataclass
@@ -396,7 +396,8 @@ class Tokenizer(nn.Module):
 
     def forward(self, x, features=True):
         """x (B, 3, H, W) in [-1, 1] -> (x_rec (B, 3, H, W), aux) with aux =
-        {"codes": (B, k, h, w), "z_q": [k x (B, d, h, w)], "losses": {"codebook/i", "commit/i", ..., "disentangle"},
+        {"codes": (B, k, h, w), "z_q": [k x (B, d, h, w)] (Eq. 7 compares them, losses.py), "losses": {"codebook/i",
+         "commit/i", ...},
          "features": {i: (B, 1 + h*w, width)} for each teacher-supervised branch i}. features=False skips the heads
         (training without teachers: their output would be unused)."""
         self._check_images(x)
@@ -410,9 +411,6 @@ class Tokenizer(nn.Module):
             losses.update({f"{name}/{i}": v for name, v in branch_losses.items()})
             if branch.feat_head is not None and features:
                 heads[i] = branch.feat_head(z_q)                      # Sec. 3.2.2
-        if len(z_qs) > 1:
-            # paper-map: Eq. (7)
-            losses["disentangle"] = disentangle_loss(z_qs)            # Eq. (7), unweighted
         x_rec = self.decode(torch.cat(z_qs, dim=1))                   # Eq. (6): k x (B, d, h, w) -> (B, k*d, h, w)
         aux = {"codes": torch.stack(codes, dim=1), "z_q": z_qs, "losses": losses, "features": heads}
         return x_rec, aux

@@ -3,13 +3,14 @@
 Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681.
   Sec. 3.3  the model (far.py); its loss is the mean cross-entropy over the k sub-codes
   Sec. 4.1  ImageNet 256x256, 300 epochs, global batch 256, constant lr
-Recipe details follow the official scripts (docs/official_code.md §7): codes extracted once from ten crops + flips
-(the paper does not describe them), AdamW (0.9, 0.95), weight decay 0.05 on matrices only, clip 1.0, no EMA.
 Two stages: extract_codes() encodes every image once into OUT/codes/{train,val}/ (memory-mapped (N, A, k, h, w)
-codes, A views, one shard per rank); training then draws one view per image and step, as the official dataset does.
+codes, A views, one shard per rank); training then draws one view per image and step. main() reads top to bottom:
+torchrun set-up, the tokenizer and the codes, the model, resume, the loop (held-out NLL, samples, checkpoints). The
+recipe follows the released scripts (ten crops + flips, AdamW (0.9, 0.95), weight decay 0.05 on matrices only,
+clip 1.0, no EMA; # parity: §7); each preset's defaults are its recipe in RECIPES below, which --help prints.
 
   torchrun --nproc_per_node=8 train_far.py --preset far-b --tokenizer-ckpt fqgan_dual_ds16.pt \\
-      --data-path /data/imagenet/train --out-dir runs/far-b            # GPUs: FAR-B, the official 300 epochs
+      --data-path /data/imagenet/train --out-dir runs/far-b            # GPUs: FAR-B, the released 300 epochs
   python train_far.py --preset tiny --out-dir runs/far-tiny            # CPU; either resumes with --resume
 """
 import argparse
@@ -27,24 +28,33 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, codebook_fingerprint, distribute, init_distributed, load_tokenizer,
-                         mean_over_ranks_or_stop, read_resume, remove_stale_temps, rng_states, save_last,
-                         set_rng_states)
-from far import FAR, PRESETS, RECIPES, FARConfig, far_loss, generate
-from images import BUNDLED, ImageFolder, StreamSampler, center_crop, open_rgb, random_crop, save_grid, to_tensor
+from checkpoints import (CheckpointError, codebook_fingerprint, distribute, load_tokenizer, mean_over_ranks_or_stop,
+                         open_run, resume, save_checkpoint, start_training)
+from far import FAR, PRESETS, FARConfig, far_loss, generate
+from images import BUNDLED, ImageFolder, center_crop, open_rgb, random_crop, save_grid, stream, to_tensor
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")   # the shipped tiny tokenizer
-VIEWS = {"tencrop": 10, "flip": 2, "none": 1, "random": 40}   # views stored per image (official: tencrop, §7.1)
+# The training recipes, this script's defaults (--help prints them). PAPER: the released script (constant lr 1e-4,
+# global batch 256, 300 epochs of ImageNet = 1,501,200 steps, ten-crop codes; # parity: §7.3).
+# NOTE(paper≠code): Sec. 4.1 says lr 2e-4. TINY: the bundled photos and the shipped tiny tokenizer, a higher lr for a
+# short run, codes small enough for the main process, 40 random crops per photo instead of ten (with ten, FAR learnt
+# the 440 views by heart: docs/results.md) and 600 steps.
+PAPER = dict(tokenizer_ckpt=None, data_path=None, global_batch_size=256, max_steps=1_501_200, lr=1e-4, num_workers=4,
+             augment="tencrop")
+TINY = dict(tokenizer_ckpt=os.path.join(WEIGHTS, "tiny_tokenizer.pt"), data_path=os.path.join(BUNDLED, "train"),
+            global_batch_size=32, max_steps=600, lr=1e-3, num_workers=0, augment="random")
+RECIPES = {"far-b": PAPER, "far-l": PAPER, "tiny": TINY}
+VIEWS = {"tencrop": 10, "flip": 2, "none": 1, "random": 40}   # views stored per image
 # Evaluation during training is bounded whatever the number of classes and images: samples of at most SAMPLE_CLASSES
 # classes (evenly spaced ids) x 4; the copy distance only up to MAX_COPY_VIEWS training views.
 SAMPLE_CLASSES, MAX_COPY_VIEWS = 16, 20_000
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Stage 1: code extraction (official_code.md §7.1)
+# Stage 1: code extraction
 
 class Views(Dataset):
-    """Image i -> (A views (A, 3, H, W) in [-1, 1], label; -1 if unreadable). tencrop (official): the 4 corners + centre
+    """Image i -> (A views (A, 3, H, W) in [-1, 1], label; -1 if unreadable). tencrop (# parity: §7.1): 4 corners + centre
     of the 1.1x ADM centre crop and their flips; flip: centre crop + its flip; none: centre crop (held-out images);
     random (tiny recipe): 40 official training crops (images.random_crop, scale up to 1.25), seeded by the index."""
 
@@ -93,13 +103,13 @@ class Shards:
 
 
 @torch.no_grad()
-def extract_codes(tok, root, out_dir, augment, batch_size, device, ddp, rank, world):
+def extract_codes(tok, root, out_dir, augment, batch_size, device, rank, world):
     """Encode every image of root once into out_dir; returns (codes (N, A, k, h, w) as Shards, labels (N,)). Rank r
     encodes images r, r + W, ... into its own files codes.r.npy / labels.r.npy: no file is written by two processes,
     so any shared filesystem works across nodes. meta.json, written last (rank 0, after a barrier), marks a complete
     extraction and records W; an interrupted one starts over. Unreadable images get label -1: left out of training."""
-    # NOTE(paper≠code): the official script encodes one image per GPU step and writes one int64 file per image and
-    # branch (official_code.md §7.1); we encode batches into memory-mapped arrays: same crops, fp32 as official.
+    # NOTE(paper≠code): batches into memory-mapped arrays, not one image per GPU step into one file per image and
+    # branch; the same crops, in fp32 (# parity: §7.1)
     tcfg, size = tok.cfg, tok.cfg.image_shape                         # the crops are the tokenizer's input size
     # what the stored codes depend on: a later run reuses them only if all of it is the same
     meta = {"format": 2, "tokenizer": codebook_fingerprint(tok), "augment": augment, "root": os.path.abspath(root),
@@ -131,7 +141,7 @@ def extract_codes(tok, root, out_dir, augment, batch_size, device, ddp, rank, wo
     del codes, labels                                                 # close the maps before the rename
     for t, name in zip(tmp, ("codes", "labels")):
         os.replace(t, shard(name, rank, world))
-    if ddp:
+    if dist.is_initialized():
         dist.barrier()                                                # every rank's shard is in place
     if rank == 0:
         meta["shards"] = world
@@ -141,7 +151,7 @@ def extract_codes(tok, root, out_dir, augment, batch_size, device, ddp, rank, wo
         os.replace(done + ".tmp", done)                               # last: the marker of a complete extraction
         print(f"extracted {len(views)} images x {A} views from {root} ({world} shards): {meta['unreadable']} "
               f"unreadable, skipped")
-    if ddp:
+    if dist.is_initialized():
         dist.barrier()                                                # no rank reads before meta.json exists
     return load_shards(out_dir, world)
 
@@ -153,9 +163,9 @@ def load_shards(out_dir, world):
 
 
 class Codes(Dataset):
-    """Item (index, epoch) -> (codes (k, h, w) int64 of one view, label). Like the official dataset
-    (official_code.md §7.2) one of the A views is drawn uniformly per sample, the same view for all k sub-codes;
-    the draw is seeded by (seed, epoch, index), so resume is exact."""
+    """Item (index, epoch) -> (codes (k, h, w) int64 of one view, label). One of the A views is drawn uniformly per
+    sample, the same view for all k sub-codes (# parity: §7.2); the draw is seeded by (seed, epoch, index), so resume
+    is exact."""
 
     def __init__(self, codes, labels, seed=0):
         self.codes, self.labels, self.seed = codes, labels, seed
@@ -172,10 +182,13 @@ class Codes(Dataset):
         return torch.from_numpy(self.codes[j, view].astype(np.int64)), int(self.labels[j])   # (k, h, w), label
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Evaluation during training: held-out NLL (every rank), samples and their copy distance (rank 0)
+
 @torch.no_grad()
-def nll_bits(model, dataset, device, ddp, rank, world, batch_size=64):
-    """Held-out NLL in bits, one value per sub-code (teacher forcing, true labels, eval mode). Ranks split the items
-    and sum; every rank gets the result."""
+def nll_bits(model, dataset, device, rank=0, world=1, batch_size=64):
+    """Held-out NLL in bits per sub-code, {"val_bits/j": ...} (teacher forcing, true labels, eval mode). Ranks split
+    the items and sum; every rank gets the result."""
     model.eval()                                                       # no dropout, no label dropout
     k = model.cfg.num_codebooks
     total = torch.zeros(k + 1, dtype=torch.float64, device=device)       # k summed CE (nats) + token count
@@ -188,10 +201,11 @@ def nll_bits(model, dataset, device, ddp, rank, world, batch_size=64):
         ce = torch.nn.functional.cross_entropy(model(codes, labels).flatten(0, 2), codes.flatten(), reduction="none")
         total[:k] += ce.view(len(items), k, -1).sum((0, 2)).double()     # (B*k*L,) -> (B, k, L) -> (k,)
         total[k] += codes[:, 0].numel()                                 # B*h*w positions per sub-code
-    if ddp:
+    if dist.is_initialized():
         dist.all_reduce(total)                                          # sums, then one division
     model.train()
-    return (total[:k] / total[k].clamp(min=1) / math.log(2)).tolist()  # nats -> bits per sub-code
+    bits = total[:k] / total[k].clamp(min=1) / math.log(2)             # nats -> bits per sub-code
+    return {f"val_bits/{j}": v for j, v in enumerate(bits.tolist())}
 
 
 @torch.no_grad()
@@ -218,46 +232,57 @@ def copy_distance(samples, codes, labels, max_queries=256, views_per_chunk=128):
     return near_s, near_q                                              # (S,), (Q,)
 
 
+@torch.no_grad()
+def samples_and_copies(model, tok, dataset, seed, path):
+    """4 samples of each of <= SAMPLE_CLASSES classes (Tab. 2's cfg scale, the same seed every time): one of each of the
+    first 8 classes decoded into a PNG row at path, and how far the samples are from copies of training views (log
+    record; none above MAX_COPY_VIEWS)."""
+    C, device = model.cfg.num_classes, model.norm.weight.device
+    labels = torch.linspace(0, C - 1, min(C, SAMPLE_CLASSES), device=device).round().long().repeat_interleave(4)
+    codes = generate(model, labels, cfg_scale=2.0, generator=torch.Generator(device).manual_seed(seed))
+    x = tok.decode_codes(codes[::4][:8])                                # (8, 3, H, W): the first sample of 8 classes
+    save_grid(x, path, nrow=len(x))
+    copies = copy_distance(codes, dataset.codes, dataset.labels)      # sample or copy?
+    return {} if copies is None else {"copy/sample_nn": copies[0].median().item(), "copy/train_nn":
+                                      copies[1].median().item(), "copy/fraction": (copies[0] < copies[1].min())
+                                      .float().mean().item()}
+
+
 # --------------------------------------------------------------------------------------------------------------
-# Arguments: the preset's recipe (far.RECIPES) fills the defaults, so --help prints the real numbers
+# Arguments: parsed once; a flag left unset takes the preset's recipe
 
 def parse_args(argv=None):
-    first = argparse.ArgumentParser(add_help=False)                   # pass 1: which preset's recipe
-    first.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    recipe = RECIPES[first.parse_known_args(argv)[0].preset]           # pass 2 below takes its defaults from here
-    bundled = recipe["bundled_data"]                                   # tiny: bundled photos + shipped tokenizer
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    recipe = lambda key, what: f"{what} (default: the preset's recipe, paper {PAPER[key]}, tiny {TINY[key]})"
     # model and data
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS), help="FAR preset (far.PRESETS, Tab. 2; its "
-                   "recipe far.RECIPES); the defaults below are this preset's. Default: %(default)s")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="FAR preset (far.PRESETS, Tab. 2); its "
+                   "recipe (RECIPES) gives the defaults marked 'recipe' (default: %(default)s)")
     p.add_argument("--head", default="ar", choices=["ar", "linear", "mlp"], help="prediction head: ar = the "
                    "factorized AR head of Sec. 3.3; linear / mlp = the baselines of Tab. 4 (default: %(default)s)")
-    p.add_argument("--tokenizer-ckpt", default=os.path.join(WEIGHTS, "tiny_tokenizer.pt") if bundled else None,
-                   help="trained tokenizer (ours or official) whose codes FAR models (default: %(default)s)")
-    p.add_argument("--data-path", default=os.path.join(BUNDLED, "train") if bundled else None,
-                   help="ImageFolder root of training images (default: %(default)s)")
+    p.add_argument("--tokenizer-ckpt", help="trained tokenizer (ours or official) whose codes FAR models (default: "
+                   "weights/tiny_tokenizer.pt for tiny; the paper presets need one)")
+    p.add_argument("--data-path", help="ImageFolder root of training images (default: data/photos/train for tiny; the "
+                   "paper presets need one)")
     p.add_argument("--val-path", help="held-out ImageFolder for the NLL (default: data/photos/val when --data-path is "
                    "the bundled data/photos/train, else none)")
-    p.add_argument("--augment", default=recipe["augment"], choices=sorted(VIEWS), help="views extracted per "
-                   "training image (official: tencrop; random = 40 crops) (default: %(default)s)")   # in meta.json
+    p.add_argument("--augment", choices=sorted(VIEWS), help=recipe("augment", "views extracted per training image "
+                   "(tencrop: the released one; random: 40 training crops)"))                        # in meta.json
     p.add_argument("--out-dir", default="runs/far", help="codes, checkpoints, log.jsonl, samples (%(default)s)")
-    # optimisation (official_code.md §7.3: the official script; the paper's Sec. 4.1 says lr 2e-4)
-    p.add_argument("--global-batch-size", type=int, default=recipe["global_batch_size"], help="sequences per "
-                   "step over all ranks (%(default)s)")
-    p.add_argument("--max-steps", type=int, default=recipe["max_steps"], help="training steps (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=recipe["lr"], help="AdamW learning rate, constant (%(default)s)")
-    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (official script; %(default)s)")
-    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (official script; %(default)s)")
+    # optimisation (# parity: §7.3, the released script)
+    p.add_argument("--global-batch-size", type=int, help=recipe("global_batch_size", "sequences per step, all ranks"))
+    p.add_argument("--max-steps", type=int, help=recipe("max_steps", "training steps"))
+    p.add_argument("--lr", type=float, help=recipe("lr", "AdamW learning rate, constant"))
+    p.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1 (%(default)s)")
+    p.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2 (%(default)s)")
     p.add_argument("--weight-decay", type=float, default=0.05, help="on matrices and embeddings only (%(default)s)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (%(default)s)")
     # runtime
     p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (%(default)s)")
-    p.add_argument("--num-workers", type=int, default=recipe["num_workers"], help="loader workers per rank "
-                   "(%(default)s)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default=None,   # official: bf16 autocast (§7.3)
-                   help="autocast dtype of the forward (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,   # official: compiled (§7.3)
-                   help="torch.compile the model (default: on with CUDA, off on CPU)")
+    p.add_argument("--num-workers", type=int, help=recipe("num_workers", "loader workers per rank"))
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="autocast dtype of the forward (default: bf16 on "
+                   "CUDA, fp32 on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the DDP-wrapped model "
+                   "(default: on with CUDA, off on CPU)")
     p.add_argument("--extract-batch-size", type=int, default=16, help="images per encode in stage 1 (%(default)s)")
     p.add_argument("--log-every", type=int, default=50, help="steps between JSONL log lines (%(default)s)")
     p.add_argument("--sample-every", type=int, default=500, help="steps between PNG grids of samples (%(default)s)")
@@ -265,6 +290,8 @@ def parse_args(argv=None):
     p.add_argument("--ckpt-every", type=int, default=1000, help="steps between numbered checkpoints (%(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")  # codes reused
     args = p.parse_args(argv)
+    for key, value in RECIPES[args.preset].items():                   # flags left unset: the preset's recipe
+        setattr(args, key, value if getattr(args, key) is None else getattr(args, key))
     if args.val_path is None and args.data_path == os.path.join(BUNDLED, "train"):
         args.val_path = os.path.join(BUNDLED, "val")                  # the bundled photos' held-out strip
     # Every value is checked here, before any work: one line naming the flag, the value and the valid range, exit 2.
@@ -286,149 +313,98 @@ def parse_args(argv=None):
     return args, p
 
 
-def build(args, tok, classes, device, ddp):
-    """(FAR config, raw model on device, the model the loop calls (DDP and / or compiled), AdamW). k, codebook size
-    and grid come from the tokenizer, the number of classes from the data; every rank builds the same weights."""
-    cuda = device.type == "cuda"
-    # the preset gives the network (Tab. 2 sizes); the tokenizer gives k, K and the grid, the data the classes
-    cfg = FARConfig(**{**PRESETS[args.preset], "num_codebooks": tok.cfg.num_codebooks, "head": args.head,
-                       "codebook_size": tok.cfg.codebook_size, "grid": tok.cfg.grid, "num_classes": len(classes)})
-    torch.manual_seed(args.seed)                                        # same initial weights on every rank
-    raw = FAR(cfg).to(device)                                           # fp32 weights; autocast does bf16
-    model = distribute(raw, ddp, device, cuda if args.compile is None else args.compile)   # raw: saving, sampling
-    # official_code.md §7.3: weight decay on every tensor with ndim >= 2 (linears, embeddings), none on norms
-    groups = [{"params": [p for p in raw.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
-              {"params": [p for p in raw.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=cuda)   # fused (CUDA) as official
-    return cfg, raw, model, opt
+# --------------------------------------------------------------------------------------------------------------
+# What main() calls
 
-
-def main(argv=None):
-    """Parse, set up torchrun, extract or reuse the codes (stage 1), build or resume FAR, then train() (stage 2)."""
-    args, parser = parse_args(argv)
-    ddp, rank, world, _, device = init_distributed()         # world 1 without torchrun
-    if args.global_batch_size % world:                                 # each rank takes global / world sequences
-        parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
-    batch, master = args.global_batch_size // world, rank == 0
-    args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")   # as official on GPUs
-
-    # stage 1: codes (once; a later run or --resume reuses them) ---------------------------------------------
+def load_codes(args, parser, device, rank, world):
+    """(the tokenizer on device, the class names, training codes, held-out codes or None): stage 1, or its files when
+    an earlier run made them. A bad tokenizer file or data folder exits 2."""
     try:
-        tok = load_tokenizer(args.tokenizer_ckpt, device).requires_grad_(False)   # on device, eval mode, fp32
+        tok = load_tokenizer(args.tokenizer_ckpt, device).requires_grad_(False)   # eval mode, fp32
         extract = lambda root, name, aug: extract_codes(tok, root, os.path.join(args.out_dir, "codes", name), aug,
-                                                        args.extract_batch_size, device, ddp, rank, world)
+                                                        args.extract_batch_size, device, rank, world)
         classes = ImageFolder(args.data_path, (1, 1)).classes          # folder names, sorted: label = index
         dataset = Codes(*extract(args.data_path, "train", args.augment), seed=args.seed)
         val_set = Codes(*extract(args.val_path, "val", "none")) if args.val_path else None   # one centre view
     except (CheckpointError, FileNotFoundError) as e:
         parser.error(str(e))
-    if len(dataset) < world * batch:                                   # drop_last would yield no batch at all
+    if len(dataset) < args.global_batch_size:                         # drop_last would yield no batch at all
         parser.error(f"--data-path {args.data_path}: {len(dataset)} readable images, fewer than one global batch of "
                      f"{args.global_batch_size}" + (" (every file was unreadable)" if not len(dataset) else ""))
-    # stored in every checkpoint: sample.py finds the tokenizer by path and refuses another one (check_pair)
-    tok_info = {"config": asdict(tok.cfg), "fingerprint": codebook_fingerprint(tok),
-                "path": os.path.abspath(args.tokenizer_ckpt)}
-    cfg, raw, model, opt = build(args, tok, classes, device, ddp)
-
-    # resume: weights, optimizer, every rank's RNG and the data position --------------------------------------
-    step, last = 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
-    try:
-        ckpt = read_resume(args.out_dir, cfg, args.global_batch_size) if args.resume else None
-    except CheckpointError as e:
-        parser.error(str(e))
-    torch.manual_seed(args.seed + rank)                                # per-rank randomness (dropout) from here on
-    if ckpt is not None:
-        raw.load_state_dict(ckpt["model"])                              # strict: same config (read_resume)
-        opt.load_state_dict(ckpt["opt"])                                # AdamW moments continue
-        for group in opt.param_groups:                                  # a changed --lr applies on resume
-            group["lr"] = args.lr
-        step = ckpt["step"]                                            # the loop continues at step + 1
-        set_rng_states(ckpt["rng"], rank)                              # dropout and label drop continue exactly
-    if master:
-        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
-        os.makedirs(os.path.dirname(last), exist_ok=True)
-        stale = remove_stale_temps(os.path.dirname(last))             # temp files of a killed checkpoint write
-        print(f"FAR {args.preset} ({cfg.head} head): {sum(p.numel() for p in raw.parameters()) / 1e6:.2f} M "
-              f"parameters, k={cfg.num_codebooks} x {cfg.codebook_size} codes on a {cfg.grid} grid, "
-              f"{len(dataset)} images, {len(classes)} classes, world {world}, batch {batch}/rank, "
-              f"steps {step} -> {args.max_steps}, {device}, {args.precision}"
-              + (f"; removed stale {', '.join(stale)}" if stale else ""))
-        if args.resume and ckpt is None:
-            print(f"--resume: no {last} yet, starting from scratch")
-    extra = {"tokenizer": tok_info, "classes": classes}                # what sample.py checks and names
-    train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra, ddp, rank, world, device)
-    if ddp:
-        dist.destroy_process_group()                                   # a clean exit for torchrun
+    return tok, classes, dataset, val_set
 
 
-def train(args, cfg, raw, model, opt, tok, step, batch, dataset, val_set, extra, ddp, rank, world, device):
-    """The loop: teacher-forced CE over the k sub-codes (Sec. 3.3), AdamW, clip; logs, NLL, samples, checkpoints."""
-    master, folder = rank == 0, os.path.join(args.out_dir, "checkpoints")
-    log = open(os.path.join(args.out_dir, "log.jsonl"), "a") if master else None   # appended to on --resume
-    write = lambda record: master and (log.write(json.dumps(record) + "\n"), log.flush())   # one JSON per line
+def build_model(args, tok, classes, device):
+    """(FAR config, FAR on device): the preset gives the network (Tab. 2 sizes), the tokenizer k, K and the grid, the
+    data the number of classes; the same initial weights on every rank."""
+    cfg = FARConfig(**{**PRESETS[args.preset], "num_codebooks": tok.cfg.num_codebooks, "head": args.head,
+                       "codebook_size": tok.cfg.codebook_size, "grid": tok.cfg.grid, "num_classes": len(classes)})
+    torch.manual_seed(args.seed)
+    return cfg, FAR(cfg).to(device)                                     # fp32 weights; autocast does bf16
 
-    def checkpoint():
-        """Every rank holds the same weights; gather every rank's RNG state, rank 0 writes last.pt atomically."""
-        rng = rng_states(ddp, world)                                   # a collective: every rank calls it
-        if master:   # samples_per_rank: where each rank's StreamSampler resumes; extra: tokenizer + class names
-            state = {"model": raw.state_dict(), "opt": opt.state_dict(), "step": step, "config": asdict(cfg),
-                     "args": vars(args), "rng": rng, "data": {"samples_per_rank": step * batch}, **extra}
-            save_last(state, folder, numbered=True)                    # last.pt (--resume, sample.py) + numbered
-        if ddp:
-            dist.barrier()                                             # no rank runs ahead of a half-written file
 
-    def evaluate(nll, sample):
-        """Held-out NLL (every rank takes part); on rank 0 samples of every class: a PNG and their copy distance."""
-        if nll and val_set is not None:                               # every rank: nll_bits all-reduces
-            bits = nll_bits(raw, val_set, device, ddp, rank, world)
-            write({"step": step, **{f"val_bits/{j}": v for j, v in enumerate(bits)}})
-        if master and sample:   # 4 samples of <= SAMPLE_CLASSES classes, Tab. 2's cfg scale, the same seed every time
-            labels = torch.linspace(0, cfg.num_classes - 1, min(cfg.num_classes, SAMPLE_CLASSES), device=device)
-            labels = labels.round().long().repeat_interleave(4)            # all classes 0..C-1 when C <= 16
-            codes = generate(raw, labels, cfg_scale=2.0, generator=torch.Generator(device).manual_seed(args.seed))
-            x = tok.decode_codes(codes[::4][:8])                            # PNG: 8 classes, one sample each
-            save_grid(x, os.path.join(args.out_dir, "samples", f"{step:07d}.png"), nrow=len(x))   # one row
-            if (dist_ := copy_distance(codes, dataset.codes, dataset.labels)) is not None:   # sample or copy?
-                write({"step": step, "copy/sample_nn": dist_[0].median().item(), "copy/train_nn":
-                       dist_[1].median().item(), "copy/fraction": (dist_[0] < dist_[1].min()).float().mean().item()})
+# --------------------------------------------------------------------------------------------------------------
 
+def main(argv=None):
+    args, parser = parse_args(argv)
+    ddp, rank, world, device, batch = start_training(args, parser)   # torchrun: NCCL / gloo; plain python: 1 process
+    master, last = rank == 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
+    tok, classes, dataset, val_set = load_codes(args, parser, device, rank, world)   # stage 1, once per --out-dir
+
+    # The model and AdamW (weight decay on every tensor with ndim >= 2: linears, embeddings; # parity: §7.3); resume
+    cfg, far = build_model(args, tok, classes, device)
+    model = distribute(far, ddp, device, args.compile)                 # DDP (all-reduce in backward), then compiled
+    groups = [{"params": [p for p in far.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in far.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
+    step = resume(args, parser, cfg, {"model": far, "opt": opt}, rank)
+    for group in opt.param_groups:                                      # a changed --lr applies on resume
+        group["lr"] = args.lr
+    # what sample.py checks and names: the tokenizer (by path; its codebooks by fingerprint) and the class names
+    extra = {"tokenizer": {"config": asdict(tok.cfg), "fingerprint": codebook_fingerprint(tok),
+                           "path": os.path.abspath(args.tokenizer_ckpt)}, "classes": classes}
+    n_params = sum(p.numel() for p in far.parameters()) / 1e6
+    log = open_run(args, master, f"FAR {args.preset} ({cfg.head} head): {n_params:.2f} M parameters, "
+                   f"k={cfg.num_codebooks} x {cfg.codebook_size} codes on a {cfg.grid} grid, "
+                   f"{len(dataset)} images, {len(classes)} classes, world {world}, batch {batch}/rank, steps {step} -> "
+                   f"{args.max_steps}, {device}, {args.precision}", step)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")   # weights fp32
-    if step == 0:
-        evaluate(nll=True, sample=False)                                # the "before" of the held-out NLL
-    # one endless stream of epochs per rank: the same permutation on every rank, each taking its own share
-    sampler = StreamSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    sampler.start = step * batch                                        # exact data position on resume
-    # The loader draws its base seed from its own generator, not the global RNG that dropout uses (exact resume).
-    loader = iter(DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=args.num_workers,
-                             pin_memory=device.type == "cuda", persistent_workers=args.num_workers > 0,
-                             generator=torch.Generator().manual_seed(args.seed + rank)))
+    if val_set is not None and step == 0:                              # the "before" of the held-out NLL
+        log({"step": 0, **nll_bits(far, val_set, device, rank, world)})
+
+    # The loop: teacher-forced cross-entropy over the k sub-codes (Sec. 3.3), AdamW, clip
+    batches = stream(dataset, batch, args.seed, rank, world, step, args.num_workers, device.type == "cuda")
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     t0, tokens = time.time(), 0                                          # tokens: the throughput of this run only
     while step < args.max_steps:
-        codes, labels = next(loader)                                    # (B, k, h, w) int64, (B,)
+        codes, labels = next(batches)                                   # (B, k, h, w) int64, (B,)
         codes, labels = codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast:
             loss = far_loss(model(codes, labels), codes)                # Sec. 3.3: mean CE over the k sub-codes
         opt.zero_grad(set_to_none=True)
         loss["loss"].backward()                                         # DDP all-reduces the gradients here
-        loss["grad_norm"] = torch.nn.utils.clip_grad_norm_(raw.parameters(), args.grad_clip)   # logged: pre-clip
+        loss["grad_norm"] = torch.nn.utils.clip_grad_norm_(far.parameters(), args.grad_clip)   # logged: pre-clip
         opt.step()
         step, tokens = step + 1, tokens + codes[:, 0].numel() * world   # positions (B*h*w) over all ranks
         bar.update(1)
         # loss, ce/j per sub-code, grad_norm averaged over ranks; a NaN stops before any checkpoint is written
-        averaged = mean_over_ranks_or_stop(loss, step, os.path.join(folder, "last.pt"), ddp, world, device)
+        terms = mean_over_ranks_or_stop(loss, step, last)
         end = step == args.max_steps                                    # always log, evaluate, save the last step
         if step % args.log_every == 0 or end:
-            write({"step": step, **averaged, "tokens_per_s": tokens / (time.time() - t0)})
-            bar.set_postfix(loss=f"{averaged['loss']:.3f}")
-        if step % args.eval_every == 0 or step % args.sample_every == 0 or end:
-            evaluate(nll=step % args.eval_every == 0 or end, sample=step % args.sample_every == 0 or end)
+            log({"step": step, **terms, "tokens_per_s": tokens / (time.time() - t0)})
+            bar.set_postfix(loss=f"{terms['loss']:.3f}")
+        if val_set is not None and (step % args.eval_every == 0 or end):   # every rank
+            log({"step": step, **nll_bits(far, val_set, device, rank, world)})
+        if master and (step % args.sample_every == 0 or end):           # rank 0, bounded (SAMPLE_CLASSES)
+            log({"step": step, **samples_and_copies(far, tok, dataset, args.seed, os.path.join(
+                args.out_dir, "samples", f"{step:07d}.png"))})
         if step % args.ckpt_every == 0 or end:
-            checkpoint()
+            save_checkpoint(args, cfg, step, batch, {"model": far, "opt": opt}, extra)
     bar.close()
     if master:                                                          # the last line: where the weights are
-        print(f"done: step {step}, checkpoint {os.path.join(folder, 'last.pt')}")
-        log.close()
+        print(f"done: step {step}, checkpoint {last}")
+    if ddp:
+        dist.destroy_process_group()                                   # a clean exit for torchrun
 
 
 if __name__ == "__main__":

@@ -51,8 +51,8 @@ def killed_after(monkeypatch):
     def run(module, argv, step):
         real = module.save_checkpoint
 
-        def save_then_die(args, cfg, m, at, *rest):
-            real(args, cfg, m, at, *rest)
+        def save_then_die(args, cfg, at, *rest, **kwargs):
+            real(args, cfg, at, *rest, **kwargs)
             if at == step:
                 raise KeyboardInterrupt                                 # what Ctrl-C / SIGINT would raise
         monkeypatch.setattr(module, "save_checkpoint", save_then_die)

@@ -66,14 +66,14 @@ def test_busy_loops_run_only_inside_the_block():
     assert not [line for line in procs if "while True: pass" in line and f" {os.getpid()} " in f" {line} "]
 
 
-@pytest.mark.parametrize("official_ste", [True, False])
-def test_official_formulation_equals_vector_quantizer(official_ste):
+@pytest.mark.parametrize("paper_ste", [True, False])
+def test_official_formulation_equals_vector_quantizer(paper_ste):
     """The official quantizer forward the train-dual rows compare against computes what VectorQuantizer (training,
     entropy loss) computes: codes, z_q, every loss, and the gradients to z and the codebook."""
     torch.manual_seed(0)
     vq = bench.VectorQuantizer(300, 8, entropy_weight=0.03).train()
     vq.embedding.weight.data = torch.nn.functional.normalize(torch.randn(300, 8), dim=-1)
-    vq.official_ste = official_ste
+    vq.paper_ste = paper_ste
     z0, g = torch.randn(2, 8, 5, 5), torch.randn(2, 8, 5, 5)
     out = []
     for forward in (bench.OfficialVQ(vq), vq):

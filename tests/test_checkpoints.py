@@ -47,7 +47,7 @@ def test_official_tokenizer_parity(name, branches):
     tok.load_state_dict(tokenizer_official_to_ours(sd, cfg), strict=True)
     tok.eval()
     for branch in tok.branches:
-        branch.quantize.official_ste = True
+        branch.quantize.paper_ste = True
     with torch.no_grad():
         x_rec, aux = tok(parity_weights.make_images(seed=0))
     for i, b in enumerate(branches):

@@ -1,4 +1,4 @@
-"""The static KV cache and the compiled decode step of far.generate (Sec. 3.3 sampling; official_code.md §6).
+"""The static KV cache and the compiled decode step of far.generate (fast.decode; Sec. 3.3 sampling; official_code.md §6).
 
 Invariants: cached sampling draws the same codes as full recompute for every k and head, with and without CFG
 and filtering; each layer's cache is one preallocated buffer written in place (same shape and storage at every
@@ -18,6 +18,7 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import far  # noqa: E402
+import fast  # noqa: E402
 from far import FAR, PRESETS, FARConfig, generate  # noqa: E402
 
 
@@ -97,7 +98,7 @@ def test_compiled_decode_equals_eager_and_never_recompiles():
     inductor compile short on CPU (~30 s idle, ~60 s on 2 loaded cores; inductor's on-disk cache makes reruns ~10 s)."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
-    far.compiled.cache_clear()
+    fast.compiled.cache_clear()
     counters.clear()
     model = tiny(2, layers=1)
     kw = dict(cfg_scale=2.0, top_k=16)

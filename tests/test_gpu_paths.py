@@ -42,24 +42,23 @@ def test_loaders_put_every_tensor_on_the_device(pair, monkeypatch):
 
 def test_training_scripts_build_everything_on_the_device():
     args, _ = train_tokenizer.parse_args(["--preset", "tiny-dual", "--precision", "bf16", "--gan-weight", "0.5"])
-    m = train_tokenizer.build(args, TokenizerConfig(**PRESETS["tiny-dual"]), META, ddp=False)
-    assert devices(m.raw, m.ema, m.disc_raw, *m.teachers.values()) == {"meta"} and len(m.teachers) == 1
-    assert m.model is m.raw and m.disc is m.disc_raw                   # one process, --compile off on a non-CUDA device
+    tok, ema, disc, lpips, teachers = train_tokenizer.build_models(args, TokenizerConfig(**PRESETS["tiny-dual"]), META)
+    assert devices(tok, ema, disc, *teachers.values()) == {"meta"} and len(teachers) == 1 and lpips is None
     # the frozen teacher is cast to bf16 once, not by autocast at every step; the trained weights stay fp32
-    assert {p.dtype for p in m.teachers[1].parameters()} == {torch.bfloat16}
-    assert {p.dtype for p in m.raw.parameters()} == {torch.float32}
+    assert {p.dtype for p in teachers[1].parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in tok.parameters()} == {torch.float32}
     far_args, _ = train_far.parse_args([])
     tok = Tokenizer(TokenizerConfig(**PRESETS["tiny"])).to(META)
-    cfg, raw, model, opt = train_far.build(far_args, tok, [f"c{i}" for i in range(1000)], META, ddp=False)
-    assert devices(raw) == {"meta"} and cfg.num_classes == 1000 and model is raw
+    cfg, far = train_far.build_model(far_args, tok, [f"c{i}" for i in range(1000)], META)
+    assert devices(far) == {"meta"} and cfg.num_classes == 1000
 
 
 def test_without_a_teacher_the_feature_heads_neither_run_nor_train():
     args, _ = train_tokenizer.parse_args(["--preset", "tiny-dual", "--rep-weight", "0"])
-    m = train_tokenizer.build(args, TokenizerConfig(**{**PRESETS["tiny-dual"], "image_size": 32}), torch.device("cpu"),
-                              ddp=False)
-    assert m.teachers == {} and not any(p.requires_grad for p in m.raw.branches[1].feat_head.parameters())
-    x_rec, aux = m.model(torch.zeros(2, 3, 32, 32), features=False)
+    cfg = TokenizerConfig(**{**PRESETS["tiny-dual"], "image_size": 32})
+    tok, _, _, _, teachers = train_tokenizer.build_models(args, cfg, torch.device("cpu"))
+    assert teachers == {} and not any(p.requires_grad for p in tok.branches[1].feat_head.parameters())
+    x_rec, aux = tok(torch.zeros(2, 3, 32, 32), features=False)
     assert aux["features"] == {}
 
 
@@ -74,7 +73,7 @@ def test_tokenizer_training_forward_compiles_without_graph_breaks(preset):
 
 @pytest.mark.parametrize("kind", ["vq", "ibq"])
 def test_compiled_quantizer_equals_eager(kind):
-    """Under torch.compile the quantizers run the paper's forms (quantizer.blocked() is False): same codes, values,
+    """Under torch.compile the quantizers run the paper's forms (quantizer.use_fast() is False): same codes, values,
     losses and gradients as the blocked eager forms."""
     torch.manual_seed(0)
     q = (quantizer.VectorQuantizer(256, 8, entropy_weight=0.03) if kind == "vq" else

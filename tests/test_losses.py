@@ -48,7 +48,7 @@ def test_hinge_losses_match_hand_computation():
     disc = PassThroughDisc()
     losses.discriminator_loss(real, fake, 10**6, disc)["total"].backward()
     assert fake.grad is None and disc.scale.grad is not None          # D trains; x_rec is detached
-    aux = {"losses": {}, "features": {}}
+    aux = {"z_q": [], "losses": {}, "features": {}}
     g = losses.generator_loss(real, fake, aux, 10**6, disc=PassThroughDisc())
     assert g["gan"].item() == pytest.approx(-(-2.0 + 0.0 + 0.5 - 0.5) / 4)   # L_G = -mean D(x_rec)
 
@@ -234,10 +234,9 @@ def fake_aux(k, B=4, teachers=(1,)):
     g = torch.Generator().manual_seed(k)
     terms = {f"{n}/{i}": torch.rand((), generator=g, requires_grad=True)
              for i in range(k) for n in ("codebook", "commit", "entropy")}
-    if k > 1:
-        terms["disentangle"] = torch.rand((), generator=g, requires_grad=True)
+    z_q = [torch.randn(B, 8, 2, 2, generator=g, requires_grad=True) for _ in range(k)]   # Eq. (7) compares these
     features = {i: torch.randn(B, 5, 48, generator=g, requires_grad=True) for i in teachers}
-    return {"codes": torch.zeros(B, k, 2, 2, dtype=torch.long), "losses": terms, "features": features}
+    return {"codes": torch.zeros(B, k, 2, 2, dtype=torch.long), "z_q": z_q, "losses": terms, "features": features}
 
 
 @pytest.mark.parametrize("step", [0, 19999])
@@ -248,16 +247,16 @@ def test_generator_loss_total_is_eq8(lpips, step):
     aux = fake_aux(3, B=3, teachers=(1, 2))
     stubs = {1: StubTeacher(), 2: StubTeacher()}
     g = losses.generator_loss(x, x_rec, aux, step, lpips=lpips, disc=losses.PatchGAN(), teachers=stubs)
-    quant = sum(v for n, v in aux["losses"].items() if n != "disentangle")
+    quant = sum(aux["losses"].values())
     lam_g = 0.5 if step == 19999 else 0.0
     # Eq. (8) with the official weights; triple: λ_rep NCE_mid + λ_rep NCE_high, λ_rep = 0.5 each
-    want = (g["rec"] + 1.0 * g["perceptual"] + lam_g * g["gan"] + quant + 0.1 * aux["losses"]["disentangle"]
+    want = (g["rec"] + 1.0 * g["perceptual"] + lam_g * g["gan"] + quant + 0.1 * losses.disentangle_loss(aux["z_q"])
             + 0.5 * g["rep/1"] + 0.5 * g["rep/2"])
     assert g["total"].item() == pytest.approx(want.item(), rel=1e-6)
     assert g["rec"].item() == pytest.approx(F.mse_loss(x_rec, x).item())
     assert g["gan_weight"].item() == lam_g
     g["total"].backward()
-    assert x_rec.grad is not None and all(v.grad is not None for v in aux["losses"].values())
+    assert x_rec.grad is not None and all(v.grad is not None for v in [*aux["losses"].values(), *aux["z_q"]])
 
 
 def test_triple_representation_weighting_is_the_official_sum():
@@ -269,7 +268,7 @@ def test_triple_representation_weighting_is_the_official_sum():
     fixed = lambda feats: teachers.Teacher(nn.Identity(), 2, (4, 4), (0.5,) * 3, (0.5,) * 3, lambda net, x: feats)
     frozen = {1: fixed(eye), 2: fixed(eye)}
     features = {1: eye[:, None].clone(), 2: eye.flip(0)[:, None].clone()}      # token 0 of (B, 1, W) heads
-    aux = {"codes": torch.zeros(2, 3, 1, 1, dtype=torch.long), "losses": {}, "features": features}
+    aux = {"codes": torch.zeros(2, 3, 1, 1, dtype=torch.long), "z_q": [], "losses": {}, "features": features}
     x = torch.zeros(2, 3, 8, 8)
     g = losses.generator_loss(x, x, aux, 0, teachers=frozen)
     nce_same, nce_swapped = math.log(1 + math.exp(-1)), math.log(1 + math.e)
@@ -277,6 +276,18 @@ def test_triple_representation_weighting_is_the_official_sum():
     assert g["rep/2"].item() == pytest.approx(nce_swapped, rel=1e-6)
     official = 0.5 * nce_same + 0.5 * nce_swapped                      # 0.8133; the mean would give half of it
     assert g["total"].item() == pytest.approx(official, rel=1e-6)      # rec = 0 here: the total is the rep term
+
+
+def test_disentangle_loss_hand_computed():
+    def unit(*v):                       # one patch, (B=1, d, h=1, w=1)
+        return torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1)
+    assert losses.disentangle_loss([unit(1, 0), unit(3, 0)]).item() == 1.0          # parallel: cos^2 = 1
+    assert losses.disentangle_loss([unit(1, 0), unit(0, 2)]).item() == 0.0          # orthogonal
+    assert math.isclose(losses.disentangle_loss([unit(1, 0), unit(1, 1)]).item(), 0.5, rel_tol=1e-12)
+    # k = 3: the mean of the three pairs (1 + 0.5 + 0.5) / 3; patches are averaged: (1 + 0) / 2
+    assert math.isclose(losses.disentangle_loss([unit(1, 0), unit(1, 0), unit(1, 1)]).item(), 2 / 3, rel_tol=1e-12)
+    two = [torch.cat([unit(1, 0), unit(1, 0)], 2), torch.cat([unit(1, 0), unit(0, 1)], 2)]   # (1, 2, 2, 1)
+    assert math.isclose(losses.disentangle_loss(two).item(), 0.5, rel_tol=1e-12)
 
 
 def test_generator_loss_single_codebook_without_modules():

@@ -1,5 +1,5 @@
 """bf16 autocast, as `--precision bf16` runs on GPUs, exercised on the CPU: a few training steps of the tokenizer (GAN
-and entropy loss on, so the discriminator and quantizer._CodeSoftmax run) and of FAR, a resume under bf16, and the
+and entropy loss on, so the discriminator and fast._CodeSoftmax run) and of FAR, a resume under bf16, and the
 parts that must stay fp32 (quantizer distances and softmax statistics, RMSNorm, loss sums).
 
 Run: python -m pytest tests/test_precision.py -q
@@ -13,6 +13,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import fast  # noqa: E402
 import quantizer  # noqa: E402
 import train_far  # noqa: E402
 import train_tokenizer  # noqa: E402
@@ -30,7 +31,7 @@ def log(out):
 def record_dtypes(monkeypatch):
     """Wrap the quantizer's lookup and its softmax autograd function; return the list of dtypes they saw."""
     seen = []
-    lookup, softmax = quantizer.nearest_code, quantizer.code_softmax
+    lookup, softmax = fast.nearest_code, fast.code_softmax
 
     def nearest_code(z, codebook, *args, **kwargs):
         seen.append(("lookup", z.dtype, codebook.dtype, torch.is_autocast_enabled("cpu")))
@@ -41,8 +42,8 @@ def record_dtypes(monkeypatch):
         seen.append(("softmax", out[-2].dtype, (out[1] if out[1] is not None else out[-1]).dtype,
                      torch.is_autocast_enabled("cpu")))
         return out
-    monkeypatch.setattr(quantizer, "nearest_code", nearest_code)
-    monkeypatch.setattr(quantizer, "code_softmax", code_softmax)
+    monkeypatch.setattr(fast, "nearest_code", nearest_code)
+    monkeypatch.setattr(fast, "code_softmax", code_softmax)
     return seen
 
 

@@ -1,5 +1,6 @@
-"""Invariants of quantizer.py: each fast path equals the paper's form written out (lookup_reference, ibq_reference),
-on any blocking and thread count; gradient routes; entropy and Eq. (7) by hand.
+"""Invariants of quantizer.py and of its fast forms in fast.py: each fast form equals the paper's form written out
+(lookup_reference, ibq_reference, entropy_reference), on any blocking and thread count; gradient routes; entropy by
+hand.
 
 Run: python -m pytest tests/test_quantizer.py -q
 """
@@ -15,9 +16,10 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import quantizer  # noqa: E402
-from quantizer import (IBQuantizer, VectorQuantizer, code_softmax, codebook_usage, disentangle_loss,  # noqa: E402
-                       distances, entropy_reference, ibq_reference, lookup_block_elems, lookup_reference, nearest_code)
+import fast  # noqa: E402
+from fast import code_softmax, lookup_block_elems, nearest_code  # noqa: E402
+from quantizer import (IBQuantizer, VectorQuantizer, codebook_usage, distances, entropy_reference,  # noqa: E402
+                       ibq_reference, lookup_reference)
 
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
@@ -47,7 +49,7 @@ def test_nearest_code_in_one_block_equals_reference():
 def test_lookup_block_elems_by_device():
     # CUDA: the whole matrix when it fits the budget (32 images of 16 x 16 tokens and 16384 codes do)
     assert lookup_block_elems(torch.device("cuda"), 8192, 16384, 8) == 8192 * 16384
-    assert lookup_block_elems(torch.device("cuda"), 2**20, 2**18, 8) * 4 == quantizer.GPU_BLOCK_BYTES
+    assert lookup_block_elems(torch.device("cuda"), 2**20, 2**18, 8) * 4 == fast.GPU_BLOCK_BYTES
     # CPU: cache-sized blocks that grow with d (taller GEMMs for IBQ's d = 256), whatever N and K are
     assert lookup_block_elems(torch.device("cpu"), 8192, 16384, 8) == 2**20
     assert lookup_block_elems(torch.device("cpu"), 8, 16, 256) == 2**25
@@ -59,7 +61,7 @@ def test_shards_run_on_one_core_each_and_leave_thread_counts_alone():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        shards = quantizer._in_shards(lambda blocks: (torch.get_num_threads(), blocks), 100, 10, torch.device("cpu"))
+        shards = fast._in_shards(lambda blocks: (torch.get_num_threads(), blocks), 100, 10, torch.device("cpu"))
         assert [(n, len(blocks)) for n, blocks in shards] == [(1, 5), (1, 5)]   # 10 blocks of 10 rows
         assert torch.get_num_threads() == 2
         later = []
@@ -232,18 +234,6 @@ def test_vq_entropy_equals_official_distance_formula():
     flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, 8), dim=-1)   # (B, d, h, w) -> (N, d), as vq does
     h_sample, h_code = entropy_reference(-distances(flat, vq.codebook()), 0.01)
     assert torch.allclose(losses["entropy"], 0.03 * (h_sample - h_code), rtol=1e-4, atol=1e-6)
-
-
-def test_disentangle_loss_hand_computed():
-    def unit(*v):                       # one patch, (B=1, d, h=1, w=1)
-        return torch.tensor(v, dtype=torch.float64).view(1, -1, 1, 1)
-    assert disentangle_loss([unit(1, 0), unit(3, 0)]).item() == 1.0          # parallel: cos^2 = 1
-    assert disentangle_loss([unit(1, 0), unit(0, 2)]).item() == 0.0          # orthogonal
-    assert math.isclose(disentangle_loss([unit(1, 0), unit(1, 1)]).item(), 0.5, rel_tol=1e-12)
-    # k = 3: the mean of the three pairs (1 + 0.5 + 0.5) / 3; patches are averaged: (1 + 0) / 2
-    assert math.isclose(disentangle_loss([unit(1, 0), unit(1, 0), unit(1, 1)]).item(), 2 / 3, rel_tol=1e-12)
-    two = [torch.cat([unit(1, 0), unit(1, 0)], 2), torch.cat([unit(1, 0), unit(0, 1)], 2)]   # (1, 2, 2, 1)
-    assert math.isclose(disentangle_loss(two).item(), 0.5, rel_tol=1e-12)
 
 
 def test_codebook_usage_known_histogram():

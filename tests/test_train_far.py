@@ -47,7 +47,7 @@ def run(tok_ckpt, data, out, *extra):
 def test_extraction_views_codes_and_unreadable_images(tok_ckpt, data, tmp_path):
     tok = load_tokenizer(tok_ckpt)
     codes, labels = train_far.extract_codes(tok, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"),
-                                            False, 0, 1)
+                                            0, 1)
     assert codes.shape == (11, 10, 2, 4, 4) and labels.shape == (11,)
     files = train_far.Views(data, (32, 32), "tencrop").folder.samples
     broken = [i for i, (p, _) in enumerate(files) if p.endswith("broken.png")]
@@ -60,11 +60,11 @@ def test_extraction_views_codes_and_unreadable_images(tok_ckpt, data, tmp_path):
     flipped = TF.center_crop(center_crop(img, (35, 35)).transpose(Image.FLIP_LEFT_RIGHT), [32, 32])
     assert torch.equal(torch.from_numpy(codes[0, 9].astype(np.int64)), tok.encode(to_tensor(flipped)[None])[0])
     # a second call reuses the files; codes of another tokenizer in the same folder are refused
-    again = train_far.extract_codes(tok, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"), False, 0, 1)
+    again = train_far.extract_codes(tok, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"), 0, 1)
     assert np.array_equal(again[0], codes)
     other = Tokenizer(tok.cfg)
     with pytest.raises(train_far.CheckpointError, match="another tokenizer"):
-        train_far.extract_codes(other, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"), False, 0, 1)
+        train_far.extract_codes(other, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"), 0, 1)
 
 
 def test_resume_equals_uninterrupted_bit_for_bit(tok_ckpt, data, tmp_path):

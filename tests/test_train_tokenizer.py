@@ -193,7 +193,7 @@ def test_hold_out_leaves_whole_photos_out_and_measures_them(tmp_path):
 
 
 def test_every_flag_is_read():
-    source = open(os.path.join(ROOT, "train_tokenizer.py")).read()
+    source = "".join(open(os.path.join(ROOT, f)).read() for f in ("train_tokenizer.py", "checkpoints.py"))
     args, _ = train_tokenizer.parse_args([])
     for name in vars(args):
         assert f"args.{name}" in source, f"--{name.replace('_', '-')} is parsed but never read"
