@@ -261,7 +261,8 @@ class FAR(nn.Module):
         [h_t, E_1(q^1), ..., E_j(q^j)]: the input tables without the aggregation layer, so slot i sees exactly what
         precedes it. Tab. 4 baselines: each classifier reads the normed h_t alone, blind to the other sub-codes."""
         if self.cfg.head == "ar":
-            x = torch.stack([h] + [self.tok_embeddings[i](prev[:, i]) for i in range(prev.shape[1])], 1)  # (N, 1+j, dim)
+            embs = [self.tok_embeddings[i](prev[:, i]) for i in range(prev.shape[1])]   # j x (N, dim)
+            x = torch.stack([h] + embs, 1)                            # (N, 1 + j, dim)
             # NOTE(paper≠code): the head takes rotary rows 0..j of the backbone table, so slot 0 (h_t) gets the class
             # token's zero row and slot 2 grid cell (0, 1). # parity: §5.5
             z = self.norm(self.run_blocks(self.ar_head, x))          # (N, 1 + j, dim)

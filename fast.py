@@ -74,13 +74,13 @@ def _in_shards(fn, n, rows, device):
 
 @torch.no_grad()
 def nearest_code(z, codebook, block_elems=None):
-    """quantizer.lookup_reference(z, codebook) for z (N, d), codebook (K, d) -> (N,) int64, in (codes x tokens) blocks of
-    block_elems distances (default lookup_block_elems), each the official (||c||^2 + ||z||^2) - 2 c.z (add, addmm:
-    -2 is a power of two, so it rounds like "sum + sum - 2 * einsum"), codes-major (c @ z^T). torch's argmin is not
+    """quantizer.lookup_reference(z, codebook) for z (N, d), codebook (K, d) -> (N,) int64, in (codes x tokens)
+    blocks of block_elems distances (default lookup_block_elems), each (||c||^2 + ||z||^2) - 2 c.z as the released
+    code rounds it (add, addmm: -2 is a power of two; # parity: §1.5), codes-major (c @ z^T). torch's argmin is not
     vectorised, so it is two-level: the min of each group of GROUP codes, the first group holding the block minimum,
     the argmin inside it (the first minimum of the first minimal group is argmin's index, ties included).
     NOTE: fp32 distances depend on the GEMM kernel MKL picks for a shape, so near-ties (< ~1e-6 apart) can resolve
-    differently for different batch sizes or thread counts, in the official code as here."""
+    differently for different batch sizes or thread counts, in the released code as here."""
     (n, d), K = z.shape, codebook.shape[0]
     elems = block_elems or lookup_block_elems(z.device, n, K, d)
     pad = -K % GROUP                                                  # whole groups: pad with codes at distance +inf
@@ -115,10 +115,10 @@ def _softmax(logits, temperature):
 
 
 class _CodeSoftmax(torch.autograd.Function):
-    """quantizer.ibq_reference in row blocks of the logits A = z C^T (N, K), never storing A; the backward recomputes each block.
-    forward -> (codes = argmax_j A_ij, z_q = onehot_ste(A) @ C, h_sample, h_code), codes and z_q None without
-    straight_through. NOTE: the reference (and official) codes are argmax softmax(A): the same unless fp32 rounds the
-    two largest probabilities equal. Gradients, as autograd gives them for the reference (tested):
+    """quantizer.ibq_reference in row blocks of the logits A = z C^T (N, K), never storing A; the backward recomputes
+    each block. forward -> (codes = argmax_j A_ij, z_q = onehot_ste(A) @ C, h_sample, h_code), codes and z_q None
+    without straight_through. NOTE: the reference (and released) codes are argmax softmax(A): the same unless fp32
+    rounds the two largest probabilities equal. Gradients, as autograd gives them for the reference (tested):
       z_q:      dA = soft * (G - <soft, G>),  G = g_zq C^T,  and dC += hard^T g_zq
       h_sample: dH_i/dA_i = -p * (log p + H_i) / T
       h_code:   dH/dA_i = p * (u - <p, u>) / (N T),  u = dH/dpbar = -log(pbar + eps) - pbar / (pbar + eps)"""
@@ -173,8 +173,8 @@ class _CodeSoftmax(torch.autograd.Function):
 
 
 def code_softmax(z, codebook, temperature=0.01, straight_through=True, block_elems=None):
-    """quantizer.ibq_reference(z, codebook, temperature) for z (N, d), codebook (K, d), in blocks of block_elems logits (default
-    lookup_block_elems); straight_through=False returns (None, None, h_sample, h_code). Computed in >= fp32."""
+    """quantizer.ibq_reference(z, codebook, temperature) for z (N, d), codebook (K, d), in blocks of block_elems logits
+    (default lookup_block_elems); straight_through=False returns (None, None, h_sample, h_code). In >= fp32."""
     dtype = torch.promote_types(z.dtype, torch.float32)             # bf16 -> fp32; fp64 stays (tests)
     elems = block_elems or lookup_block_elems(z.device, z.shape[0], codebook.shape[0], z.shape[1])
     return _CodeSoftmax.apply(z.to(dtype), codebook.to(dtype), temperature, straight_through, elems)

@@ -8,7 +8,7 @@ The models (quantizer, tokenizer, losses, far) never import this file; the scrip
   ImageFolder     root/<class>/<image> -> (image (3, H, W) in [-1, 1], class, ...); unreadable files skipped, counted
   StreamSampler   an endless, rank-sharded stream of epochs that resumes at an exact sample; stream: its batches
   to_uint8        [-1, 1] -> uint8 exactly as the official sampler writes its PNGs
-  image_batches   uint8 batches streamed from an ADM npz or a folder (evaluate.py's generation mode)
+  image_batches   uint8 batches streamed from an ADM npz or a folder (evaluate.py's generation mode); write_npz
   save_png        atomic PNG writer (temp file + os.replace); save_grid draws a batch as one grid
 """
 import os
@@ -215,6 +215,26 @@ def image_batches(path, batch_size, size=None, unreadable=None):
             batch = []
     if batch:
         yield torch.stack(batch)
+
+
+def write_npz(path, parts, batch, labels):
+    """The ADM npz (arr_0 uint8 (N, H, W, 3), labels (N,)) at path, atomically, from the per-rank parts of sample.py:
+    global batch b is rows (b // W) * batch onwards of parts[b % W]. arr_0 is streamed into the zip batch by batch,
+    in global order: no N x H x W x 3 array in memory (50,000 x 256 x 256 x 3 is 9.8 GB)."""
+    n, (h, w), tmp = len(labels), parts[0].shape[1:3], f"{path}.tmp{os.getpid()}"
+    try:
+        with zipfile.ZipFile(tmp, "w") as zf:
+            with zf.open("arr_0.npy", "w", force_zip64=True) as f:   # what np.savez would write, piece by piece
+                np.lib.format.write_array_header_1_0(f, {"descr": "|u1", "fortran_order": False, "shape": (n, h, w, 3)})
+                for b in range(-(-n // batch)):
+                    rows = parts[b % len(parts)][(b // len(parts)) * batch:][:min(batch, n - b * batch)]
+                    f.write(np.ascontiguousarray(rows).tobytes())
+            with zf.open("labels.npy", "w") as f:
+                np.lib.format.write_array(f, np.asarray(labels))
+        os.replace(tmp, path)                                         # complete or absent
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------------------------------------------

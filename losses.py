@@ -5,7 +5,7 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
   Eq. (7)        the disentanglement regularizer and its weight λ_dis = 0.1
   Sec. 3.2.2     representation learning: feature head token 0 vs a frozen teacher's CLS (teachers.py), InfoNCE
   Eq. (8)        L = L_VQGAN + λ_dis·L_dis + λ_rep·L_rep
-Numbers follow the official code as described in docs/official_code.md §2-§3.
+Weights and forms follow the released training code (`# parity: §n` tags; docs/official_code.md §n says how).
 
 Used by the training script, once per step, with the tokenizer output `x_rec, aux = tokenizer(x)`:
     lpips, disc = LPIPS(), PatchGAN()
@@ -28,10 +28,10 @@ import torchvision
 
 @dataclass(frozen=True)
 class LossConfig:
-    rec_weight: float = 1.0          # L_rec = MSE in [-1, 1] (official_code.md §2.1)
-    perceptual_weight: float = 1.0   # λ_P, Eq. (2) (official_code.md §2.2)
-    gan_weight: float = 0.5          # λ_G, Eq. (2), on the G and the D loss once the GAN is on (official_code §2.3)
-    gan_start: int = 20000           # the GAN starts at the official 1-based step 20000 (official_code.md §2.3)
+    rec_weight: float = 1.0          # L_rec = MSE in [-1, 1] (# parity: §2.1)
+    perceptual_weight: float = 1.0   # λ_P, Eq. (2) (# parity: §2.2)
+    gan_weight: float = 0.5          # λ_G, Eq. (2), on the G and the D loss once the GAN is on (# parity: §2.3)
+    gan_start: int = 20000           # the GAN switches on at the 1-based step 20000 (# parity: §2.3)
     disentangle_weight: float = 0.1  # λ_dis, Eq. (8)
     rep_weight: float = 0.5          # λ_rep, Eq. (8), once per teacher-supervised branch (representation_loss)
 
@@ -42,7 +42,7 @@ def weights_dir():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# LPIPS perceptual loss, L_P of Eq. (2) (official_code.md §2.2; Zhang et al. 2018, VGG16 v0.1, as taming/LlamaGen)
+# LPIPS perceptual loss, L_P of Eq. (2) (Zhang et al. 2018, VGG16 v0.1, as taming/LlamaGen; # parity: §2.2)
 
 VGG_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"  # torchvision VGG16_Weights.IMAGENET1K_V1
 LIN_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-vgg16-lpips.pth"
@@ -81,13 +81,13 @@ class LPIPS(nn.Module):
             sd = {k.removeprefix("features."): v for k, v in sd.items() if not k.startswith("classifier.")}
             self.net.load_state_dict({k: v for k, v in sd.items() if int(k.split(".")[0]) <= self.taps[-1]})
             sd = torch.load(lin_path, map_location="cpu", weights_only=True)
-            for i, lin in enumerate(self.lins):   # official keys: lin{i}.model.1.weight (model = [Dropout, Conv])
+            for i, lin in enumerate(self.lins):   # LPIPS' keys: lin{i}.model.1.weight (model = [Dropout, Conv])
                 lin.weight.data.copy_(sd.get(f"lin{i}.model.1.weight", sd.get(f"lins.{i}.weight")))
         self.requires_grad_(False).eval()
 
     def train(self, mode=True):
-        # NOTE(paper≠code): the official loss module calls .train() on LPIPS, which turns on a Dropout(0.5) in front
-        # of each lin conv during training (official_code.md §2.2). We keep LPIPS deterministic: always eval.
+        # NOTE(paper≠code): always eval, so the loss is deterministic (the released training turns LPIPS' Dropout(0.5)
+        # on: # parity: §2.2)
         return super().train(False)
 
     def forward(self, x, y):
@@ -104,7 +104,7 @@ class LPIPS(nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# PatchGAN discriminator and hinge losses, L_G of Eq. (2) (official_code.md §2.3; taming's NLayerDiscriminator)
+# PatchGAN discriminator and hinge losses, L_G of Eq. (2) (taming's NLayerDiscriminator; # parity: §2.3)
 
 class PatchGAN(nn.Module):
     """(B, 3, H, W) -> (B, 1, H/8 - 2, W/8 - 2) real/fake logits; 2,765,633 parameters with the defaults."""
@@ -119,7 +119,7 @@ class PatchGAN(nn.Module):
             layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False),  # bias is redundant before BN
                        nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
         layers += [nn.Conv2d(ndf * mult, 1, 4, 1, 1)]
-        self.main = nn.Sequential(*layers)  # name kept from taming so official discriminator weights load
+        self.main = nn.Sequential(*layers)  # taming's name: released discriminator weights load
         for m in self.modules():            # taming's weights_init: conv weights N(0, 0.02), BN N(1, 0.02) and 0
             if isinstance(m, nn.Conv2d):
                 nn.init.normal_(m.weight, 0.0, 0.02)
@@ -132,10 +132,8 @@ class PatchGAN(nn.Module):
 
 
 def adversarial_weight(step, cfg=LossConfig()):
-    """λ_G at `step` = optimizer steps already taken (0 on the first iteration, the official `train_steps`).
-
-    The official code passes train_steps + 1 to adopt_weight and switches on at >= gan_start, so the GAN terms
-    first count at step gan_start - 1 (the 20,000th iteration). Before that both are multiplied by 0.
+    """λ_G at `step` = optimizer steps already taken (0 on the first iteration): the GAN terms first count at step
+    gan_start - 1, the 20,000th iteration (# parity: §2.3, its 1-based count); before that both are multiplied by 0.
     """
     return cfg.gan_weight if step + 1 >= cfg.gan_start else 0.0
 
@@ -148,7 +146,7 @@ def hinge_d_loss(logits_real, logits_fake):
 def discriminator_loss(x, x_rec, step, disc, cfg=LossConfig()):
     """D step after the G step, on the same images and the pre-update x_rec (detached here). Key "total" trains D.
 
-    D sees real and fake batches in two calls, as the official code does, so BatchNorm normalises each separately.
+    D sees real and fake batches in two calls, so BatchNorm normalises each separately (# parity: §2.3).
     """
     logits_real, logits_fake = disc(x.detach()), disc(x_rec.detach())
     hinge = hinge_d_loss(logits_real, logits_fake)
@@ -157,12 +155,11 @@ def discriminator_loss(x, x_rec, step, disc, cfg=LossConfig()):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Representation learning, Sec. 3.2.2 (official_code.md §2.5): the official InfoNCE objective against a teacher
-# (the frozen teachers themselves are in teachers.py)
+# Representation learning, Sec. 3.2.2: an InfoNCE objective against a frozen teacher (teachers.py)
 
 # paper-map: Representation loss
 def info_nce(student, teacher):
-    """The official representation loss (official_code.md §2.5): rows-only, temperature-free InfoNCE on cosines.
+    """The representation loss: rows-only, temperature-free InfoNCE on cosines (# parity: §2.5).
 
     student, teacher (B, W). s = l2norm(student), t = l2norm(teacher), M = exp(s tᵀ):
     loss = -mean_i log(M_ii / Σ_j M_ij); the other images of the (per-GPU) batch are the negatives.
@@ -170,10 +167,9 @@ def info_nce(student, teacher):
     s = F.normalize(student.float(), dim=-1)
     t = F.normalize(teacher.float(), dim=-1)
     logits = s @ t.t()                                            # (B, B) cosine similarities, temperature 1
-    # NOTE(paper≠code): the paper calls this "predicting the teacher's features"; the official code is this
-    # contrastive loss on the CLS token only, per GPU (no all-gather), so its minimum depends on the batch size
-    # (log(1 + 31/e^2) ≈ 1.648 for 32 images). With B = 1 it is exactly 0 (no gradient); the official .squeeze()
-    # would crash there instead. Columns (teacher -> student) are not used.
+    # NOTE(paper≠code): the paper says "predicting the teacher's features"; the released code is this contrastive
+    # loss on the CLS token, per GPU (no all-gather), so its minimum depends on the batch size (log(1 + 31/e^2) ≈
+    # 1.648 for 32 images). B = 1 gives exactly 0 here (no gradient) where the released code crashes.
     return F.cross_entropy(logits, torch.arange(len(s), device=s.device))
 
 
@@ -187,8 +183,8 @@ def representation_loss(features, teachers, x):
             f"branch {i}: head width {student.shape[-1]} != teacher width {teacher.width}"
         out[f"rep/{i}"] = info_nce(student, teacher(x))
     if out:
-        # Eq. (8): L_rep sums the supervised branches, each weighted by λ_rep in generator_loss, as the official
-        # generator loss adds λ_rep·NCE_mid + λ_rep·NCE_high for Triple (0.5 each) and λ_rep·NCE for Dual.
+        # Eq. (8): L_rep sums the supervised branches, each weighted by λ_rep in generator_loss: Triple adds
+        # λ_rep·NCE_mid + λ_rep·NCE_high (0.5 each), Dual λ_rep·NCE (# parity: §2.1)
         out["rep"] = torch.stack(list(out.values())).sum()
     return out
 
@@ -236,7 +232,7 @@ def generator_loss(x, x_rec, aux, step, *, lpips=None, disc=None, teachers=None,
         out.update(representation_loss(aux["features"], teachers, x))
         total = total + cfg.rep_weight * out["rep"]                # λ_rep · L_rep, Eq. (8)
     # paper-map: Eq. (8)
-    out["total"] = total                                           # Eq. (8)
+    out["total"] = total
     return out
 
 

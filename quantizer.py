@@ -28,7 +28,7 @@ def use_fast():
 
 def distances(z, codebook):
     """||z_i - c_j||^2 for z (N, d), codebook (K, d) -> (N, K), expanded as ||z||^2 + ||c||^2 - 2 z.c."""
-    return z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.t()   # parity: op order
+    return z.pow(2).sum(1, keepdim=True) + codebook.pow(2).sum(1) - 2 * z @ codebook.t()   # parity: §1.5, op order
 
 
 def lookup_reference(z, codebook, _block_elems=None):
@@ -68,7 +68,7 @@ class VectorQuantizer(nn.Module):
         self.block_elems = block_elems                                # fast.py's block size; None: by device
         self.paper_ste = False                                        # the straight-through form, see forward()
         self.embedding = nn.Embedding(codebook_size, codebook_dim)
-        self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)   # parity: init (re-normed)
+        self.embedding.weight.data.uniform_(-1.0 / codebook_size, 1.0 / codebook_size)   # parity: §1.5 (re-normed)
         if l2_norm:
             self.embedding.weight.data = F.normalize(self.embedding.weight.data, dim=-1)
 

@@ -9,16 +9,16 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
   Tab. 1        the presets fqgan-dual-16/-8 and fqgan-triple-16/-8; Tab. 3 the single-codebook vqgan-16 baseline
   IBQ (arXiv 2412.02692) as the second quantizer: preset ibq-16.
 
-Data flow (k branches, concatenated in branch order; official order [vis, sem] / [vis, sem_mid, sem_high]):
+Data flow (k branches, concatenated in branch order: [vis, sem] / [vis, sem_mid, sem_high]):
 
   x (B,3,H,W) -> Encoder trunk -> z (B,C,h,w) -+-> branch i: adapter A_i -> GroupNorm -> swish -> conv_out
                                                |     -> quant_conv -> quantizer Q_i -> z_q^i (B,d,h,w)
                                                |     [-> feature head P_i (teacher-supervised branches only)]
                                                +-> ... ; concat z_q^1..z_q^k -> post_quant_conv -> Decoder -> x_rec
 
-Numerics follow the official code where it matters for bit-exact checkpoint parity (docs/official_code.md §1.3):
-swish as x*sigmoid(x), bmm attention with the scale after the matmul, asymmetric padding before the stride-2 conv,
-nearest upsampling, exact GELU, LayerNorm eps 1e-5, GroupNorm eps 1e-6.
+Names and numerics follow the released code where checkpoint parity needs them (swish as x*sigmoid(x), bmm attention
+with the scale after the matmul, asymmetric padding before the stride-2 conv, nearest upsampling, exact GELU, eps
+1e-5 / 1e-6); a `# parity: §n` tag marks such a line, and docs/official_code.md §n says what the released code does.
 
 Usage:
   from tokenizer import Tokenizer, TokenizerConfig, PRESETS
@@ -45,7 +45,7 @@ class TokenizerConfig:
     num_res_blocks: int = 2                 # the decoder uses num_res_blocks + 1 per level
     z_channels: int = 256
     dropout: float = 0.0
-    norm_groups: int = 32                   # GroupNorm groups everywhere (official 32; tiny: see its preset)
+    norm_groups: int = 32                   # GroupNorm groups everywhere (tiny: see its preset)
     attn: bool = True                       # self-attention blocks at the lowest resolution and in the mid blocks
     # quantization (Sec. 3.1-3.2; Tab. 1: K = 16384, d = 8)
     quantizer: str = "vq"                   # "vq" (FQGAN) or "ibq"
@@ -54,12 +54,12 @@ class TokenizerConfig:
     codebook_dim: int = 8                   # d
     l2_norm: bool = True                    # vq only: cosine-similarity lookup (FQGAN default)
     beta: float = 0.25                      # commitment weight (Eq. 2)
-    entropy_weight: float = 0.03            # official training scripts (the model default is 0.0)
+    entropy_weight: float = 0.03            # keeps code usage spread (# parity: §3.1)
     entropy_temperature: float = 0.01
     # adapters, Eq. (4): a pre-LN transformer over the h*w latent tokens, width = ch * ch_mult[-1]
     adapter_layers: int = 6                 # 0: no adapter (a plain VQGAN branch)
     adapter_heads: int = 8
-    adapter_residual: bool = False          # z_i = z + A_i(z) instead of A_i(z) (official: False; tiny: see preset)
+    adapter_residual: bool = False          # z_i = z + A_i(z) instead of Eq. (4)'s A_i(z) (tiny: see its preset)
     # branches and representation learning (Sec. 3.2.2); one entry per sub-codebook, in concatenation order
     branch_names: tuple = ("vis", "sem")
     teachers: tuple = (None, "openclip:ViT-L-14:openai")   # frozen teacher per branch (teachers.py)
@@ -89,45 +89,53 @@ class TokenizerConfig:
         return size[0] // self.downsample, size[1] // self.downsample
 
 
-_DUAL = dict(branch_names=("vis", "sem"), teachers=(None, "openclip:ViT-L-14:openai"), head_dims=(0, 1024))
-_TRIPLE = dict(num_codebooks=3, branch_names=("vis", "sem_mid", "sem_high"),
-               teachers=(None, "timm:vit_small_patch14_dinov2.lvd142m", "openclip:ViT-B-16:openai"),
-               head_dims=(0, 384, 768))
-# tiny enc/dec: 64 px, downsample 4 -> 16x16 tokens (the paper's 256 px / 16 grid; tiny8: 8x8), 64 channels, 8 channels
-# per GroupNorm group (32 groups on 32 channels = instance norm, whose spike was the old tiny's corner blotch, README)
-_TINY_TRUNK = dict(image_size=64, ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=8)
-_TINY8_TRUNK = dict(_TINY_TRUNK, ch_mult=(1, 1, 2, 2))
-_SINGLE = dict(num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,), head_dims=(0,))
-_TINY_FQ = dict(codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True, teachers=(None, None),
-                branch_names=("vis", "sem"), head_dims=(0, 0))
-_TINY_REP = dict(_TINY_FQ, head_layers=1, teachers=(None, "cnn:tiny_teacher.pt"), head_dims=(0, 128))
+# Every preset in full (the TokenizerConfig defaults above fill the rest). The CPU-sized tiny* trunk: 64 px, 64
+# channels, 8 channels per GroupNorm group (one channel per group is an instance norm, under which a decoder can
+# grow a spike that dominates its channel's statistics: docs/results.md).
+DUAL_CLIP = ("openclip:ViT-L-14:openai",)                          # Tab. 1: Dual's semantic teacher, CLIP ViT-L/14
+TRIPLE_TEACHERS = ("timm:vit_small_patch14_dinov2.lvd142m", "openclip:ViT-B-16:openai")   # DINOv2 S/14, CLIP B/16
 # paper-map: Tab. 1
 PRESETS = {
-    # Tab. 1: FQGAN-Dual / -Triple at downsample 16 (16x16 tokens at 256 px) and 8 (32x32 tokens)
-    "fqgan-dual-16": dict(**_DUAL),
-    "fqgan-triple-16": dict(**_TRIPLE),
-    "fqgan-dual-8": dict(ch_mult=(1, 2, 2, 4), **_DUAL),
-    "fqgan-triple-8": dict(ch_mult=(1, 2, 2, 4), **_TRIPLE),
+    # Tab. 1: FQGAN-Dual / -Triple at downsample 16 (16x16 tokens at 256 px) and 8 (32x32 tokens), K = 16384, d = 8
+    "fqgan-dual-16": dict(ch_mult=(1, 1, 2, 2, 4), num_codebooks=2, branch_names=("vis", "sem"),
+                          teachers=(None, *DUAL_CLIP), head_dims=(0, 1024)),
+    "fqgan-triple-16": dict(ch_mult=(1, 1, 2, 2, 4), num_codebooks=3, branch_names=("vis", "sem_mid", "sem_high"),
+                            teachers=(None, *TRIPLE_TEACHERS), head_dims=(0, 384, 768)),
+    "fqgan-dual-8": dict(ch_mult=(1, 2, 2, 4), num_codebooks=2, branch_names=("vis", "sem"),
+                         teachers=(None, *DUAL_CLIP), head_dims=(0, 1024)),
+    "fqgan-triple-8": dict(ch_mult=(1, 2, 2, 4), num_codebooks=3, branch_names=("vis", "sem_mid", "sem_high"),
+                           teachers=(None, *TRIPLE_TEACHERS), head_dims=(0, 384, 768)),
     # Tab. 3 baseline: LlamaGen's VQ-16, one 16384 x 8 codebook, no adapter
-    "vqgan-16": dict(**_SINGLE),
+    "vqgan-16": dict(num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,), head_dims=(0,)),
     # IBQ (arXiv 2412.02692): one 16384 x 256 codebook, raw inner-product logits, 4 res blocks per level.
     # NOTE(paper≠code): IBQ's own encoder is taming's (attention at 16x16 in every block); we reuse ours.
-    "ibq-16": dict(quantizer="ibq", codebook_dim=256, num_res_blocks=4, entropy_weight=0.05, l2_norm=False,
-                   **_SINGLE),
-    # CPU size: 64 px, downsample 4 -> 16x16 grid, two 512-entry sub-codebooks, no teacher (no weights offline).
-    # NOTE(paper≠code): residual tiny adapters, z_i = z + A_i(z), train faster at this size (README, tiny models).
-    "tiny": dict(**_TINY_TRUNK, **_TINY_FQ),
+    "ibq-16": dict(quantizer="ibq", codebook_dim=256, l2_norm=False, entropy_weight=0.05, num_res_blocks=4,
+                   num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,), head_dims=(0,)),
+    # CPU size: 64 px, downsample 4 -> 16x16 tokens, two 512-entry sub-codebooks, no teacher (no weights offline).
+    # NOTE(paper≠code): residual tiny adapters, z_i = z + A_i(z), train faster at this size (docs/results.md).
+    "tiny": dict(image_size=64, ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=8,
+                 codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True, teachers=(None, None),
+                 head_dims=(0, 0)),
     # tiny + representation learning (Sec. 3.2.2, Tab. 3 "+rep"): the offline stand-in teacher (train_teacher.py, a
     # small CNN that tells the 11 bundled photos apart, 128-d features) on the second branch, where Dual has CLIP.
-    "tiny-dual": dict(**_TINY_TRUNK, **_TINY_REP),
-    # Tab. 3 at CPU size (ablate.py), on the cheaper 8x8 grid where the quantizer limits reconstruction: tiny8(-dual)
-    # = tiny(-dual) at downsample 8; tiny8-vq: one plain branch, as vqgan-16 is to fqgan-dual-16 (VQ(2K): add
+    "tiny-dual": dict(image_size=64, ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=8,
+                      codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
+                      teachers=(None, "cnn:tiny_teacher.pt"), head_dims=(0, 128), head_layers=1),
+    # Tab. 3 at CPU size (ablate.py), on the cheaper 8x8 grid (downsample 8) where the quantizer limits reconstruction:
+    # tiny8(-dual) = tiny(-dual) there; tiny8-vq: one plain branch, as vqgan-16 is to fqgan-dual-16 (VQ(2K): add
     # --codebook-size 1024); tiny8-ibq as ibq-16: d = z_channels, raw logits, K = 1024 = the 2 x 512 codes FQ stores.
-    "tiny8": dict(**_TINY8_TRUNK, **_TINY_FQ),
-    "tiny8-dual": dict(**_TINY8_TRUNK, **_TINY_REP),
-    "tiny8-vq": dict(**_TINY8_TRUNK, codebook_size=512, **_SINGLE),
-    "tiny8-ibq": dict(**_TINY8_TRUNK, codebook_size=1024, quantizer="ibq", codebook_dim=64, entropy_weight=0.05,
-                      l2_norm=False, **_SINGLE),
+    "tiny8": dict(image_size=64, ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=64, norm_groups=8,
+                  codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True, teachers=(None, None),
+                  head_dims=(0, 0)),
+    "tiny8-dual": dict(image_size=64, ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=64, norm_groups=8,
+                       codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
+                       teachers=(None, "cnn:tiny_teacher.pt"), head_dims=(0, 128), head_layers=1),
+    "tiny8-vq": dict(image_size=64, ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=64, norm_groups=8,
+                     codebook_size=512, num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,),
+                     head_dims=(0,)),
+    "tiny8-ibq": dict(image_size=64, ch=64, ch_mult=(1, 1, 2, 2), num_res_blocks=1, z_channels=64, norm_groups=8,
+                      quantizer="ibq", codebook_size=1024, codebook_dim=64, l2_norm=False, entropy_weight=0.05,
+                      num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,), head_dims=(0,)),
 }
 
 
@@ -170,7 +178,7 @@ class AttnBlock(nn.Module):
         q = self.q(y).reshape(b, c, h * w).permute(0, 2, 1)          # (B, C, h, w) -> (B, hw, C)
         k = self.k(y).reshape(b, c, h * w)                            # (B, C, hw)
         v = self.v(y).reshape(b, c, h * w)                            # (B, C, hw)
-        # official op order (bit-exact): bmm, then scale, softmax over keys, bmm with the transposed weights
+        # bmm, then scale, softmax over keys, bmm with the transposed weights (# parity: §1.3, bit for bit)
         attn = (torch.bmm(q, k) * c ** -0.5).softmax(dim=2)           # (B, hw_q, hw_k)
         out = torch.bmm(v, attn.permute(0, 2, 1)).reshape(b, c, h, w)  # (B, C, hw_q) -> (B, C, h, w)
         return x + self.proj_out(out)
@@ -195,7 +203,7 @@ class Level(nn.Module):
         super().__init__()
         self.res = nn.ModuleList(ResnetBlock(cin if i == 0 else cout, cout, dropout, groups) for i in range(n_res))
         self.attn = nn.ModuleList(AttnBlock(cout, groups) for _ in range(n_res)) if attn else nn.ModuleList()
-        if resample is not None:    # "downsample" / "upsample": registered under that name (official names)
+        if resample is not None:    # registered as "downsample" / "upsample" (# parity: §1.7, the names)
             setattr(self, resample, Resample(cout, resample))
         self.resample = resample
 
@@ -206,7 +214,7 @@ class Level(nn.Module):
 
 
 def mid_blocks(c, cfg):
-    """res -> attention -> res at the lowest resolution (official names mid.0, mid.1, mid.2); res -> res if no attn."""
+    """res -> attention -> res at the lowest resolution (mid.0, mid.1, mid.2); res -> res if no attention."""
     attn = [AttnBlock(c, cfg.norm_groups)] if cfg.attn else []
     return nn.Sequential(ResnetBlock(c, c, cfg.dropout, cfg.norm_groups), *attn,
                          ResnetBlock(c, c, cfg.dropout, cfg.norm_groups))
@@ -247,7 +255,7 @@ class Decoder(nn.Module):
 
     def forward(self, z):
         h = self.conv_blocks(self.mid(self.conv_in(z)))               # (B, z_channels, h, w) -> (B, ch, H, W)
-        return self.conv_out(swish(self.norm_out(h)))                 # no tanh, no clamp (official)
+        return self.conv_out(swish(self.norm_out(h)))                 # no tanh, no clamp (# parity: §1.3)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -299,7 +307,7 @@ def _grid_pos(pos, grid, new_grid):
 # paper-map: Adapter
 class Adapter(nn.Module):
     """Eq. (4), z_i = A_i(z): a pre-LN transformer over the h*w latent tokens, bidirectional, learned positions.
-    The output replaces z (no skip around the adapter), as in the official code; residual=True adds it to z."""
+    The output replaces z, as Eq. (4) writes it (no skip around the adapter); residual=True adds it to z."""
 
     def __init__(self, width, layers, heads, grid, residual=False):
         super().__init__()
@@ -370,10 +378,10 @@ class Branch(nn.Module):
 
     def forward(self, z):
         # paper-map: Eq. (4)
-        z_i = self.adapter(z) if self.adapter is not None else z     # Eq. (4): z_i = A_i(z), the shared z in
+        z_i = self.adapter(z) if self.adapter is not None else z     # every branch adapts the shared z
         z_i = self.quant_conv(self.conv_out(swish(self.norm_out(z_i))))   # (B, C, h, w) -> (B, d, h, w)
         # paper-map: Eq. (5)
-        return self.quantize(z_i)                                     # Eq. (5): z_q^i, losses, codes
+        return self.quantize(z_i)                                     # z_q^i, its losses, its codes
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -402,7 +410,7 @@ class Tokenizer(nn.Module):
         (training without teachers: their output would be unused)."""
         self._check_images(x)
         # paper-map: Eq. (3)
-        z = self.encoder(x)                                           # Eq. (3): z = E(x), shared by the branches
+        z = self.encoder(x)                                           # shared by the k branches
         z_qs, codes, losses, heads = [], [], {}, {}
         for i, branch in enumerate(self.branches):
             z_q, branch_losses, branch_codes = branch(z)              # Eq. (4)-(5)

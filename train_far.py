@@ -54,9 +54,10 @@ SAMPLE_CLASSES, MAX_COPY_VIEWS = 16, 20_000
 # Stage 1: code extraction
 
 class Views(Dataset):
-    """Image i -> (A views (A, 3, H, W) in [-1, 1], label; -1 if unreadable). tencrop (# parity: §7.1): 4 corners + centre
-    of the 1.1x ADM centre crop and their flips; flip: centre crop + its flip; none: centre crop (held-out images);
-    random (tiny recipe): 40 official training crops (images.random_crop, scale up to 1.25), seeded by the index."""
+    """Image i -> (A views (A, 3, H, W) in [-1, 1], label; -1 if unreadable). tencrop (# parity: §7.1): the 4 corners
+    and the centre of the 1.1x ADM centre crop and their flips; flip: centre crop + its flip; none: centre crop
+    (held-out images); random (tiny recipe): 40 training crops (images.random_crop, scale up to 1.25), seeded by the
+    index."""
 
     def __init__(self, root, size, augment):   # the folder only lists the files: the crops are done here
         self.folder, self.size, self.augment = ImageFolder(root, size, train=False), size, augment

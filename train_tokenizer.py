@@ -237,7 +237,8 @@ def main(argv=None):
     opt_g = torch.optim.Adam(tok.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))     # no weight decay
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(args.beta1, args.beta2))
     loss_cfg = LossConfig(perceptual_weight=args.perceptual_weight, gan_weight=args.gan_weight,
-                          gan_start=args.gan_start, disentangle_weight=args.disentangle_weight, rep_weight=args.rep_weight)
+                          gan_start=args.gan_start, disentangle_weight=args.disentangle_weight,
+                          rep_weight=args.rep_weight)
     state = {"model": tok, "ema": ema, "disc": disc, "opt_g": opt_g, "opt_d": opt_d}   # what a checkpoint holds
     step = resume(args, parser, cfg, state, rank)                      # 0, or the step of OUT/checkpoints/last.pt
     log = open_run(args, master, f"{args.preset}: {sum(p.numel() for p in tok.parameters()) / 1e6:.1f} M parameters, "

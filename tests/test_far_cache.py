@@ -1,4 +1,4 @@
-"""The static KV cache and the compiled decode step of far.generate (fast.decode; Sec. 3.3 sampling; official_code.md §6).
+"""The static KV cache and the compiled decode step of far.generate (fast.decode; Sec. 3.3; official_code.md §6).
 
 Invariants: cached sampling draws the same codes as full recompute for every k and head, with and without CFG
 and filtering; each layer's cache is one preallocated buffer written in place (same shape and storage at every

@@ -102,8 +102,8 @@ def test_sampling_is_bounded(tmp_path, far_runs):
 
 
 def test_evaluation_is_bounded(tmp_path, data, tok_ckpt):
-    flags = lambda root, out: ["--tokenizer-ckpt", tok_ckpt, "--data-path", root, "--num-workers", 0, "--no-fid", "--device", "cpu",
-                               "--no-lpips", "--out-json", out / "res.json"]
+    flags = lambda root, out: ["--tokenizer-ckpt", tok_ckpt, "--data-path", root, "--num-workers", 0, "--no-fid",
+                               "--device", "cpu", "--no-lpips", "--out-json", out / "res.json"]
     result = both_sizes(tmp_path, data, "evaluate.py", flags)
     assert_bounded(result, "evaluate.py")       # the class probe of 2000 images x 1000 classes, (N, C) at most
     res = json.load(open(result[LARGE][1] / "res.json"))

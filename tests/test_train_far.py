@@ -127,9 +127,9 @@ def test_copy_distance_finds_a_copied_training_view():
 
 
 def test_compiled_after_ddp_on_two_processes(tok_ckpt, data, tmp_path):
-    """What a GPU run does by default, with gloo on this CPU: torch.compile of the DDP-wrapped FAR (the compiled backward
-    split at DDP's buckets). It trains, its checkpoint holds the raw module's names (no module. / _orig_mod. prefix),
-    and it samples (the raw module) at the end."""
+    """What a GPU run does by default, with gloo on this CPU: torch.compile of the DDP-wrapped FAR (the compiled
+    backward split at DDP's buckets). It trains, its checkpoint holds the raw module's names (no module. / _orig_mod.
+    prefix), and it samples (the raw module) at the end."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train_far.py", *FAST, "--tokenizer-ckpt", tok_ckpt, "--data-path", data, "--compile",
                            "--max-steps", "3", "--sample-every", "3", "--out-dir", str(tmp_path)],
