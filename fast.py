@@ -248,3 +248,8 @@ def decode(model, y, codes, both, pick, compile=False):
                 x = h if j == 0 else model.tok_embeddings[j - 1](both(codes[:, j - 1, t]))
                 logits = model.classify(head(model, x[:, None], slot(j), head_caches), j)   # (nB, dim) -> (nB, V)
             codes[:, j, t] = pick(logits)
+
+
+if __name__ == "__main__":   # `python fast.py --help` says what is here; the file itself is a library
+    import argparse
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()

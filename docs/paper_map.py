@@ -21,7 +21,7 @@ FILES = ["quantizer.py", "tokenizer.py", "losses.py", "teachers.py", "far.py", "
 TAG = re.compile(r"#\s*paper-map:\s*(.+?)\s*$")
 # (item, what the paper says it is); the order of the table in docs/paper_map.md
 ITEMS = [
-    ("Eq. (1)", "nearest-code lookup q = argmin_j ||z - c_j|| (the paper's form and the chunked fast form)"),
+    ("Eq. (1)", "nearest-code lookup q = argmin_j ||z - c_j|| (the paper's form; fast.nearest_code in blocks)"),
     ("Eq. (1) straight-through", "z_q = z + sg(c_q - z): the value of the code, the gradient of z"),
     ("Eq. (2)", "VQGAN objective: L_rec + L_VQ (codebook + beta commitment) + lambda_P LPIPS + lambda_G GAN"),
     ("Eq. (3)", "shared encoder trunk z = E(x)"),
