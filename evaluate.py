@@ -13,10 +13,9 @@ Tokenizer mode (no argument: the shipped tiny tokenizer on the bundled held-out 
 Generation mode (samples: sample.py's npz or a folder; reference: an npz such as ADM's VIRTUAL_imagenet256_labeled.npz
 or a folder, center-cropped to the samples' size):
   python evaluate.py --samples samples.npz --reference VIRTUAL_imagenet256_labeled.npz
-Unreadable images are skipped and counted ("unreadable" in the table and the JSON), never replaced.
-Weights come from local files in $FQGAN_WEIGHTS (default torch.hub.get_dir()/checkpoints), never downloaded: the
-Inception of torch-fidelity (FID, IS, precision / recall) and LPIPS' two files. In tokenizer mode a missing file makes
-its metric null with a one-line note naming the file; --fid / --lpips make it an error instead.
+Unreadable images are skipped and counted, never replaced. Weights (torch-fidelity's Inception, LPIPS' two files) come
+from $FQGAN_WEIGHTS (default torch.hub.get_dir()/checkpoints), never downloaded; in tokenizer mode a missing file makes
+its metric null with a one-line note naming the file (--fid / --lpips: an error instead).
 """
 import argparse
 import json
@@ -41,9 +40,8 @@ from quantizer import codebook_usage
 
 ROOT = os.path.dirname(os.path.abspath(__file__))                     # for the shipped weights/ default
 
-# Inception features per metric, as ADM's evaluator: pool_3 (2048) for FID and precision / recall, logits for IS.
-# NOTE(paper≠code): torch-fidelity's own precision / recall default is VGG16 fc2 (Kynkäänniemi et al.); the paper's
-# Tab. 2 numbers come from ADM's evaluator, which uses the Inception pool features, so we pass those.
+# Inception features per metric, as ADM's evaluator (the paper's Tab. 2): pool_3 (2048) for FID and precision /
+# recall, logits for IS. NOTE(paper≠code): torch-fidelity's own precision / recall default is VGG16 fc2.
 LAYERS = {"fid": "2048", "isc": "logits_unbiased", "prc": "2048"}     # torch-fidelity's feature names
 
 
@@ -57,11 +55,9 @@ def psnr(a, b):
 
 
 def ssim(a, b, window=11, sigma=1.5, k1=0.01, k2=0.03, data_range=1.0):
-    """SSIM (Wang et al. 2004) per image of a, b (B, C, H, W) on [0, data_range] -> (B,): Gaussian window 11x11 with
-    sigma 1.5 at every valid position (no padding), C1 = (k1 L)^2, C2 = (k2 L)^2, mean over positions and channels;
-    = skimage's structural_similarity(gaussian_weights=True, use_sample_covariance=False, data_range=1).
-    NOTE(paper≠code): the official script calls skimage on [0, 1] images with data_range=2 and the default 7x7 uniform
-    window (docs/official_code.md §4.2): C1 and C2 come out 4x too large, which inflates SSIM. We use L = 1."""
+    """SSIM (Wang et al. 2004) per image of a, b (B, C, H, W) on [0, data_range] -> (B,): Gaussian window 11x11,
+    sigma 1.5, at every valid position, C1 = (k1 L)^2, C2 = (k2 L)^2, mean over positions and channels (= skimage's,
+    gaussian_weights=True, data_range=1). NOTE(paper≠code): L = 1; the released script's data_range=2 inflates it."""
     if min(a.shape[-2:]) < window:                                    # no valid window position at all
         raise ValueError(f"SSIM needs images of at least {window}x{window} pixels, got {tuple(a.shape[-2:])}")
     a, b, c = a.double(), b.double(), a.shape[1]                      # float64: the variances are differences
@@ -88,9 +84,9 @@ def load_inception(device, path=None):
 
 
 def fidelity(feats, ref=None, prc=True, device="cpu"):
-    """From the Inception feature dicts of the evaluated images and of the reference: Inception Score (10 splits, or
-    one per image below 10), FID (Sec. 4.1), precision / recall (Tab. 2; k = 3 as ADM), torch-fidelity's formulas.
-    One process runs it; IS and precision / recall on `device` (the N x N neighbour distances), FID in numpy."""
+    """From the Inception features of the evaluated images and of the reference: IS (10 splits, or one per image below
+    10), FID (Sec. 4.1), precision / recall (Tab. 2, k = 3 as ADM); torch-fidelity's formulas, run by one process:
+    IS and precision / recall on `device` (the N x N neighbour distances), FID in numpy."""
     isc = isc_features_to_metric(feats[LAYERS["isc"]].to(device), splits=min(10, len(feats[LAYERS["isc"]])))
     out = {"inception_score": isc["inception_score_mean"], "inception_score_std": isc["inception_score_std"]}
     if ref is not None:                                               # FID: Frechet distance of two Gaussians
@@ -104,8 +100,8 @@ def fidelity(feats, ref=None, prc=True, device="cpu"):
 
 
 def gather(local):
-    """Concatenate a dict of lists of CPU tensors (one row per image) over all ranks, in rank order, on rank 0 only
-    (the other ranks get None: the metrics are computed once)."""
+    """A dict of lists of CPU tensors (a row per image), concatenated over all ranks in rank order on rank 0; None on
+    the others (the metrics are computed once)."""
     local = {k: torch.cat(v) for k, v in local.items() if v}          # [(b_i, ...)] -> (sum b_i, ...)
     if not dist.is_initialized():                                     # one process: nothing to gather
         return local
@@ -192,10 +188,10 @@ def evaluate_tokenizer(args, tok, dataset, device, rank, world):
         raise ValueError(f"none of the {n} images under {args.data_path} could be read")
     res = {"images": len(stats["psnr"]), "unreadable": int(stats["unreadable"].sum()), "psnr": stats["psnr"].mean()
            .item(), "ssim": stats["ssim"].mean().item(), "lpips": stats["lpips"].mean().item() if lpips else None,
-           "rfid": None, "inception_score": None, "inception_score_std": None}
-    for i in range(tok.cfg.num_codebooks):   # how well each sub-codebook's codes alone tell the classes apart
-        res[f"probe/{i}"] = class_probe(stats[f"emb/{i}"], stats["label"])
-    res["probe_chance"] = 1 / len(stats["label"].unique())
+           "rfid": None, "inception_score": None, "inception_score_std": None,
+           # how well each sub-codebook's codes alone tell the classes apart
+           **{f"probe/{i}": class_probe(stats[f"emb/{i}"], stats["label"]) for i in range(tok.cfg.num_codebooks)},
+           "probe_chance": 1 / len(stats["label"].unique())}
     if inception is not None:
         feats = [{k.split("/", 1)[1]: v for k, v in stats.items() if k.startswith(p)} for p in ("rec/", "real/")]
         metrics = fidelity(*feats, prc=False, device=device)          # rFID against the crops, as official §4.1
@@ -241,38 +237,36 @@ def parse_args(argv=None):
                    "root/<class>/<image>), center-cropped at the model's resolution (default: data/photos/val)")
     p.add_argument("--num-images", type=int, default=0, help="evaluate the first N images only (default 0: all)")
     p.add_argument("--classes", nargs="+", metavar="CLASS", help="only these classes of --data-path (default: all)")
-    p.add_argument("--lpips", action=argparse.BooleanOptionalAction, default=None, help="LPIPS (default: if its "
-                   "weights are in $FQGAN_WEIGHTS, else null and a note; --lpips: missing weights are an error)")
-    p.add_argument("--fid", action=argparse.BooleanOptionalAction, default=None, help="rFID and IS (default: if the "
-                   "Inception weights exist, else null and a note; --fid: missing weights are an error)")
+    for flag, what in (("--lpips", "LPIPS"), ("--fid", "rFID and IS")):   # None: if their weights are there
+        p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{what} (default: if the weights are in "
+                       f"$FQGAN_WEIGHTS, else null and a note; {flag}: missing weights are an error)")
     p.add_argument("--samples", help="generated images, npz (arr_0: N x H x W x 3 uint8) or folder; generation mode")
-    p.add_argument("--reference", default=None, help="reference images, npz or folder")   # generation mode, Tab. 2
+    p.add_argument("--reference", help="reference images, npz or folder")   # generation mode, Tab. 2
     p.add_argument("--inception-weights", help="torch-fidelity Inception file (default: "   # both modes
                    f"$FQGAN_WEIGHTS/{os.path.basename(URL_INCEPTION_V3)})")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
     p.add_argument("--device", type=device_flag, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK with CUDA)")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers per process (tokenizer mode)")
-    p.add_argument("--out-json", default=None, help="results file (default: runs/eval/{tokenizer,generation}.json)")
+    p.add_argument("--out-json", help="results file (default: runs/eval/{tokenizer,generation}.json)")
     args = p.parse_args(argv)                                         # every value checked below: exit 2, one line
     for name, lo, hi in (("num_images", 0, math.inf), ("batch_size", 1, math.inf), ("num_workers", 0, math.inf)):
         if not lo <= getattr(args, name) <= hi:
             p.error(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(args, name)}")
     if (args.samples is None) != (args.reference is None):            # FID needs both sets
         p.error("--samples and --reference go together (generation mode)")
-    for name in ("samples", "reference") if args.samples else ("tokenizer_ckpt", "data_path"):
-        if not os.path.exists(getattr(args, name)):
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} does not exist" + (" (train one with "
-                    "train_tokenizer.py, or pass a checkpoint)" if name == "tokenizer_ckpt" else ""))
-    if args.classes and not args.samples and not set(args.classes) <= set(os.listdir(args.data_path)):
-        p.error(f"--classes {' '.join(args.classes)}: not all are class folders of --data-path {args.data_path}")
-    for name in ("samples", "reference") if args.samples else ():       # the inputs, checked before any work
+    for name in ("samples", "reference") if args.samples else ("tokenizer_ckpt", "data_path"):   # before any work
         path = getattr(args, name)
+        if not os.path.exists(path):
+            p.error(f"--{name.replace('_', '-')} {path} does not exist" + (" (train one with train_tokenizer.py, or "
+                    "pass a checkpoint)" if name == "tokenizer_ckpt" else ""))
         try:                                                          # reads the npz header only, not the images
-            npz_header(path) if path.endswith(".npz") else None
+            npz_header(path) if args.samples and path.endswith(".npz") else None
         except ValueError as e:
             p.error(f"--{name} {e}")
-        if os.path.isdir(path) and not list_images(path):
+        if args.samples and os.path.isdir(path) and not list_images(path):
             p.error(f"--{name} {path}: no images (extensions {', '.join(IMAGE_EXTS)})")
+    if args.classes and not args.samples and not set(args.classes) <= set(os.listdir(args.data_path)):
+        p.error(f"--classes {' '.join(args.classes)}: not all are class folders of --data-path {args.data_path}")
     if args.out_json is None:                                         # the default folder is ours to create
         args.out_json = os.path.join("runs", "eval", "generation.json" if args.samples else "tokenizer.json")
         os.makedirs(os.path.dirname(args.out_json), exist_ok=True)
@@ -298,8 +292,8 @@ def main(argv=None):
         dataset = ImageFolder(args.data_path, tok.cfg.image_shape, train=False, only=args.classes)   # ADM crop §4.1
         inputs = {"checkpoint": args.tokenizer_ckpt, "data_path": args.data_path, "image_size": "%dx%d" % dataset.size}
         metrics = evaluate_tokenizer(args, tok, dataset, device, rank, world)
-    res = None if metrics is None else {**inputs, **metrics}          # None on ranks > 0: rank 0 reports
-    if res is not None:
+    res = metrics and {**inputs, **metrics}                           # None on ranks > 0: rank 0 reports
+    if res:
         for key, value in res.items():                        # the table: one line per metric, null when missing
             print(f"{key:<22}{'null' if value is None else f'{value:.4f}' if isinstance(value, float) else value}")
         with open(f"{args.out_json}.tmp", "w") as f:                   # None -> null in the JSON

@@ -4,10 +4,8 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
   Sec. 3.1      VQGAN backbone (LlamaGen's VQ-16/VQ-8 encoder and decoder)
   Sec. 3.2      factorized quantization: Eq. (3) shared trunk, Eq. (4) one adapter per sub-codebook,
                 Eq. (5) one quantizer per sub-codebook, Eq. (6) decode the channel-wise concatenation
-  Sec. 3.2.1    disentanglement regularizer, Eq. (7): on the z_q this returns (losses.py)
-  Sec. 3.2.2    feature-prediction heads for representation learning (the loss is in losses.py)
-  Tab. 1        the presets fqgan-dual-16/-8 and fqgan-triple-16/-8; Tab. 3 the single-codebook vqgan-16 baseline
-  IBQ (arXiv 2412.02692) as the second quantizer: preset ibq-16.
+  Sec. 3.2.1-2  the z_q that Eq. (7) compares, and the feature-prediction heads (both losses: losses.py)
+  Tab. 1, 3     presets fqgan-dual-16/-8, fqgan-triple-16/-8, the vqgan-16 baseline; IBQ (arXiv 2412.02692): ibq-16
 
 Data flow (k branches, concatenated in branch order: [vis, sem] / [vis, sem_mid, sem_high]):
 
@@ -90,8 +88,7 @@ class TokenizerConfig:
 
 
 # Every preset in full (the TokenizerConfig defaults above fill the rest). The CPU-sized tiny* trunk: 64 px, 64
-# channels, 8 channels per GroupNorm group (one channel per group is an instance norm, under which a decoder can
-# grow a spike that dominates its channel's statistics: docs/results.md).
+# channels, 8 per GroupNorm group (one per group is an instance norm, where a decoder grew a spike: docs/results.md).
 DUAL_CLIP = ("openclip:ViT-L-14:openai",)                          # Tab. 1: Dual's semantic teacher, CLIP ViT-L/14
 TRIPLE_TEACHERS = ("timm:vit_small_patch14_dinov2.lvd142m", "openclip:ViT-B-16:openai")   # DINOv2 S/14, CLIP B/16
 # paper-map: Tab. 1
@@ -398,24 +395,21 @@ class Tokenizer(nn.Module):
     def _check_images(self, x):
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W) in [-1, 1], got {tuple(x.shape)}")
-        f = self.cfg.downsample
-        if x.shape[2] % f or x.shape[3] % f:
-            raise ValueError(f"image size {tuple(x.shape[2:])} is not divisible by the downsample factor {f}")
+        if x.shape[2] % self.cfg.downsample or x.shape[3] % self.cfg.downsample:
+            raise ValueError(f"image size {tuple(x.shape[2:])} is not divisible by the downsample factor "
+                             f"{self.cfg.downsample}")
 
     def forward(self, x, features=True):
-        """x (B, 3, H, W) in [-1, 1] -> (x_rec (B, 3, H, W), aux) with aux =
-        {"codes": (B, k, h, w), "z_q": [k x (B, d, h, w)] (Eq. 7 compares them, losses.py), "losses": {"codebook/i",
-         "commit/i", ...},
-         "features": {i: (B, 1 + h*w, width)} for each teacher-supervised branch i}. features=False skips the heads
-        (training without teachers: their output would be unused)."""
+        """x (B, 3, H, W) in [-1, 1] -> (x_rec (B, 3, H, W), aux): aux["codes"] (B, k, h, w), aux["z_q"] k x (B, d, h,
+        w) (Eq. 7 compares them, losses.py), aux["losses"] {"codebook/i", "commit/i", ...}, aux["features"] {i: (B, 1
+        + h*w, width)} of the teacher-supervised branches; features=False skips the heads (no teacher to use them)."""
         self._check_images(x)
         # paper-map: Eq. (3)
         z = self.encoder(x)                                           # shared by the k branches
         z_qs, codes, losses, heads = [], [], {}, {}
         for i, branch in enumerate(self.branches):
             z_q, branch_losses, branch_codes = branch(z)              # Eq. (4)-(5)
-            z_qs.append(z_q)
-            codes.append(branch_codes)
+            z_qs, codes = z_qs + [z_q], codes + [branch_codes]
             losses.update({f"{name}/{i}": v for name, v in branch_losses.items()})
             if branch.feat_head is not None and features:
                 heads[i] = branch.feat_head(z_q)                      # Sec. 3.2.2

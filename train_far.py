@@ -89,9 +89,6 @@ class Shards:
         self.parts = [np.load(p, mmap_mode="r") for p in paths]
         self.shape = (sum(len(p) for p in self.parts), *self.parts[0].shape[1:])
 
-    def __len__(self):
-        return self.shape[0]
-
     def __getitem__(self, index):                                     # an image's row, or (row, view, ...)
         i, *rest = index if isinstance(index, tuple) else (index,)
         return self.parts[i % len(self.parts)][(i // len(self.parts), *rest)]
@@ -280,10 +277,9 @@ def parse_args(argv=None):
     # runtime
     p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (%(default)s)")
     p.add_argument("--num-workers", type=int, help=recipe("num_workers", "loader workers per rank"))
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="autocast dtype of the forward (default: bf16 on "
-                   "CUDA, fp32 on CPU)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="autocast dtype (default: bf16 on CUDA, else fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the DDP-wrapped model "
-                   "(default: on with CUDA, off on CPU)")
+                   "(default: on with CUDA)")
     p.add_argument("--extract-batch-size", type=int, default=16, help="images per encode in stage 1 (%(default)s)")
     p.add_argument("--log-every", type=int, default=50, help="steps between JSONL log lines (%(default)s)")
     p.add_argument("--sample-every", type=int, default=500, help="steps between PNG grids of samples (%(default)s)")
