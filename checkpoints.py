@@ -2,10 +2,12 @@
 
 Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681.
 Every file the project reads or writes that holds weights passes through here:
-  init_distributed        torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> process group (NCCL on CUDA, gloo on CPU)
-  atomic_save, read_resume, rng_states / set_rng_states, mean_over_ranks_or_stop
-                          atomic checkpoints, exact resume (weights, optimizers, RNG of every rank, data position),
-                          and the non-finite-loss stop that leaves the last good checkpoint as it was
+  init_distributed        torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> process group (NCCL on CUDA, gloo on CPU),
+                          the CUDA numerics; distribute: DDP, then torch.compile; device_flag: --device
+  start_training, resume, open_run, save_checkpoint, mean_over_ranks_or_stop
+                          a training run as both training scripts use it: set-up, exact resume (weights, optimizers,
+                          RNG of every rank, data position), the JSONL log, atomic checkpoints (save_last), and the
+                          non-finite-loss stop that leaves the last good checkpoint as it was
   read_checkpoint         torch.load(weights_only=True) with one clear line for every way a file can be wrong
   load_tokenizer, load_far
                           our checkpoints and the official FQGAN / FAR ones (renamed, config inferred from shapes)
