@@ -170,6 +170,8 @@ def test_tokenizer_mode_metrics_equal_a_direct_computation(tok_ckpt, inception, 
     res = run_main(tmp_path, "--tokenizer-ckpt", tok_ckpt, "--num-images", "8", "--batch-size", "3",
                    "--num-workers", "0", "--fid", "--inception-weights", inception)
     assert "note: LPIPS reported as null" in capsys.readouterr().out and res["lpips"] is None
+    assert not torch.backends.cudnn.allow_tf32                 # metrics: fp32 convolutions on a GPU, not TF32
+    torch.backends.cudnn.allow_tf32 = True                     # torch's default again, for the other tests
     tok = load_tokenizer(tok_ckpt)
     x = torch.stack([ImageFolder(VAL, (32, 32), train=False)[i][0] for i in range(8)])
     with torch.no_grad():

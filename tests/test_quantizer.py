@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fast  # noqa: E402
+import quantizer  # noqa: E402
 from fast import code_softmax, lookup_block_elems, nearest_code  # noqa: E402
 from quantizer import (IBQuantizer, VectorQuantizer, codebook_usage, distances, entropy_reference,  # noqa: E402
                        ibq_reference, lookup_reference)
@@ -275,3 +276,18 @@ def test_codebook_gradient_is_bitwise_reproducible_at_the_default_thread_count()
             (z_q.sum() + sum(losses.values())).backward()
             grads.append(q.embedding.weight.grad.clone())
         assert all(torch.equal(grads[0], g) for g in grads[1:]), type(q).__name__
+
+
+def test_ibq_in_eval_mode_takes_the_argmax_without_a_softmax(monkeypatch):
+    """Evaluation and code extraction need IBQ's codes only: the argmax of the logits, no N x K softmax (fast.py's
+    blocked max_inner_product, or the plain argmax under torch.compile), the same codes as training mode's."""
+    torch.manual_seed(0)
+    ibq = IBQuantizer(300, 16)
+    z = torch.randn(2, 16, 5, 5)
+    train_codes = ibq.train()(z)[2]
+    monkeypatch.setattr(fast, "code_softmax", lambda *a, **k: pytest.fail("softmax computed in eval mode"))
+    z_q, losses, codes = ibq.eval()(z)
+    assert torch.equal(codes, train_codes) and "entropy" not in losses
+    assert torch.equal(z_q, ibq.codebook()[codes].permute(0, 3, 1, 2))
+    monkeypatch.setattr(quantizer, "FAST", False)                      # the paper's form: the same argmax
+    assert torch.equal(ibq(z)[2], codes)

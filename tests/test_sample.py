@@ -115,3 +115,14 @@ def test_compile_and_no_compile_give_identical_pngs(pair, tmp_path):
     sample.main([*flags, "--no-compile", "--out", str(tmp_path / "eager.png")])
     compiled, eager = (np.asarray(Image.open(tmp_path / f"{n}.png")) for n in ("compiled", "eager"))
     assert np.array_equal(compiled, eager) and eager.std() > 10
+
+
+def test_png_mode_under_torchrun_is_written_once(pair, tmp_path):
+    """The PNG grid is one file: under torchrun rank 0 alone samples and writes it; the other ranks only join."""
+    d = pair[0]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           os.path.join(ROOT, "sample.py"), "--far-ckpt", str(d / "far.pt"), "--class-id", "1",
+                           "--per-class", "2", "--out", str(tmp_path / "grid.png")], cwd=tmp_path, capture_output=True,
+                          text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote") == 1 and sorted(os.listdir(tmp_path)) == ["grid.png"]

@@ -65,6 +65,9 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, killed_after):
     assert [r["g/total"] for r in logs[0] if "g/total" in r] == [r["g/total"] for r in logs[1] if "g/total" in r]
     assert os.path.exists(tmp_path / "full" / "samples" / "0000004.png")
     assert torch.load(tmp_path / "full" / "checkpoints" / "0000004.pt", weights_only=True)["step"] == 4
+    # the numbered checkpoint is the same file as last.pt under a second name (written once, not twice)
+    folder = tmp_path / "full" / "checkpoints"
+    assert os.path.samefile(folder / "0000004.pt", folder / "last.pt")
 
 
 def test_two_process_gloo_equals_one_process(tmp_path):
