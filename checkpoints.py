@@ -18,13 +18,16 @@ files store their training arguments that way).
 """
 import argparse
 import datetime
+import fcntl
 import glob
 import hashlib
 import json
 import math
 import os
 import re
+import shlex
 import shutil
+import signal
 import sys
 import zipfile
 from dataclasses import asdict
@@ -129,11 +132,18 @@ def atomic_save(obj, path):
             os.remove(tmp)
 
 
-def save_last(state, folder, numbered):
+def save_last(state, folder, numbered, keep=0):
     """Rank 0: state -> folder/last.pt atomically; numbered=True also makes folder/<step:07d>.pt, a hard link to the
-    same file (written once, not twice: FAR-L's is ~11 GB; a later last.pt replaces the name, not the linked file)."""
+    same file (written once, not twice: FAR-L's is ~11 GB; a later last.pt replaces the name, not the linked file),
+    and keeps the `keep` newest numbered files (0: all). Too little free space is a CheckpointError before anything is
+    written; a write that fails (disk full) leaves no temp file and the previous last.pt as it was."""
     last, path = os.path.join(folder, "last.pt"), os.path.join(folder, f"{state['step']:07d}.pt")
-    atomic_save(state, last)
+    check_free_space(folder, state_bytes(state), "a checkpoint")
+    try:
+        atomic_save(state, last)
+    except OSError as e:                                              # ENOSPC, EDQUOT, EIO: one line, the cause named
+        raise CheckpointError(f"could not write {last} ({e.strerror or e}); the previous last.pt is left as it "
+                              f"was") from None
     if numbered:
         tmp = f"{path}.tmp{os.getpid()}"
         try:
@@ -145,6 +155,30 @@ def save_last(state, folder, numbered):
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+    for old in numbered_checkpoints(folder)[:-keep] if keep else []:  # the oldest beyond --keep-checkpoints
+        os.remove(old)
+
+
+def numbered_checkpoints(folder):
+    """folder/<step:07d>.pt files, oldest first."""
+    return sorted(glob.glob(os.path.join(glob.escape(folder), "[0-9]" * 7 + ".pt")))
+
+
+def state_bytes(obj):
+    """Bytes of the tensors in a (nested) checkpoint dict: about its size on disk."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    return sum(state_bytes(v) for v in values)
+
+
+def check_free_space(folder, nbytes, what):
+    """CheckpointError "no space left on <folder>" unless it has nbytes (+ 5% and 16 MB) free."""
+    free = shutil.disk_usage(folder).free
+    if free < nbytes * 1.05 + 2**24:
+        raise CheckpointError(f"no space left on {folder}: {what} needs ~{nbytes / 2**20:.0f} MB, "
+                              f"{free / 2**20:.0f} MB free; free some space (older numbered checkpoints: "
+                              f"--keep-checkpoints)")
 
 
 def remove_stale_temps(folder):
@@ -202,7 +236,7 @@ def read_resume(out_dir, cfg, global_batch_size):
     last = os.path.join(folder, "last.pt")
     if not os.path.exists(last):                                      # a fresh run: --resume starts from scratch
         return None
-    numbered = sorted(glob.glob(os.path.join(glob.escape(folder), "[0-9]" * 7 + ".pt")))
+    numbered = numbered_checkpoints(folder)
     fallback = (f"; to resume from an earlier step, copy one of {', '.join(os.path.basename(n) for n in numbered)} "
                 f"over last.pt" if numbered else "; there is no numbered checkpoint to fall back on")
     try:
@@ -245,9 +279,84 @@ def start_training(args, parser):
     ddp, rank, world, _, device = init_distributed()
     if args.global_batch_size % world:                                # each rank takes global / world samples
         parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
+    problem = [own_out_dir(args) if rank == 0 else None]              # before any rank writes a file there
+    if ddp:
+        dist.broadcast_object_list(problem, src=0)                    # every rank stops with the same line
+    if problem[0]:
+        parser.error(problem[0])
+    catch_stop_signals()
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     return ddp, rank, world, device, args.global_batch_size // world
+
+
+_LOCKS = {}                                                           # out_dir -> open file holding its lock
+
+
+def own_out_dir(args):
+    """Rank 0 takes OUT for this run, or returns why not: an exclusive lock on OUT/.lock held until the process ends
+    (the kernel drops it however the process ends, so a crashed run leaves no stale lock), which refuses a second run
+    on the same folder, so no run ever deletes another live run's temp files; and without --resume, an existing
+    OUT/checkpoints/last.pt (a new run would overwrite it)."""
+    os.makedirs(args.out_dir, exist_ok=True)
+    if args.out_dir in _LOCKS:                                        # an earlier main() of this process: it is over
+        _LOCKS.pop(args.out_dir).close()
+    lock = open(os.path.join(args.out_dir, ".lock"), "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        return f"--out-dir {args.out_dir} is in use by a running training ({holder}); wait for it or use another folder"
+    lock.seek(0), lock.truncate(), lock.write(f"pid {os.getpid()} on {os.uname().nodename}"), lock.flush()
+    _LOCKS[args.out_dir] = lock
+    last = os.path.join(args.out_dir, "checkpoints", "last.pt")
+    if not args.resume and os.path.exists(last):
+        return (f"--out-dir {args.out_dir} holds a run already ({last}): add --resume to continue it, or use another "
+                f"folder")
+    return None
+
+
+# Preemption: SIGTERM (what Slurm and cloud schedulers send before a kill; torchrun passes it on to every rank) and
+# SIGINT (Ctrl-C) are noted instead of killing the process; the loop asks stop_requested() after each step, and all
+# ranks save last.pt and exit with 128 + the signal (143, 130). A second signal acts at once.
+STOP = {}                                                             # {"signal": number} once one arrived
+
+
+def catch_stop_signals():
+    """Note SIGTERM / SIGINT in STOP from now on (main thread only; the data loader's workers ignore them)."""
+    STOP.clear()
+
+    def note(signum, frame):
+        if STOP:                                                      # asked twice: do what the signal does
+            signal.signal(signum, signal.SIG_DFL if signum == signal.SIGTERM else signal.default_int_handler)
+            signal.raise_signal(signum)
+        STOP["signal"] = signum
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, note)
+
+
+def stop_requested(device, save_due):
+    """(stop, save) after a step, the same on every rank (one all-reduce of two numbers): a stop signal reached some
+    rank; save_due, rank 0's --ckpt-minutes clock. All ranks then stop, or save, after the same step."""
+    flags = torch.tensor([float(bool(STOP)), float(save_due)], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(flags)                                        # sums: any rank's flag counts
+    return bool(flags[0]), bool(flags[1])
+
+
+def exit_stopped(args, step, argv, script):
+    """After the checkpoint of a stopped run: one line naming the step and the resume command, exit 128 + signal."""
+    signum = STOP.get("signal", signal.SIGTERM)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        resume_cmd = shlex.join(["python", script, *[a for a in argv if a != "--resume"], "--resume"])
+        print(f"stopped by {signal.Signals(signum).name} after step {step}; "
+              f"{os.path.join(args.out_dir, 'checkpoints', 'last.pt')} holds it. Resume with: {resume_cmd} (or your "
+              f"torchrun command plus --resume)", flush=True)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(128 + signum)
 
 
 def resume(args, parser, cfg, state, rank):
@@ -286,16 +395,21 @@ def open_run(args, master, summary, step):
     return log
 
 
-def save_checkpoint(args, cfg, step, batch, state, extra=None):
-    """Every rank calls it: the RNG states of all ranks are gathered, rank 0 writes OUT/checkpoints/last.pt and
-    <step>.pt (save_last) with every entry of state ({name: module or optimizer}) as a state dict, the step, config,
+def save_checkpoint(args, cfg, step, batch, state, extra=None, numbered=True):
+    """Every rank calls it: the RNG states of all ranks are gathered, rank 0 writes OUT/checkpoints/last.pt (and
+    <step>.pt, save_last) with every entry of state ({name: module or optimizer}) as a state dict, the step, config,
     arguments and data position (each rank's StreamSampler resumes at step * batch), plus extra (plain values); then
-    the ranks meet, so that none runs ahead of a half-written file. torch.load(weights_only=True) reads it."""
+    the ranks meet, so that none runs ahead of a half-written file. torch.load(weights_only=True) reads it. A disk
+    that cannot take it stops the run with one line, exit 2, the previous last.pt intact."""
     rng = rng_states()                                                # a collective: every rank must call it
     if not dist.is_initialized() or dist.get_rank() == 0:
-        save_last({**{name: obj.state_dict() for name, obj in state.items()}, "step": step, "config": asdict(cfg),
-                   "args": vars(args), "rng": rng, "data": {"samples_per_rank": step * batch}, **(extra or {})},
-                  os.path.join(args.out_dir, "checkpoints"), numbered=True)
+        try:
+            save_last({**{name: obj.state_dict() for name, obj in state.items()}, "step": step, "config": asdict(cfg),
+                       "args": vars(args), "rng": rng, "data": {"samples_per_rank": step * batch}, **(extra or {})},
+                      os.path.join(args.out_dir, "checkpoints"), numbered, args.keep_checkpoints)
+        except CheckpointError as e:                                  # the other ranks are stopped by torchrun
+            print(f"step {step}: {e}", file=sys.stderr)
+            sys.exit(2)
     if dist.is_initialized():
         dist.barrier()
 

@@ -12,6 +12,7 @@ The models (quantizer, tokenizer, losses, far) never import this file; the scrip
   save_png        atomic PNG writer (temp file + os.replace); save_grid draws a batch as one grid
 """
 import os
+import signal
 import zipfile
 
 import numpy as np
@@ -163,7 +164,14 @@ def stream(dataset, batch, seed, rank, world, step, num_workers, pin_memory=Fals
     sampler = StreamSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     sampler.start = step * batch                                      # the exact data position on resume
     return iter(DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-                           persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed + rank)))
+                           persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed + rank),
+                           worker_init_fn=ignore_stop_signals))
+
+
+def ignore_stop_signals(_worker_id):
+    """Loader workers leave SIGTERM / SIGINT to the main process, which saves and then shuts them down."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --------------------------------------------------------------------------------------------------------------

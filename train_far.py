@@ -17,6 +17,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import asdict
 
@@ -28,8 +29,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, codebook_fingerprint, distribute, load_tokenizer, mean_over_ranks_or_stop,
-                         open_run, resume, save_checkpoint, start_training)
+from checkpoints import (CheckpointError, codebook_fingerprint, distribute, exit_stopped, load_tokenizer,
+                         mean_over_ranks_or_stop, open_run, resume, save_checkpoint, start_training, stop_requested)
 from far import FAR, PRESETS, FARConfig, far_loss, generate
 from images import BUNDLED, ImageFolder, center_crop, open_rgb, random_crop, save_grid, stream, to_tensor
 
@@ -285,6 +286,10 @@ def parse_args(argv=None):
     p.add_argument("--sample-every", type=int, default=500, help="steps between PNG grids of samples (%(default)s)")
     p.add_argument("--eval-every", type=int, default=500, help="steps between held-out NLLs (%(default)s)")
     p.add_argument("--ckpt-every", type=int, default=1000, help="steps between numbered checkpoints (%(default)s)")
+    p.add_argument("--ckpt-minutes", type=float, default=30, help="also save last.pt when this many minutes have "
+                   "passed since the last save: a hard kill loses at most that much (%(default)s)")
+    p.add_argument("--keep-checkpoints", type=int, default=5, help="numbered checkpoints kept, the newest; 0 = all "
+                   "(%(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")  # codes reused
     args = p.parse_args(argv)
     for key, value in RECIPES[args.preset].items():                   # flags left unset: the preset's recipe
@@ -297,6 +302,7 @@ def parse_args(argv=None):
             ("weight_decay", math.isfinite(args.weight_decay) and args.weight_decay >= 0, "a finite number >= 0"),
             ("grad_clip", args.grad_clip > 0, "> 0"),
             ("num_workers", args.num_workers >= 0, "an integer >= 0"),
+            ("ckpt_minutes", args.ckpt_minutes > 0, "> 0"), ("keep_checkpoints", args.keep_checkpoints >= 0, ">= 0"),
             *((n, getattr(args, n) >= 1, "an integer >= 1") for n in ("global_batch_size", "max_steps", "log_every",
               "sample_every", "eval_every", "ckpt_every", "extract_batch_size"))):
         if not ok:                                                    # argparse's error: usage line, exit 2
@@ -343,6 +349,7 @@ def build_model(args, tok, classes, device):
 # --------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv                     # for the resume command of a stopped run
     args, parser = parse_args(argv)
     ddp, rank, world, device, batch = start_training(args, parser)   # torchrun: NCCL / gloo; plain python: 1 process
     master, last = rank == 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
@@ -373,6 +380,7 @@ def main(argv=None):
     batches = stream(dataset, batch, args.seed, rank, world, step, args.num_workers, device.type == "cuda")
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     t0, tokens = time.time(), 0                                          # tokens: the throughput of this run only
+    saved_at = t0                                                        # --ckpt-minutes counts from here
     while step < args.max_steps:
         codes, labels = next(batches)                                   # (B, k, h, w) int64, (B,)
         codes, labels = codes.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -395,8 +403,14 @@ def main(argv=None):
         if master and (step % args.sample_every == 0 or end):           # rank 0, bounded (SAMPLE_CLASSES)
             log({"step": step, **samples_and_copies(far, tok, dataset, args.seed, os.path.join(
                 args.out_dir, "samples", f"{step:07d}.png"))})
-        if step % args.ckpt_every == 0 or end:
-            save_checkpoint(args, cfg, step, batch, {"model": far, "opt": opt}, extra)
+        # a stop signal or --ckpt-minutes: last.pt now (numbered at --ckpt-every and the end only); then stop if asked
+        stop, save_due = stop_requested(device, master and time.time() - saved_at > 60 * args.ckpt_minutes)
+        if step % args.ckpt_every == 0 or end or stop or save_due:
+            save_checkpoint(args, cfg, step, batch, {"model": far, "opt": opt}, extra,
+                            numbered=step % args.ckpt_every == 0 or end)
+            saved_at = time.time()
+        if stop:
+            exit_stopped(args, step, argv, "train_far.py")
     bar.close()
     if master:                                                          # the last line: where the weights are
         print(f"done: step {step}, checkpoint {last}")

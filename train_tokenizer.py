@@ -19,6 +19,7 @@ import argparse
 import copy
 import math
 import os
+import sys
 import time
 
 import torch
@@ -26,7 +27,8 @@ import torch.distributed as dist
 from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
-from checkpoints import distribute, mean_over_ranks_or_stop, open_run, resume, save_checkpoint, start_training
+from checkpoints import (distribute, exit_stopped, mean_over_ranks_or_stop, open_run, resume, save_checkpoint,
+                         start_training, stop_requested)
 from images import BUNDLED, ImageFolder, save_grid, stream, unreadable_files
 from losses import LPIPS, LossConfig, PatchGAN, discriminator_loss, generator_loss
 from quantizer import codebook_usage
@@ -100,6 +102,10 @@ def parse_args(argv=None):
     p.add_argument("--sample-every", type=int, default=500, help="steps between reconstruction PNGs (%(default)s)")
     p.add_argument("--eval-every", type=int, default=500, help="steps between held-out PSNRs (%(default)s)")
     p.add_argument("--ckpt-every", type=int, default=1000, help="steps between numbered checkpoints (%(default)s)")
+    p.add_argument("--ckpt-minutes", type=float, default=30, help="also save last.pt when this many minutes have "
+                   "passed since the last save: a hard kill loses at most that much (%(default)s)")
+    p.add_argument("--keep-checkpoints", type=int, default=5, help="numbered checkpoints kept, the newest; 0 = all "
+                   "(%(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")  # exact step + data
     args = p.parse_args(argv)
     for key, value in RECIPES[args.preset].items():                   # flags left unset: the preset's recipe
@@ -122,6 +128,7 @@ def check_args(p, args):
             ("grad_clip", args.grad_clip > 0, "> 0"),
             ("codebook_size", args.codebook_size is None or args.codebook_size >= 2, "an integer >= 2"),
             ("num_workers", args.num_workers >= 0, "an integer >= 0"),
+            ("ckpt_minutes", args.ckpt_minutes > 0, "> 0"), ("keep_checkpoints", args.keep_checkpoints >= 0, ">= 0"),
             *((w, math.isfinite(getattr(args, w)) and getattr(args, w) >= 0, "a finite number >= 0") for w in
               ("perceptual_weight", "gan_weight", "disentangle_weight", "rep_weight")),
             ("entropy_weight", args.entropy_weight is None or args.entropy_weight >= 0, "a number >= 0"),
@@ -222,6 +229,7 @@ def count_over_ranks(files):
 # --------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv                     # for the resume command of a stopped run
     args, parser = parse_args(argv)
     ddp, rank, world, device, batch = start_training(args, parser)   # torchrun: NCCL / gloo; plain python: 1 process
     master, last = rank == 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
@@ -252,6 +260,7 @@ def main(argv=None):
     batches = stream(dataset, batch, args.seed, rank, world, step, args.num_workers, device.type == "cuda")
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     unreadable, t0, images = set(), time.time(), 0                     # images: the throughput of this run only
+    saved_at = t0                                                      # --ckpt-minutes counts from here
     ema_params, params = list(ema.parameters()), list(tok.parameters())
     while step < args.max_steps:
         x, _, index, skipped = next(batches)                           # x (B, 3, H, W) in [-1, 1]; labels unused
@@ -293,8 +302,13 @@ def main(argv=None):
             log({"step": step, "val_psnr": psnr_on(tok, val_set, device, rank, world),
                  "val_psnr_ema": psnr_on(ema, val_set, device, rank, world),
                  **({"held_out_psnr_ema": psnr_on(ema, held_out, device, rank, world)} if held_out else {})})
-        if step % args.ckpt_every == 0 or end:
-            save_checkpoint(args, cfg, step, batch, state)
+        # a stop signal or --ckpt-minutes: last.pt now (numbered at --ckpt-every and the end only); then stop if asked
+        stop, save_due = stop_requested(device, master and time.time() - saved_at > 60 * args.ckpt_minutes)
+        if step % args.ckpt_every == 0 or end or stop or save_due:
+            save_checkpoint(args, cfg, step, batch, state, numbered=step % args.ckpt_every == 0 or end)
+            saved_at = time.time()
+        if stop:
+            exit_stopped(args, step, argv, "train_tokenizer.py")
     bar.close()
     if master:                                                         # the last line: where the weights are
         print(f"done: step {step}, {len(unreadable)} unreadable images skipped, checkpoint {last}")

@@ -122,7 +122,7 @@ def test_checkpoint_crash_leaves_last_loadable(tmp_path, monkeypatch):
         open(path, "wb").write(b"half a checkpoint")                  # the disk fills up mid-write
         raise OSError("No space left on device")
     monkeypatch.setattr(checkpoints.torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoints.CheckpointError, match="No space left on device.*previous last.pt is left"):
         checkpoints.save_last({"step": 2}, str(last.parent), numbered=True)
     assert last.read_bytes() == before
     assert torch.load(last, weights_only=True)["step"] == 1
