@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -296,6 +297,8 @@ def main(argv=None):
             if "skipped" in row or str(seed) in row["runs"]:   # done in an earlier call: resume skips it
                 continue
             out = os.path.join(args.work_dir, f"tab{args.table}-{name}-seed{seed}")   # one folder per run
+            shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)   # not in the JSON: it starts over
+            os.remove(os.path.join(out, "log.jsonl")) if os.path.exists(os.path.join(out, "log.jsonl")) else None
             row["runs"][str(seed)] = run(name, seed, out)
             if args.table == "4" and not os.path.exists(codes):   # share the first run's codes with the others
                 os.symlink(os.path.abspath(os.path.join(out, "codes")), codes)

@@ -410,6 +410,7 @@ def main(argv=None):
                             numbered=step % args.ckpt_every == 0 or end)
             saved_at = time.time()
         if stop:
+            bar.close()                                                 # the bar's line ends before the last line
             exit_stopped(args, step, argv, "train_far.py")
     bar.close()
     if master:                                                          # the last line: where the weights are

@@ -1,0 +1,159 @@
+"""Runs that survive what a cluster does to them: SIGTERM / SIGINT (a scheduler's preemption, Ctrl-C) save last.pt at
+the current step and --resume continues bit for bit, in one process and under torchrun; time-based saves; pruning of
+numbered checkpoints; a run owns its --out-dir; a full disk is one line and loses nothing.
+
+Run: python -m pytest tests/test_preemption.py -q   (about a minute on 2 cores)
+"""
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import namedtuple
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import checkpoints  # noqa: E402
+import train_tokenizer  # noqa: E402
+
+TOKENIZER = ["train_tokenizer.py", "--preset", "tiny8", "--image-size", "32", "--global-batch-size", "4",
+             "--num-workers", "0", "--log-every", "1", "--eval-every", "1000", "--sample-every", "1000",
+             "--ckpt-every", "1000", "--max-steps", "40"]
+
+
+def start(argv, out, torchrun=False):
+    """The script running in its own process (group), as a user or a scheduler starts it."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else \
+        [sys.executable]
+    return subprocess.Popen(launcher + argv + ["--out-dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def signal_after_step(proc, out, step, signum=signal.SIGTERM):
+    """Send signum once the run's log shows `step`; returns the process's output after it ended."""
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(out / "log.jsonl") and any(json.loads(line).get("step", 0) >= step
+                                                     for line in open(out / "log.jsonl")):
+            proc.send_signal(signum)
+            break
+        time.sleep(0.05)
+    return proc.communicate(timeout=120)[0]
+
+
+def weights(out):
+    return torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+
+
+def assert_same(a, b):
+    assert a["step"] == b["step"]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), "weights differ"
+
+
+def test_sigterm_saves_the_current_step_and_resume_equals_uninterrupted(tmp_path):
+    proc = start(TOKENIZER, tmp_path / "split")
+    output = signal_after_step(proc, tmp_path / "split", 3)
+    assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
+    line = next(x for x in output.splitlines() if x.startswith("stopped by SIGTERM after step"))
+    stopped = int(line.split("after step ")[1].split(";")[0])
+    assert 3 <= stopped < 40 and weights(tmp_path / "split")["step"] == stopped and "--resume" in line
+    assert not (tmp_path / "split" / "checkpoints" / f"{stopped:07d}.pt").exists()   # numbered: --ckpt-every only
+    rest = start(TOKENIZER + ["--resume"], tmp_path / "split")
+    assert rest.wait(timeout=300) == 0, rest.communicate()[0][-2000:]
+    full = start(TOKENIZER, tmp_path / "full")
+    assert full.wait(timeout=300) == 0
+    assert_same(weights(tmp_path / "split"), weights(tmp_path / "full"))    # the same 40 steps, bit for bit
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tok_ckpt, tmp_path):
+    """torchrun passes SIGTERM on to both ranks; they agree on the step, rank 0 saves, both exit; --resume under
+    torchrun then ends where an uninterrupted run does (FAR, 2 gloo processes)."""
+    far = ["train_far.py", "--tokenizer-ckpt", tok_ckpt, "--global-batch-size", "8", "--log-every", "1",
+           "--eval-every", "1000", "--sample-every", "1000", "--ckpt-every", "1000", "--max-steps", "30"]
+    proc = start(far, tmp_path / "split", torchrun=True)
+    output = signal_after_step(proc, tmp_path / "split", 3)
+    assert output.count("stopped by SIGTERM after step") == 1, output[-3000:]   # one line, from rank 0
+    stopped = weights(tmp_path / "split")["step"]
+    assert 3 <= stopped < 30
+    rest = start(far + ["--resume"], tmp_path / "split", torchrun=True)
+    assert rest.wait(timeout=300) == 0, rest.communicate()[0][-3000:]
+    (tmp_path / "full").mkdir()
+    os.symlink(tmp_path / "split" / "codes", tmp_path / "full" / "codes")   # the same codes, extracted once
+    full = start(far, tmp_path / "full", torchrun=True)
+    assert full.wait(timeout=300) == 0
+    assert_same(weights(tmp_path / "split"), weights(tmp_path / "full"))
+
+
+def test_sigint_in_process_saves_too(tmp_path, monkeypatch):
+    """Ctrl-C (SIGINT) during an in-process run: the step finishes, last.pt holds it, exit code 130."""
+    real = checkpoints.mean_over_ranks_or_stop
+
+    def interrupt_at_step_2(terms, step, last):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)                         # arrives in the middle of the loop
+        return real(terms, step, last)
+    monkeypatch.setattr(train_tokenizer, "mean_over_ranks_or_stop", interrupt_at_step_2)
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as e:
+            train_tokenizer.main(TOKENIZER[1:] + ["--out-dir", str(tmp_path)])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert e.value.code == 130 and weights(tmp_path)["step"] == 2
+
+
+def test_time_based_saves_and_pruning(tmp_path, monkeypatch):
+    saved = []
+    real = checkpoints.save_last
+    monkeypatch.setattr(checkpoints, "save_last", lambda state, folder, numbered, keep=0: (
+        saved.append((state["step"], numbered)), real(state, folder, numbered, keep)))
+    train_tokenizer.main(TOKENIZER[1:] + ["--out-dir", str(tmp_path), "--max-steps", "6", "--ckpt-every", "2",
+                                          "--ckpt-minutes", "1e-9", "--keep-checkpoints", "2"])
+    # after every step (the clock), numbered at every second step; the two newest numbered ones are kept
+    assert saved == [(1, False), (2, True), (3, False), (4, True), (5, False), (6, True)]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["0000004.pt", "0000006.pt", "last.pt"]
+
+
+def test_a_run_owns_its_out_dir(tmp_path, capsys):
+    argv = TOKENIZER[1:] + ["--out-dir", str(tmp_path), "--max-steps", "1"]
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "a+") as held:                        # another live run holds the folder
+        held.write("pid 4242 on elsewhere"), held.flush()
+        child = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                                  "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)",
+                                  str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+        try:
+            assert child.stdout.readline().strip() == "held"
+            with pytest.raises(SystemExit) as e:
+                train_tokenizer.main(argv)
+            assert e.value.code == 2 and "is in use by a running training (pid 4242 on elsewhere)" in \
+                capsys.readouterr().err
+        finally:
+            child.kill()
+            child.wait()
+    train_tokenizer.main(argv)                                           # the holder is gone: the lock is free
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    with pytest.raises(SystemExit) as e:                                # a second run without --resume
+        train_tokenizer.main(argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "holds a run already" in err and "add --resume" in err
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before  # untouched
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    argv = TOKENIZER[1:] + ["--out-dir", str(tmp_path), "--ckpt-every", "1"]
+    train_tokenizer.main(argv + ["--max-steps", "2"])
+    before = (tmp_path / "checkpoints" / "last.pt").read_bytes()
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(checkpoints.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))   # 1 MB
+    with pytest.raises(SystemExit) as e:
+        train_tokenizer.main(argv + ["--max-steps", "3", "--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "step 3: no space left on" in err and "needs ~" in err and "1 MB free" in err
+    assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
+    assert not [f for f in os.listdir(tmp_path / "checkpoints") if ".tmp" in f]
