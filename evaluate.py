@@ -110,7 +110,7 @@ def gather(local):
     return parts and {k: torch.cat([p[k] for p in parts if k in p]) for k in set().union(*parts)}   # some have none
 
 
-def class_probe(features, labels, rows=4096):
+def class_probe(features, labels, rows=1024):
     """Fig. 4 as one number: leave-one-out nearest-centroid accuracy of images from their feature (N, d), labels (N,).
     Each image is classified by the most cosine-similar class centroid, its own class's centroid computed without it;
     images whose class has no other image are left out. Chance is 1 / number of classes. Memory: (rows, C) at a time,

@@ -75,10 +75,16 @@ def to_uint8(x):
 
 
 def open_rgb(path):
-    """The image at path as RGB (grayscale / RGBA / CMYK converted), or None if it cannot be read (missing, empty,
-    truncated, not an image, a decompression bomb). Callers skip and count such files; nothing is substituted."""
+    """The image at path as RGB (grayscale / RGBA / CMYK / 16-bit converted), or None if it cannot be read (missing,
+    empty, truncated, not an image, a decompression bomb). Callers skip and count such files; nothing is substituted.
+    PIL opens 16-bit grayscale as mode I;16 (I for 32-bit integers), whose convert("RGB") clips at 255: white. Those
+    are scaled to 8 bits here (I: as 16-bit when any value exceeds 255), floats (F) from [0, 1]."""
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I") or img.mode == "F":
+                a = np.asarray(img, dtype=np.float64)
+                top = 1.0 if img.mode == "F" else 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+                img = Image.fromarray((np.clip(a / top, 0, 1) * 255 + 0.5).astype(np.uint8))   # 257 v -> v exactly
             return img.convert("RGB")                                 # convert() forces the full decode
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return None
@@ -106,7 +112,11 @@ class ImageFolder(Dataset):
     def __init__(self, root, size, train=True, seed=0, only=None, exclude=(), max_scale=1 / 0.8):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"data folder not found: {root} (expected root/<class>/<image> files)")
-        self.classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+        entries = os.listdir(root)
+        self.classes = sorted(d for d in entries if os.path.isdir(os.path.join(root, d)))
+        # a flat folder of images (no class folders) is one class, "" (label 0): enough for the tokenizer, not FAR
+        self.flat = not self.classes and any(f.lower().endswith(IMAGE_EXTS) for f in entries)
+        self.classes = [""] if self.flat else self.classes
         unknown = sorted((set(only or ()) | set(exclude)) - set(self.classes))
         if unknown:
             raise ValueError(f"no class {', '.join(unknown)} under {root}; its classes: {', '.join(self.classes)}")
@@ -114,9 +124,11 @@ class ImageFolder(Dataset):
         keep = [c for c in self.classes if (only is None or c in only) and c not in exclude]
         self.samples = [(os.path.join(root, c, f), i) for i, c in enumerate(self.classes) if c in keep
                         for f in sorted(os.listdir(os.path.join(root, c))) if f.lower().endswith(IMAGE_EXTS)]
+        # class folders without images keep their id (the ids of the others do not move); scripts name them
+        self.empty = sorted(set(keep) - {self.classes[label] for _, label in self.samples})
         if not self.samples:
             raise FileNotFoundError(f"no images under {root}/<class>/ (extensions {', '.join(IMAGE_EXTS)})")
-        self.size, self.train, self.seed, self.max_scale = tuple(size), train, seed, max_scale
+        self.root, self.size, self.train, self.seed, self.max_scale = root, tuple(size), train, seed, max_scale
 
     def __len__(self):
         return len(self.samples)

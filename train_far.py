@@ -14,6 +14,8 @@ clip 1.0, no EMA; # parity: §7); each preset's defaults are its recipe in RECIP
   python train_far.py --preset tiny --out-dir runs/far-tiny            # CPU; either resumes with --resume
 """
 import argparse
+import glob
+import hashlib
 import json
 import math
 import os
@@ -109,23 +111,33 @@ def extract_codes(tok, root, out_dir, augment, batch_size, device, rank, world):
     extraction and records W; an interrupted one starts over. Unreadable images get label -1: left out of training."""
     # NOTE(paper≠code): batches into memory-mapped arrays, not one image per GPU step into one file per image and
     # branch; the same crops, in fp32 (# parity: §7.1)
-    tcfg, size = tok.cfg, tok.cfg.image_shape                         # the crops are the tokenizer's input size
-    # what the stored codes depend on: a later run reuses them only if all of it is the same
-    meta = {"format": 2, "tokenizer": codebook_fingerprint(tok), "augment": augment, "root": os.path.abspath(root),
-            "size": list(size)}
-    shard = lambda name, r, w: os.path.join(out_dir, f"{name}.{r}.npy")   # w: the extraction's world size
-    done = os.path.join(out_dir, "meta.json")
-    if os.path.exists(done):                                          # a complete earlier extraction
-        stored = json.load(open(done))
-        if {k: stored.get(k) for k in meta} != meta:                  # never train on another tokenizer's codes
-            raise CheckpointError(f"{out_dir} holds the codes of another tokenizer or data, or of an older version "
-                                  f"of this script ({stored}); use another --out-dir")
-        return load_shards(out_dir, stored["shards"])
-    views = Views(root, size, augment)
+    tcfg, size, views = tok.cfg, tok.cfg.image_shape, Views(root, tok.cfg.image_shape, augment)   # files listed
+    # what the stored codes depend on: the model and crops (another one: refused) and the data (changed: again)
+    meta = {"format": 3, "tokenizer": codebook_fingerprint(tok), "augment": augment, "size": list(size)}
+    data = [{"classes": views.folder.classes, "files": len(views), "digest": data_digest(views.folder)}
+            if rank == 0 else None]                                   # one rank reads the file system's metadata
+    if dist.is_initialized():
+        dist.broadcast_object_list(data, src=0)
+    meta.update(data[0])
+    shard, done = lambda name, r: os.path.join(out_dir, f"{name}.{r}.npy"), os.path.join(out_dir, "meta.json")
+    stored = json.load(open(done)) if os.path.exists(done) else None   # a complete earlier extraction, if any
+    if stored and stored.get("format") == 3 and {k: stored[k] for k in meta} == meta:
+        return load_shards(out_dir, stored["shards"])                 # the same: reused
+    if stored and stored.get("format") == 3 and any(stored[k] != meta[k] for k in ("tokenizer", "augment", "size")):
+        raise CheckpointError(f"{out_dir} holds the codes of another tokenizer or other crops (made with "
+                              f"{ {k: stored[k] for k in ('tokenizer', 'augment', 'size')} }); use another --out-dir")
+    if stored and rank == 0:                                          # the data changed, or an older format
+        print(f"the codes in {out_dir} were made from other data ({stored.get('files')} files, classes "
+              f"{'the same' if stored.get('classes') == meta['classes'] else 'other'}): extracting again")
     k, A, mine = tcfg.num_codebooks, VIEWS[augment], list(range(rank, len(views), world))   # this rank's images
     dtype = np.uint16 if tcfg.codebook_size <= 2 ** 16 else np.int32  # 16384 codes fit in 2 bytes, not int64's 8
+    if rank == 0 and os.path.isdir(out_dir):                          # the old marker and shards go first
+        for old in glob.glob(os.path.join(glob.escape(out_dir), "*.npy")) + ([done] if stored else []):
+            os.remove(old)
+    if dist.is_initialized():
+        dist.barrier()
     os.makedirs(out_dir, exist_ok=True)
-    tmp = [shard(n, rank, world) + ".tmp.npy" for n in ("codes", "labels")]   # renamed into place once complete
+    tmp = [shard(n, rank) + ".tmp.npy" for n in ("codes", "labels")]   # renamed into place once complete
     codes = np.lib.format.open_memmap(tmp[0], "w+", dtype, (len(mine), A, k, *tcfg.grid))
     labels = np.lib.format.open_memmap(tmp[1], "w+", np.int64, (len(mine),))
     loader = DataLoader(torch.utils.data.Subset(views, mine), batch_size=batch_size, num_workers=2)   # in order
@@ -139,20 +151,30 @@ def extract_codes(tok, root, out_dir, augment, batch_size, device, rank, world):
     codes.flush(), labels.flush()
     del codes, labels                                                 # close the maps before the rename
     for t, name in zip(tmp, ("codes", "labels")):
-        os.replace(t, shard(name, rank, world))
+        os.replace(t, shard(name, rank))
     if dist.is_initialized():
         dist.barrier()                                                # every rank's shard is in place
     if rank == 0:
-        meta["shards"] = world
-        meta["unreadable"] = int((np.asarray(load_shards(out_dir, world)[1]) < 0).sum())   # reported, skipped
+        bad = np.flatnonzero(np.asarray(load_shards(out_dir, world)[1]) < 0)   # unreadable: reported, skipped
+        meta.update(shards=world, unreadable=len(bad))
         with open(done + ".tmp", "w") as f:
             json.dump(meta, f)
         os.replace(done + ".tmp", done)                               # last: the marker of a complete extraction
-        print(f"extracted {len(views)} images x {A} views from {root} ({world} shards): {meta['unreadable']} "
-              f"unreadable, skipped")
+        print(f"extracted {len(views)} images x {A} views from {root} ({world} shards): {len(bad)} unreadable, "
+              f"skipped" + "".join(f"\n  unreadable: {views.folder.samples[i][0]}" for i in bad[:5]))
     if dist.is_initialized():
         dist.barrier()                                                # no rank reads before meta.json exists
     return load_shards(out_dir, world)
+
+
+def data_digest(folder):
+    """16 hex digits of the file list with sizes, mtimes and labels: another value after an image is added, removed,
+    replaced or moved to another class."""
+    digest = hashlib.sha256()
+    for path, label in folder.samples:
+        st = os.stat(path)
+        digest.update(f"{os.path.relpath(path, folder.root)}\t{st.st_size}\t{st.st_mtime_ns}\t{label}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def load_shards(out_dir, world):
@@ -323,18 +345,24 @@ def load_codes(args, parser, device, rank, world):
     """(the tokenizer on device, the class names, training codes, held-out codes or None): stage 1, or its files when
     an earlier run made them. A bad tokenizer file or data folder exits 2."""
     try:
+        folder = ImageFolder(args.data_path, (1, 1))                   # the listing: classes sorted, label = index
+        if folder.flat:                                               # FAR is class-conditional (Sec. 3.3)
+            parser.error(f"--data-path {args.data_path}: FAR needs class folders, root/<class>/<image>; these images "
+                         f"lie directly in it")
+        if len(folder) * VIEWS[args.augment] < args.global_batch_size:   # before minutes of extraction
+            parser.error(f"--global-batch-size {args.global_batch_size} is larger than the data: {len(folder)} images "
+                         f"x {VIEWS[args.augment]} views (--augment {args.augment})")
         tok = load_tokenizer(args.tokenizer_ckpt, device).requires_grad_(False)   # eval mode, fp32
         extract = lambda root, name, aug: extract_codes(tok, root, os.path.join(args.out_dir, "codes", name), aug,
                                                         args.extract_batch_size, device, rank, world)
-        classes = ImageFolder(args.data_path, (1, 1)).classes          # folder names, sorted: label = index
         dataset = Codes(*extract(args.data_path, "train", args.augment), seed=args.seed)
         val_set = Codes(*extract(args.val_path, "val", "none")) if args.val_path else None   # one centre view
     except (CheckpointError, FileNotFoundError) as e:
         parser.error(str(e))
-    if len(dataset) < args.global_batch_size:                         # drop_last would yield no batch at all
-        parser.error(f"--data-path {args.data_path}: {len(dataset)} readable images, fewer than one global batch of "
-                     f"{args.global_batch_size}" + (" (every file was unreadable)" if not len(dataset) else ""))
-    return tok, classes, dataset, val_set
+    if len(dataset) < world:                                          # every rank needs one image per epoch
+        parser.error(f"--data-path {args.data_path}: {len(dataset)} readable images for {world} processes"
+                     + (" (every file was unreadable)" if not len(dataset) else ""))
+    return tok, folder, dataset, val_set
 
 
 def build_model(args, tok, classes, device):
@@ -353,7 +381,8 @@ def main(argv=None):
     args, parser = parse_args(argv)
     ddp, rank, world, device, batch = start_training(args, parser)   # torchrun: NCCL / gloo; plain python: 1 process
     master, last = rank == 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
-    tok, classes, dataset, val_set = load_codes(args, parser, device, rank, world)   # stage 1, once per --out-dir
+    tok, folder, dataset, val_set = load_codes(args, parser, device, rank, world)   # stage 1, once per --out-dir
+    classes = folder.classes
 
     # The model and AdamW (weight decay on every tensor with ndim >= 2: linears, embeddings; # parity: §7.3); resume
     cfg, far = build_model(args, tok, classes, device)
@@ -371,7 +400,8 @@ def main(argv=None):
     log = open_run(args, master, f"FAR {args.preset} ({cfg.head} head): {n_params:.2f} M parameters, "
                    f"k={cfg.num_codebooks} x {cfg.codebook_size} codes on a {cfg.grid} grid, "
                    f"{len(dataset)} images, {len(classes)} classes, world {world}, batch {batch}/rank, steps {step} -> "
-                   f"{args.max_steps}, {device}, {args.precision}", step)
+                   f"{args.max_steps}, {device}, {args.precision}" + (f"; note: class folders without images (their "
+                   f"ids are kept, FAR never sees them): {', '.join(folder.empty)}" if folder.empty else ""), step)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")   # weights fp32
     if val_set is not None and step == 0:                              # the "before" of the held-out NLL
         log({"step": 0, **nll_bits(far, val_set, device, rank, world)})

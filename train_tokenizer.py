@@ -159,6 +159,9 @@ def load_data(args, cfg, parser):
                                   (args.data_path, args.val_path) if root]) if args.hold_out else None
     except ValueError as e:
         parser.error(f"--hold-out: {e}")
+    if args.global_batch_size > len(dataset):                         # every batch would repeat images
+        parser.error(f"--global-batch-size {args.global_batch_size} is larger than the data: {len(dataset)} images "
+                     f"under --data-path {args.data_path}")
     return dataset, val_set, held_out
 
 
@@ -217,13 +220,15 @@ def usage(codes, codebook_size):
     return {f"{name}/{i}": s[name].item() for i, s in enumerate(stats) for name in ("usage", "perplexity")}
 
 
-def count_over_ranks(files):
-    """Number of distinct dataset indices in the union of every rank's set (the unreadable files seen so far)."""
-    if not dist.is_initialized():
-        return len(files)
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, files)                           # sets of indices, pickled
-    return len(set().union(*gathered))                                # a file two ranks skipped counts once
+def unreadable_record(files, dataset):
+    """{"unreadable_images": distinct unreadable files over all ranks, "unreadable_files": the first 5 (paths)}."""
+    gathered = [files]
+    if dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, files)                       # sets of indices, pickled
+    files = sorted(set().union(*gathered))                            # a file two ranks skipped counts once
+    return {"unreadable_images": len(files), **({"unreadable_files": [dataset.samples[i][0] for i in files[:5]]}
+                                                if files else {})}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -251,7 +256,8 @@ def main(argv=None):
     step = resume(args, parser, cfg, state, rank)                      # 0, or the step of OUT/checkpoints/last.pt
     log = open_run(args, master, f"{args.preset}: {sum(p.numel() for p in tok.parameters()) / 1e6:.1f} M parameters, "
                    f"{len(dataset)} images, world {world}, batch {batch}/rank, steps {step} -> {args.max_steps}, "
-                   f"{device}, {args.precision}", step)
+                   f"{device}, {args.precision}" + (f"; note: class folders without images (their ids are kept): "
+                   f"{', '.join(dataset.empty)}" if dataset.empty else ""), step)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")   # weights fp32
     if val_set is not None and step == 0:                              # the "before" of the held-out PSNR
         log({"step": 0, "val_psnr": psnr_on(tok, val_set, device, rank, world)})
@@ -293,7 +299,7 @@ def main(argv=None):
         end = step == args.max_steps                                    # always log, evaluate, save the last step
         if step % args.log_every == 0 or end:                           # usage and unreadable: every rank takes part
             log({"step": step, **terms, "images_per_s": images / (time.time() - t0), **usage(aux["codes"],
-                cfg.codebook_size), "unreadable_images": count_over_ranks(unreadable)})
+                cfg.codebook_size), **unreadable_record(unreadable, dataset)})
             bar.set_postfix(rec=f"{terms['g/rec']:.4f}")
         if master and step % args.sample_every == 0:                    # inputs above, reconstructions below
             save_grid(torch.cat([x[:8], x_rec[:8].detach()]),

@@ -57,7 +57,7 @@ def both_sizes(tmp_path, data, script, flags):
     return result
 
 
-def assert_bounded(result, what, key=None, extra_mib=150):
+def assert_bounded(result, what, key=None, extra_mib=250):
     """Peak memory at 1000 classes within extra_mib of the 10-class run; throughput (log key) at least a third."""
     (small, out_s), (large, out_l) = result[SMALL], result[LARGE]
     assert large < small + extra_mib, f"{what}: peak {large:.0f} MiB at {LARGE} classes vs {small:.0f} at {SMALL}"
@@ -97,7 +97,7 @@ def test_sampling_is_bounded(tmp_path, far_runs):
     flags = lambda out: ["--far-ckpt", far_runs[out][1] / "checkpoints" / "last.pt", "--num-samples", 16,
                          "--batch-size", 8, "--device", "cpu", "--out-npz", tmp_path / f"{out}.npz"]
     small, large = (run(tmp_path, "sample.py", *flags(classes)) for classes in (SMALL, LARGE))
-    assert large < small + 150, f"sample.py: peak {large:.0f} MiB at {LARGE} classes vs {small:.0f} at {SMALL}"
+    assert large < small + 250, f"sample.py: peak {large:.0f} MiB at {LARGE} classes vs {small:.0f} at {SMALL}"
     assert len(np.unique(np.load(tmp_path / f"{LARGE}.npz")["labels"])) == 16   # 16 of the 1000 classes, balanced
 
 
