@@ -4,7 +4,7 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
 Every file the project reads or writes that holds weights passes through here:
   init_distributed        torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> process group (NCCL on CUDA, gloo on CPU),
                           the CUDA numerics; distribute: DDP, then torch.compile; device_flag: --device
-  start_training, resume, open_run, save_checkpoint, mean_over_ranks_or_stop
+  start_training, resume, init_weights, open_run, save_checkpoint, mean_over_ranks_or_stop
                           a training run as both training scripts use it: set-up, exact resume (weights, optimizers,
                           RNG of every rank, data position), the JSONL log, atomic checkpoints (save_last), and the
                           non-finite-loss stop that leaves the last good checkpoint as it was
@@ -393,6 +393,25 @@ def open_run(args, master, summary, step):
         with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:   # appended to on --resume
             f.write(json.dumps(record) + "\n")
     return log
+
+
+def init_weights(model, source, what, flexible=()):
+    """Fine-tuning (--init-from): model's weights from `source`, a model loaded by load_tokenizer / load_far (ours, a
+    shipped fp16 export, a released file); the caller keeps fresh optimizers and step 0. Every tensor must match in
+    name and shape, except the `flexible` ones of another shape, which keep their fresh initialisation (FAR's class
+    table for another number of classes); they are returned. Anything else is a CheckpointError naming the first
+    differences."""
+    ours, theirs = model.state_dict(), source.state_dict()
+    fresh = [k for k in flexible if k in theirs and k in ours and theirs[k].shape != ours[k].shape]
+    wrong = ([f"{k} missing" for k in ours if k not in theirs] + [f"{k} not in this model" for k in theirs if k not in
+             ours] + [f"{k} {tuple(theirs[k].shape)} in the file, {tuple(ours[k].shape)} here" for k in ours
+                      if k in theirs and k not in fresh and theirs[k].shape != ours[k].shape])
+    if wrong:
+        raise CheckpointError(f"{what} has another architecture than this run ({'; '.join(wrong[:3])}"
+                              f"{' ...' if len(wrong) > 3 else ''}): choose its --preset (and --image-size, "
+                              f"--codebook-size)")
+    model.load_state_dict({**theirs, **{k: ours[k] for k in fresh}})
+    return fresh
 
 
 def save_checkpoint(args, cfg, step, batch, state, extra=None, numbered=True):

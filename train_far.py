@@ -31,8 +31,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, codebook_fingerprint, distribute, exit_stopped, load_tokenizer,
-                         mean_over_ranks_or_stop, open_run, resume, save_checkpoint, start_training, stop_requested)
+from checkpoints import (CheckpointError, codebook_fingerprint, distribute, exit_stopped, init_weights, load_far,
+                         load_tokenizer, mean_over_ranks_or_stop, open_run, resume, save_checkpoint, start_training,
+                         stop_requested)
 from far import FAR, PRESETS, FARConfig, far_loss, generate
 from images import BUNDLED, ImageFolder, center_crop, open_rgb, random_crop, save_grid, stream, to_tensor
 
@@ -289,6 +290,9 @@ def parse_args(argv=None):
     p.add_argument("--augment", choices=sorted(VIEWS), help=recipe("augment", "views extracted per training image "
                    "(tencrop: the released one; random: 40 training crops)"))                        # in meta.json
     p.add_argument("--out-dir", default="runs/far", help="codes, checkpoints, log.jsonl, samples (%(default)s)")
+    p.add_argument("--init-from", metavar="CKPT", help="fine-tune: start from these FAR weights (ours, the shipped "
+                   "weights/tiny_far.pt, a released FAR file) with a fresh optimizer at step 0; another number of "
+                   "classes starts the class embedding afresh")
     # optimisation (# parity: §7.3, the released script)
     p.add_argument("--global-batch-size", type=int, help=recipe("global_batch_size", "sequences per step, all ranks"))
     p.add_argument("--max-steps", type=int, help=recipe("max_steps", "training steps"))
@@ -391,17 +395,27 @@ def main(argv=None):
               {"params": [p for p in far.parameters() if p.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
     step = resume(args, parser, cfg, {"model": far, "opt": opt}, rank)
+    fresh = []
+    if args.init_from and step == 0:                                    # fine-tuning (a resumed run continues instead)
+        try:   # the class table may differ in size: the data's classes are not the file's
+            fresh = init_weights(far, load_far(args.init_from, device), f"--init-from {args.init_from}",
+                                 flexible=["cls_embedding.embedding_table.weight"])
+        except CheckpointError as e:
+            parser.error(str(e))
     for group in opt.param_groups:                                      # a changed --lr applies on resume
         group["lr"] = args.lr
     # what sample.py checks and names: the tokenizer (by path; its codebooks by fingerprint) and the class names
     extra = {"tokenizer": {"config": asdict(tok.cfg), "fingerprint": codebook_fingerprint(tok),
                            "path": os.path.abspath(args.tokenizer_ckpt)}, "classes": classes}
     n_params = sum(p.numel() for p in far.parameters()) / 1e6
+    notes = [f"initialised from {args.init_from}" if args.init_from and step == 0 else "",
+             "the class embedding starts afresh (another number of classes)" if fresh else "",
+             f"note: class folders without images (their ids are kept, FAR never sees them): {', '.join(folder.empty)}"
+             if folder.empty else ""]
     log = open_run(args, master, f"FAR {args.preset} ({cfg.head} head): {n_params:.2f} M parameters, "
-                   f"k={cfg.num_codebooks} x {cfg.codebook_size} codes on a {cfg.grid} grid, "
-                   f"{len(dataset)} images, {len(classes)} classes, world {world}, batch {batch}/rank, steps {step} -> "
-                   f"{args.max_steps}, {device}, {args.precision}" + (f"; note: class folders without images (their "
-                   f"ids are kept, FAR never sees them): {', '.join(folder.empty)}" if folder.empty else ""), step)
+                   f"k={cfg.num_codebooks} x {cfg.codebook_size} codes on a {cfg.grid} grid, {len(dataset)} images, "
+                   f"{len(classes)} classes, world {world}, batch {batch}/rank, steps {step} -> {args.max_steps}, "
+                   f"{device}, {args.precision}" + "".join(f"; {n}" for n in notes if n), step)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")   # weights fp32
     if val_set is not None and step == 0:                              # the "before" of the held-out NLL
         log({"step": 0, **nll_bits(far, val_set, device, rank, world)})

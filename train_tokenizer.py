@@ -27,8 +27,8 @@ import torch.distributed as dist
 from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
-from checkpoints import (distribute, exit_stopped, mean_over_ranks_or_stop, open_run, resume, save_checkpoint,
-                         start_training, stop_requested)
+from checkpoints import (CheckpointError, distribute, exit_stopped, init_weights, load_tokenizer,
+                         mean_over_ranks_or_stop, open_run, resume, save_checkpoint, start_training, stop_requested)
 from images import BUNDLED, ImageFolder, save_grid, stream, unreadable_files
 from losses import LPIPS, LossConfig, PatchGAN, discriminator_loss, generator_loss
 from quantizer import codebook_usage
@@ -69,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, help="training resolution (default: the preset's)")
     p.add_argument("--codebook-size", type=int, help="K, entries per sub-codebook (default: the preset's)")
     p.add_argument("--out-dir", default="runs/tokenizer", help="checkpoints, log.jsonl, sample PNGs (%(default)s)")
+    p.add_argument("--init-from", metavar="CKPT", help="fine-tune: start from these weights (our checkpoint, the "
+                   "shipped weights/tiny_tokenizer.pt, a released FQGAN file) with fresh optimizers at step 0; the "
+                   "preset must match them")
     # optimisation: Adam (0.9, 0.95), no weight decay, clip 1.0; one Adam for G, one for D (Sec. 4.1; # parity: §3.1)
     p.add_argument("--global-batch-size", type=int, help=recipe("global_batch_size", "images per step, all ranks"))
     p.add_argument("--max-steps", type=int, help=recipe("max_steps", "training steps"))
@@ -254,10 +257,17 @@ def main(argv=None):
                           rep_weight=args.rep_weight)
     state = {"model": tok, "ema": ema, "disc": disc, "opt_g": opt_g, "opt_d": opt_d}   # what a checkpoint holds
     step = resume(args, parser, cfg, state, rank)                      # 0, or the step of OUT/checkpoints/last.pt
+    if args.init_from and step == 0:                                    # fine-tuning (a resumed run continues instead)
+        try:
+            init_weights(tok, load_tokenizer(args.init_from, device), f"--init-from {args.init_from}")
+        except CheckpointError as e:
+            parser.error(str(e))
+        ema.load_state_dict(tok.state_dict())                           # the EMA starts there too
+    notes = [f"initialised from {args.init_from}" if args.init_from and step == 0 else "", f"note: class folders "
+             f"without images (their ids are kept): {', '.join(dataset.empty)}" if dataset.empty else ""]
     log = open_run(args, master, f"{args.preset}: {sum(p.numel() for p in tok.parameters()) / 1e6:.1f} M parameters, "
                    f"{len(dataset)} images, world {world}, batch {batch}/rank, steps {step} -> {args.max_steps}, "
-                   f"{device}, {args.precision}" + (f"; note: class folders without images (their ids are kept): "
-                   f"{', '.join(dataset.empty)}" if dataset.empty else ""), step)
+                   f"{device}, {args.precision}" + "".join(f"; {n}" for n in notes if n), step)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")   # weights fp32
     if val_set is not None and step == 0:                              # the "before" of the held-out PSNR
         log({"step": 0, "val_psnr": psnr_on(tok, val_set, device, rank, world)})

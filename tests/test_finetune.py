@@ -1,0 +1,115 @@
+"""Fine-tuning (--init-from) from the shipped weights, our checkpoints and released FQGAN / FAR files, and the README's
+"Train on your own images" commands end to end on a small folder made here.
+
+Run: python -m pytest tests/test_finetune.py -q
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+sys.path.insert(0, ROOT)
+sys.path.insert(0, TESTS)
+import parity_weights  # noqa: E402
+import train_far  # noqa: E402
+import train_tokenizer  # noqa: E402
+from checkpoints import CheckpointError, far_ours_to_official, init_weights, load_far, load_tokenizer  # noqa: E402
+from images import ImageFolder  # noqa: E402
+from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
+
+SHIPPED_TOKENIZER, SHIPPED_FAR = (os.path.join(ROOT, "weights", f) for f in ("tiny_tokenizer.pt", "tiny_far.pt"))
+QUICK = ["--num-workers", "0", "--log-every", "1", "--eval-every", "1000", "--sample-every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def own_images(tmp_path_factory):
+    """Three classes of photo-like images (smooth colour fields, 80 x 96 px), two each: a user's own folder."""
+    root, rng = tmp_path_factory.mktemp("mine"), np.random.default_rng(0)
+    for c in ("boats", "cats", "trees"):
+        os.makedirs(root / c)
+        for j in range(2):
+            small = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+            Image.fromarray(small).resize((96, 80), Image.BICUBIC).save(root / c / f"{j}.jpg")
+    return root
+
+
+def test_init_from_the_shipped_tokenizer_starts_at_its_weights(own_images, tmp_path):
+    """Step 0 of the fine-tuning run is the shipped model: its held-out PSNR before training is the shipped model's."""
+    out = tmp_path / "tok"
+    train_tokenizer.main(QUICK + ["--init-from", SHIPPED_TOKENIZER, "--data-path", str(own_images), "--val-path",
+                                  str(own_images), "--global-batch-size", "4", "--max-steps", "1",
+                                  "--out-dir", str(out)])
+    first = next(r for r in map(json.loads, open(out / "log.jsonl")) if "val_psnr" in r)
+    shipped = load_tokenizer(SHIPPED_TOKENIZER)
+    val = ImageFolder(str(own_images), shipped.cfg.image_shape, train=False)
+    assert first["step"] == 0 and first["val_psnr"] == pytest.approx(train_tokenizer.psnr_on(shipped, val, "cpu"),
+                                                                     abs=1e-9)
+    assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 1   # the count starts at 0
+
+
+def test_init_from_another_architecture_exits_2_naming_it(own_images, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_tokenizer.main(QUICK + ["--preset", "tiny8", "--init-from", SHIPPED_TOKENIZER, "--data-path",
+                                      str(own_images), "--global-batch-size", "4", "--out-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "has another architecture than this run" in err and "--preset" in err
+
+
+def test_init_from_a_released_fqgan_file(tmp_path):
+    """A released FQGAN-Dual f16 file (the official names; deterministic weights of its key listing) initialises the
+    fqgan-dual-16 preset: every tensor of the file, renamed, and nothing else."""
+    sd = parity_weights.make_state_dict("fqgan_dual_tokenizer_keys.txt", seed=0)
+    torch.save({"model": sd, "args": argparse.Namespace(image_size=256)}, tmp_path / "fqgan_dual_ds16.pt")
+    released = load_tokenizer(tmp_path / "fqgan_dual_ds16.pt")
+    tok = Tokenizer(TokenizerConfig(**PRESETS["fqgan-dual-16"]))
+    assert init_weights(tok, released, "--init-from fqgan_dual_ds16.pt") == []
+    assert all(torch.equal(v, released.state_dict()[k]) for k, v in tok.state_dict().items())
+    assert torch.equal(tok.state_dict()["branches.1.quantize.embedding.weight"], sd["quantize_sem.embedding.weight"])
+    with pytest.raises(CheckpointError, match="another architecture"):
+        init_weights(Tokenizer(TokenizerConfig(**PRESETS["fqgan-triple-16"])), released, "--init-from x")
+
+
+def test_far_init_from_shipped_and_released_files_with_other_classes(own_images, tmp_path, capsys):
+    """The shipped tiny FAR (11 classes) and the same weights in the released format initialise a FAR on 3 classes:
+    every tensor but the class table comes from the file (an lr of 1e-12 keeps step 1 where step 0 was)."""
+    shipped = load_far(SHIPPED_FAR)
+    released = tmp_path / "far_released.pt"
+    torch.save({"model": far_ours_to_official(shipped.state_dict()), "args": argparse.Namespace(image_size=64,
+               downsample_size=4)}, released)
+    for name, source in (("shipped", SHIPPED_FAR), ("released", str(released))):
+        out = tmp_path / name
+        train_far.main(QUICK + ["--init-from", source, "--data-path", str(own_images), "--global-batch-size", "8",
+                                "--max-steps", "1", "--lr", "1e-12", "--out-dir", str(out)])
+        assert "the class embedding starts afresh (another number of classes)" in capsys.readouterr().out
+        state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
+        assert state["config"]["num_classes"] == 3 and state["classes"] == ["boats", "cats", "trees"]
+        for k, v in shipped.state_dict().items():
+            if k != "cls_embedding.embedding_table.weight":
+                torch.testing.assert_close(state["model"][k], v, atol=1e-6, rtol=0, msg=k)
+        assert state["model"]["cls_embedding.embedding_table.weight"].shape == (4, 128)   # 3 classes + the null row
+
+
+def test_the_readme_commands_on_your_own_images(own_images, tmp_path):
+    """README "Train on your own images": a tokenizer fine-tuned from the shipped one, FAR on its codes from the
+    shipped FAR, samples of the user's class 1; as a user runs them (processes, default flags but the step counts)."""
+    run = lambda *argv: subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True)
+    steps = ["--max-steps", "2", "--eval-every", "1000", "--sample-every", "1000"]
+    tok = run(os.path.join(ROOT, "train_tokenizer.py"), "--data-path", str(own_images), "--init-from",
+              SHIPPED_TOKENIZER, "--global-batch-size", "4", "--out-dir", "runs/my-tokenizer", *steps)
+    assert tok.returncode == 0, tok.stderr[-2000:]
+    far = run(os.path.join(ROOT, "train_far.py"), "--data-path", str(own_images), "--tokenizer-ckpt",
+              "runs/my-tokenizer/checkpoints/last.pt", "--init-from", SHIPPED_FAR, "--global-batch-size", "8",
+              "--out-dir", "runs/my-far", *steps)
+    assert far.returncode == 0, far.stderr[-2000:]
+    png = run(os.path.join(ROOT, "sample.py"), "--far-ckpt", "runs/my-far/checkpoints/last.pt", "--class-id", "1",
+              "--per-class", "2")
+    assert png.returncode == 0 and "samples of class 1 (cats)" in png.stdout, png.stderr[-2000:]
+    assert Image.open(tmp_path / "samples.png").size == (2 + 2 * 66, 2 + 66)
