@@ -45,6 +45,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="images per generate() call and process (%(default)s)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="FAR autocast (default: bf16 on CUDA, else fp32)")
     p.add_argument("--device", type=device_flag, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK with CUDA)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: 1 for models under 50 M parameters, whose small "
+                   "matmuls gain nothing from more and lose much on a busy machine; else torch's default)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the one-position decode "
                    "step, static KV cache (default: on with CUDA, off on CPU; same codes)")
     args = p.parse_args(argv)
@@ -54,6 +56,7 @@ def parse_args(argv=None):
         p.error("give --class-id N (or --num-samples N --out-npz FILE)")
     # Every value is checked here, before loading or sampling: one line naming the flag, value and range, exit 2.
     for name, ok, valid in (*((n, getattr(args, n) >= 1, "an integer >= 1") for n in ("per_class", "batch_size")),
+                            ("threads", args.threads is None or args.threads >= 1, "an integer >= 1"),
                             ("cfg_scale", math.isfinite(args.cfg_scale), "a finite number"),   # s < 0 or > 1 is ok
                             ("temperature", math.isfinite(args.temperature) and args.temperature > 0, "finite, > 0"),
                             ("top_k", args.top_k >= 0, "an integer >= 0"),         # 0 = off (far.filter_logits)
@@ -143,12 +146,15 @@ def main(argv=None):
     args, parser = parse_args(argv)
     ddp, rank, world, _, device = init_distributed(args.device)       # torchrun: NCCL / gloo; else rank 0 of 1
     model, tok, classes = load_pair(args, parser, device)              # both in eval mode, on device
+    threads, small = torch.get_num_threads(), sum(p.numel() for p in model.parameters()) < 50e6
+    torch.set_num_threads(args.threads or (1 if small and device.type == "cpu" else threads))   # restored at the end
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     if args.num_samples > 0:                                           # every rank its share
         npz(model, tok, args, device, rank, world)
     elif rank == 0:                                                    # one PNG, written by rank 0 alone
         png(model, tok, classes, args, device)
+    torch.set_num_threads(threads)
     if ddp:
         dist.destroy_process_group()
 

@@ -126,3 +126,15 @@ def test_png_mode_under_torchrun_is_written_once(pair, tmp_path):
                           text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("wrote") == 1 and sorted(os.listdir(tmp_path)) == ["grid.png"]
+
+
+def test_small_models_sample_on_one_thread_and_the_count_is_restored(pair, tmp_path, monkeypatch):
+    """A tiny FAR's matmuls gain nothing from a second CPU thread and lose much when the machine is busy (README):
+    sample.py uses 1 thread for models under 50 M parameters unless --threads says otherwise, then restores it."""
+    calls, real = [], torch.set_num_threads
+    monkeypatch.setattr(sample.torch, "set_num_threads", lambda n: (calls.append(n), real(n)))
+    before = torch.get_num_threads()
+    flags = ["--far-ckpt", str(pair[0] / "far.pt"), "--class-id", "1", "--per-class", "1", "--out"]
+    sample.main(flags + [str(tmp_path / "a.png")])
+    sample.main(flags + [str(tmp_path / "b.png"), "--threads", "2"])
+    assert calls == [1, before, 2, before] and torch.get_num_threads() == before
