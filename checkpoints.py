@@ -32,6 +32,7 @@ import sys
 import zipfile
 from dataclasses import asdict
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -179,6 +180,22 @@ def check_free_space(folder, nbytes, what):
         raise CheckpointError(f"no space left on {folder}: {what} needs ~{nbytes / 2**20:.0f} MB, "
                               f"{free / 2**20:.0f} MB free; free some space (older numbered checkpoints: "
                               f"--keep-checkpoints)")
+
+
+def memmap(path, dtype, shape):
+    """np.lib.format.open_memmap(path, "w+", ...) with its blocks allocated at once: a full disk is a CheckpointError
+    here (nothing left behind), not a bus error at a later write into the map."""
+    check_free_space(os.path.dirname(os.path.abspath(path)), math.prod(shape) * np.dtype(dtype).itemsize, path)
+    array = np.lib.format.open_memmap(path, "w+", dtype, shape)
+    try:
+        with open(path, "r+b") as f:
+            os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
+    except OSError as e:
+        del array
+        os.remove(path)
+        raise CheckpointError(f"no space left on {os.path.dirname(os.path.abspath(path))} for {path} "
+                              f"({e.strerror})") from None
+    return array
 
 
 def remove_stale_temps(folder):

@@ -18,8 +18,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, check_pair, check_writable, device_flag, init_distributed, load_far,
-                         load_tokenizer, read_checkpoint)
+from checkpoints import (CheckpointError, check_free_space, check_pair, check_writable, device_flag, init_distributed,
+                         load_far, load_tokenizer, memmap, read_checkpoint)
 from far import generate
 from images import save_grid, to_uint8, write_npz
 
@@ -124,8 +124,10 @@ def npz(model, tok, args, device, rank, world):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
     labels = (torch.arange(n) % model.cfg.num_classes)[order]
     mine = range(rank, -(-n // B), world)                              # this rank's global batches, of ceil(n / B)
-    part = np.lib.format.open_memmap(f"{args.out_npz}.part{rank}.npy", "w+", np.uint8,
-                                     (sum(len(labels[b * B:(b + 1) * B]) for b in mine), H, W, 3))
+    if rank == 0:                                                      # the npz needs n images more: now, not later
+        check_free_space(os.path.dirname(os.path.abspath(args.out_npz)), 2 * n * H * W * 3, "the samples")
+    part = memmap(f"{args.out_npz}.part{rank}.npy", np.uint8, (sum(len(labels[b * B:(b + 1) * B]) for b in mine), H,
+                                                                W, 3))   # its blocks allocated: no bus error later
     for i, b in enumerate(tqdm(mine, desc="sample", disable=rank != 0, dynamic_ncols=True)):
         x = sample(model, tok, labels[b * B:(b + 1) * B], args, b, device)   # the last batch may be short
         part[i * B:i * B + len(x)] = x.permute(0, 2, 3, 1).numpy()    # (B, 3, H, W) -> (B, H, W, 3), ADM layout
@@ -135,9 +137,13 @@ def npz(model, tok, args, device, rank, world):
         dist.barrier()                                                 # every rank's part is written
     if rank == 0:
         files = [f"{args.out_npz}.part{r}.npy" for r in range(world)]
-        write_npz(args.out_npz, [np.load(f, mmap_mode="r") for f in files], B, labels.numpy())   # atomic
-        for f in files:
-            os.remove(f)
+        try:
+            write_npz(args.out_npz, [np.load(f, mmap_mode="r") for f in files], B, labels.numpy())   # atomic
+        except OSError as e:                                           # a full disk: one line, no npz, no parts
+            raise CheckpointError(f"could not write {args.out_npz} ({e.strerror or e})") from None
+        finally:
+            for f in files:
+                os.remove(f)
         print(f"wrote {args.out_npz}: {n} samples ({H}x{W}), {model.cfg.num_classes} classes balanced, "
               f"cfg {args.cfg_scale}")
 
@@ -151,7 +157,10 @@ def main(argv=None):
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     if args.num_samples > 0:                                           # every rank its share
-        npz(model, tok, args, device, rank, world)
+        try:
+            npz(model, tok, args, device, rank, world)
+        except CheckpointError as e:                                   # no space: one line, exit 2
+            parser.error(str(e))
     elif rank == 0:                                                    # one PNG, written by rank 0 alone
         png(model, tok, classes, args, device)
     torch.set_num_threads(threads)

@@ -32,8 +32,8 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from checkpoints import (CheckpointError, codebook_fingerprint, distribute, exit_stopped, init_weights, load_far,
-                         load_tokenizer, mean_over_ranks_or_stop, open_run, resume, save_checkpoint, start_training,
-                         stop_requested)
+                         load_tokenizer, mean_over_ranks_or_stop, memmap, open_run, resume, save_checkpoint,
+                         start_training, stop_requested)
 from far import FAR, PRESETS, FARConfig, far_loss, generate
 from images import BUNDLED, ImageFolder, center_crop, open_rgb, random_crop, save_grid, stream, to_tensor
 
@@ -139,8 +139,8 @@ def extract_codes(tok, root, out_dir, augment, batch_size, device, rank, world):
         dist.barrier()
     os.makedirs(out_dir, exist_ok=True)
     tmp = [shard(n, rank) + ".tmp.npy" for n in ("codes", "labels")]   # renamed into place once complete
-    codes = np.lib.format.open_memmap(tmp[0], "w+", dtype, (len(mine), A, k, *tcfg.grid))
-    labels = np.lib.format.open_memmap(tmp[1], "w+", np.int64, (len(mine),))
+    codes = memmap(tmp[0], dtype, (len(mine), A, k, *tcfg.grid))        # a full disk: one line now, not a bus error
+    labels = memmap(tmp[1], np.int64, (len(mine),))
     loader = DataLoader(torch.utils.data.Subset(views, mine), batch_size=batch_size, num_workers=2)   # in order
     row = 0                                                           # rows of this shard written so far
     for x, y in tqdm(loader, desc=f"extract {os.path.basename(out_dir)}", disable=rank != 0, dynamic_ncols=True):

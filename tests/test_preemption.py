@@ -157,3 +157,24 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path,
     assert e.value.code == 2 and "step 3: no space left on" in err and "needs ~" in err and "1 MB free" in err
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before
     assert not [f for f in os.listdir(tmp_path / "checkpoints") if ".tmp" in f]
+
+
+def test_npz_on_a_full_disk_is_one_line_and_leaves_nothing(pair, tmp_path, monkeypatch, capsys):
+    """sample.py's npz: the space is checked and the part files' blocks allocated before sampling, so a full disk is
+    one line (exit 2), not a bus error with a .parts file left behind; a failing allocation removes its file."""
+    import errno
+    import sample
+    flags = ["--far-ckpt", str(pair[0] / "far.pt"), "--num-samples", "4", "--out-npz", str(tmp_path / "s.npz")]
+    usage = namedtuple("usage", "total used free")
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 2**20, 2**20))
+        with pytest.raises(SystemExit) as e:
+            sample.main(flags)
+    assert e.value.code == 2 and "no space left on" in capsys.readouterr().err and os.listdir(tmp_path) == []
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoints.os, "posix_fallocate", full)
+    with pytest.raises(SystemExit) as e:
+        sample.main(flags)
+    assert e.value.code == 2 and "No space left on device" in capsys.readouterr().err and os.listdir(tmp_path) == []
