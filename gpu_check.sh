@@ -11,8 +11,8 @@ out=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check.XXXX")
 trap 'rc=$?; if [ $rc -eq 0 ]; then rm -rf "$out"; else echo "gpu_check failed (exit $rc); logs kept in $out"; fi' EXIT
 gpus=$(python -c "import torch; print(torch.cuda.device_count())")
 procs=$(( gpus > 0 ? gpus : 2 ))                     # processes per multi-process step: every GPU, or 2 on a CPU
-echo "device: $(python -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')")" \
-     "x $procs processes, torch $(python -c 'import torch; print(torch.__version__)')"
+name=$(python -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu')")
+echo "device: $name x $procs processes, torch $(python -c 'import torch; print(torch.__version__)')"
 
 step() {   # step NAME COMMAND...: run it with its output in $out/NAME.log; on failure show the log's end and stop
   local name=$1; shift
@@ -43,6 +43,19 @@ tok=(--preset tiny --image-size 32 --global-batch-size "$gb" --num-workers 2 --g
 step tok multi train_tokenizer.py "${tok[@]}" --max-steps 10
 step tok_resume multi train_tokenizer.py "${tok[@]}" --max-steps 20 --resume
 echo "train_tokenizer, $procs processes: 10 + 10 resumed steps, $(tail -1 "$out/tok_resume.log")"
+# Preemption: SIGTERM to torchrun (what a scheduler sends) stops every rank after the same step with last.pt written;
+# --resume continues from there.
+torchrun --standalone --nproc_per_node="$procs" train_tokenizer.py "${tok[@]}" --max-steps 100000 \
+    --out-dir "$out/preempt" > "$out/preempt.log" 2>&1 &                   # $! is torchrun itself
+pid=$!
+for _ in $(seq 1200); do grep -qs '"step": 5,' "$out/preempt/log.jsonl" && break; sleep 0.1; done
+kill -TERM "$pid"; wait "$pid" || true
+grep -q "stopped by SIGTERM after step" "$out/preempt.log" \
+    || { echo "FAILED: preemption"; tail -n 40 "$out/preempt.log"; exit 1; }
+stopped=$(python -c "import torch, sys; print(torch.load(sys.argv[1], weights_only=True)['step'])" \
+          "$out/preempt/checkpoints/last.pt")
+step preempt_resume multi train_tokenizer.py "${tok[@]}" --max-steps $((stopped + 5)) --out-dir "$out/preempt" --resume
+echo "preemption: SIGTERM to torchrun stopped both ranks after step $stopped, resumed to $((stopped + 5))"
 
 # 3. IBQ (its soft one-hot, compiled on CUDA), and the paper's losses with random weights: LPIPS' two files and the
 #    Triple preset's two teachers (DINOv2 ViT-S/14 through timm, CLIP ViT-B/16 through open_clip) written to a
@@ -99,7 +112,8 @@ import numpy as np
 from PIL import Image
 a, b = (np.asarray(Image.open(f"{sys.argv[1]}/{n}.png")).astype(int) for n in ("compile", "no-compile"))
 th, tw = (a.shape[0] - 2) // 2, (a.shape[1] - 2) // 4                # 2 rows of 4 images, 2-px gaps
-tiles = [(a[r:r + th, c:c + tw] != b[r:r + th, c:c + tw]).any() for r in range(0, 2 * th, th) for c in range(0, 4 * tw, tw)]
+tiles = [(a[r:r + th, c:c + tw] != b[r:r + th, c:c + tw]).any() for r in range(0, 2 * th, th)
+         for c in range(0, 4 * tw, tw)]
 print(f"sample.py: --compile and --no-compile differ in {sum(tiles)} of {len(tiles)} images")
 assert len(tiles) == 8 and sum(tiles) <= 1
 EOF
