@@ -190,8 +190,7 @@ def memmap(path, dtype, shape):
     try:
         with open(path, "r+b") as f:
             os.posix_fallocate(f.fileno(), 0, os.path.getsize(path))
-    except OSError as e:
-        del array
+    except OSError as e:                                              # (the open map goes with the file)
         os.remove(path)
         raise CheckpointError(f"no space left on {os.path.dirname(os.path.abspath(path))} for {path} "
                               f"({e.strerror})") from None
@@ -288,6 +287,17 @@ def mean_over_ranks_or_stop(terms, step, last):
 
 # --------------------------------------------------------------------------------------------------------------
 # A training run, as both training scripts use it: start, resume, log, save
+
+def add_checkpoint_flags(p):
+    """The checkpoint and resume flags of both training scripts (argparse parser p)."""
+    p.add_argument("--ckpt-every", type=int, default=1000, help="steps between numbered checkpoints (%(default)s)")
+    p.add_argument("--ckpt-minutes", type=float, default=30, help="also write last.pt when this many minutes have "
+                   "passed since the last write: a hard kill loses at most that much (%(default)s)")
+    p.add_argument("--keep-checkpoints", type=int, default=5, help="numbered checkpoints kept, the newest; 0 = all "
+                   "(%(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt: exact step, data "
+                   "position and random state (a stopped or preempted run says so)")
+
 
 def start_training(args, parser):
     """torchrun set-up of a training script -> (ddp, rank, world, device, per-rank batch). Exits 2 (parser.error)

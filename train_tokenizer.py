@@ -27,8 +27,9 @@ import torch.distributed as dist
 from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, distribute, exit_stopped, init_weights, load_tokenizer,
-                         mean_over_ranks_or_stop, open_run, resume, save_checkpoint, start_training, stop_requested)
+from checkpoints import (CheckpointError, add_checkpoint_flags, distribute, exit_stopped, init_weights,
+                         load_tokenizer, mean_over_ranks_or_stop, open_run, resume, save_checkpoint, start_training,
+                         stop_requested)
 from images import BUNDLED, ImageFolder, save_grid, stream, unreadable_files
 from losses import LPIPS, LossConfig, PatchGAN, discriminator_loss, generator_loss
 from quantizer import codebook_usage
@@ -104,12 +105,7 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=50, help="steps between JSONL log lines (%(default)s)")
     p.add_argument("--sample-every", type=int, default=500, help="steps between reconstruction PNGs (%(default)s)")
     p.add_argument("--eval-every", type=int, default=500, help="steps between held-out PSNRs (%(default)s)")
-    p.add_argument("--ckpt-every", type=int, default=1000, help="steps between numbered checkpoints (%(default)s)")
-    p.add_argument("--ckpt-minutes", type=float, default=30, help="also save last.pt when this many minutes have "
-                   "passed since the last save: a hard kill loses at most that much (%(default)s)")
-    p.add_argument("--keep-checkpoints", type=int, default=5, help="numbered checkpoints kept, the newest; 0 = all "
-                   "(%(default)s)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt")  # exact step + data
+    add_checkpoint_flags(p)                                           # --ckpt-every, --resume, ...
     args = p.parse_args(argv)
     for key, value in RECIPES[args.preset].items():                   # flags left unset: the preset's recipe
         setattr(args, key, value if getattr(args, key) is None else getattr(args, key))

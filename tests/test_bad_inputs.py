@@ -167,7 +167,8 @@ def test_stale_temp_files_of_a_killed_run_are_removed(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("script", ["quantizer.py", "fast.py", "losses.py", "teachers.py", "far.py", "tokenizer.py",
-                                    "sample.py", "evaluate.py", "figures.py", "train_tokenizer.py", "train_far.py"])
+                                    "codes.py", "sample.py", "evaluate.py", "figures.py", "train_tokenizer.py",
+                                    "train_far.py"])
 def test_help_of_every_file(script):
     """--help prints a description (and exits 0) for the model files too; the torchrun examples keep their line
     breaks (a backslash in a docstring must be written twice)."""

@@ -17,7 +17,6 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import far  # noqa: E402
 import fast  # noqa: E402
 from far import FAR, PRESETS, FARConfig, generate  # noqa: E402
 

@@ -17,6 +17,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import codes  # noqa: E402
 import evaluate  # noqa: E402
 import train_far  # noqa: E402
 import train_tokenizer  # noqa: E402
@@ -124,7 +125,7 @@ def test_far_extracts_again_when_the_folder_changes(tmp_path, tok_ckpt, capsys):
     assert "were made from other data (4 files, classes other): extracting again" in capsys.readouterr().out
     meta = json.load(open(tmp_path / "run3" / "codes" / "train" / "meta.json"))
     assert meta["classes"] == ["a", "b", "c"] and meta["files"] == 5
-    labels = np.asarray(train_far.load_shards(str(tmp_path / "run3" / "codes" / "train"), meta["shards"])[1])
+    labels = np.asarray(codes.load_shards(str(tmp_path / "run3" / "codes" / "train"), meta["shards"])[1])
     assert sorted(labels.tolist()) == [0, 0, 1, 1, 2]                   # b is class 1, c (one image left) class 2
     other = str(tmp_path / "other.pt")                                   # another tokenizer: refused, not mixed
     state = torch.load(tok_ckpt, weights_only=True)

@@ -4,7 +4,6 @@ numbered checkpoints; a run owns its --out-dir; a full disk is one line and lose
 
 Run: python -m pytest tests/test_preemption.py -q   (about a minute on 2 cores)
 """
-import fcntl
 import json
 import os
 import signal

@@ -16,6 +16,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import codes as codes_module  # noqa: E402
 import train_far  # noqa: E402
 from checkpoints import load_tokenizer  # noqa: E402
 from images import center_crop, to_tensor  # noqa: E402
@@ -46,10 +47,10 @@ def run(tok_ckpt, data, out, *extra):
 
 def test_extraction_views_codes_and_unreadable_images(tok_ckpt, data, tmp_path):
     tok = load_tokenizer(tok_ckpt)
-    codes, labels = train_far.extract_codes(tok, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"),
+    codes, labels = codes_module.extract_codes(tok, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"),
                                             0, 1)
     assert codes.shape == (11, 10, 2, 4, 4) and labels.shape == (11,)
-    files = train_far.Views(data, (32, 32), "tencrop").folder.samples
+    files = codes_module.Views(data, (32, 32), "tencrop").folder.samples
     broken = [i for i, (p, _) in enumerate(files) if p.endswith("broken.png")]
     assert labels[broken[0]] == -1 and (labels >= 0).sum() == 10           # skipped, and counted in meta.json
     assert json.load(open(tmp_path / "c" / "meta.json"))["unreadable"] == 1
@@ -60,11 +61,11 @@ def test_extraction_views_codes_and_unreadable_images(tok_ckpt, data, tmp_path):
     flipped = TF.center_crop(center_crop(img, (35, 35)).transpose(Image.FLIP_LEFT_RIGHT), [32, 32])
     assert torch.equal(torch.from_numpy(codes[0, 9].astype(np.int64)), tok.encode(to_tensor(flipped)[None])[0])
     # a second call reuses the files; codes of another tokenizer in the same folder are refused
-    again = train_far.extract_codes(tok, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"), 0, 1)
+    again = codes_module.extract_codes(tok, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"), 0, 1)
     assert np.array_equal(again[0], codes)
     other = Tokenizer(tok.cfg)
-    with pytest.raises(train_far.CheckpointError, match="another tokenizer"):
-        train_far.extract_codes(other, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"), 0, 1)
+    with pytest.raises(codes_module.CheckpointError, match="another tokenizer"):
+        codes_module.extract_codes(other, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"), 0, 1)
 
 
 def test_resume_equals_uninterrupted_bit_for_bit(tok_ckpt, data, tmp_path):
