@@ -489,16 +489,19 @@ def tokenizer_step(cfg, batch):
     """The generator step of train_tokenizer.py at the paper recipe (LPIPS, GAN on, Eq. 7, L_rep with a stand-in
     teacher feature), forward + backward; the EMA copy is alive throughout."""
     def build():
+        # every module a training process holds on its GPU (the teachers are counted from their sizes below)
         tok, ema, disc, lpips = Tokenizer(cfg), Tokenizer(cfg), PatchGAN(), LPIPS(pretrained=False)
         ema.requires_grad_(False)
 
         def step():
-            x = torch.randn(batch, 3, *cfg.image_shape)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            x = torch.randn(batch, 3, *cfg.image_shape)                 # one GPU's share of the global batch
+            with torch.autocast("cpu", dtype=torch.bfloat16):           # CPU autocast: CUDA's bf16 lists, nearly
                 x_rec, aux = tok(x)
+                # at gan_start the GAN term is on: D's forward on x_rec is part of the G step's graph
                 g = generator_loss(x, x_rec, aux, LossConfig().gan_start, lpips=lpips, disc=disc)
+                # the teacher's CLS feature: a stand-in of its width (a frozen forward adds only transient memory)
                 rep = [info_nce(f[:, 0], torch.randn(batch, f.shape[-1])) for f in aux["features"].values()]
-            (g["total"] + 0.5 * sum(rep)).backward()
+            (g["total"] + 0.5 * sum(rep)).backward()                    # the peak: activations + gradients
         return step
     trained = sum(p.numel() for p in Tokenizer(cfg).parameters()) + sum(p.numel() for p in PatchGAN().parameters())
     frozen = sum(teacher_params(t) for t in cfg.teachers if t)
@@ -508,7 +511,7 @@ def tokenizer_step(cfg, batch):
 def far_step(cfg, batch):
     """train_far.py's step: forward (teacher forcing), mean CE over the k sub-codes, backward."""
     def build():
-        model = far.FAR(cfg)
+        model = far.FAR(cfg)                                             # fp32 weights; autocast computes in bf16
 
         def step():
             codes = torch.randint(0, cfg.codebook_size, (batch, cfg.num_codebooks, *cfg.grid))
