@@ -13,6 +13,8 @@ import glob
 import hashlib
 import json
 import os
+import signal
+import sys
 
 import numpy as np
 import torch
@@ -22,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, codebook_fingerprint, memmap
+from checkpoints import STOP, CheckpointError, codebook_fingerprint, memmap
 from images import ImageFolder, center_crop, open_rgb, random_crop, to_tensor
 
 VIEWS = {"tencrop": 10, "flip": 2, "none": 1, "random": 40}   # views stored per image
@@ -120,6 +122,10 @@ def extract_codes(tok, root, out_dir, augment, batch_size, device, rank, world):
         codes[row:row + b] = c.view(b, A, k, *tcfg.grid).cpu().numpy().astype(dtype)   # (b*A, ...) -> (b, A, ...)
         labels[row:row + b] = y.numpy()                               # -1 for unreadable files (Views)
         row += b
+        if STOP:                                                      # preempted: nothing to save, it starts over
+            print(f"stopped by {signal.Signals(STOP['signal']).name} during the code extraction; the next run "
+                  f"extracts again", flush=True) if rank == 0 else None
+            sys.exit(128 + STOP["signal"])
     codes.flush(), labels.flush()
     del codes, labels                                                 # close the maps before the rename
     for t, name in zip(tmp, ("codes", "labels")):
