@@ -113,8 +113,7 @@ PRESETS = {
     "tiny": dict(image_size=64, ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=8,
                  codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True, teachers=(None, None),
                  head_dims=(0, 0)),
-    # tiny + representation learning (Sec. 3.2.2, Tab. 3 "+rep"): the offline stand-in teacher (train_teacher.py, a
-    # small CNN that tells the 11 bundled photos apart, 128-d features) on the second branch, where Dual has CLIP.
+    # tiny + Sec. 3.2.2 ("+rep"): the offline stand-in teacher (teachers.PhotoCNN) on branch 2, where Dual has CLIP.
     "tiny-dual": dict(image_size=64, ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=8,
                       codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
                       teachers=(None, "cnn:tiny_teacher.pt"), head_dims=(0, 128), head_layers=1),
