@@ -237,10 +237,12 @@ def image_batches(path, batch_size, size=None, unreadable=None):
         yield torch.stack(batch)
 
 
-def write_npz(path, parts, batch, labels):
-    """The ADM npz (arr_0 uint8 (N, H, W, 3), labels (N,)) at path, atomically, from the per-rank parts of sample.py:
-    global batch b is rows (b // W) * batch onwards of parts[b % W]. arr_0 is streamed into the zip batch by batch,
-    in global order: no N x H x W x 3 array in memory (50,000 x 256 x 256 x 3 is 9.8 GB)."""
+def write_npz(path, files, batch, labels):
+    """The ADM npz (arr_0 uint8 (N, H, W, 3), labels (N,)) at path, atomically, from the per-rank part files of
+    sample.py (.npy, removed here, whatever happens): global batch b is rows (b // W) * batch onwards of part b % W.
+    arr_0 is streamed into the zip batch by batch, in global order: no N x H x W x 3 array in memory (50,000 x 256 x
+    256 x 3 is 9.8 GB). A failed write (a full disk) is an OSError of one line, with no npz and no temp file left."""
+    parts = [np.load(f, mmap_mode="r") for f in files]
     n, (h, w), tmp = len(labels), parts[0].shape[1:3], f"{path}.tmp{os.getpid()}"
     try:
         with zipfile.ZipFile(tmp, "w") as zf:
@@ -252,9 +254,11 @@ def write_npz(path, parts, batch, labels):
             with zf.open("labels.npy", "w") as f:
                 np.lib.format.write_array(f, np.asarray(labels))
         os.replace(tmp, path)                                         # complete or absent
+    except OSError as e:
+        raise OSError(f"could not write {path} ({e.strerror or e})") from None
     finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for f in [tmp, *files]:
+            os.remove(f) if os.path.exists(f) else None
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -137,13 +137,7 @@ def npz(model, tok, args, device, rank, world):
         dist.barrier()                                                 # every rank's part is written
     if rank == 0:
         files = [f"{args.out_npz}.part{r}.npy" for r in range(world)]
-        try:
-            write_npz(args.out_npz, [np.load(f, mmap_mode="r") for f in files], B, labels.numpy())   # atomic
-        except OSError as e:                                           # a full disk: one line, no npz, no parts
-            raise CheckpointError(f"could not write {args.out_npz} ({e.strerror or e})") from None
-        finally:
-            for f in files:
-                os.remove(f)
+        write_npz(args.out_npz, files, B, labels.numpy())              # atomic; the parts are removed
         print(f"wrote {args.out_npz}: {n} samples ({H}x{W}), {model.cfg.num_classes} classes balanced, "
               f"cfg {args.cfg_scale}")
 
@@ -159,7 +153,7 @@ def main(argv=None):
     if args.num_samples > 0:                                           # every rank its share
         try:
             npz(model, tok, args, device, rank, world)
-        except CheckpointError as e:                                   # no space: one line, exit 2
+        except (CheckpointError, OSError) as e:                        # no space: one line, exit 2
             parser.error(str(e))
     elif rank == 0:                                                    # one PNG, written by rank 0 alone
         png(model, tok, classes, args, device)

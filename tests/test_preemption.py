@@ -12,6 +12,7 @@ import sys
 import time
 from collections import namedtuple
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,10 +174,17 @@ def test_npz_on_a_full_disk_is_one_line_and_leaves_nothing(pair, tmp_path, monke
 
     def full(fd, offset, length):
         raise OSError(errno.ENOSPC, "No space left on device")
-    monkeypatch.setattr(checkpoints.os, "posix_fallocate", full)
+    with monkeypatch.context() as m:
+        m.setattr(checkpoints.os, "posix_fallocate", full)
+        with pytest.raises(SystemExit) as e:
+            sample.main(flags)
+    assert e.value.code == 2 and "No space left on device" in capsys.readouterr().err and os.listdir(tmp_path) == []
+    monkeypatch.setattr(np.lib.format, "write_array", lambda *a, **k: full(0, 0, 0))   # the npz itself: disk full
     with pytest.raises(SystemExit) as e:
         sample.main(flags)
-    assert e.value.code == 2 and "No space left on device" in capsys.readouterr().err and os.listdir(tmp_path) == []
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"could not write {tmp_path / 's.npz'} (No space left" in err
+    assert os.listdir(tmp_path) == []                                   # no npz, no temp file, no parts
 
 
 def test_a_signal_during_code_extraction_stops_it_and_the_next_run_extracts_again(tok_ckpt, tmp_path, capsys):
