@@ -13,6 +13,14 @@ Tokenizer mode (no argument: the shipped tiny tokenizer on the bundled held-out 
 Generation mode (samples: sample.py's npz or a folder; reference: an npz such as ADM's VIRTUAL_imagenet256_labeled.npz
 or a folder, center-cropped to the samples' size):
   python evaluate.py --samples samples.npz --reference VIRTUAL_imagenet256_labeled.npz
+Generation mode without a download (no --reference): the stand-in teacher (weights/tiny_teacher.pt, a small CNN
+trained to tell the bundled photos apart) in Inception's place, against random crops of the held-out photos:
+  python sample.py --num-samples 550 --out-npz s.npz && python evaluate.py --samples s.npz
+  acc_teacher  the teacher's top-1 accuracy on the samples (is a sample of class c classified as c?), next to its
+               accuracy on real crops (acc_teacher_real) and on the tokenizer's reconstructions of them (_rec)
+  fd_teacher   the FID formula on the teacher's pooled features of the samples vs real crops, next to the floor
+               (other real crops, as many as samples) and the tokenizer's reconstructions. Not FID: 128 features
+               that know only which of 11 photos a crop shows; numbers compare runs on these photos, nothing else.
 Unreadable images are skipped and counted, never replaced. Weights (torch-fidelity's Inception, LPIPS' two files) come
 from $FQGAN_WEIGHTS (default torch.hub.get_dir()/checkpoints), never downloaded; in tokenizer mode a missing file makes
 its metric null with a one-line note naming the file (--fid / --lpips: an error instead).
@@ -22,6 +30,7 @@ import json
 import math
 import os
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -34,9 +43,11 @@ from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
 
 from checkpoints import CheckpointError, check_writable, device_flag, init_distributed, load_tokenizer
-from images import BUNDLED, IMAGE_EXTS, ImageFolder, image_batches, list_images, npz_header, to_uint8
+from images import (BUNDLED, IMAGE_EXTS, ImageFolder, image_batches, list_images, npz_header, open_rgb, random_crop,
+                    to_tensor, to_uint8)
 from losses import LPIPS, weights_dir
 from quantizer import codebook_usage
+from teachers import load_teacher
 
 ROOT = os.path.dirname(os.path.abspath(__file__))                     # for the shipped weights/ default
 
@@ -228,6 +239,94 @@ def evaluate_generation(args, device, rank, world):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Generation mode without a download: the stand-in teacher in Inception's place (acc_teacher, fd_teacher)
+
+def frechet(a, b):
+    """The FID formula (Heusel et al. 2017) on any features a (N, d), b (M, d): torch-fidelity's implementation."""
+    stats = [fid_features_to_statistics(f.double().cpu()) for f in (a, b)]   # (mean, covariance) of each set
+    return fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
+
+
+def real_crops(root, size, n, seed):
+    """n random crops (uint8 (n, 3, H, W), labels (n,)) of the photos under root, cycling through them: the crops FAR's
+    tiny recipe trains on (images.random_crop, scale up to 1.25, flips), drawn from one seeded generator."""
+    folder = ImageFolder(root, size, train=False)                     # lists root/<class>/<image>
+    photos = [(open_rgb(path), label) for path, label in folder.samples]
+    photos = [(img, label) for img, label in photos if img is not None]   # unreadable files: left out
+    g = torch.Generator().manual_seed(seed)
+    x = torch.stack([to_uint8(to_tensor(random_crop(photos[i % len(photos)][0], size, g))) for i in range(n)])
+    return x, torch.tensor([photos[i % len(photos)][1] for i in range(n)]), folder.classes
+
+
+@torch.no_grad()
+def teacher_metrics(teacher, x, labels, reference, batch=256):
+    """acc (top-1 of the teacher on uint8 images x (N, 3, H, W) against labels (N,)) and fd (Frechet distance of
+    their pooled features to the features `reference` (M, width)); returns (acc, fd, features)."""
+    feats = torch.cat([teacher(x[i:i + batch].float() / 127.5 - 1) for i in range(0, len(x), batch)])   # (N, width)
+    acc = (teacher.net.classifier(feats).argmax(1) == labels).double().mean().item()   # PhotoCNN's own classifier
+    return acc, None if reference is None else frechet(feats, reference), feats
+
+
+def labelled_samples(path, classes):
+    """Samples with their class ids: an npz with `labels` (sample.py's) or a folder root/<class name>/<image> whose
+    class names are the teacher's -> (uint8 (N, 3, H, W), labels (N,), unreadable files)."""
+    unreadable = []
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            if "labels" not in f:
+                raise ValueError(f"{path} has no labels array (sample.py --out-npz writes one)")
+            labels = torch.from_numpy(f["labels"]).long()             # (N,) the FAR's class ids
+        x = torch.cat(list(image_batches(path, 1024)))                # (N, 3, H, W) uint8: sample sets are small here
+    else:
+        folders = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        if not folders or set(folders) - set(classes):
+            raise ValueError(f"{path}: needs class folders named as the teacher's classes ({', '.join(classes)}), "
+                             f"found {', '.join(folders) or 'none'}")
+        parts = [(torch.cat(list(image_batches(os.path.join(path, c), 1024, unreadable=unreadable))), classes.index(c))
+                 for c in folders if list_images(os.path.join(path, c))]
+        x, labels = torch.cat([p for p, _ in parts]), torch.cat([torch.full((len(p),), c) for p, c in parts])
+    if len(x) != len(labels) or labels.min() < 0 or labels.max() >= len(classes):
+        raise ValueError(f"{path}: {len(labels)} labels in [{labels.min()}, {labels.max()}] for {len(x)} images; the "
+                         f"teacher knows {len(classes)} classes (ids 0..{len(classes) - 1})")
+    return x, labels, unreadable
+
+
+def stand_in_teacher(path, device):
+    """The stand-in teacher (train_teacher.py's PhotoCNN) on device, frozen, and its class names (index = class id)."""
+    return (load_teacher(f"cnn:{path}").to(device),
+            torch.load(path, map_location="cpu", weights_only=True)["classes"])
+
+
+def teacher_levels(teacher, classes, root, size, n_real, n_floor, tok, device):
+    """The scale to read acc_teacher / fd_teacher on -> (reference features (n_real, width), levels): the teacher on
+    n_real real crops of root (the reference), on n_floor other crops (the floor: real against real, as many images as
+    the samples, so the same estimation bias) and on the tokenizer's reconstructions of those (what codes can give)."""
+    ref, ref_labels, data_classes = real_crops(root, size, n_real, seed=0)
+    if data_classes != classes:
+        raise ValueError(f"--data-path {root} has classes {', '.join(data_classes)}; the teacher knows "
+                         f"{', '.join(classes)}")
+    floor, floor_labels, _ = real_crops(root, size, n_floor, seed=1)  # a disjoint draw
+    acc_real, _, ref_feats = teacher_metrics(teacher, ref.to(device), ref_labels.to(device), None)
+    _, fd_floor, _ = teacher_metrics(teacher, floor.to(device), floor_labels.to(device), ref_feats)
+    with torch.no_grad():                                             # encode -> codes -> decode, 256 at a time
+        rec = torch.cat([to_uint8(tok.decode_codes(tok.encode(floor[i:i + 256].to(device).float() / 127.5 - 1)))
+                         for i in range(0, len(floor), 256)])
+    acc_rec, fd_rec, _ = teacher_metrics(teacher, rec, floor_labels.to(device), ref_feats)
+    return ref_feats, {"acc_teacher_real": acc_real, "fd_teacher_floor": fd_floor, "acc_teacher_rec": acc_rec,
+                       "fd_teacher_rec": fd_rec, "teacher_chance": 1 / len(classes), "real_crops": n_real}
+
+
+def evaluate_with_teacher(args, tok, device):
+    """acc_teacher / fd_teacher of --samples, with the levels of real crops of --data-path and of reconstructions."""
+    teacher, classes = stand_in_teacher(args.teacher, device)
+    x, labels, unreadable = labelled_samples(args.samples, classes)
+    ref_feats, levels = teacher_levels(teacher, classes, args.data_path, tuple(x.shape[-2:]), args.real_crops,
+                                       len(x), tok, device)
+    acc, fd, _ = teacher_metrics(teacher, x.to(device), labels.to(device), ref_feats)
+    return {"images": len(x), "unreadable": len(unreadable), "acc_teacher": acc, "fd_teacher": fd, **levels}
+
+
+# --------------------------------------------------------------------------------------------------------------
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # tokenizer mode (Tab. 1, Tab. 3)
@@ -241,7 +340,12 @@ def parse_args(argv=None):
         p.add_argument(flag, action=argparse.BooleanOptionalAction, help=f"{what} (default: if the weights are in "
                        f"$FQGAN_WEIGHTS, else null and a note; {flag}: missing weights are an error)")
     p.add_argument("--samples", help="generated images, npz (arr_0: N x H x W x 3 uint8) or folder; generation mode")
-    p.add_argument("--reference", help="reference images, npz or folder")   # generation mode, Tab. 2
+    p.add_argument("--reference", help="reference images, npz or folder: FID / IS / precision / recall (Tab. 2); "
+                   "without it the stand-in teacher's acc_teacher / fd_teacher against crops of --data-path")
+    p.add_argument("--teacher", default=os.path.join(ROOT, "weights", "tiny_teacher.pt"), help="the stand-in "
+                   "teacher for acc_teacher / fd_teacher (train_teacher.py; default: the shipped %(default)s)")
+    p.add_argument("--real-crops", type=int, default=2000, help="random crops of --data-path as the real reference "
+                   "of fd_teacher / acc_teacher_real (default: %(default)s)")
     p.add_argument("--inception-weights", help="torch-fidelity Inception file (default: "   # both modes
                    f"$FQGAN_WEIGHTS/{os.path.basename(URL_INCEPTION_V3)})")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
@@ -249,21 +353,24 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers per process (tokenizer mode)")
     p.add_argument("--out-json", help="results file (default: runs/eval/{tokenizer,generation}.json)")
     args = p.parse_args(argv)                                         # every value checked below: exit 2, one line
-    for name, lo, hi in (("num_images", 0, math.inf), ("batch_size", 1, math.inf), ("num_workers", 0, math.inf)):
+    for name, lo, hi in (("num_images", 0, math.inf), ("batch_size", 1, math.inf), ("num_workers", 0, math.inf),
+                         ("real_crops", 2, math.inf)):
         if not lo <= getattr(args, name) <= hi:
             p.error(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(args, name)}")
-    if (args.samples is None) != (args.reference is None):            # FID needs both sets
-        p.error("--samples and --reference go together (generation mode)")
-    for name in ("samples", "reference") if args.samples else ("tokenizer_ckpt", "data_path"):   # before any work
+    if args.reference and not args.samples:                           # FID needs both sets
+        p.error("--reference needs --samples (generation mode)")
+    inputs = ("samples", "reference") if args.reference else ("samples", "teacher", "tokenizer_ckpt", "data_path") \
+        if args.samples else ("tokenizer_ckpt", "data_path")
+    for name in inputs:                                               # before any work
         path = getattr(args, name)
         if not os.path.exists(path):
             p.error(f"--{name.replace('_', '-')} {path} does not exist" + (" (train one with train_tokenizer.py, or "
                     "pass a checkpoint)" if name == "tokenizer_ckpt" else ""))
         try:                                                          # reads the npz header only, not the images
-            npz_header(path) if args.samples and path.endswith(".npz") else None
+            npz_header(path) if name in ("samples", "reference") and path.endswith(".npz") else None
         except ValueError as e:
             p.error(f"--{name} {e}")
-        if args.samples and os.path.isdir(path) and not list_images(path):
+        if name in ("samples", "reference") and os.path.isdir(path) and not list_images(path):
             p.error(f"--{name} {path}: no images (extensions {', '.join(IMAGE_EXTS)})")
     if args.classes and not args.samples and not set(args.classes) <= set(os.listdir(args.data_path)):
         p.error(f"--classes {' '.join(args.classes)}: not all are class folders of --data-path {args.data_path}")
@@ -282,12 +389,19 @@ def main(argv=None):
     ddp, rank, world, _, device = init_distributed(args.device)       # torchrun: shard the images over ranks
     torch.backends.cudnn.allow_tf32 = False                           # metrics: true fp32 convolutions (Inception)
     try:
-        tok = None if args.samples else load_tokenizer(args.tokenizer_ckpt, device)   # ours or official, eval mode
+        tok = None if args.reference else load_tokenizer(args.tokenizer_ckpt, device)   # ours or official, eval mode
     except CheckpointError as e:
         parser.error(str(e))
-    if args.samples:
+    if args.reference:
         inputs = {"samples": args.samples, "reference": args.reference}
         metrics = evaluate_generation(args, device, rank, world)
+    elif args.samples:                                                # small sets: rank 0 does it all
+        inputs = {"samples": args.samples, "teacher": args.teacher, "real": args.data_path,
+                  "tokenizer": args.tokenizer_ckpt}
+        try:
+            metrics = evaluate_with_teacher(args, tok, device) if rank == 0 else None
+        except ValueError as e:
+            parser.error(str(e))
     else:
         dataset = ImageFolder(args.data_path, tok.cfg.image_shape, train=False, only=args.classes)   # ADM crop §4.1
         inputs = {"checkpoint": args.tokenizer_ckpt, "data_path": args.data_path, "image_size": "%dx%d" % dataset.size}

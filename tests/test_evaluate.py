@@ -162,6 +162,74 @@ def test_generation_mode_npz_against_folder(inception, small_layers, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Generation mode without a download: the stand-in teacher's acc_teacher / fd_teacher
+
+def test_frechet_equals_the_formula_through_symmetric_square_roots():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(400, 6, generator=g), torch.randn(300, 6, generator=g) @ torch.randn(6, 6, generator=g) + 1
+    def sqrtm(m):                                               # symmetric PSD square root by eigendecomposition
+        w, v = torch.linalg.eigh(m)
+        return v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
+    s1, s2 = torch.cov(a.double().T), torch.cov(b.double().T)
+    expected = (a.double().mean(0) - b.double().mean(0)).pow(2).sum() + torch.trace(s1 + s2 - 2 * sqrtm(
+        sqrtm(s1) @ s2 @ sqrtm(s1)))                              # ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^.5 S2 S1^.5)^.5)
+    assert math.isclose(evaluate.frechet(a, b), expected.item(), rel_tol=1e-6)
+    assert abs(evaluate.frechet(a, a)) < 1e-6
+
+
+@pytest.fixture(scope="module")
+def crops():
+    """300 random 32-px crops of the held-out photos (not the seeds 0 / 1 evaluate.py draws its reference and floor
+    from) and their labels: real images as a sample set."""
+    x, labels, classes = evaluate.real_crops(VAL, (32, 32), 300, seed=7)
+    return x, labels, classes
+
+
+def teacher_run(tmp_path, tok_ckpt, samples):
+    return run_main(tmp_path, "--samples", str(samples), "--tokenizer-ckpt", tok_ckpt, "--real-crops", "600")
+
+
+def test_teacher_metrics_of_real_crops_equal_the_floor_shuffled_labels_give_chance(crops, tok_ckpt, tmp_path):
+    x, labels, classes = crops
+    for i, (img, label) in enumerate(zip(x, labels)):           # as a folder root/<class name>/<image>
+        os.makedirs(tmp_path / "real" / classes[label], exist_ok=True)
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "real" / classes[label] / f"{i:03d}.png")
+    real = teacher_run(tmp_path, tok_ckpt, tmp_path / "real")
+    assert real["images"] == 300 and real["real_crops"] == 600 and math.isclose(real["teacher_chance"], 1 / 11)
+    # real crops are real: as far from the reference as other real crops, classified as often as the reference
+    assert real["fd_teacher"] < 3 * real["fd_teacher_floor"] + 0.05, real
+    assert abs(real["acc_teacher"] - real["acc_teacher_real"]) < 0.1 and real["acc_teacher"] > 0.4, real
+    # a random tokenizer's reconstructions are far from real crops: the scale of the metric
+    assert real["fd_teacher_rec"] > 10 * real["fd_teacher"] and real["acc_teacher_rec"] < real["acc_teacher"]
+    # the same images with shuffled labels (an npz, as sample.py writes): features unchanged, accuracy near chance
+    shuffled = labels[torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))]
+    np.savez(tmp_path / "shuffled.npz", arr_0=x.permute(0, 2, 3, 1).numpy(), labels=shuffled.numpy())
+    res = teacher_run(tmp_path, tok_ckpt, tmp_path / "shuffled.npz")
+    assert math.isclose(res["fd_teacher"], real["fd_teacher"], rel_tol=1e-3, abs_tol=1e-4)
+    assert res["acc_teacher"] < 0.25 and res["fd_teacher_floor"] == real["fd_teacher_floor"]
+
+
+def test_teacher_metrics_of_constant_colour_images_are_far_away(crops, tok_ckpt, tmp_path):
+    x, labels, _ = crops
+    grey = torch.full_like(x, 128).permute(0, 2, 3, 1)          # (N, H, W, 3): one colour, every sample
+    np.savez(tmp_path / "grey.npz", arr_0=grey.numpy(), labels=labels.numpy())
+    res = teacher_run(tmp_path, tok_ckpt, tmp_path / "grey.npz")
+    assert res["fd_teacher"] > 100 * res["fd_teacher_floor"] and res["fd_teacher"] > 1, res
+
+
+@pytest.mark.parametrize("arrays,message", [(dict(labels=np.zeros(3)), "has no labels array"),
+                                            (dict(labels=np.array([0, 1, 11])), "teacher knows 11 classes")])
+def test_teacher_mode_needs_the_teachers_class_ids(arrays, message, tok_ckpt, tmp_path, capsys):
+    arrays = {"arr_0": np.zeros((3, 32, 32, 3), np.uint8), **arrays}
+    if message.startswith("has no"):
+        arrays.pop("labels")
+    np.savez(tmp_path / "s.npz", **arrays)
+    with pytest.raises(SystemExit) as e:
+        teacher_run(tmp_path, tok_ckpt, tmp_path / "s.npz")
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Tokenizer mode
 
 def test_tokenizer_mode_metrics_equal_a_direct_computation(tok_ckpt, inception, small_layers, tmp_path, monkeypatch,
@@ -269,7 +337,7 @@ def test_tsne_separates_two_clusters():
 # Flags
 
 @pytest.mark.parametrize("flags,message", [(["--batch-size", "0"], "--batch-size must be in [1, inf], got 0"),
-                                           (["--samples", "x.npz"], "--samples and --reference go together"),
+                                           (["--reference", "x.npz"], "--reference needs --samples"),
                                            (["--tokenizer-ckpt", "nope.pt"], "--tokenizer-ckpt nope.pt does not exist"),
                                            (["--lpips", "maybe"], "unrecognized arguments")])
 def test_invalid_flags_exit_2(flags, message, tok_ckpt, capsys):
