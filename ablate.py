@@ -5,15 +5,23 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
           (arXiv 2412.02692). Paper: ImageNet, 10 epochs, rFID / PSNR / usage. Here: held-out PSNR, SSIM, LPIPS
           (null without its weights) and the usage and perplexity of each sub-codebook, mean +- std over seeds.
   Tab. 4  FAR with k linear heads, k MLP heads or the factorized AR head (Sec. 3.3). Paper: gFID. Here: held-out
-          NLL in bits per sub-code, and class consistency = how often a small CNN, trained on crops of the bundled
-          photos (and their tokenizer reconstructions, the domain samples live in), finds the conditioning class
-          in samples drawn with CFG 2.0.
+          NLL in bits per sub-code, and of samples drawn with CFG 2.0 the stand-in teacher's acc_teacher (is a
+          sample of class c classified as c?) and fd_teacher (the FID formula on its features, against real
+          held-out crops), evaluate.py's generation mode without a download.
+  ar      the claim of Tab. 2 (FAR beats AR models with one code per position): FAR with the AR head on the shipped
+          FQ(K x 2) codes against LlamaGen's plain AR (FAR with k = 1 and a linear head) on a VQ(2K) tokenizer
+          (preset tiny-vq, trained here by the same recipe): 1024 stored codes each, 18 vs 10 bits per position.
+  cfg     not a table of the paper (it samples at s = 2.0, Sec. 4.1): acc_teacher / fd_teacher of a trained FAR
+          (default: the shipped one) at several CFG scales s (Sec. 3.3: l = l_u + s (l_c - l_u)), one row per
+          scale, one run per sampling seed, and a figure (--figure).
 Every run goes through train_tokenizer.main / train_far.main with equal steps, batch and data per row; the
 tokenizer metrics come from evaluate.evaluate_tokenizer on the EMA weights.
 
   python ablate.py --table 3 --precision bf16 --steps 600 --out results/ablation_tab3.json   # results/: ~3 h, 21 runs
   python ablate.py --table 4 --out results/ablation_tab4.json                                 # the shipped tokenizer
   python ablate.py --table 3 --quick --out /tmp/t3.json                                        # smoke run, seconds
+  python ablate.py --table ar --out results/far_vs_ar.json                                     # after Tab. 4
+  python ablate.py --table cfg --out results/cfg_sweep.json --figure docs/cfg_sweep.png      # the shipped FAR
 The JSON is rewritten after every run; rerunning the same command skips the runs it already holds. Several
 processes on one machine may fill one JSON with disjoint --rows or --seeds (their runs are merged under a lock);
 on the 2 cores of docs/results.md two 1-thread processes were slower than one 2-thread one.
@@ -23,6 +31,7 @@ import argparse
 import datetime
 import fcntl
 import json
+import math
 import os
 import platform
 import shutil
@@ -32,15 +41,14 @@ import time
 from dataclasses import asdict
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 import evaluate
 import train_far
 import train_tokenizer
-from checkpoints import load_far, load_tokenizer
+from checkpoints import check_pair, load_far, load_tokenizer, read_checkpoint
 from far import generate
-from images import BUNDLED, ImageFolder
+from figures import line_plot
+from images import BUNDLED, ImageFolder, to_uint8
 from quantizer import codebook_usage
 from teachers import teacher_file
 from tokenizer import PRESETS, Tokenizer, TokenizerConfig
@@ -64,7 +72,14 @@ TAB3 = {
 PAPER = {"3": {"VQ(K)": [3.71, 20.56, 0.98], "VQ(2K)": [3.60, 20.56, 0.84], "FQ(Kx2)": [2.00, 22.21, 0.97],
                "FQ(Kx2)+dis": [1.84, 22.04, 0.98], "FQ(Kx2)+rep": [1.73, 21.61, 0.98],
                "FQ(Kx2)+dis+rep": [1.66, 21.62, 0.98], "columns": ["rFID", "PSNR", "usage"]},
-         "4": {"linear": [5.19, 6.90], "mlp": [5.59, 8.88], "ar": [4.37, 3.74], "columns": ["gFID@4096", "gFID@8192"]}}
+         "4": {"linear": [5.19, 6.90], "mlp": [5.59, 8.88], "ar": [4.37, 3.74], "columns": ["gFID@4096", "gFID@8192"]},
+         "cfg": "no sweep in the paper: every FAR sample there is drawn at CFG scale 2.0 (Tab. 2)",
+         "ar": {"FAR-B": [3.38, 248.26], "FAR-L": [3.08, 272.52], "columns": ["gFID", "IS"],
+                "claim": "Tab. 2 sets FAR on FQGAN codes against AR models with one code per position"}}
+# --table ar, the claim of Tab. 2 at CPU scale: FAR (AR head) on the shipped FQ(K x 2) codes against the standard
+# one-code-per-position AR (FAR with k = 1 and a linear head: LlamaGen's GPT) on a VQ(2K) tokenizer trained by the same
+# recipe: as many stored codes (1024), 18 against 10 bits per position; the same trunk, budget and seeds.
+AR_ROWS = {"FAR-FQ(Kx2)": ("fq", "ar"), "AR-VQ(2K)": ("vq", "linear")}   # row -> (tokenizer, FAR head)
 
 
 def teacher_missing(preset):
@@ -125,51 +140,33 @@ def tokenizer_run(name, seed, args, out):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Tab. 4: the judge (a small CNN) and one FAR run = train, held-out NLL, class consistency of samples
+# Tab. 4 and the CFG sweep: samples judged by the stand-in teacher; one FAR run = train, held-out NLL, samples
 
-def small_cnn(num_classes):
-    """The Tab. 4 judge: 4 stride-2 conv stages and a linear classifier over the 11 photo classes."""
-    block = lambda cin, cout: [nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.ReLU()]   # halves H, W
-    return nn.Sequential(*block(3, 32), *block(32, 64), *block(64, 128), *block(128, 128),
-                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+def teacher_judge(tok, args, n_samples):
+    """The stand-in teacher, its features of real held-out crops (the reference) and the levels to read its numbers
+    on (evaluate.teacher_levels: real crops, real against real, the tokenizer's reconstructions)."""
+    teacher, classes = evaluate.stand_in_teacher(args.teacher, "cpu")
+    ref, levels = evaluate.teacher_levels(teacher, classes, os.path.join(BUNDLED, "val"), tok.cfg.image_shape,
+                                          args.real_crops, n_samples, tok, "cpu")
+    return teacher, ref, levels
 
 
 @torch.no_grad()
-def accuracy(net, x, y):
-    """Fraction of images x (N, 3, H, W) whose argmax class is y (N,); the net is put in eval mode."""
-    return (net.eval()(x).argmax(1) == y).float().mean().item()
-
-
-def train_classifier(tok, args):
-    """CNN on random crops of the train photos and their reconstructions by `tok`; accuracy on held-out crops."""
-    size = tuple(g * tok.cfg.downsample for g in tok.cfg.grid)       # the tokenizer's input size
-    train = ImageFolder(os.path.join(BUNDLED, "train"), size, train=True, seed=0)
-    items = [train[(i, e)] for e in range(args.clf_crops) for i in range(len(train))]   # clf_crops epochs of crops
-    x, y = torch.stack([it[0] for it in items]), torch.tensor([it[1] for it in items])   # (N, 3, H, W), (N,)
-    with torch.no_grad():   # samples are decoded codes: the judge must know what reconstructions look like
-        rec = torch.cat([tok.decode_codes(tok.encode(b)).clamp(-1, 1) for b in x.split(64)])
-    x, y = torch.cat([x, rec]), torch.cat([y, y])                    # photos + their reconstructions, same labels
-    torch.manual_seed(0)                                              # the same judge for every row and seed
-    net = small_cnn(len(train.classes))
-    opt = torch.optim.Adam(net.parameters(), lr=2e-3)
-    for _ in range(args.clf_steps):
-        idx = torch.randint(len(x), (64,))                           # a batch of 64, drawn with replacement
-        loss = F.cross_entropy(net.train()(x[idx]), y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    val = ImageFolder(os.path.join(BUNDLED, "val"), size, train=False)
-    xv, yv = torch.stack([val[i][0] for i in range(len(val))]), torch.tensor([s[1] for s in val.samples])
-    with torch.no_grad():                                             # how well it judges reconstructions
-        xr = tok.decode_codes(tok.encode(xv)).clamp(-1, 1)
-    return net, {"train_images": len(x), "steps": args.clf_steps, "val_accuracy": accuracy(net, xv, yv),
-                 "val_reconstruction_accuracy": accuracy(net, xr, yv), "classes": train.classes}
+def sample_metrics(model, tok, judge, scale, seed, per_class):
+    """acc_teacher / fd_teacher of per_class samples of every class drawn at CFG scale `scale` (Sec. 3.3)."""
+    teacher, ref, _ = judge
+    labels = torch.arange(model.cfg.num_classes).repeat_interleave(per_class)   # (C * per_class,) every class
+    g = torch.Generator().manual_seed(seed)                             # samples reproducible per seed
+    images = to_uint8(tok.decode_codes(generate(model, labels, cfg_scale=scale, generator=g)))   # (N, 3, H, W)
+    acc, fd, _ = evaluate.teacher_metrics(teacher, images, labels, ref)
+    return {"acc_teacher": acc, "fd_teacher": fd, "samples": len(labels)}
 
 
 # paper-map: Tab. 4
-def far_run(head, seed, args, out, tok, judge, codes_dir):
-    """Train FAR with one head (Sec. 3.3 or a Tab. 4 baseline), then its held-out NLL and class consistency."""
-    argv = ["--preset", "tiny", "--head", head, "--tokenizer-ckpt", args.tokenizer_ckpt, "--out-dir", out,
+def far_run(head, seed, args, out, tok_path, tok, judge, codes_dir):
+    """Train FAR with one head (Sec. 3.3 or a Tab. 4 baseline) on the codes of the tokenizer at tok_path, then its
+    held-out NLL and the teacher's judgement of its samples."""
+    argv = ["--preset", "tiny", "--head", head, "--tokenizer-ckpt", tok_path, "--out-dir", out,   # the tiny recipe
             "--max-steps", str(args.steps), "--global-batch-size", str(args.batch_size), "--seed", str(seed),
             "--augment", args.augment, "--eval-every", str(args.steps), "--sample-every", str(args.steps),
             "--ckpt-every", str(args.steps), "--log-every", str(args.steps),
@@ -180,23 +177,56 @@ def far_run(head, seed, args, out, tok, judge, codes_dir):
     t0 = time.time()
     train_far.main(argv)                            # the same script and recipe a user runs
     seconds = time.time() - t0
+    if not os.path.exists(codes_dir):               # the first run's codes, shared with the later runs
+        os.symlink(os.path.abspath(os.path.join(out, "codes")), codes_dir)
     with open(os.path.join(out, "log.jsonl")) as f:  # the held-out NLL of the last step
         last = [r for r in map(json.loads, f) if "val_bits/0" in r][-1]
     bits = [last[f"val_bits/{j}"] for j in range(tok.cfg.num_codebooks)]
     model = load_far(os.path.join(out, "checkpoints", "last.pt"))
-    labels = torch.arange(model.cfg.num_classes).repeat_interleave(args.samples_per_class)   # every class
-    g = torch.Generator().manual_seed(seed)                             # samples reproducible per seed
-    images = tok.decode_codes(generate(model, labels, cfg_scale=2.0, generator=g)).clamp(-1, 1)   # Tab. 2's CFG
-    return {"val_bits_per_subcode": bits, "val_bits_mean": statistics.mean(bits),
-            "class_consistency": accuracy(judge, images, labels), "samples": len(labels),
+    return {"val_bits_per_subcode": bits, "val_bits_mean": statistics.mean(bits),   # Tab. 2's CFG scale: 2.0
+            **sample_metrics(model, tok, judge, 2.0, seed, args.samples_per_class),
             "train_seconds": round(seconds, 1), "params": sum(p.numel() for p in model.parameters())}
+
+
+def far_tokenizer(args):
+    """The FQ tokenizer FAR runs train on: --tokenizer-ckpt, or with --quick and no such file a random tiny one at
+    32 px (8x8 codes), written to the work dir."""
+    if not os.path.isfile(args.tokenizer_ckpt):
+        if not args.quick:
+            raise SystemExit(f"--tokenizer-ckpt {args.tokenizer_ckpt} not found (train one with train_tokenizer.py)")
+        torch.manual_seed(0)
+        cfg = TokenizerConfig(**{**PRESETS["tiny"], "image_size": 32})
+        args.tokenizer_ckpt = os.path.join(args.work_dir, "random_tokenizer.pt")
+        torch.save({"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)}, args.tokenizer_ckpt)
+    return args.tokenizer_ckpt
+
+
+def vq_tokenizer(args):
+    """--table ar: the tiny-vq tokenizer (VQ(2K), 16x16 codes), trained once into the work dir by the tiny recipe, as
+    the shipped FQ tokenizer was (README); -> its checkpoint (EMA weights are what load_tokenizer reads)."""
+    out = os.path.join(args.work_dir, "tiny-vq-tokenizer")
+    ckpt = os.path.join(out, "checkpoints", "last.pt")
+    if not os.path.isfile(ckpt):
+        shutil.rmtree(out, ignore_errors=True)      # a run cut short starts over
+        quick = ["--max-steps", "2", "--global-batch-size", "2", "--image-size", "32"] if args.quick else []
+        train_tokenizer.main(["--preset", "tiny-vq", "--precision", "bf16", "--out-dir", out, "--num-workers", "0",
+                              *quick])
+    return ckpt
+
+
+def cfg_run(scale, seed, args, model, tok, judge):
+    """One point of the CFG sweep: samples of the trained FAR at CFG scale `scale`, seed `seed`."""
+    t0 = time.time()
+    return {**sample_metrics(model, tok, judge, scale, seed, args.samples_per_class),
+            "sample_seconds": round(time.time() - t0, 1)}
 
 
 # --------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", required=True, choices=["3", "4"], help="Tab. 3 (tokenizer) or Tab. 4 (FAR head)")
+    p.add_argument("--table", required=True, choices=["3", "4", "ar", "cfg"], help="Tab. 3 (tokenizer), Tab. 4 (FAR "
+                   "head), ar (FAR vs plain AR, Tab. 2's claim) or cfg (CFG scale sweep of a trained FAR)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one run per row and seed")
     p.add_argument("--rows", nargs="+", default=None, help="subset of rows (default: all of the table)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 1000 Tab. 3; Tab. 4: "
@@ -211,9 +241,18 @@ def parse_args(argv=None):
                    help="Tab. 4: the tokenizer whose codes FAR models (default: the shipped tiny tokenizer)")
     p.add_argument("--augment", default=train_far.RECIPES["tiny"]["augment"], choices=sorted(train_far.VIEWS),
                    help="Tab. 4: train_far views (default: the tiny FAR recipe's, %(default)s)")
-    p.add_argument("--samples-per-class", type=int, default=4, help="Tab. 4: samples per class for consistency")
-    p.add_argument("--clf-steps", type=int, default=1000, help="Tab. 4: classifier steps (batch 64)")
-    p.add_argument("--clf-crops", type=int, default=20, help="Tab. 4: random crops per training photo for the CNN")
+    p.add_argument("--samples-per-class", type=int, default=25, help="Tab. 4 / cfg: samples per class and run for "
+                   "acc_teacher / fd_teacher (default: %(default)s)")
+    p.add_argument("--teacher", default=os.path.join(ROOT, "weights", "tiny_teacher.pt"),
+                   help="Tab. 4 / cfg: the stand-in teacher that judges samples (default: the shipped one)")
+    p.add_argument("--real-crops", type=int, default=2000, help="Tab. 4 / cfg: real held-out crops as the reference")
+    p.add_argument("--far-ckpt", default=os.path.join(ROOT, "weights", "tiny_far.pt"),
+                   help="cfg: the trained FAR to sample (default: the shipped tiny FAR, over --tokenizer-ckpt)")
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5, 2.0, 3.0, 4.0, 6.0],
+                   help="cfg: the CFG scales, one row each (1.0: no guidance; the paper samples at 2.0)")
+    p.add_argument("--tab4", default=os.path.join("results", "ablation_tab4.json"), help="ar: the FAR row's runs are "
+                   "taken from this Tab. 4 JSON's 'ar' row when its budget is the same (default: %(default)s)")
+    p.add_argument("--figure", help="cfg: also draw acc_teacher and fd_teacher against the scale into this PNG")
     p.add_argument("--work-dir", default=os.path.join("runs", "ablate"), help="run folders (checkpoints, logs)")
     p.add_argument("--out", required=True, help="results JSON, e.g. results/ablation_tab3.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 steps, tiny sizes, random tokenizer "
@@ -222,12 +261,16 @@ def parse_args(argv=None):
     tab3 = args.table == "3"
     if args.quick:                                  # tests: every code path in seconds, numbers meaningless
         args.seeds, args.steps, args.batch_size = args.seeds[:1], args.steps or 2, args.batch_size or 2
-        args.usage_crops, args.augment, args.samples_per_class, args.clf_steps, args.clf_crops = 1, "none", 1, 2, 1
-        args.image_size = 32
+        args.usage_crops, args.augment, args.samples_per_class, args.image_size = 1, "none", 2, 32
+        args.real_crops = 40
     # Tab. 3: long enough for the quantizer, not an under-trained trunk, to limit PSNR; Tab. 4: the FAR recipe
     args.steps = args.steps or (1000 if tab3 else train_far.RECIPES["tiny"]["max_steps"])
+    args.steps = None if args.table == "cfg" else args.steps      # cfg trains nothing: the FAR's step is recorded
     args.batch_size = args.batch_size or (train_tokenizer.RECIPES["tiny"]["global_batch_size"] if tab3 else 32)
-    rows = list(TAB3) if tab3 else ["linear", "mlp", "ar"]
+    rows = {"3": list(TAB3), "4": ["linear", "mlp", "ar"], "ar": list(AR_ROWS),
+            "cfg": [f"{s:g}" for s in args.scales]}[args.table]
+    if min(args.scales) < 0 or args.samples_per_class < 2 or args.real_crops < 2:
+        p.error("--scales must be >= 0, --samples-per-class and --real-crops >= 2")
     if any(r not in rows for r in args.rows or []):   # a typo in --rows must not silently run nothing
         p.error(f"--rows must be among {rows}")
     args.rows = args.rows or rows
@@ -256,21 +299,53 @@ def main(argv=None):
                                  gan=False, lpips_loss=False, ema_decay=recipe["ema_decay"],
                                  data="data/photos/train (44 photos), eval on data/photos/val (40)")
         run = lambda name, seed, out: tokenizer_run(name, seed, args, out)
-    else:                                           # Tab. 4: one tokenizer for every row, FAR heads vary
-        if not os.path.isfile(args.tokenizer_ckpt):
-            if not args.quick:
-                raise SystemExit(f"--tokenizer-ckpt {args.tokenizer_ckpt} not found "
-                                 "(train one with train_tokenizer.py)")
-            torch.manual_seed(0)                    # --quick: a random tiny tokenizer at 32 px (8x8 codes)
-            cfg = TokenizerConfig(**{**PRESETS["tiny"], "image_size": 32})
-            args.tokenizer_ckpt = os.path.join(args.work_dir, "random_tokenizer.pt")
-            torch.save({"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)}, args.tokenizer_ckpt)
-        tok = load_tokenizer(args.tokenizer_ckpt)
-        judge, results["classifier"] = train_classifier(tok, args)   # its accuracy is recorded too
+    elif args.table == "cfg":                       # nothing trained: one FAR, sampled at every scale
+        ckpt = read_checkpoint(args.far_ckpt, "--far-ckpt")
+        model, tok = load_far(ckpt), load_tokenizer(args.tokenizer_ckpt)
+        check_pair(model.cfg, tok, ckpt.get("tokenizer", {}), args.far_ckpt, args.tokenizer_ckpt)   # decodes its codes
+        judge = teacher_judge(tok, args, model.cfg.num_classes * args.samples_per_class)
+        results["levels"] = judge[2]                                # real crops, real vs real, reconstructions
+        del results["budget"]["global_batch_size"]                  # nothing trained
+        results["budget"].update(far=os.path.abspath(args.far_ckpt).removeprefix(ROOT + os.sep), far_step=ckpt.get(
+            "step"), tokenizer=os.path.abspath(args.tokenizer_ckpt).removeprefix(ROOT + os.sep),
+            samples_per_class=args.samples_per_class, real_crops=args.real_crops)
+        run = lambda name, seed, out: cfg_run(float(name), seed, args, model, tok, judge)
+    elif args.table == "ar":                        # two tokenizers, one FAR head each
+        paths = {"fq": far_tokenizer(args), "vq": vq_tokenizer(args)}
+        toks = {kind: load_tokenizer(path) for kind, path in paths.items()}
+        classes = len(ImageFolder(os.path.join(BUNDLED, "train"), toks["fq"].cfg.image_shape).classes)
+        judges = {kind: teacher_judge(tok, args, classes * args.samples_per_class) for kind, tok in toks.items()}
+        results["levels"] = {row: judges[kind][2] for row, (kind, _) in AR_ROWS.items()}   # each its tokenizer's
         results["budget"].update(augment=args.augment, samples_per_class=args.samples_per_class, cfg_scale=2.0,
-                                 tokenizer=os.path.abspath(args.tokenizer_ckpt).removeprefix(ROOT + os.sep), lr=1e-3)
+                                 lr=1e-3, real_crops=args.real_crops, tokenizers={
+                                     kind: os.path.abspath(p).removeprefix(ROOT + os.sep) for kind, p in paths.items()})
+
+        bits = lambda kind, res: {**res, "val_bits_per_position": sum(res["val_bits_per_subcode"]),   # NLL, and
+                                  "code_bits_per_position": toks[kind].cfg.num_codebooks * math.log2(   # what the
+                                      toks[kind].cfg.codebook_size)}                                    # codes hold
+        tab4 = json.load(open(args.tab4)) if args.tab4 and os.path.exists(args.tab4) else {}
+        same = {k: v for k, v in results["budget"].items() if k not in ("seeds", "tokenizers")}
+        if tab4.get("budget", {}).get("tokenizer") == results["budget"]["tokenizers"]["fq"] and all(
+                tab4["budget"].get(k) == v for k, v in same.items()):   # Tab. 4's AR-head runs are this row's runs
+            row = results["rows"].setdefault("FAR-FQ(Kx2)", {"runs": {}})
+            row["runs"].update({s: bits("fq", r) for s, r in tab4["rows"]["ar"]["runs"].items()})
+            row["from"] = f"the 'ar' row of {args.tab4} (same tokenizer, recipe, budget, seeds, judge)"
+            row["mean"], row["std"] = mean_std([row["runs"][s] for s in sorted(row["runs"], key=int)])
+
+        def run(name, seed, out):
+            kind, head = AR_ROWS[name]
+            return bits(kind, far_run(head, seed, args, out, paths[kind], toks[kind], judges[kind],
+                                      os.path.join(args.work_dir, f"ar-codes-{kind}")))
+    else:                                           # Tab. 4: one tokenizer for every row, FAR heads vary
+        tok = load_tokenizer(far_tokenizer(args))
+        classes = len(ImageFolder(os.path.join(BUNDLED, "train"), tok.cfg.image_shape).classes)   # FAR's classes
+        judge = teacher_judge(tok, args, classes * args.samples_per_class)
+        results["levels"] = judge[2]                                # real crops, real vs real, reconstructions
+        results["budget"].update(augment=args.augment, samples_per_class=args.samples_per_class, cfg_scale=2.0,
+                                 tokenizer=os.path.abspath(args.tokenizer_ckpt).removeprefix(ROOT + os.sep), lr=1e-3,
+                                 real_crops=args.real_crops)
         codes = os.path.join(args.work_dir, "tab4-codes")   # extracted by the first run, linked by the others
-        run = lambda head, seed, out: far_run(head, seed, args, out, tok, judge, codes)
+        run = lambda head, seed, out: far_run(head, seed, args, out, args.tokenizer_ckpt, tok, judge, codes)
     def save():
         """Merge our runs into the file's and rewrite it atomically, under a lock on its folder: several ablate.py
         processes with disjoint --rows or --seeds can fill one table (module docstring)."""
@@ -300,8 +375,6 @@ def main(argv=None):
             shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)   # not in the JSON: it starts over
             os.remove(os.path.join(out, "log.jsonl")) if os.path.exists(os.path.join(out, "log.jsonl")) else None
             row["runs"][str(seed)] = run(name, seed, out)
-            if args.table == "4" and not os.path.exists(codes):   # share the first run's codes with the others
-                os.symlink(os.path.abspath(os.path.join(out, "codes")), codes)
             row["mean"], row["std"] = mean_std(list(row["runs"].values()))
             save()                                  # after every run: a killed table loses one run at most
     save()
@@ -311,9 +384,21 @@ def main(argv=None):
         else:
             fmt = lambda m, s: ((f"{m:.3f}" + ("" if s is None else f"+-{s:.3f}")) if isinstance(m, float) else
                                 "/".join(fmt(a, b) for a, b in zip(m, s)) if isinstance(m, list) else str(m))
-            keys = ("psnr", "ssim", "lpips", "usage") if args.table == "3" else ("val_bits_mean", "class_consistency")
+            keys = {"3": ("psnr", "ssim", "lpips", "usage"), "4": ("val_bits_mean", "acc_teacher", "fd_teacher"),
+                    "ar": ("val_bits_per_position", "acc_teacher", "fd_teacher"),
+                    "cfg": ("acc_teacher", "fd_teacher")}[args.table]
             # one line per row: metric mean+-std, per sub-codebook values joined by /
             print(f"{name:<18} " + "  ".join(f"{k} {fmt(row['mean'][k], row['std'][k])}" for k in keys))
+    if args.figure:                                 # cfg: the two metrics against the scale, with their levels
+        lv, points = results["levels"], lambda k: [(float(n), r["mean"][k], r["std"][k])
+                                                   for n, r in results["rows"].items()]
+        line_plot([{"title": "acc_teacher of samples (higher: more class-like)", "x": "CFG scale s",
+                    "series": {"FAR": points("acc_teacher")}, "levels": {
+                        "real crops": lv["acc_teacher_real"], "reconstructions": lv["acc_teacher_rec"],
+                        "chance": lv["teacher_chance"]}},
+                   {"title": "fd_teacher to real crops (lower: closer)", "x": "CFG scale s",
+                    "series": {"FAR": points("fd_teacher")}, "levels": {
+                        "real vs real": lv["fd_teacher_floor"], "reconstructions": lv["fd_teacher_rec"]}}], args.figure)
     return results
 
 

@@ -305,7 +305,7 @@ def teacher_levels(teacher, classes, root, size, n_real, n_floor, tok, device):
     if data_classes != classes:
         raise ValueError(f"--data-path {root} has classes {', '.join(data_classes)}; the teacher knows "
                          f"{', '.join(classes)}")
-    floor, floor_labels, _ = real_crops(root, size, n_floor, seed=1)  # a disjoint draw
+    floor, floor_labels, _ = real_crops(root, size, n_floor, seed=1)  # another draw of crops
     acc_real, _, ref_feats = teacher_metrics(teacher, ref.to(device), ref_labels.to(device), None)
     _, fd_floor, _ = teacher_metrics(teacher, floor.to(device), floor_labels.to(device), ref_feats)
     with torch.no_grad():                                             # encode -> codes -> decode, 256 at a time

@@ -122,6 +122,46 @@ def figure4(tok, dataset, path, n_classes, method, batch_size, max_points=1000, 
     write_figure(img, path)
 
 
+def line_plot(panels, path, panel=(380, 280), margin=(48, 26, 16, 40)):
+    """Line plots side by side, one per panel dict: "title", "x" (axis name), "series" {name: [(x, mean, std or
+    None)]}, optional "levels" {name: y} (dashed, grey) and "log_x" (log2 x axis). Error bars are +- std.
+    Used by ablate.py for its sweeps (CFG scale, codebook size)."""
+    (pw, ph), (left, top, right, bottom) = panel, margin
+    legend = 16 * max(len(p["series"]) + len(p.get("levels", {})) for p in panels)
+    img = Image.new("RGB", (pw * len(panels), ph + legend), "white")
+    draw = ImageDraw.Draw(img)
+    for n, p in enumerate(panels):
+        fx = (lambda v: math.log2(v)) if p.get("log_x") else float
+        pts = [(fx(x), y, e or 0) for s in p["series"].values() for x, y, e in s]
+        ys = [y + d for _, y, e in pts for d in (-e, e)] + list(p.get("levels", {}).values())
+        (x0, x1), (y0, y1) = (min(v[0] for v in pts), max(v[0] for v in pts)), (min(ys), max(ys))
+        pad = 0.05 * (y1 - y0 or 1)                                   # a little air above and below, none below 0
+        y0, y1 = (y0 - pad if y0 < 0 or y0 - pad >= 0 else 0), y1 + pad
+        u = lambda x: n * pw + left + (fx(x) - x0) / ((x1 - x0) or 1) * (pw - left - right)   # data -> pixels
+        v = lambda y: top + (y1 - y) / (y1 - y0) * (ph - top - bottom)
+        draw.rectangle([n * pw + left, top, (n + 1) * pw - right, ph - bottom], outline=(160, 160, 160))
+        draw.text((n * pw + left, 6), p["title"], fill="black")
+        draw.text((n * pw + left, ph - 16), p["x"], fill="black")
+        for y in (y0, (y0 + y1) / 2, y1):                             # three y ticks
+            draw.text((n * pw + 4, v(y) - 6), f"{y:.3g}", fill="black")
+        for x in sorted({x for s in p["series"].values() for x, _, _ in s}):   # x ticks at the measured points
+            draw.text((u(x) - 8, ph - bottom + 4), f"{x:g}", fill="black")
+        for c, (name, y) in enumerate(p.get("levels", {}).items()):   # dashed reference levels
+            for a in range(n * pw + left, (n + 1) * pw - right, 8):
+                draw.line([a, v(y), a + 4, v(y)], fill=(120, 120, 120))
+            draw.text(((n + 1) * pw - right - draw.textlength(name) - 2, v(y) - 12), name, fill=(90, 90, 90))
+            draw.text((n * pw + left, ph + 16 * (len(p["series"]) + c)), f"- - {name} ({y:.3g})", fill=(90, 90, 90))
+        for c, (name, s) in enumerate(p["series"].items()):
+            s = sorted(s, key=lambda t: fx(t[0]))
+            draw.line([(u(x), v(y)) for x, y, _ in s], fill=PALETTE[c], width=2)
+            for x, y, e in s:                                         # a dot and its error bar per point
+                draw.line([u(x), v(y - (e or 0)), u(x), v(y + (e or 0))], fill=PALETTE[c])
+                draw.ellipse([u(x) - 3, v(y) - 3, u(x) + 3, v(y) + 3], fill=PALETTE[c])
+            draw.rectangle([n * pw + left, ph + 16 * c + 3, n * pw + left + 10, ph + 16 * c + 13], fill=PALETTE[c])
+            draw.text((n * pw + left + 14, ph + 16 * c + 2), name, fill="black")
+    write_figure(img, path)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokenizer-ckpt", default=os.path.join(ROOT, "weights", "tiny_tokenizer.pt"),

@@ -113,6 +113,10 @@ PRESETS = {
     "tiny": dict(image_size=64, ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=8,
                  codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True, teachers=(None, None),
                  head_dims=(0, 0)),
+    # tiny's trunk, one plain 1024-entry VQ branch (VQ(2K)): the codes of the plain AR baseline (ablate.py --table ar)
+    "tiny-vq": dict(image_size=64, ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=8,
+                    codebook_size=1024, num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,),
+                    head_dims=(0,)),
     # tiny + Sec. 3.2.2 ("+rep"): the offline stand-in teacher (teachers.PhotoCNN) on branch 2, where Dual has CLIP.
     "tiny-dual": dict(image_size=64, ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=8,
                       codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,

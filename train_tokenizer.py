@@ -46,8 +46,8 @@ PAPER = dict(data_path=None, global_batch_size=256, max_steps=200_000, lr=2e-4, 
 TINY = dict(data_path=os.path.join(BUNDLED, "train"), global_batch_size=16, max_steps=600, lr=1e-3, lr_decay="cosine",
             warmup_steps=50, ema_decay=0.99, perceptual_weight=0.0, gan_weight=0.0, gan_start=400, crop_scale=3.0)
 RECIPES = {"fqgan-dual-16": PAPER, "fqgan-triple-16": PAPER, "fqgan-dual-8": PAPER, "fqgan-triple-8": PAPER,
-           "vqgan-16": PAPER, "ibq-16": PAPER, "tiny": TINY, "tiny-dual": TINY, "tiny8": TINY, "tiny8-dual": TINY,
-           "tiny8-vq": TINY, "tiny8-ibq": TINY}
+           "vqgan-16": PAPER, "ibq-16": PAPER, "tiny": TINY, "tiny-dual": TINY, "tiny-vq": TINY, "tiny8": TINY,
+           "tiny8-dual": TINY, "tiny8-vq": TINY, "tiny8-ibq": TINY}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""ablate.py: the --quick path of both tables end to end (JSON rows, finite numbers, resume skips done runs) and the
+"""ablate.py: the --quick path of both tables and the CFG sweep end to end (JSON rows, finite numbers, resume skips done runs) and the
 mean / std aggregation over seeds.
 
 Run: python -m pytest tests/test_ablate.py -q
@@ -9,6 +9,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -37,6 +38,49 @@ def check_common(data, table):
             assert list(row["runs"]) == ["0"] and row["mean"] == {k: v for k, v in row["runs"]["0"].items()}
 
 
+def check_levels(levels):
+    """The scale the teacher's numbers are read on: real crops classified well above chance, real vs real close."""
+    assert levels["real_crops"] == 40 and levels["teacher_chance"] == pytest.approx(1 / 11)
+    assert levels["acc_teacher_real"] > 2 / 11 and 0 <= levels["acc_teacher_rec"] <= 1
+    assert 0 <= levels["fd_teacher_floor"] < levels["fd_teacher_rec"]
+
+
+def test_quick_cfg_sweep_with_its_figure(tmp_path):
+    """The CFG sweep of the shipped tiny FAR: one row per scale, the JSON and a PNG figure; scale 1 is FAR without
+    guidance (the same samples as generate(cfg_scale=1.0))."""
+    out, fig = tmp_path / "cfg.json", tmp_path / "cfg.png"
+    ablate.main(["--table", "cfg", "--quick", "--scales", "1", "3", "--work-dir", str(tmp_path / "runs"),
+                 "--out", str(out), "--figure", str(fig)])
+    data = json.loads(out.read_text())
+    assert data["table"] == "cfg" and list(data["rows"]) == ["1", "3"] and data["budget"]["far_step"] == torch.load(
+        os.path.join(ROOT, "weights", "tiny_far.pt"), weights_only=True)["step"]
+    check_levels(data["levels"])
+    for row in data["rows"].values():
+        run = row["runs"]["0"]
+        assert 0 <= run["acc_teacher"] <= 1 and run["fd_teacher"] > 0 and run["samples"] == 22
+    assert fig.stat().st_size > 1000 and fig.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_quick_far_vs_plain_ar_reuses_tab4_runs(tmp_path):
+    """--table ar: the plain-AR row trains its own VQ tokenizer (tiny-vq) and a k = 1 FAR with a linear head; the FAR
+    row is taken from a Tab. 4 JSON of the same budget and tokenizer instead of being trained again."""
+    work, tab4, out = tmp_path / "runs", tmp_path / "tab4.json", tmp_path / "ar.json"
+    common = ["--quick", "--tokenizer-ckpt", str(tmp_path / "absent.pt"), "--work-dir", str(work)]
+    ablate.main(["--table", "4", "--rows", "ar", *common, "--out", str(tab4)])
+    ablate.main(["--table", "ar", *common, "--out", str(out), "--tab4", str(tab4)])
+    data, t4 = json.loads(out.read_text()), json.loads(tab4.read_text())
+    check_common(data, "ar")
+    fq, vq = data["rows"]["FAR-FQ(Kx2)"], data["rows"]["AR-VQ(2K)"]
+    assert "ablation_tab4" not in fq["from"] and str(tab4) in fq["from"]
+    assert fq["runs"]["0"]["acc_teacher"] == t4["rows"]["ar"]["runs"]["0"]["acc_teacher"]   # copied, not rerun
+    assert fq["runs"]["0"]["code_bits_per_position"] == 18 and vq["runs"]["0"]["code_bits_per_position"] == 10
+    run = vq["runs"]["0"]
+    assert len(run["val_bits_per_subcode"]) == 1 and run["val_bits_per_position"] == run["val_bits_per_subcode"][0]
+    assert 0 <= run["acc_teacher"] <= 1 and run["fd_teacher"] > 0 and set(data["levels"]) == set(ablate.AR_ROWS)
+    far = torch.load(work / "tabar-AR-VQ(2K)-seed0" / "checkpoints" / "last.pt", weights_only=True)
+    assert far["config"]["num_codebooks"] == 1 and far["config"]["head"] == "linear"   # LlamaGen's GPT
+
+
 def test_quick_table3(tmp_path):
     out = tmp_path / "tab3.json"
     ablate.main(["--table", "3", "--quick", "--work-dir", str(tmp_path / "runs"), "--out", str(out)])
@@ -63,12 +107,11 @@ def test_quick_table4_and_resume(tmp_path):
     data = json.loads(out.read_text())
     check_common(data, "4")
     assert list(data["rows"]) == ["linear", "mlp", "ar"]
-    clf = data["classifier"]
-    assert 0 <= clf["val_accuracy"] <= 1 and 0 <= clf["val_reconstruction_accuracy"] <= 1 and len(clf["classes"]) == 11
+    check_levels(data["levels"])
     for row in data["rows"].values():
         run = row["runs"]["0"]
         assert len(run["val_bits_per_subcode"]) == 2 and all(0 < b < 12 for b in run["val_bits_per_subcode"])
-        assert 0 <= run["class_consistency"] <= 1 and run["samples"] == 11
+        assert 0 <= run["acc_teacher"] <= 1 and run["fd_teacher"] > 0 and run["samples"] == 11 * 2
     # the same command again finds every run in the JSON and trains nothing
     ablate.main(argv)
     assert json.loads(out.read_text())["rows"] == data["rows"]

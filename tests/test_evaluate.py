@@ -172,7 +172,7 @@ def test_frechet_equals_the_formula_through_symmetric_square_roots():
         return v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
     s1, s2 = torch.cov(a.double().T), torch.cov(b.double().T)
     expected = (a.double().mean(0) - b.double().mean(0)).pow(2).sum() + torch.trace(s1 + s2 - 2 * sqrtm(
-        sqrtm(s1) @ s2 @ sqrtm(s1)))                              # ||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1^.5 S2 S1^.5)^.5)
+        sqrtm(s1) @ s2 @ sqrtm(s1)))                          # |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^.5 S2 S1^.5)^.5)
     assert math.isclose(evaluate.frechet(a, b), expected.item(), rel_tol=1e-6)
     assert abs(evaluate.frechet(a, a)) < 1e-6
 
