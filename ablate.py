@@ -238,7 +238,7 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=int, default=64, help="Tab. 3 training and evaluation resolution (64)")
     p.add_argument("--usage-crops", type=int, default=10, help="Tab. 3: random crops per held-out image for usage")
     p.add_argument("--tokenizer-ckpt", default=os.path.join(ROOT, "weights", "tiny_tokenizer.pt"),
-                   help="Tab. 4: the tokenizer whose codes FAR models (default: the shipped tiny tokenizer)")
+                   help="Tab. 4 / ar / cfg: the (FQ) tokenizer whose codes FAR models (default: the shipped tiny one)")
     p.add_argument("--augment", default=train_far.RECIPES["tiny"]["augment"], choices=sorted(train_far.VIEWS),
                    help="Tab. 4: train_far views (default: the tiny FAR recipe's, %(default)s)")
     p.add_argument("--samples-per-class", type=int, default=25, help="Tab. 4 / cfg: samples per class and run for "
@@ -325,8 +325,8 @@ def main(argv=None):
                                       toks[kind].cfg.codebook_size)}                                    # codes hold
         tab4 = json.load(open(args.tab4)) if args.tab4 and os.path.exists(args.tab4) else {}
         same = {k: v for k, v in results["budget"].items() if k not in ("seeds", "tokenizers")}
-        if tab4.get("budget", {}).get("tokenizer") == results["budget"]["tokenizers"]["fq"] and all(
-                tab4["budget"].get(k) == v for k, v in same.items()):   # Tab. 4's AR-head runs are this row's runs
+        if "ar" in tab4.get("rows", {}) and tab4["budget"].get("tokenizer") == results["budget"]["tokenizers"]["fq"] \
+                and all(tab4["budget"].get(k) == v for k, v in same.items()):   # Tab. 4's AR-head runs are this row's
             row = results["rows"].setdefault("FAR-FQ(Kx2)", {"runs": {}})
             row["runs"].update({s: bits("fq", r) for s, r in tab4["rows"]["ar"]["runs"].items()})
             row["from"] = f"the 'ar' row of {args.tab4} (same tokenizer, recipe, budget, seeds, judge)"

@@ -125,7 +125,7 @@ def figure4(tok, dataset, path, n_classes, method, batch_size, max_points=1000, 
 def line_plot(panels, path, panel=(380, 280), margin=(48, 26, 16, 40)):
     """Line plots side by side, one per panel dict: "title", "x" (axis name), "series" {name: [(x, mean, std or
     None)]}, optional "levels" {name: y} (dashed, grey) and "log_x" (log2 x axis). Error bars are +- std.
-    Used by ablate.py for its sweeps (CFG scale, codebook size)."""
+    Used by ablate.py for its sweeps (--table cfg)."""
     (pw, ph), (left, top, right, bottom) = panel, margin
     legend = 16 * max(len(p["series"]) + len(p.get("levels", {})) for p in panels)
     img = Image.new("RGB", (pw * len(panels), ph + legend), "white")
