@@ -76,6 +76,11 @@ PAPER = {"3": {"VQ(K)": [3.71, 20.56, 0.98], "VQ(2K)": [3.60, 20.56, 0.84], "FQ(
          "cfg": "no sweep in the paper: every FAR sample there is drawn at CFG scale 2.0 (Tab. 2)",
          "ar": {"FAR-B": [3.38, 248.26], "FAR-L": [3.08, 272.52], "columns": ["gFID", "IS"],
                 "claim": "Tab. 2 sets FAR on FQGAN codes against AR models with one code per position"}}
+# The budget of the stored tables (results/): the tiny recipes as they were before 2026-12-05, when they became faster
+# (train_tokenizer / train_far RECIPES: half-size crops first, bf16, FAR's higher lr). Every run passes these flags, so
+# that rerunning a command adds runs comparable with those already in its JSON.
+TOKENIZER_FLAGS = ["--low-res-steps", "0", "--lr", "1e-3", "--ema-decay", "0.99", "--max-steps", "600"]
+FAR_FLAGS = ["--lr", "1e-3", "--lr-decay", "constant", "--warmup-steps", "0", "--max-steps", "600"]
 # --table ar, the claim of Tab. 2 at CPU scale: FAR (AR head) on the shipped FQ(K x 2) codes against the standard
 # one-code-per-position AR (FAR with k = 1 and a linear head: LlamaGen's GPT) on a VQ(2K) tokenizer trained by the same
 # recipe: as many stored codes (1024), 18 against 10 bits per position; the same trunk, budget and seeds.
@@ -113,7 +118,8 @@ def tokenizer_run(name, seed, args, out):
     argv = ["--preset", preset, "--data-path", os.path.join(BUNDLED, "train"),   # every row: the bundled photos
             "--val-path", os.path.join(BUNDLED, "val"),                           # and their held-out strips
             "--image-size", str(args.image_size), "--global-batch-size", str(args.batch_size),
-            "--max-steps", str(args.steps), "--seed", str(seed), "--out-dir", out, "--num-workers", "0",   # in-process
+            *TOKENIZER_FLAGS, "--max-steps", str(args.steps), "--seed", str(seed), "--out-dir", out,   # later wins
+            "--num-workers", "0",                                                 # in-process
             # every tiny-* preset trains with the tiny recipe (train_tokenizer.RECIPES); a row adds one term at a time
             "--disentangle-weight", "0", "--rep-weight", "0", "--eval-every", str(args.steps),
             "--sample-every", str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.steps),
@@ -167,10 +173,10 @@ def far_run(head, seed, args, out, tok_path, tok, judge, codes_dir):
     """Train FAR with one head (Sec. 3.3 or a Tab. 4 baseline) on the codes of the tokenizer at tok_path, then its
     held-out NLL and the teacher's judgement of its samples."""
     argv = ["--preset", "tiny", "--head", head, "--tokenizer-ckpt", tok_path, "--out-dir", out,   # the tiny recipe
-            "--max-steps", str(args.steps), "--global-batch-size", str(args.batch_size), "--seed", str(seed),
-            "--augment", args.augment, "--eval-every", str(args.steps), "--sample-every", str(args.steps),
-            "--ckpt-every", str(args.steps), "--log-every", str(args.steps),
-            *(["--precision", args.precision] if args.precision else [])]
+            *FAR_FLAGS, "--max-steps", str(args.steps), "--global-batch-size", str(args.batch_size),   # as stored
+            "--seed", str(seed), "--augment", args.augment, "--eval-every", str(args.steps), "--sample-every",
+            str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.steps),
+            "--precision", args.precision or "fp32"]
     if os.path.isdir(codes_dir) and not os.path.exists(os.path.join(out, "codes")):   # not the first run
         os.makedirs(out, exist_ok=True)             # the codes of the first run, extracted once (same tokenizer)
         os.symlink(os.path.abspath(codes_dir), os.path.join(out, "codes"))
@@ -209,8 +215,8 @@ def vq_tokenizer(args):
     if not os.path.isfile(ckpt):
         shutil.rmtree(out, ignore_errors=True)      # a run cut short starts over
         quick = ["--max-steps", "2", "--global-batch-size", "2", "--image-size", "32"] if args.quick else []
-        train_tokenizer.main(["--preset", "tiny-vq", "--precision", "bf16", "--out-dir", out, "--num-workers", "0",
-                              *quick])
+        train_tokenizer.main(["--preset", "tiny-vq", "--precision", "bf16", *TOKENIZER_FLAGS, "--out-dir", out,
+                              "--num-workers", "0", *quick])
     return ckpt
 
 
@@ -229,10 +235,11 @@ def parse_args(argv=None):
                    "head), ar (FAR vs plain AR, Tab. 2's claim) or cfg (CFG scale sweep of a trained FAR)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one run per row and seed")
     p.add_argument("--rows", nargs="+", default=None, help="subset of rows (default: all of the table)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 1000 Tab. 3; Tab. 4: "
-                   "the tiny FAR recipe's, train_far.RECIPES)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 1000 Tab. 3, 600 Tab. "
+                   "4 and ar)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="autocast of every run (default: the "
-                   "scripts' own, fp32 on CPU; bf16 is much faster for the tiny trunk on CPUs with AMX)")
+                   "tokenizer recipe's for Tab. 3, fp32 for FAR; bf16 is much faster for the tiny trunk on CPUs with "
+                   "AMX or AVX512-BF16)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch per step (default: the tiny recipe's "
                    "16 Tab. 3, 32 Tab. 4)")
     p.add_argument("--image-size", type=int, default=64, help="Tab. 3 training and evaluation resolution (64)")
@@ -264,7 +271,7 @@ def parse_args(argv=None):
         args.usage_crops, args.augment, args.samples_per_class, args.image_size = 1, "none", 2, 32
         args.real_crops = 40
     # Tab. 3: long enough for the quantizer, not an under-trained trunk, to limit PSNR; Tab. 4: the FAR recipe
-    args.steps = args.steps or (1000 if tab3 else train_far.RECIPES["tiny"]["max_steps"])
+    args.steps = args.steps or (1000 if tab3 else 600)              # Tab. 4: FAR_FLAGS' 600, the stored budget
     args.steps = None if args.table == "cfg" else args.steps      # cfg trains nothing: the FAR's step is recorded
     args.batch_size = args.batch_size or (train_tokenizer.RECIPES["tiny"]["global_batch_size"] if tab3 else 32)
     rows = {"3": list(TAB3), "4": ["linear", "mlp", "ar"], "ar": list(AR_ROWS),
@@ -294,8 +301,8 @@ def main(argv=None):
         "budget": {"steps": args.steps, "global_batch_size": args.batch_size, "seeds": args.seeds}})
     results.setdefault("rows", {})
     if args.table == "3":                           # run = train one tokenizer, then measure it
-        recipe = train_tokenizer.RECIPES["tiny"]                    # every row trains with the tiny recipe
-        results["budget"].update(image_size=args.image_size, usage_crops=args.usage_crops, lr=recipe["lr"],
+        recipe = train_tokenizer.RECIPES["tiny"]                    # every row: the tiny recipe + TOKENIZER_FLAGS
+        results["budget"].update(image_size=args.image_size, usage_crops=args.usage_crops, lr=1e-3,
                                  gan=False, lpips_loss=False, ema_decay=recipe["ema_decay"],
                                  data="data/photos/train (44 photos), eval on data/photos/val (40)")
         run = lambda name, seed, out: tokenizer_run(name, seed, args, out)

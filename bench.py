@@ -1,14 +1,16 @@
-"""Speed and memory of the quantizer lookup, IBQ, FAR sampling and the tokenizer training step (one table).
+"""Speed and memory of the quantizer lookup, IBQ, FAR sampling, the tokenizer training step and the tiny recipes.
 
 Papers: FQGAN / FAR, arXiv 2411.16681 (Eq. 1 lookup, Sec. 3.3 sampling); IBQ, arXiv 2412.02692.
 The "official" rows are written from the facts in docs/official_code.md (§1.5 quantizer, §8 IBQ, §6 FAR sampling),
 not copied from the official code; the "reference" rows are quantizer.py's paper forms.
 
-  python bench.py                  # every section, median of --repeats runs after one warm-up
-  python bench.py --only lookup    # one section: lookup | ibq | far | train | train-dual | memory
+  python bench.py                  # every section but recipes, median of --repeats runs after one warm-up
+  python bench.py --only lookup    # one section: lookup | ibq | far | train | train-dual | memory | recipes
   python bench.py --only lookup --threads 1,2 --busy 2   # the lookup on 1 and 2 threads, quiet and against 2
                                    # busy-loop processes (the default); other sections run on the last count
-  python bench.py --only train-dual --profile            # FQGAN-Dual G step vs the official quantizer + profile
+  python bench.py --only train-dual --profile            # FQGAN-Dual G step vs the official formulation
+  python bench.py --only recipes   # time to quality: the tiny models' earlier recipes vs today's (~25 min; not in
+                                   # the default run)
   python bench.py --quick          # every path once at small sizes (CI: tests/test_bench.py); no timing claims
 
 Peak memory ("peak MiB") is the process's peak resident memory while the call runs minus its resident memory just
@@ -17,12 +19,14 @@ before (Linux VmHWM, reset through /proc/self/clear_refs): the extra memory the 
 import argparse
 import contextlib
 import ctypes
+import json
 import os
 import platform
 import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import weakref
 
@@ -36,13 +40,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import far
 import quantizer
+import tokenizer
 from fast import code_softmax, nearest_code
 from losses import LPIPS, LossConfig, PatchGAN, generator_loss, info_nce
 from quantizer import VectorQuantizer, distances, entropy_reference, ibq_reference, lookup_reference
 from teachers import PhotoCNN
 from tokenizer import PRESETS as TOKENIZER_PRESETS, Tokenizer, TokenizerConfig
 
-SECTIONS = ("lookup", "ibq", "far", "train", "train-dual", "memory")
+SECTIONS = ("lookup", "ibq", "far", "train", "train-dual", "memory", "recipes")
+LONG = ("recipes",)          # run by --only (and --quick) alone: tens of minutes
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,7 +336,9 @@ def bench_far_preset(args, preset, grid, batch, compile_, recompute):
     what = (f"{preset} ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M), {grid[0]}x{grid[1]}, "
             f"batch {batch} + CFG, {tokens} tokens")
     official = lambda: official_generate(model, labels, generator=gen())
-    modes = [True] if compile_ else []                               # generate(compile=...) variants
+    # generate(compile=...): weights as graph inputs (True), or folded in as constants ("frozen", sample.py's CPU
+    # --compile: fast.compiled)
+    modes = [True, "frozen"] if compile_ else []
     compile_info = {}
     for mode in modes:  # compile first: the first call traces and compiles the two decode graphs
         graphs, start = counters["stats"]["unique_graphs"], time.perf_counter()
@@ -402,12 +410,16 @@ def bench_train(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tokenizer generator step of FQGAN-Dual f16 (Tab. 1) at batch 2, 256 px: ours vs the official quantizer formulation
-# (official_vq_forward) swapped into the same model, same weights. Losses: MSE + quantizer terms + Eq. (7) (no LPIPS,
-# D or teacher: their weights are not available offline); forward + backward, no optimizer step.
+# Tokenizer generator step of FQGAN-Dual f16 (Tab. 1) at batch 2, 256 px: ours against the official formulation on the
+# same model and weights, i.e. the official quantizer (official_vq_forward) swapped into each branch and swish as two
+# ops, x * sigmoid(x) (official_code.md §1.3; tokenizer.swish is the fused F.silu). Losses: MSE + quantizer terms +
+# Eq. (7) (no LPIPS, D or teacher: their weights are not available offline); forward + backward, no optimizer step.
+# Precision: the official scripts' autocast is torch.cuda.amp's, which does nothing on a CPU, so the official step runs
+# fp32 here; ours runs fp32 and under CPU bf16 autocast (train_tokenizer.py --precision bf16, the tiny recipes' CPU
+# setting), and the official formulation under the same bf16 autocast is timed too, for the like-for-like ratio.
 
 def bench_train_dual(args):
-    """FQGAN-Dual's G step with our quantizer and with the official formulation swapped into the same model."""
+    """FQGAN-Dual's G step: ours vs the official formulation swapped into the same model, fp32 and bf16 autocast."""
     preset, batch, size = ("tiny", 1, 64) if args.quick else ("fqgan-dual-16", 2, 256)
     cfg = TokenizerConfig(**{**TOKENIZER_PRESETS[preset], "image_size": size})
     print(f"train-dual: {preset}, batch {batch} at {size} px, G step (forward + MSE/quantizer/Eq. 7 + backward)")
@@ -415,21 +427,79 @@ def bench_train_dual(args):
     tok = Tokenizer(cfg).train()
     x = torch.rand(batch, 3, size, size) * 2 - 1
     ours = [branch.quantize for branch in tok.branches]
-    swaps = {"official quantizer formulation": [OfficialVQ(q) for q in ours], "ours (quantizer.VectorQuantizer)": ours}
+    official = ([OfficialVQ(q) for q in ours], lambda t: t * torch.sigmoid(t))   # (quantizers, swish)
+    mine = (ours, tokenizer.swish)
+    variants = {"official formulation, fp32": (official, False), "ours, fp32": (mine, False),
+                "official formulation, bf16 autocast": (official, True), "ours, bf16 autocast": (mine, True)}
 
-    def step(quantizers):
-        for branch, q in zip(tok.branches, quantizers):               # swap the quantizers, keep every weight
+    def step(parts, bf16):
+        (quantizers, swish), fused = parts, tokenizer.swish
+        for branch, q in zip(tok.branches, quantizers):              # swap the quantizers, keep every weight
             branch.quantize = q
-        x_rec, aux = tok(x)
-        tok.zero_grad(set_to_none=True)
-        generator_loss(x, x_rec, aux, 0, cfg=LossConfig())["total"].backward()
-    t_off, t_ours = interleaved_medians([lambda q=q: step(q) for q in swaps.values()], args.repeats)
-    for (name, quantizers), t in zip(swaps.items(), (t_off, t_ours)):
-        row("train-dual", f"{preset} G step, {name}", t, f"{t_off / t:.2f}x official")
+        tokenizer.swish = swish                                       # the blocks look the name up at every call
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                x_rec, aux = tok(x)
+                loss = generator_loss(x, x_rec, aux, 0, cfg=LossConfig())["total"]
+            tok.zero_grad(set_to_none=True)
+            loss.backward()
+        finally:
+            tokenizer.swish = fused
+    times = dict(zip(variants, interleaved_medians([lambda v=v: step(*v) for v in variants.values()], args.repeats)))
+    t_off, t_off16 = times["official formulation, fp32"], times["official formulation, bf16 autocast"]
+    for name, t in times.items():
+        same = f", {t_off16 / t:.2f}x official in bf16" if name == "ours, bf16 autocast" else ""
+        row("train-dual", f"{preset} G step, {name}", t, f"{t_off / t:.2f}x official fp32{same}")
         if args.profile:                                              # where the time goes: top ops by self CPU time
             with torch.profiler.profile() as prof:
-                step(quantizers)
+                step(*variants[name])
             print(f"{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Time to quality of the tiny models (only with --only recipes: ~25 min on 2 cores): the README's two training commands
+# with today's recipes against the recipes before 2026-12-05, restored by flags, one run after the other in fresh
+# folders, as subprocesses: wall clock from start to exit (the wait of a user), and the final held-out number from
+# log.jsonl, the tokenizer's val_psnr_ema (dB, bundled val strips) and FAR's held-out NLL in bits per sub-code.
+# Code speed-ups that no flag can undo (tokenizer.swish as one fused op, fast.sdpa_backend) are in both rows.
+
+RECIPES = {  # model -> (script, flags that restore the recipe before 2026-12-05)
+    "tiny tokenizer": ("train_tokenizer.py", ["--precision", "bf16", "--low-res-steps", "0"]),
+    "tiny FAR": ("train_far.py", ["--precision", "fp32", "--lr", "1e-3", "--warmup-steps", "0", "--max-steps", "600"]),
+}
+QUICK_FLAGS = {"tiny tokenizer": (["--max-steps", "4"], ["--max-steps", "4", "--low-res-steps", "2"]),
+               "tiny FAR": (["--max-steps", "2", "--augment", "none", "--global-batch-size", "4"],) * 2}
+
+
+def final_number(log_path, model):
+    """The last held-out number of a run's log.jsonl: val_psnr_ema (tokenizer) or the mean of val_bits/j (FAR)."""
+    with open(log_path) as f:
+        records = [json.loads(line) for line in f]
+    if model == "tiny tokenizer":
+        return next(r["val_psnr_ema"] for r in reversed(records) if "val_psnr_ema" in r), "dB"
+    bits = next(r for r in reversed(records) if "val_bits/0" in r and r["step"] > 0)
+    return statistics.mean(v for k, v in bits.items() if k.startswith("val_bits/")), "bits"
+
+
+def bench_recipes(args):
+    """Each tiny model trained with the earlier recipe and with today's: minutes and held-out quality."""
+    print("recipes: the README's training commands, the recipe before 2026-12-05 (restored by flags) vs today's")
+    for model, (script, before) in RECIPES.items():
+        quick = QUICK_FLAGS[model] if args.quick else ([], [])
+        results = []
+        for name, flags in (("before", before + quick[0]), ("today", quick[1])):
+            with tempfile.TemporaryDirectory() as out:
+                argv = [sys.executable, script, "--out-dir", out, *flags]
+                start = time.perf_counter()
+                with open(os.path.join(out, "stdout.txt"), "w") as log:   # tqdm and prints, kept out of the table
+                    subprocess.run(argv, cwd=os.path.dirname(os.path.abspath(__file__)), check=True, stdout=log,
+                                   stderr=subprocess.STDOUT)
+                seconds = time.perf_counter() - start
+                value, unit = final_number(os.path.join(out, "log.jsonl"), model)
+            results.append(seconds)
+            faster = f", {results[0] / seconds:.2f}x faster" if name == "today" else ""
+            row("recipes", f"{model}, recipe {name}: python {script} {' '.join(flags)}".rstrip(), seconds,
+                f"{seconds / 60:.1f} min, held-out {value:.2f} {unit}{faster}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -552,7 +622,8 @@ def bench_memory(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--only", choices=SECTIONS, default=None, help="run one section (default: all)")
+    p.add_argument("--only", choices=SECTIONS, default=None,
+                   help=f"run one section (default: all but {', '.join(LONG)})")
     p.add_argument("--quick", action="store_true", help="every path once at small sizes (CI); no timing claims")
     p.add_argument("--repeats", type=int, default=None, help="timed runs after the warm-up (default 5; quick 1)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
@@ -584,7 +655,7 @@ def main(argv=None):
     ROWS.clear()                                                      # main() may be called twice (tests)
     header = machine()
     print(header, flush=True)
-    for name in (args.only,) if args.only else SECTIONS:
+    for name in (args.only,) if args.only else [s for s in SECTIONS if args.quick or s not in LONG]:
         torch.set_num_threads(args.threads[-1])                       # the lookup section changes it
         globals()[f"bench_{name.replace('-', '_')}"](args)
     print(f"\n{header}; median of {args.repeats} runs after 1 warm-up{' (--quick)' if args.quick else ''}\n")

@@ -4,10 +4,10 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
 Every file the project reads or writes that holds weights passes through here:
   init_distributed        torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> process group (NCCL on CUDA, gloo on CPU),
                           the CUDA numerics; distribute: DDP, then torch.compile; device_flag: --device
-  start_training, resume, init_weights, open_run, save_checkpoint, mean_over_ranks_or_stop
-                          a training run as both training scripts use it: set-up, exact resume (weights, optimizers,
-                          RNG of every rank, data position), the JSONL log, atomic checkpoints (save_last), and the
-                          non-finite-loss stop that leaves the last good checkpoint as it was
+  start_training, lr_at, resume, init_weights, open_run, save_checkpoint, mean_over_ranks_or_stop
+                          a training run as both training scripts use it: set-up, the lr schedule, exact resume
+                          (weights, optimizers, RNG of every rank, data position), the JSONL log, atomic checkpoints
+                          (save_last), and the non-finite-loss stop that leaves the last good checkpoint as it was
   read_checkpoint         torch.load(weights_only=True) with one clear line for every way a file can be wrong
   load_tokenizer, load_far
                           our checkpoints and the official FQGAN / FAR ones (renamed, config inferred from shapes)
@@ -315,6 +315,16 @@ def start_training(args, parser):
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     return ddp, rank, world, device, args.global_batch_size // world
+
+
+def lr_at(args, step):
+    """lr of the update that step `step` (0-based) makes, both training scripts: linear warm-up over --warmup-steps,
+    then constant (the official scripts) or a cosine from --lr to 0 at --max-steps (the tiny recipes: a short run
+    ends annealed). Computed from the step alone, so a resumed run needs no scheduler state."""
+    warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
+    if args.lr_decay == "cosine":
+        warm *= 0.5 * (1 + math.cos(math.pi * min(step, args.max_steps) / args.max_steps))
+    return args.lr * warm
 
 
 _LOCKS = {}                                                           # out_dir -> open file holding its lock

@@ -139,8 +139,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, rope), apply_rope(k, rope)                                # v is not rotated
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))                               # (B, S, H, D) -> (B, H, S, D)
         if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1,
-                                               dropout_p=self.attn_dropout if self.training else 0.0)
+            with fast.sdpa_backend(q):                                                 # short sequences: math kernel
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1,
+                                                   dropout_p=self.attn_dropout if self.training else 0.0)
         else:
             # written at a position *tensor*: the same shapes at every step, so a compiled step is traced once
             k_cache, v_cache = cache
@@ -323,7 +324,8 @@ def generate(model, labels, cfg_scale=2.0, temperature=1.0, top_k=0, top_p=1.0, 
     the conditional batch only. Random numbers come from `generator` only: one multinomial per sub-code.
     use_cache=False is the paper's form below: every position reruns the backbone over the whole prefix and the AR
     head over the sub-codes sampled so far. use_cache=True (fast.decode) runs one token per position through static
-    KV caches; compile=True also compiles that step. Same draws, same codes (tests/test_far_cache.py)."""
+    KV caches; compile=True also compiles that step, compile="frozen" with the weights folded in (faster on a CPU;
+    for a model that is not trained further: fast.compiled). Same draws, same codes (tests/test_far_cache.py)."""
     assert temperature > 0, f"temperature must be > 0, got {temperature}"
     assert use_cache or not compile, "compile compiles the cached decode step; it needs use_cache=True"
     cfg, was_training = model.cfg, model.training

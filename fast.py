@@ -8,13 +8,16 @@ Each function here equals a paper form of the model files, and a test checks it:
                       blocks with a hand-written backward that recomputes each block (tests/test_quantizer.py)
   distance_entropy    the VQ entropy term on softmax(-dist / T) through code_softmax
   max_inner_product   IBQ's codes at evaluation: the argmax of the logits, no softmax
-  decode              far.generate with static KV caches, one position per step, optionally compiled
+  sdpa_backend        the math attention kernel for the AR head's short training sequences on a CPU (far.py)
+  decode              far.generate with static KV caches, one position per step, optionally compiled (with the
+                      weights as graph inputs, or folded in as constants for sampling a fixed model)
                       (far.generate(use_cache=False) is the paper's form; tests/test_far_cache.py)
 Why they exist: on a CPU the paper forms' N x K matrices miss every cache (the blocked lookup is ~9x faster,
 python bench.py --only lookup), IBQ's N x K softmax at K = 16384 holds GBs, and sampling by recompute costs a pass
 over the whole prefix per token. The switches: quantizer.FAST (the paper's forms run under torch.compile anyway,
 which fuses them) and far.generate(use_cache=..., compile=...). This file imports no other file of the project.
 """
+import contextlib
 import functools
 import os
 import threading
@@ -22,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 # CPU blocks hold CPU_ELEMS_PER_DIM * d elements: 2^20 (4 MiB, cache-sized) for the d = 8 lookup, 2^25 for IBQ's
 # d = 256, whose 2d flops per element need tall GEMMs. On a GPU a block is the whole N x K matrix if it fits
@@ -190,6 +194,20 @@ def distance_entropy(z, codebook, temperature, block_elems=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# FAR training: the attention kernel for the AR head's short sequences
+
+def sdpa_backend(q):
+    """The kernel choice for F.scaled_dot_product_attention on q (B, H, S, D): on a CPU, sequences of at most 8 slots
+    (the AR head in training: one sequence [h_t, E_1(q^1), ...] of k slots per position, B*L of them) take the plain
+    math kernel (two batched matmuls and a softmax), whose forward + backward at S = 2 takes 0.4x the time of the flash
+    kernel's per-sequence tiling in bf16 (0.7x in fp32); everything else keeps torch's choice. Same result up to
+    rounding."""
+    if q.device.type == "cpu" and q.shape[2] <= 8:
+        return sdpa_kernel(SDPBackend.MATH)
+    return contextlib.nullcontext()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # FAR sampling with static KV caches (gpt-fast / LlamaGen style): one position through the backbone, then one slot
 # per sub-code through the AR head. Both steps are plain functions of (model, x, pos, caches) with fixed shapes, so
 # torch.compile traces each once.
@@ -205,10 +223,18 @@ def decode_head(model, x, pos, caches):
 
 
 @functools.cache
-def compiled(step):
+def compiled(step, frozen=False):
     """torch.compile(step), made once per process (so sample.py's batches reuse the traced graph). fullgraph: a graph
-    break would be a bug; dynamic=False: one specialised graph per (batch, config), never recompiled per position."""
-    return torch.compile(step, fullgraph=True, dynamic=False)
+    break would be a bug; dynamic=False: one specialised graph per (batch, config), never recompiled per position.
+
+    frozen=True, for sampling a model whose weights no longer change (sample.py --compile on a CPU): inductor's
+    freezing folds the weights into the graph as constants, so they can be packed once for its own CPU GEMM kernels,
+    which max_autotune times against ATen's at the first call and keeps where faster. Decode steps are matmuls of a
+    few rows (2 x batch) against every weight: FAR-B's compiled step is ~1.5x the plain compiled one on 2 cores
+    (python bench.py --only far). The price: one graph per model (weights are no longer inputs), a longer first call,
+    and a weight changed in place after it would go unseen (decode refuses such a model)."""
+    options = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN") if frozen else None
+    return torch.compile(step, fullgraph=True, dynamic=False, options=options)
 
 
 def kv_caches(cfg, n_blocks, batch, slots, dtype, device):
@@ -229,12 +255,21 @@ def decode(model, y, codes, both, pick, compile=False):
     masked (Attention.forward), so the head caches need no reset between positions. The caches take autocast's
     dtype when it is on (bf16 keys under torch.autocast), else the weights'. compile=True: the first call traces two
     graphs (tens of seconds for tiny, minutes for FAR-B on a CPU); later positions, calls and models of the same
-    batch and config reuse them (weights are graph inputs, so training updates are seen)."""
+    batch and config reuse them (weights are graph inputs, so training updates are seen). compile="frozen": the
+    weights are folded in (compiled(frozen=True)): two graphs per model, and a model whose weights changed in place
+    since its first frozen call is refused rather than sampled with the old ones."""
     cfg, dev, (k, L) = model.cfg, y.device, codes.shape[1:]
+    if compile == "frozen":   # every in-place write (optimizer step, load_state_dict) bumps a tensor's _version
+        versions = [p._version for p in model.parameters()]
+        if getattr(model, "_frozen_versions", versions) != versions:
+            raise RuntimeError("this model's weights changed in place after compile='frozen' folded them into its "
+                               "decode graphs; sample it with compile=True (weights as graph inputs), or load the "
+                               "new weights into a new model")
+        model._frozen_versions = versions
     dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.norm.weight.dtype
     caches = kv_caches(cfg, cfg.n_layer, len(y), L, dtype, dev)
     head_caches = kv_caches(cfg, cfg.ar_head_layers, len(y), k, dtype, dev) if cfg.head == "ar" else None
-    backbone, head = (compiled(f) if compile else f for f in (decode_backbone, decode_head))
+    backbone, head = (compiled(f, compile == "frozen") if compile else f for f in (decode_backbone, decode_head))
     model.rope(dev)                                                   # built eagerly: the compiled graphs only read it
     slot = lambda i: torch.full((1,), i, dtype=torch.long, device=dev)   # a tensor: one graph serves every slot
     for t in range(L):   # feed only slot t: the class token at t = 0, else the codes sampled at position t - 1

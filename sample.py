@@ -48,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, help="CPU threads (default: 1 for models under 50 M parameters, whose small "
                    "matmuls gain nothing from more and lose much on a busy machine; else torch's default)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the one-position decode "
-                   "step, static KV cache (default: on with CUDA, off on CPU; same codes)")
+                   "step, static KV cache (default: on with CUDA, off on CPU; same codes); on a CPU with the weights "
+                   "folded in (fast.compiled)")
     args = p.parse_args(argv)
     if (args.num_samples > 0) != (args.out_npz is not None):           # npz mode needs both, PNG mode neither
         p.error("--num-samples N and --out-npz FILE go together")
@@ -150,6 +151,8 @@ def main(argv=None):
     torch.set_num_threads(args.threads or (1 if small and device.type == "cpu" else threads))   # restored at the end
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.compile = device.type == "cuda" if args.compile is None else args.compile
+    if args.compile and device.type == "cpu":                          # the weights stay fixed: fold them in (fast.py)
+        args.compile = "frozen"
     if args.num_samples > 0:                                           # every rank its share
         try:
             npz(model, tok, args, device, rank, world)

@@ -28,8 +28,8 @@ from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
 from checkpoints import (CheckpointError, add_checkpoint_flags, distribute, exit_stopped, init_weights,
-                         load_tokenizer, mean_over_ranks_or_stop, open_run, resume, save_checkpoint, start_training,
-                         stop_requested)
+                         load_tokenizer, lr_at, mean_over_ranks_or_stop, open_run, resume, save_checkpoint,
+                         start_training, stop_requested)
 from images import BUNDLED, ImageFolder, save_grid, stream, unreadable_files
 from losses import LPIPS, LossConfig, PatchGAN, discriminator_loss, generator_loss
 from quantizer import codebook_usage
@@ -40,11 +40,14 @@ from tokenizer import PRESETS, Tokenizer, TokenizerConfig
 # ~40 epochs = 200k steps) and the released scripts (LPIPS 1.0, GAN 0.5 from step 20k, their crop; # parity: §2, §3);
 # they keep no EMA, we do. TINY: 2 CPU cores and the bundled photos, no LPIPS and no GAN (LPIPS' weights cannot be
 # downloaded offline; the GAN without it wrecked reconstruction), lr 1e-3 with 50 warm-up steps and a cosine to 0,
-# crops of the photos at 1/4 to 3/4 of their size (docs/results.md has the measurements behind each value).
+# crops of the photos at 1/4 to 3/4 of their size, the first half of the steps on half-size crops (64 -> 32 px: 2.7x
+# the steps per second), bf16 autocast (docs/results.md has the measurements behind each value).
 PAPER = dict(data_path=None, global_batch_size=256, max_steps=200_000, lr=2e-4, lr_decay="constant", warmup_steps=0,
+             low_res_steps=0, precision=None,
              ema_decay=0.9999, perceptual_weight=1.0, gan_weight=0.5, gan_start=20_000, crop_scale=1.25)
 TINY = dict(data_path=os.path.join(BUNDLED, "train"), global_batch_size=16, max_steps=600, lr=1e-3, lr_decay="cosine",
-            warmup_steps=50, ema_decay=0.99, perceptual_weight=0.0, gan_weight=0.0, gan_start=400, crop_scale=3.0)
+            warmup_steps=50, low_res_steps=300, precision="bf16", ema_decay=0.99, perceptual_weight=0.0, gan_weight=0.0,
+            gan_start=400, crop_scale=3.0)
 RECIPES = {"fqgan-dual-16": PAPER, "fqgan-triple-16": PAPER, "fqgan-dual-8": PAPER, "fqgan-triple-8": PAPER,
            "vqgan-16": PAPER, "ibq-16": PAPER, "tiny": TINY, "tiny-dual": TINY, "tiny-vq": TINY, "tiny8": TINY,
            "tiny8-dual": TINY, "tiny8-vq": TINY, "tiny8-ibq": TINY}
@@ -80,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument("--lr-decay", choices=["constant", "cosine"], help=recipe("lr_decay", "lr after warm-up: "
                    "constant, or a cosine to 0 at --max-steps (keep --max-steps on --resume for the same schedule)"))
     p.add_argument("--warmup-steps", type=int, help=recipe("warmup_steps", "steps of linear lr warm-up from 0"))
+    p.add_argument("--low-res-steps", type=int, help=recipe("low_res_steps", "the first steps train on crops of half "
+                   "--image-size, a quarter of the pixels and of the step's time (the convolutions and the "
+                   "quantizers take any size; the adapters interpolate their position tables)"))
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (default: %(default)s)")
     p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (default: %(default)s)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, G and D each (%(default)s)")
@@ -98,8 +104,8 @@ def parse_args(argv=None):
     # runtime
     p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank (default: %(default)s)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="autocast dtype of the forward (default: bf16 on "
-                   "CUDA, fp32 on CPU)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], help="autocast dtype of the forward (default: the "
+                   "recipe's, tiny bf16; paper presets: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the DDP-wrapped tokenizer "
                    "(default: on with CUDA, off on CPU)")
     p.add_argument("--log-every", type=int, default=50, help="steps between JSONL log lines (%(default)s)")
@@ -121,6 +127,7 @@ def check_args(p, args):
             ("global_batch_size", args.global_batch_size >= 1, "an integer >= 1"),
             ("max_steps", args.max_steps >= 1, "an integer >= 1"),
             ("warmup_steps", args.warmup_steps >= 0, "an integer >= 0"),
+            ("low_res_steps", args.low_res_steps >= 0, "an integer >= 0"),
             ("crop_scale", math.isfinite(args.crop_scale) and args.crop_scale >= 1, "a number >= 1"),
             ("lr", math.isfinite(args.lr) and args.lr > 0, "a finite number > 0"),
             ("ema_decay", 0 <= args.ema_decay < 1, "in [0, 1)"),
@@ -141,6 +148,12 @@ def check_args(p, args):
     if args.image_size is not None and (args.image_size < downsample or args.image_size % downsample):
         p.error(f"--image-size {args.image_size} is out of range: preset {args.preset} needs a positive multiple of "
                 f"its downsample factor {downsample}")
+    shape = (args.image_size,) * 2 if args.image_size else TokenizerConfig(**PRESETS[args.preset]).image_shape
+    half = [n // 2 for n in shape]                                    # the --low-res-steps crops
+    if args.low_res_steps and (any(n % downsample for n in half) or (args.gan_weight > 0 and min(half) < 32)):
+        p.error(f"--low-res-steps {args.low_res_steps}: half-size crops of {half} px need a multiple of the downsample "
+                f"factor {downsample}{' and at least 32 px for the GAN' if args.gan_weight > 0 else ''}; give "
+                f"--low-res-steps 0 or a larger --image-size")
     return args
 
 
@@ -148,10 +161,13 @@ def check_args(p, args):
 # What main() calls
 
 def load_data(args, cfg, parser):
-    """(training set with the random crop, held-out set with the centre crop or None, held-out photos or None)."""
+    """(training set with the random crop, the same at half size for --low-res-steps or None, held-out set with the
+    centre crop or None, held-out photos or None)."""
     try:                                                               # a --hold-out class must exist: exit 2 if not
-        dataset = ImageFolder(args.data_path, cfg.image_shape, train=True, seed=args.seed, exclude=args.hold_out,
-                              max_scale=args.crop_scale)
+        crops = lambda shape: ImageFolder(args.data_path, shape, train=True, seed=args.seed, exclude=args.hold_out,
+                                          max_scale=args.crop_scale)
+        dataset = crops(cfg.image_shape)
+        small = crops(tuple(n // 2 for n in cfg.image_shape)) if args.low_res_steps else None   # --low-res-steps
         val_set = (ImageFolder(args.val_path, cfg.image_shape, train=False, exclude=args.hold_out) if args.val_path
                    else None)
         held_out = ConcatDataset([ImageFolder(root, cfg.image_shape, train=False, only=args.hold_out) for root in
@@ -161,7 +177,7 @@ def load_data(args, cfg, parser):
     if args.global_batch_size > len(dataset):                         # every batch would repeat images
         parser.error(f"--global-batch-size {args.global_batch_size} is larger than the data: {len(dataset)} images "
                      f"under --data-path {args.data_path}")
-    return dataset, val_set, held_out
+    return dataset, small, val_set, held_out
 
 
 def build_models(args, cfg, device):
@@ -179,15 +195,6 @@ def build_models(args, cfg, device):
     for head in [b.feat_head for b in tok.branches if b.feat_head is not None and not teachers]:
         head.requires_grad_(False)
     return tok, ema, disc, lpips, teachers
-
-
-def lr_at(args, step):
-    """lr of the update that step `step` (0-based) makes: linear warm-up over --warmup-steps, then constant (official)
-    or a cosine from --lr to 0 at --max-steps (tiny recipe: the short run ends annealed)."""
-    warm = min(1.0, (step + 1) / args.warmup_steps) if args.warmup_steps else 1.0
-    if args.lr_decay == "cosine":
-        warm *= 0.5 * (1 + math.cos(math.pi * min(step, args.max_steps) / args.max_steps))
-    return args.lr * warm
 
 
 @torch.no_grad()
@@ -239,7 +246,7 @@ def main(argv=None):
     master, last = rank == 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
     overrides = dict(image_size=args.image_size, codebook_size=args.codebook_size, entropy_weight=args.entropy_weight)
     cfg = TokenizerConfig(**{**PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None}})
-    dataset, val_set, held_out = load_data(args, cfg, parser)
+    dataset, small, val_set, held_out = load_data(args, cfg, parser)
 
     # The models, the losses' frozen networks, the optimizers; resume; the run's folder and log
     tok, ema, disc, lpips, teachers = build_models(args, cfg, device)
@@ -269,12 +276,17 @@ def main(argv=None):
         log({"step": 0, "val_psnr": psnr_on(tok, val_set, device, rank, world)})
 
     # The loop, Eq. (8): a G step, a D step on the same images, the EMA
-    batches = stream(dataset, batch, args.seed, rank, world, step, args.num_workers, device.type == "cuda")
+    # the stream of training crops from `step` on: half-size ones before --low-res-steps
+    crops = lambda step: stream(small if step < args.low_res_steps else dataset, batch, args.seed, rank, world, step,
+                                args.num_workers, device.type == "cuda")
+    batches = crops(step)
     bar = tqdm(total=args.max_steps, initial=step, disable=not master, desc="train", dynamic_ncols=True)
     unreadable, t0, images = set(), time.time(), 0                     # images: the throughput of this run only
     saved_at = t0                                                      # --ckpt-minutes counts from here
     ema_params, params = list(ema.parameters()), list(tok.parameters())
     while step < args.max_steps:
+        if step == args.low_res_steps and step > 0:                    # from here on, crops of --image-size
+            batches = crops(step)
         x, _, index, skipped = next(batches)                           # x (B, 3, H, W) in [-1, 1]; labels unused
         x = x.to(device, non_blocking=True)                            # overlaps the copy when pin_memory
         unreadable |= unreadable_files(index, skipped, len(dataset))  # distinct files, not draws

@@ -156,6 +156,28 @@ def test_loss_is_mean_ce_and_overfits_one_batch():
     assert losses[-1] < losses[0] / 10, losses[::10]
 
 
+def test_short_head_sequences_take_the_math_kernel_with_the_same_logits_and_gradients(monkeypatch):
+    """fast.sdpa_backend: in training the AR head's k-slot sequences run the math kernel on a CPU, the backbone's
+    L-slot ones torch's flash kernel; logits and gradients equal those of torch's default choice up to rounding."""
+    import fast
+    model = tiny(3).train()
+    codes, labels = random_batch(model.cfg, B=4)
+    torch.manual_seed(5)                                              # the same dropout masks in both runs
+    with torch.profiler.profile() as prof:
+        ours = model(codes, labels)
+    flash = sum(e.count for e in prof.key_averages() if e.key == "aten::_scaled_dot_product_flash_attention_for_cpu")
+    assert flash == model.cfg.n_layer                                 # the backbone only: the head took math
+    ours.square().mean().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setattr(fast, "sdpa_backend", lambda q: __import__("contextlib").nullcontext())
+    torch.manual_seed(5)
+    default = model(codes, labels)
+    default.square().mean().backward()
+    assert torch.allclose(ours, default, atol=1e-5)
+    assert all(torch.allclose(g, p.grad, atol=1e-6) for g, p in zip(grads, model.parameters()))
+
+
 def test_label_dropout_uses_null_class():
     model = tiny(2, "ar", class_dropout_prob=1.0).train()
     labels = torch.tensor([0, 1, 4])

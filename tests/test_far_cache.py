@@ -3,8 +3,9 @@
 Invariants: cached sampling draws the same codes as full recompute for every k and head, with and without CFG
 and filtering; each layer's cache is one preallocated buffer written in place (same shape and storage at every
 position); the compiled decode step equals the eager one, compiles two graphs (backbone, AR head) and never
-recompiles across positions, calls, models or weight updates; sampling under bf16 autocast keeps bf16 caches and
-gives valid codes.
+recompiles across positions, calls, models or weight updates; with the weights folded in ("frozen") it equals eager
+for each model and refuses weights changed in place; sampling under bf16 autocast keeps bf16 caches and gives valid
+codes.
 
 Run: python -m pytest tests/test_far_cache.py -q   (CPU; ~1 minute cold, most of it one inductor compile;
 ~25 s once inductor's on-disk cache holds the kernels)
@@ -114,6 +115,23 @@ def test_compiled_decode_equals_eager_and_never_recompiles():
     assert not counters["graph_break"]
     with pytest.raises(AssertionError, match="use_cache"):
         sample(model, use_cache=False, compile=True)
+
+
+def test_frozen_compiled_decode_equals_eager_per_model_and_refuses_changed_weights():
+    """compile="frozen" (sample.py --compile on a CPU) folds the weights into the graphs: same codes as eager for each
+    of two models (a graph pair per model, never shared: the second model must not sample with the first one's
+    weights), and a weight changed in place afterwards is refused, not silently ignored."""
+    fast.compiled.cache_clear()
+    first, second = tiny(2, layers=1), tiny(2, seed=1, layers=1)
+    kw = dict(cfg_scale=2.0, top_k=16)
+    for model in (first, second, first):
+        assert torch.equal(sample(model, compile="frozen", **kw), sample(model, **kw))
+    assert not torch.equal(sample(first, **kw), sample(second, **kw))   # the two really differ
+    with torch.no_grad():
+        first.layers[0].feed_forward.w1.weight.mul_(3)                  # as an optimizer step would
+    with pytest.raises(RuntimeError, match="changed in place"):
+        sample(first, compile="frozen", **kw)
+    assert torch.equal(sample(first, compile=True, **kw), sample(first, **kw))   # weights as inputs: fine
 
 
 def test_bf16_autocast_sampling():

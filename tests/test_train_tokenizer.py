@@ -24,7 +24,7 @@ from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
 # the tiny preset at 32 px (4x4 tokens), 4 images a step: a few hundred ms per step
 FAST = ["--preset", "tiny", "--image-size", "32", "--global-batch-size", "4", "--num-workers", "0",
         "--log-every", "1", "--sample-every", "2", "--eval-every", "100", "--ckpt-every", "100", "--gan-start", "2",
-        "--gan-weight", "0.5"]
+        "--gan-weight", "0.5", "--low-res-steps", "0", "--precision", "fp32"]   # the tiny recipe's bf16: test_precision
 
 
 def torchrun(*argv):
@@ -68,6 +68,18 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, killed_after):
     # the numbered checkpoint is the same file as last.pt under a second name (written once, not twice)
     folder = tmp_path / "full" / "checkpoints"
     assert os.path.samefile(folder / "0000004.pt", folder / "last.pt")
+
+
+def test_low_res_steps_train_on_half_size_crops_then_full_and_resume_across_the_switch(tmp_path, killed_after):
+    """--low-res-steps 3 of 4: steps 0-2 on 16 px crops, step 3 on 32 px ones; killed after step 2 and resumed, the
+    run restarts the half-size stream where it was, switches at step 3 and ends with the uninterrupted run's state."""
+    flags = ["--max-steps", "4", "--ckpt-every", "2", "--low-res-steps", "3", "--gan-weight", "0"]
+    full = run(tmp_path / "full", *flags)
+    killed_after(train_tokenizer, FAST + ["--out-dir", str(tmp_path / "split"), *flags], 2)
+    assert_same_state(full, run(tmp_path / "split", *flags, "--resume"))
+    # the sample grids (inputs above reconstructions, one per crop): 16 px crops at step 2, 32 px ones at step 4
+    sizes = [Image.open(tmp_path / "full" / "samples" / f"000000{s}.png").size for s in (2, 4)]
+    assert sizes[0][0] < sizes[1][0] and sizes[0][1] < sizes[1][1]
 
 
 def test_two_process_gloo_equals_one_process(tmp_path):
@@ -166,7 +178,9 @@ def test_corrupt_grayscale_and_rgba_images(tmp_path):
 
 @pytest.mark.parametrize("flags,message", [(["--preset", "nope"], "invalid choice"),
                                            (["--max-steps", "0"], "--max-steps 0 is out of range: must be an integer"),
-                                           (["--preset", "fqgan-dual-16"], "--data-path is required")])
+                                           (["--preset", "fqgan-dual-16"], "--data-path is required"),
+                                           (["--image-size", "36", "--low-res-steps", "5"], "half-size crops of [18, 18]"),
+                                           (["--image-size", "32", "--gan-weight", "0.5"], "at least 32 px for the GAN")])
 def test_invalid_flags_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         train_tokenizer.parse_args(flags)
@@ -211,14 +225,14 @@ def test_overfit_one_batch():
     tok = Tokenizer(TokenizerConfig(**{**PRESETS["tiny8"], "image_size": 32}))
     opt = torch.optim.Adam(tok.parameters(), lr=1e-3)                 # the tiny recipe's peak lr
     losses = []
-    for _ in range(80):
-        x_rec, aux = tok(x)
+    for _ in range(150):   # the loss sits on a plateau near 0.23 (about the mean colour) and leaves it at a step that
+        x_rec, aux = tok(x)   # varies with the seed and with 2-thread rounding: after 80 steps, 0.06 to 0.23 (seeds 0-3)
         g = generator_loss(x, x_rec, aux, 0)
         opt.zero_grad()
         g["total"].backward()
         opt.step()
         losses.append(g["rec"].item())
-    assert losses[-1] < losses[0] / 3, losses[::10]                   # measured: 0.47 -> 0.09 after 80 steps
+    assert losses[-1] < losses[0] / 3, losses[::10]   # measured, seeds 0-3: 0.39-0.47 -> 0.03-0.07 after 150 steps
 
 
 def test_representation_loss_trains_head_and_its_branch_only():
