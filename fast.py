@@ -233,8 +233,13 @@ def compiled(step, frozen=False):
     few rows (2 x batch) against every weight: FAR-B's compiled step is ~1.5x the plain compiled one on 2 cores
     (python bench.py --only far). The price: one graph per model (weights are no longer inputs), a longer first call,
     and a weight changed in place after it would go unseen (decode refuses such a model)."""
-    options = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN") if frozen else None
-    return torch.compile(step, fullgraph=True, dynamic=False, options=options)
+    # options make the frozen graphs a backend of their own (a compile=True graph of the same model is not reused);
+    # decode also sets them while it calls the graphs (FROZEN), since torch.compile's options alone did not turn
+    # freezing on here (torch 2.14.1, CPU)
+    return torch.compile(step, fullgraph=True, dynamic=False, options=dict(FROZEN) if frozen else None)
+
+
+FROZEN = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}   # inductor's config
 
 
 def kv_caches(cfg, n_blocks, batch, slots, dtype, device):
@@ -258,7 +263,6 @@ def decode(model, y, codes, both, pick, compile=False):
     batch and config reuse them (weights are graph inputs, so training updates are seen). compile="frozen": the
     weights are folded in (compiled(frozen=True)): two graphs per model, and a model whose weights changed in place
     since its first frozen call is refused rather than sampled with the old ones."""
-    cfg, dev, (k, L) = model.cfg, y.device, codes.shape[1:]
     if compile == "frozen":   # every in-place write (optimizer step, load_state_dict) bumps a tensor's _version
         versions = [p._version for p in model.parameters()]
         if getattr(model, "_frozen_versions", versions) != versions:
@@ -266,10 +270,17 @@ def decode(model, y, codes, both, pick, compile=False):
                                "decode graphs; sample it with compile=True (weights as graph inputs), or load the "
                                "new weights into a new model")
         model._frozen_versions = versions
+    backbone, head = (compiled(f, compile == "frozen") if compile else f for f in (decode_backbone, decode_head))
+    with torch._inductor.config.patch(FROZEN) if compile == "frozen" else contextlib.nullcontext():
+        _decode_loop(model, y, codes, both, pick, backbone, head)
+
+
+def _decode_loop(model, y, codes, both, pick, backbone, head):
+    """decode's positions: one token per position through the backbone step, then the head's k slots."""
+    cfg, dev, (k, L) = model.cfg, y.device, codes.shape[1:]
     dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else model.norm.weight.dtype
     caches = kv_caches(cfg, cfg.n_layer, len(y), L, dtype, dev)
     head_caches = kv_caches(cfg, cfg.ar_head_layers, len(y), k, dtype, dev) if cfg.head == "ar" else None
-    backbone, head = (compiled(f, compile == "frozen") if compile else f for f in (decode_backbone, decode_head))
     model.rope(dev)                                                   # built eagerly: the compiled graphs only read it
     slot = lambda i: torch.full((1,), i, dtype=torch.long, device=dev)   # a tensor: one graph serves every slot
     for t in range(L):   # feed only slot t: the class token at t = 0, else the codes sampled at position t - 1
