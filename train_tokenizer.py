@@ -84,8 +84,8 @@ def parse_args(argv=None):
                    "constant, or a cosine to 0 at --max-steps (keep --max-steps on --resume for the same schedule)"))
     p.add_argument("--warmup-steps", type=int, help=recipe("warmup_steps", "steps of linear lr warm-up from 0"))
     p.add_argument("--low-res-steps", type=int, help=recipe("low_res_steps", "the first steps train on crops of half "
-                   "--image-size, a quarter of the pixels and of the step's time (the convolutions and the "
-                   "quantizers take any size; the adapters interpolate their position tables)"))
+                   "--image-size: a quarter of the pixels, about a third of the step's time (the convolutions and "
+                   "the quantizers take any size; the adapters interpolate their position tables)"))
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (default: %(default)s)")
     p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (default: %(default)s)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, G and D each (%(default)s)")
