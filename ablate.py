@@ -11,6 +11,10 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
   ar      the claim of Tab. 2 (FAR beats AR models with one code per position): FAR with the AR head on the shipped
           FQ(K x 2) codes against LlamaGen's plain AR (FAR with k = 1 and a linear head) on a VQ(2K) tokenizer
           (preset tiny-vq, trained here by the same recipe): 1024 stored codes each, 18 vs 10 bits per position.
+  ibq     IBQ's claim (arXiv 2412.02692) and FQGAN's answer to the same problem: codebook usage, perplexity and held-out
+          PSNR as the codebook grows (K = 2^10 .. 2^16 codes stored), VQ vs IBQ vs FQ (2 sub-codebooks of K/2), at
+          d = 8 with l2-normalised codes (FQGAN / LlamaGen) and d = 64 raw (IBQ's setting); the usage curve over
+          training, time per step and peak memory per run, and a figure (--figure).
   cfg     not a table of the paper (it samples at s = 2.0, Sec. 4.1): acc_teacher / fd_teacher of a trained FAR
           (default: the shipped one) at several CFG scales s (Sec. 3.3: l = l_u + s (l_c - l_u)), one row per
           scale, one run per sampling seed, and a figure (--figure).
@@ -22,12 +26,14 @@ tokenizer metrics come from evaluate.evaluate_tokenizer on the EMA weights.
   python ablate.py --table 3 --quick --out /tmp/t3.json                                        # smoke run, seconds
   python ablate.py --table ar --out results/far_vs_ar.json                                     # after Tab. 4
   python ablate.py --table cfg --out results/cfg_sweep.json --figure docs/cfg_sweep.png      # the shipped FAR
+  python ablate.py --table ibq --seeds 0 1 --out results/ablation_ibq.json --figure docs/ablation_ibq.png   # ~7 h
 The JSON is rewritten after every run; rerunning the same command skips the runs it already holds. Several
 processes on one machine may fill one JSON with disjoint --rows or --seeds (their runs are merged under a lock);
 on the 2 cores of docs/results.md two 1-thread processes were slower than one 2-thread one.
 Tests: python -m pytest tests/test_ablate.py -q
 """
 import argparse
+import ctypes
 import datetime
 import fcntl
 import json
@@ -73,9 +79,23 @@ PAPER = {"3": {"VQ(K)": [3.71, 20.56, 0.98], "VQ(2K)": [3.60, 20.56, 0.84], "FQ(
                "FQ(Kx2)+dis": [1.84, 22.04, 0.98], "FQ(Kx2)+rep": [1.73, 21.61, 0.98],
                "FQ(Kx2)+dis+rep": [1.66, 21.62, 0.98], "columns": ["rFID", "PSNR", "usage"]},
          "4": {"linear": [5.19, 6.90], "mlp": [5.59, 8.88], "ar": [4.37, 3.74], "columns": ["gFID@4096", "gFID@8192"]},
+         "ibq": "IBQ (arXiv 2412.02692): VQ's codebook usage falls as K grows, IBQ's stays high up to 2^18 x 256; "
+                "FQGAN (Tab. 3): FQ(K x 2) 0.97 usage where VQ(2K) has 0.84",
          "cfg": "no sweep in the paper: every FAR sample there is drawn at CFG scale 2.0 (Tab. 2)",
          "ar": {"FAR-B": [3.38, 248.26], "FAR-L": [3.08, 272.52], "columns": ["gFID", "IS"],
                 "claim": "Tab. 2 sets FAR on FQGAN codes against AR models with one code per position"}}
+# --table ibq, IBQ's claim (arXiv 2412.02692: plain VQ's codebook collapses as it grows, IBQ's soft one-hot keeps every
+# code in use) against FQGAN's answer (Sec. 3.2: k sub-codebooks): one row per method, dimension regime and size K =
+# the codes a row stores. VQ and IBQ: one K-entry codebook, log2 K bits per token; FQ: k = 2 sub-codebooks of K/2
+# entries each (as Tab. 3's FQ(K x 2) against VQ(2K)), 2 log2(K/2) bits per token. Same tiny8 trunk and budget for all.
+IBQ_SIZES = (2**16, 2**10, 2**14, 2**12)           # run order: the ends of the curve first
+IBQ_METHODS = {"VQ": "tiny8-vq", "IBQ": "tiny8-ibq", "FQ": "tiny8"}
+# d = 8 with l2-normalised z and codes (FQGAN / LlamaGen), d = 64 raw (IBQ's own setting; it never normalises, so its
+# d = 8 row differs from d = 64 in d only)
+IBQ_REGIMES = {"d8": ("8", "--l2-norm"), "d64": ("64", "--no-l2-norm")}
+IBQ = {f"{m}-{r}-{K}": (preset, ["--codebook-size", str(K // 2 if m == "FQ" else K), "--codebook-dim", dim,
+                                 *([norm] if m != "IBQ" else [])])
+       for K in IBQ_SIZES for m, preset in IBQ_METHODS.items() for r, (dim, norm) in IBQ_REGIMES.items()}
 # The budget of the stored tables (results/): the tiny recipes as they were before 2026-12-05, when they became faster
 # (train_tokenizer / train_far RECIPES: half-size crops first, bf16, FAR's higher lr). Every run passes these flags, so
 # that rerunning a command adds runs comparable with those already in its JSON.
@@ -105,7 +125,8 @@ def mean_std(runs):
         if None in values or (f is statistics.stdev and len(values) < 2):   # unknown, or one seed: no spread
             return None
         return f(values)
-    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float, list)) or v is None]   # numbers only
+    keys = [k for k, v in runs[0].items() if (isinstance(v, (int, float, list)) or v is None)   # numbers only, and
+            and all(k in r for r in runs)]                                                    # in every run
     return ({k: agg(statistics.mean, [r[k] for r in runs]) for k in keys},
             {k: agg(statistics.stdev, [r[k] for r in runs]) for k in keys})
 
@@ -113,8 +134,24 @@ def mean_std(runs):
 # --------------------------------------------------------------------------------------------------------------
 # Tab. 3: one tokenizer run = train, then held-out metrics of the EMA weights
 
-def tokenizer_run(name, seed, args, out):
-    preset, extra = TAB3[name]
+def peak_rss_mib(fn):
+    """(fn(), its extra peak resident memory in MiB): Linux VmHWM after fn minus VmRSS before, the peak reset first
+    through /proc/self/clear_refs; None where /proc cannot tell (not Linux)."""
+    status = lambda: {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
+                      if k in ("VmRSS", "VmHWM")}
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)         # freed heap back to the system: reused memory counts as new
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                # the peak restarts from the current resident memory
+        before = status()["VmRSS"]
+    except (OSError, AttributeError):
+        return fn(), None
+    out = fn()
+    return out, round(status()["VmHWM"] - before, 1)
+
+
+def tokenizer_run(preset, extra, seed, args, out):
+    """Tab. 3 / ibq: train one tokenizer (preset + extra flags), then the held-out metrics of its EMA weights."""
     argv = ["--preset", preset, "--data-path", os.path.join(BUNDLED, "train"),   # every row: the bundled photos
             "--val-path", os.path.join(BUNDLED, "val"),                           # and their held-out strips
             "--image-size", str(args.image_size), "--global-batch-size", str(args.batch_size),
@@ -122,10 +159,10 @@ def tokenizer_run(name, seed, args, out):
             "--num-workers", "0",                                                 # in-process
             # every tiny-* preset trains with the tiny recipe (train_tokenizer.RECIPES); a row adds one term at a time
             "--disentangle-weight", "0", "--rep-weight", "0", "--eval-every", str(args.steps),
-            "--sample-every", str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.steps),
+            "--sample-every", str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.log_every),
             *(["--precision", args.precision] if args.precision else [])] + extra
     t0 = time.time()                                # train_seconds: the run's wall time (threads in the JSON)
-    train_tokenizer.main(argv)                      # later flags win: extra re-sets the disentangle / rep weights
+    _, peak = peak_rss_mib(lambda: train_tokenizer.main(argv))   # later flags win: extra re-sets dis / rep weights
     seconds = time.time() - t0
     ckpt = os.path.join(out, "checkpoints", "last.pt")   # the run's final step
     tok = load_tokenizer(ckpt)                      # EMA weights, eval mode
@@ -139,10 +176,19 @@ def tokenizer_run(name, seed, args, out):
         codes = torch.cat([tok.encode(torch.stack([crops[(i, e)][0] for i in range(len(crops))]))
                            for e in range(args.usage_crops)])               # (crops * 40, k, h, w)
     usage = [codebook_usage(codes[:, i], tok.cfg.codebook_size) for i in range(tok.cfg.num_codebooks)]   # Tab. 3 col.
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    trained = [r for r in log if "images_per_s" in r][-1]   # the last training line: throughput of the whole run
+    # the training curve (ibq): usage / perplexity of each sub-codebook over the codes of the log window before each
+    # logged step (usage_tokens of them: a window of fewer tokens than K cannot show every code used)
+    curve = {key: [[r[f"{key}/{i}"] for i in range(tok.cfg.num_codebooks)] for r in log if "usage/0" in r]
+             for key in ("usage", "perplexity")}
+    curve.update(step=[r["step"] for r in log if "usage/0" in r], tokens=[r["usage_tokens"] for r in log if
+                                                                         "usage/0" in r])
     return {"psnr": res["psnr"], "ssim": res["ssim"], "lpips": res["lpips"],
             "usage": [u["usage"].item() for u in usage], "perplexity": [u["perplexity"].item() for u in usage],
             "usage_tokens": codes[:, 0].numel(), "train_seconds": round(seconds, 1),
-            "params": sum(p.numel() for p in tok.parameters())}
+            "seconds_per_step": round(args.batch_size / trained["images_per_s"], 4), "peak_train_mib": peak,
+            "params": sum(p.numel() for p in tok.parameters()), "curve": curve}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -227,23 +273,50 @@ def cfg_run(scale, seed, args, model, tok, judge):
             "sample_seconds": round(time.time() - t0, 1)}
 
 
+def ibq_figure(results, path):
+    """--table ibq: usage, perplexity / entries and PSNR against K (log2 axis), one line per method and regime, mean
+    +- std over seeds; FQ's point is the mean of its two sub-codebooks (K/2 entries each)."""
+    def points(series, metric):
+        out = []
+        for name, row in results["rows"].items():
+            if name.rsplit("-", 1)[0] != series or not row.get("runs"):
+                continue
+            runs = list(row["runs"].values())
+            k = len(runs[0]["usage"])                                   # sub-codebooks of the row
+            per_run = [metric(r, r["codes_stored"] // k) for r in runs]
+            out.append((runs[0]["codes_stored"], statistics.mean(per_run),
+                        statistics.stdev(per_run) if len(per_run) > 1 else None))
+        return out
+    series = list(dict.fromkeys(name.rsplit("-", 1)[0] for name in results["rows"]))   # "VQ-d8", "IBQ-d64", ...
+    metrics = {"codebook usage (held-out codes)": lambda r, K: statistics.mean(r["usage"]),
+               "perplexity / entries": lambda r, K: statistics.mean(p / K for p in r["perplexity"]),
+               "held-out PSNR (dB)": lambda r, K: r["psnr"]}
+    line_plot([{"title": title, "x": "K, codes stored (log2 axis)", "log_x": True,
+                "series": {s: points(s, f) for s in series}} for title, f in metrics.items()], path,
+              margin=(48, 26, 30, 40))                          # room for the last x tick (65536)
+
+
 # --------------------------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--table", required=True, choices=["3", "4", "ar", "cfg"], help="Tab. 3 (tokenizer), Tab. 4 (FAR "
-                   "head), ar (FAR vs plain AR, Tab. 2's claim) or cfg (CFG scale sweep of a trained FAR)")
+    p.add_argument("--table", required=True, choices=["3", "4", "ar", "cfg", "ibq"], help="Tab. 3 (tokenizer), Tab. 4 "
+                   "(FAR head), ar (FAR vs plain AR, Tab. 2's claim), cfg (CFG scale sweep of a trained FAR) or ibq "
+                   "(codebook-size sweep of VQ, IBQ and FQ)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds, one run per row and seed")
     p.add_argument("--rows", nargs="+", default=None, help="subset of rows (default: all of the table)")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default: 1000 Tab. 3, 600 Tab. "
-                   "4 and ar)")
+                   "4, ar and ibq)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="autocast of every run (default: the "
                    "tokenizer recipe's for Tab. 3, fp32 for FAR; bf16 is much faster for the tiny trunk on CPUs with "
                    "AMX or AVX512-BF16)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch per step (default: the tiny recipe's "
                    "16 Tab. 3, 32 Tab. 4)")
     p.add_argument("--image-size", type=int, default=64, help="Tab. 3 training and evaluation resolution (64)")
-    p.add_argument("--usage-crops", type=int, default=10, help="Tab. 3: random crops per held-out image for usage")
+    p.add_argument("--usage-crops", type=int, default=None, help="Tab. 3 / ibq: random crops per held-out image for "
+                   "the usage at the end (default: 10 Tab. 3; ibq 100: 256,000 tokens, ~4 per code at K = 2^16)")
+    p.add_argument("--log-every", type=int, default=None, help="Tab. 3 / ibq: steps per point of the usage curve over "
+                   "training, each over the codes of its window (default: ibq 100, ~100k tokens; Tab. 3 --steps)")
     p.add_argument("--tokenizer-ckpt", default=os.path.join(ROOT, "weights", "tiny_tokenizer.pt"),
                    help="Tab. 4 / ar / cfg: the (FQ) tokenizer whose codes FAR models (default: the shipped tiny one)")
     p.add_argument("--augment", default=train_far.RECIPES["tiny"]["augment"], choices=sorted(train_far.VIEWS),
@@ -259,22 +332,26 @@ def parse_args(argv=None):
                    help="cfg: the CFG scales, one row each (1.0: no guidance; the paper samples at 2.0)")
     p.add_argument("--tab4", default=os.path.join("results", "ablation_tab4.json"), help="ar: the FAR row's runs are "
                    "taken from this Tab. 4 JSON's 'ar' row when its budget is the same (default: %(default)s)")
-    p.add_argument("--figure", help="cfg: also draw acc_teacher and fd_teacher against the scale into this PNG")
+    p.add_argument("--figure", help="cfg: also draw acc_teacher and fd_teacher against the scale into this PNG; ibq: "
+                   "usage, perplexity / entries and PSNR against K")
     p.add_argument("--work-dir", default=os.path.join("runs", "ablate"), help="run folders (checkpoints, logs)")
     p.add_argument("--out", required=True, help="results JSON, e.g. results/ablation_tab3.json")
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 steps, tiny sizes, random tokenizer "
                    "for Tab. 4 when --tokenizer-ckpt is absent")
     args = p.parse_args(argv)
-    tab3 = args.table == "3"
+    tab3, tokenizers = args.table == "3", args.table in ("3", "ibq")
+    args.usage_crops = args.usage_crops or (100 if args.table == "ibq" else 10)
     if args.quick:                                  # tests: every code path in seconds, numbers meaningless
         args.seeds, args.steps, args.batch_size = args.seeds[:1], args.steps or 2, args.batch_size or 2
         args.usage_crops, args.augment, args.samples_per_class, args.image_size = 1, "none", 2, 32
         args.real_crops = 40
     # Tab. 3: long enough for the quantizer, not an under-trained trunk, to limit PSNR; Tab. 4: the FAR recipe
     args.steps = args.steps or (1000 if tab3 else 600)              # Tab. 4: FAR_FLAGS' 600, the stored budget
+    args.log_every = args.log_every or (100 if args.table == "ibq" and not args.quick else args.steps)
+    args.precision = args.precision or ("bf16" if args.table == "ibq" else None)   # ibq: as Tab. 3 was run
     args.steps = None if args.table == "cfg" else args.steps      # cfg trains nothing: the FAR's step is recorded
-    args.batch_size = args.batch_size or (train_tokenizer.RECIPES["tiny"]["global_batch_size"] if tab3 else 32)
-    rows = {"3": list(TAB3), "4": ["linear", "mlp", "ar"], "ar": list(AR_ROWS),
+    args.batch_size = args.batch_size or (train_tokenizer.RECIPES["tiny"]["global_batch_size"] if tokenizers else 32)
+    rows = {"3": list(TAB3), "4": ["linear", "mlp", "ar"], "ar": list(AR_ROWS), "ibq": list(IBQ),
             "cfg": [f"{s:g}" for s in args.scales]}[args.table]
     if min(args.scales) < 0 or args.samples_per_class < 2 or args.real_crops < 2:
         p.error("--scales must be >= 0, --samples-per-class and --real-crops >= 2")
@@ -300,12 +377,22 @@ def main(argv=None):
                     "python": platform.python_version()},
         "budget": {"steps": args.steps, "global_batch_size": args.batch_size, "seeds": args.seeds}})
     results.setdefault("rows", {})
-    if args.table == "3":                           # run = train one tokenizer, then measure it
+    if args.table in ("3", "ibq"):                  # run = train one tokenizer, then measure it
         recipe = train_tokenizer.RECIPES["tiny"]                    # every row: the tiny recipe + TOKENIZER_FLAGS
         results["budget"].update(image_size=args.image_size, usage_crops=args.usage_crops, lr=1e-3,
                                  gan=False, lpips_loss=False, ema_decay=recipe["ema_decay"],
                                  data="data/photos/train (44 photos), eval on data/photos/val (40)")
-        run = lambda name, seed, out: tokenizer_run(name, seed, args, out)
+        if args.table == "3":
+            run = lambda name, seed, out: tokenizer_run(*TAB3[name], seed, args, out)
+        else:                                       # + the row's codebook, its bits and the curve's window
+            results["budget"].update(precision=args.precision, curve_every=args.log_every,
+                                     flags=" ".join(TOKENIZER_FLAGS))
+
+            def run(name, seed, out):
+                preset, extra = IBQ[name]
+                k, K = (2, int(extra[1])) if name.startswith("FQ") else (1, int(extra[1]))   # sub-codebooks, entries
+                return {**tokenizer_run(preset, extra, seed, args, out), "codes_stored": k * K,
+                        "bits_per_token": k * math.log2(K), "flags": " ".join(["--preset", preset, *extra])}
     elif args.table == "cfg":                       # nothing trained: one FAR, sampled at every scale
         ckpt = read_checkpoint(args.far_ckpt, "--far-ckpt")
         model, tok = load_far(ckpt), load_tokenizer(args.tokenizer_ckpt)
@@ -391,12 +478,15 @@ def main(argv=None):
         else:
             fmt = lambda m, s: ((f"{m:.3f}" + ("" if s is None else f"+-{s:.3f}")) if isinstance(m, float) else
                                 "/".join(fmt(a, b) for a, b in zip(m, s)) if isinstance(m, list) else str(m))
-            keys = {"3": ("psnr", "ssim", "lpips", "usage"), "4": ("val_bits_mean", "acc_teacher", "fd_teacher"),
+            keys = {"3": ("psnr", "ssim", "lpips", "usage"), "ibq": ("psnr", "usage", "perplexity",
+                                                                      "seconds_per_step", "peak_train_mib"), "4": ("val_bits_mean", "acc_teacher", "fd_teacher"),
                     "ar": ("val_bits_per_position", "acc_teacher", "fd_teacher"),
                     "cfg": ("acc_teacher", "fd_teacher")}[args.table]
             # one line per row: metric mean+-std, per sub-codebook values joined by /
             print(f"{name:<18} " + "  ".join(f"{k} {fmt(row['mean'][k], row['std'][k])}" for k in keys))
-    if args.figure:                                 # cfg: the two metrics against the scale, with their levels
+    if args.figure and args.table == "ibq":
+        ibq_figure(results, args.figure)
+    elif args.figure:                               # cfg: the two metrics against the scale, with their levels
         lv, points = results["levels"], lambda k: [(float(n), r["mean"][k], r["std"][k])
                                                    for n, r in results["rows"].items()]
         line_plot([{"title": "acc_teacher of samples (higher: more class-like)", "x": "CFG scale s",

@@ -148,13 +148,21 @@ class IBQuantizer(nn.Module):
 
 @torch.no_grad()
 def codebook_usage(codes, codebook_size):
-    """Fraction of the K codes used and the perplexity exp(H(counts)) over all DDP ranks (every rank must call it)."""
-    counts = torch.bincount(codes.flatten().long(), minlength=codebook_size).float()
+    """Fraction of the K codes used, the perplexity exp(H(counts)) and the tokens counted, over all DDP ranks (every
+    rank must call it)."""
+    return usage_of_counts(torch.bincount(codes.flatten().long(), minlength=codebook_size).float())
+
+
+@torch.no_grad()
+def usage_of_counts(counts):
+    """codebook_usage of a histogram (K,) of codes, summed over all DDP ranks first (every rank must call it).
+    Usage counts the codes seen at least once: over T tokens it cannot exceed T / K (report T beside it)."""
+    counts = counts.float().clone()
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(counts)
     p = counts / counts.sum().clamp(min=1)
     entropy = -(p * p.clamp(min=1e-30).log()).sum()                   # 0 log 0 = 0
-    return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
+    return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp(), "tokens": counts.sum()}
 
 
 if __name__ == "__main__":   # `python quantizer.py --help` says what is here; the file itself is a library

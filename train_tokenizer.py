@@ -32,7 +32,7 @@ from checkpoints import (CheckpointError, add_checkpoint_flags, distribute, exit
                          start_training, stop_requested)
 from images import BUNDLED, ImageFolder, save_grid, stream, unreadable_files
 from losses import LPIPS, LossConfig, PatchGAN, discriminator_loss, generator_loss
-from quantizer import codebook_usage
+from quantizer import usage_of_counts
 from teachers import build_teachers
 from tokenizer import PRESETS, Tokenizer, TokenizerConfig
 
@@ -72,6 +72,9 @@ def parse_args(argv=None):
                    "U{s..s * crop-scale}, then a random s x s crop"))
     p.add_argument("--image-size", type=int, help="training resolution (default: the preset's)")
     p.add_argument("--codebook-size", type=int, help="K, entries per sub-codebook (default: the preset's)")
+    p.add_argument("--codebook-dim", type=int, help="d, the dimension of a code (default: the preset's)")
+    p.add_argument("--l2-norm", action=argparse.BooleanOptionalAction, help="VQ: cosine lookup on l2-normalised z "
+                   "and codes (FQGAN's); --no-l2-norm: raw Euclidean (IBQ's setting) (default: the preset's)")
     p.add_argument("--out-dir", default="runs/tokenizer", help="checkpoints, log.jsonl, sample PNGs (%(default)s)")
     p.add_argument("--init-from", metavar="CKPT", help="fine-tune: start from these weights (our checkpoint, the "
                    "shipped weights/tiny_tokenizer.pt, a released FQGAN file) with fresh optimizers at step 0; the "
@@ -133,6 +136,7 @@ def check_args(p, args):
             ("ema_decay", 0 <= args.ema_decay < 1, "in [0, 1)"),
             ("grad_clip", args.grad_clip > 0, "> 0"),
             ("codebook_size", args.codebook_size is None or args.codebook_size >= 2, "an integer >= 2"),
+            ("codebook_dim", args.codebook_dim is None or args.codebook_dim >= 1, "an integer >= 1"),
             ("num_workers", args.num_workers >= 0, "an integer >= 0"),
             ("ckpt_minutes", args.ckpt_minutes > 0, "> 0"), ("keep_checkpoints", args.keep_checkpoints >= 0, ">= 0"),
             *((w, math.isfinite(getattr(args, w)) and getattr(args, w) >= 0, "a finite number >= 0") for w in
@@ -142,6 +146,8 @@ def check_args(p, args):
               ("log_every", "sample_every", "eval_every", "ckpt_every"))):
         if not ok:                                                    # argparse's error: usage line, exit 2
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
+    if args.l2_norm and PRESETS[args.preset].get("quantizer") == "ibq":
+        p.error(f"--l2-norm is out of range for preset {args.preset}: its IBQ quantizer never normalises (VQ only)")
     if args.data_path is None:                                        # paper presets: no default data
         p.error(f"--data-path is required for preset {args.preset} (the bundled photos are for the tiny presets)")
     downsample = TokenizerConfig(**PRESETS[args.preset]).downsample   # f: grid = image_size // f
@@ -220,10 +226,20 @@ def psnr_on(model, dataset, device, rank=0, world=1, batch_size=16):
     return (total[0] / total[1]).item()
 
 
-def usage(codes, codebook_size):
-    """Tab. 3: usage and perplexity of each sub-codebook on this batch of codes (B, k, h, w), over all ranks."""
-    stats = [codebook_usage(codes[:, i], codebook_size) for i in range(codes.shape[1])]   # a collective each
-    return {f"{name}/{i}": s[name].item() for i, s in enumerate(stats) for name in ("usage", "perplexity")}
+def usage(counts):
+    """Tab. 3: usage and perplexity of each sub-codebook from its code histogram (k, K) over the steps since the last
+    log line, all ranks; usage_tokens: the tokens per sub-codebook they count (usage <= usage_tokens / K)."""
+    stats = [usage_of_counts(c) for c in counts]                      # a collective each
+    return {**{f"{name}/{i}": s[name].item() for i, s in enumerate(stats) for name in ("usage", "perplexity")},
+            "usage_tokens": int(stats[0]["tokens"].item())}
+
+
+def count_codes(seen, codes):
+    """Add the codes (B, k, h, w) to the histograms seen (k, K) in place: sub-codebook i's code c counts at i*K + c of
+    the flat view. index_add_ rather than bincount, which needs the largest code first (a GPU sync every step)."""
+    k, K = seen.shape
+    at = codes + K * torch.arange(k, device=codes.device).view(1, -1, 1, 1)   # (B, k, h, w) flat indices
+    seen.view(-1).index_add_(0, at.flatten(), torch.ones(at.numel(), device=seen.device))
 
 
 def unreadable_record(files, dataset):
@@ -244,7 +260,8 @@ def main(argv=None):
     args, parser = parse_args(argv)
     ddp, rank, world, device, batch = start_training(args, parser)   # torchrun: NCCL / gloo; plain python: 1 process
     master, last = rank == 0, os.path.join(args.out_dir, "checkpoints", "last.pt")
-    overrides = dict(image_size=args.image_size, codebook_size=args.codebook_size, entropy_weight=args.entropy_weight)
+    overrides = dict(image_size=args.image_size, codebook_size=args.codebook_size, codebook_dim=args.codebook_dim,
+                     l2_norm=args.l2_norm, entropy_weight=args.entropy_weight)
     cfg = TokenizerConfig(**{**PRESETS[args.preset], **{k: v for k, v in overrides.items() if v is not None}})
     dataset, small, val_set, held_out = load_data(args, cfg, parser)
 
@@ -284,6 +301,7 @@ def main(argv=None):
     unreadable, t0, images = set(), time.time(), 0                     # images: the throughput of this run only
     saved_at = t0                                                      # --ckpt-minutes counts from here
     ema_params, params = list(ema.parameters()), list(tok.parameters())
+    seen = torch.zeros(cfg.num_codebooks, cfg.codebook_size, device=device)   # code histogram since the last log
     while step < args.max_steps:
         if step == args.low_res_steps and step > 0:                    # from here on, crops of --image-size
             batches = crops(step)
@@ -310,14 +328,16 @@ def main(argv=None):
             torch.nn.utils.clip_grad_norm_(disc.parameters(), args.grad_clip)
             opt_d.step()
         step, images = step + 1, images + x.shape[0] * world              # step = optimizer steps taken
+        count_codes(seen, aux["codes"])                                # the usage of the next log line
         bar.update(1)
         # every term averaged over ranks; a non-finite one stops training before any checkpoint is written
         terms = mean_over_ranks_or_stop({**{f"g/{k}": v for k, v in g.items()}, **{f"d/{k}": v for k, v in d.items()}},
                                         step, last)
         end = step == args.max_steps                                    # always log, evaluate, save the last step
         if step % args.log_every == 0 or end:                           # usage and unreadable: every rank takes part
-            log({"step": step, **terms, "images_per_s": images / (time.time() - t0), **usage(aux["codes"],
-                cfg.codebook_size), **unreadable_record(unreadable, dataset)})
+            log({"step": step, **terms, "images_per_s": images / (time.time() - t0), **usage(seen),
+                **unreadable_record(unreadable, dataset)})
+            seen.zero_()
             bar.set_postfix(rec=f"{terms['g/rec']:.4f}")
         if master and step % args.sample_every == 0:                    # inputs above, reconstructions below
             save_grid(torch.cat([x[:8], x_rec[:8].detach()]),

@@ -30,12 +30,55 @@ def test_mean_std_over_seeds():
     assert ablate.mean_std(runs[:1])[1] == {"psnr": None, "usage": [None, None], "lpips": None}   # one seed: no std
 
 
+def test_mean_std_keeps_only_the_metrics_every_run_has():
+    """A table resumed across versions: runs made before a metric existed do not break the aggregate."""
+    mean, std = ablate.mean_std([{"psnr": 10.0}, {"psnr": 12.0, "seconds_per_step": 0.5}])
+    assert mean == {"psnr": 11.0} and set(std) == {"psnr"}
+
+
+def test_peak_rss_sees_a_large_allocation():
+    out, peak = ablate.peak_rss_mib(lambda: int(torch.ones(64, 2**20).sum()))   # 256 MiB of float32, then freed
+    assert out == 64 * 2**20 and (peak is None or 200 < peak < 1000)
+
+
+def test_quick_ibq_sweep_rows_curves_and_figure(tmp_path):
+    """--table ibq: VQ / IBQ / FQ rows at their codebook (K codes stored; FQ: 2 sub-codebooks of K/2), the regime's d
+    and normalisation in the checkpoint, the usage curve of every log window, time and memory; resume trains
+    nothing; the figure is drawn."""
+    assert len(ablate.IBQ) == 3 * 2 * len(ablate.IBQ_SIZES) and min(ablate.IBQ_SIZES) <= 2**10 <= 2**16 == max(
+        ablate.IBQ_SIZES) and len(ablate.IBQ_SIZES) >= 4
+    out, fig, work = tmp_path / "ibq.json", tmp_path / "ibq.png", tmp_path / "runs"
+    rows = ["VQ-d64-1024", "FQ-d8-4096", "IBQ-d8-65536"]
+    argv = ["--table", "ibq", "--quick", "--rows", *rows, "--steps", "4", "--log-every", "2", "--work-dir", str(work),
+            "--out", str(out), "--figure", str(fig)]
+    ablate.main(argv)
+    data = json.loads(out.read_text())
+    assert data["budget"]["curve_every"] == 2 and data["budget"]["precision"] == "bf16" and list(data["rows"]) == rows
+    expect = {"VQ-d64-1024": (1024, 10, 1, 1024, 64, False), "FQ-d8-4096": (4096, 22, 2, 2048, 8, True),
+              "IBQ-d8-65536": (65536, 16, 1, 65536, 8, False)}   # stored, bits, k, K per sub-codebook, d, l2
+    for name, (stored, bits, k, K, d, l2) in expect.items():
+        run = data["rows"][name]["runs"]["0"]
+        assert run["codes_stored"] == stored and run["bits_per_token"] == bits and len(run["usage"]) == k
+        assert 0 < min(run["usage"]) and max(run["usage"]) <= run["usage_tokens"] / K    # 640 tokens can't fill K
+        assert run["curve"]["step"] == [2, 4] and run["curve"]["tokens"] == [2 * 2 * 16] * 2   # 2 steps x 2 x 4x4
+        assert all(len(u) == k and 0 < min(u) and max(u) <= 64 / K for u in run["curve"]["usage"])
+        assert run["seconds_per_step"] > 0 and (run["peak_train_mib"] is None or run["peak_train_mib"] > 0)
+        cfg = torch.load(work / f"tabibq-{name}-seed0" / "checkpoints" / "last.pt", weights_only=True)["config"]
+        assert (cfg["num_codebooks"], cfg["codebook_size"], cfg["codebook_dim"]) == (k, K, d)
+        assert cfg["quantizer"] == ("ibq" if name.startswith("IBQ") else "vq") and (cfg["l2_norm"] == l2 or
+                                                                                     cfg["quantizer"] == "ibq")
+    assert fig.read_bytes()[:4] == b"\x89PNG"
+    ablate.main(argv)                                   # the same command again: every run is in the JSON
+    assert json.loads(out.read_text())["rows"] == data["rows"]
+
+
 def check_common(data, table):
     assert data["table"] == table and data["budget"]["steps"] == 2 and data["budget"]["seeds"] == [0]
     assert data["machine"]["torch"] and data["command"].startswith("python ablate.py --table " + table)
     for row in data["rows"].values():
         if "skipped" not in row:
-            assert list(row["runs"]) == ["0"] and row["mean"] == {k: v for k, v in row["runs"]["0"].items()}
+            assert list(row["runs"]) == ["0"] and row["mean"] == {k: v for k, v in row["runs"]["0"].items()
+                                                                  if not isinstance(v, (str, dict))}   # numbers only
 
 
 def check_levels(levels):
@@ -123,7 +166,7 @@ def test_two_processes_fill_one_table(tmp_path, monkeypatch):
     out = tmp_path / "tab3.json"
     other = {"psnr": 20.0, "ssim": 0.5, "lpips": None, "usage": [1.0], "perplexity": [9.0]}
 
-    def fake_run(name, seed, args, run_dir):
+    def fake_run(preset, extra, seed, args, run_dir):
         # the other process finishes its row VQ(K) while we train FQ(Kx2): it rewrites the file under our feet
         data = json.loads(out.read_text()) if out.exists() else {"budget": {"steps": 2}, "rows": {}}
         data["rows"]["VQ(K)"] = {"runs": {"0": other}}

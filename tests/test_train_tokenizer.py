@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 import checkpoints  # noqa: E402
 import train_tokenizer  # noqa: E402
 from losses import generator_loss  # noqa: E402
+from quantizer import codebook_usage  # noqa: E402
 from teachers import build_teachers  # noqa: E402
 from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
 
@@ -180,11 +181,43 @@ def test_corrupt_grayscale_and_rgba_images(tmp_path):
                                            (["--max-steps", "0"], "--max-steps 0 is out of range: must be an integer"),
                                            (["--preset", "fqgan-dual-16"], "--data-path is required"),
                                            (["--image-size", "36", "--low-res-steps", "5"], "half-size crops of [18, 18]"),
-                                           (["--image-size", "32", "--gan-weight", "0.5"], "at least 32 px for the GAN")])
+                                           (["--image-size", "32", "--gan-weight", "0.5"], "at least 32 px for the GAN"),
+                                           (["--codebook-dim", "0"], "--codebook-dim 0 is out of range"),
+                                           (["--preset", "tiny8-ibq", "--l2-norm"], "IBQ quantizer never normalises")])
 def test_invalid_flags_exit_2(flags, message, capsys):
     with pytest.raises(SystemExit) as e:
         train_tokenizer.parse_args(flags)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_code_histogram_of_the_log_window():
+    """count_codes adds each sub-codebook's codes to its histogram; usage() reads the window as codebook_usage reads
+    the same codes, with the tokens it counts."""
+    torch.manual_seed(0)
+    codes = [torch.randint(0, 8, (3, 2, 2, 2)), torch.randint(0, 8, (1, 2, 2, 2))]   # two steps (B, k, h, w)
+    seen = torch.zeros(2, 8)
+    for c in codes:
+        train_tokenizer.count_codes(seen, c)
+    both = torch.cat(codes)
+    for i in range(2):
+        assert torch.equal(seen[i], torch.bincount(both[:, i].flatten(), minlength=8).float())
+        ref = codebook_usage(both[:, i], 8)
+        stats = train_tokenizer.usage(seen)
+        assert stats[f"usage/{i}"] == ref["usage"].item() and stats[f"perplexity/{i}"] == ref["perplexity"].item()
+    assert stats["usage_tokens"] == 4 * 2 * 2
+
+
+def test_codebook_flags_and_usage_over_the_log_window(tmp_path):
+    """--codebook-size/-dim and --no-l2-norm reach the config; each log line's usage counts the codes of every step
+    since the line before (usage_tokens of them: at most that many of the K codes can be used)."""
+    ckpt = run(tmp_path / "out", "--max-steps", "3", "--log-every", "2", "--codebook-size", "1024",
+               "--codebook-dim", "16", "--no-l2-norm")
+    assert (ckpt["config"]["codebook_size"], ckpt["config"]["codebook_dim"], ckpt["config"]["l2_norm"]) == (1024, 16,
+                                                                                                          False)
+    lines = [r for r in read_log(tmp_path / "out") if "usage/0" in r]
+    assert [(r["step"], r["usage_tokens"]) for r in lines] == [(2, 2 * 4 * 64), (3, 4 * 64)]   # steps x B x 8x8
+    for r in lines:
+        assert all(0 < r[f"usage/{i}"] <= r["usage_tokens"] / 1024 and r[f"perplexity/{i}"] >= 1 for i in (0, 1))
 
 
 def test_lr_schedule_warms_up_then_follows_the_cosine():
