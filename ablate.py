@@ -27,7 +27,8 @@ tokenizer metrics come from evaluate.evaluate_tokenizer on the EMA weights.
   python ablate.py --table ar --out results/far_vs_ar.json                                     # after Tab. 4
   python ablate.py --table cfg --out results/cfg_sweep.json --figure docs/cfg_sweep.png      # the shipped FAR
   python ablate.py --table ibq --seeds 0 1 --out results/ablation_ibq.json --figure docs/ablation_ibq.png   # ~7 h
-The JSON is rewritten after every run; rerunning the same command skips the runs it already holds. Several
+The JSON is rewritten after every run, each run with the command that made it; rerunning the same command skips the
+runs it already holds. Several
 processes on one machine may fill one JSON with disjoint --rows or --seeds (their runs are merged under a lock);
 on the 2 cores of docs/results.md two 1-thread processes were slower than one 2-thread one.
 Tests: python -m pytest tests/test_ablate.py -q
@@ -468,7 +469,7 @@ def main(argv=None):
             out = os.path.join(args.work_dir, f"tab{args.table}-{name}-seed{seed}")   # one folder per run
             shutil.rmtree(os.path.join(out, "checkpoints"), ignore_errors=True)   # not in the JSON: it starts over
             os.remove(os.path.join(out, "log.jsonl")) if os.path.exists(os.path.join(out, "log.jsonl")) else None
-            row["runs"][str(seed)] = run(name, seed, out)
+            row["runs"][str(seed)] = {**run(name, seed, out), "command": results["command"]}   # what made it
             row["mean"], row["std"] = mean_std(list(row["runs"].values()))
             save()                                  # after every run: a killed table loses one run at most
     save()

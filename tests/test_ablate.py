@@ -59,6 +59,7 @@ def test_quick_ibq_sweep_rows_curves_and_figure(tmp_path):
     for name, (stored, bits, k, K, d, l2) in expect.items():
         run = data["rows"][name]["runs"]["0"]
         assert run["codes_stored"] == stored and run["bits_per_token"] == bits and len(run["usage"]) == k
+        assert run["command"] == "python ablate.py " + " ".join(argv)   # each run: the call that made it
         assert 0 < min(run["usage"]) and max(run["usage"]) <= run["usage_tokens"] / K    # 640 tokens can't fill K
         assert run["curve"]["step"] == [2, 4] and run["curve"]["tokens"] == [2 * 2 * 16] * 2   # 2 steps x 2 x 4x4
         assert all(len(u) == k and 0 < min(u) and max(u) <= 64 / K for u in run["curve"]["usage"])
