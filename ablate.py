@@ -34,7 +34,6 @@ runs are merged under a lock); on the 2 cores of docs/results.md two 1-thread pr
 Tests: python -m pytest tests/test_ablate.py -q
 """
 import argparse
-import ctypes
 import datetime
 import fcntl
 import json
@@ -52,7 +51,7 @@ import torch
 import evaluate
 import train_far
 import train_tokenizer
-from checkpoints import check_pair, load_far, load_tokenizer, read_checkpoint
+from checkpoints import check_pair, load_far, load_tokenizer, peak_mib, read_checkpoint
 from far import generate
 from figures import line_plot
 from images import BUNDLED, ImageFolder, to_uint8
@@ -135,22 +134,6 @@ def mean_std(runs):
 # --------------------------------------------------------------------------------------------------------------
 # Tab. 3: one tokenizer run = train, then held-out metrics of the EMA weights
 
-def peak_rss_mib(fn):
-    """(fn(), its extra peak resident memory in MiB): Linux VmHWM after fn minus VmRSS before, the peak reset first
-    through /proc/self/clear_refs; None where /proc cannot tell (not Linux)."""
-    status = lambda: {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
-                      if k in ("VmRSS", "VmHWM")}
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)         # freed heap back to the system: reused memory counts as new
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                                # the peak restarts from the current resident memory
-        before = status()["VmRSS"]
-    except (OSError, AttributeError):
-        return fn(), None
-    out = fn()
-    return out, round(status()["VmHWM"] - before, 1)
-
-
 def tokenizer_run(preset, extra, seed, args, out):
     """Tab. 3 / ibq: train one tokenizer (preset + extra flags), then the held-out metrics of its EMA weights."""
     argv = ["--preset", preset, "--data-path", os.path.join(BUNDLED, "train"),   # every row: the bundled photos
@@ -163,7 +146,7 @@ def tokenizer_run(preset, extra, seed, args, out):
             "--sample-every", str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.log_every),
             *(["--precision", args.precision] if args.precision else [])] + extra
     t0 = time.time()                                # train_seconds: the run's wall time (threads in the JSON)
-    _, peak = peak_rss_mib(lambda: train_tokenizer.main(argv))   # later flags win: extra re-sets dis / rep weights
+    peak, _ = peak_mib(lambda: train_tokenizer.main(argv))   # later flags win: extra re-sets dis / rep weights
     seconds = time.time() - t0
     ckpt = os.path.join(out, "checkpoints", "last.pt")   # the run's final step
     tok = load_tokenizer(ckpt)                      # EMA weights, eval mode
@@ -188,7 +171,7 @@ def tokenizer_run(preset, extra, seed, args, out):
     return {"psnr": res["psnr"], "ssim": res["ssim"], "lpips": res["lpips"],
             "usage": [u["usage"].item() for u in usage], "perplexity": [u["perplexity"].item() for u in usage],
             "usage_tokens": codes[:, 0].numel(), "train_seconds": round(seconds, 1),
-            "seconds_per_step": round(args.batch_size / trained["images_per_s"], 4), "peak_train_mib": peak,
+            "seconds_per_step": round(args.batch_size / trained["images_per_s"], 4), "peak_train_mib": None if peak is None else round(peak, 1),
             "params": sum(p.numel() for p in tok.parameters()), "curve": curve}
 
 

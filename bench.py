@@ -18,11 +18,9 @@ before (Linux VmHWM, reset through /proc/self/clear_refs): the extra memory the 
 """
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -41,6 +39,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 import far
 import quantizer
 import tokenizer
+from checkpoints import peak_mib
 from fast import code_softmax, nearest_code
 from losses import LPIPS, LossConfig, PatchGAN, generator_loss, info_nce
 from quantizer import VectorQuantizer, distances, entropy_reference, ibq_reference, lookup_reference
@@ -74,27 +73,6 @@ def median_time(fn, repeats, warmup=True):
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def _status_mib(field):
-    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in MiB."""
-    with open("/proc/self/status") as f:
-        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) / 1024
-
-
-def peak_mib(fn):
-    """(extra peak resident memory in MiB, return value) of one fn() call; the peak is None where /proc cannot
-    measure it (not Linux). Used as the warm-up run of median_time."""
-    try:
-        # hand freed heap pages back first, so that memory reused from an earlier call counts as new
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")                                              # resets the peak (VmHWM) to the current RSS
-        before = _status_mib("VmRSS")
-    except (OSError, AttributeError):
-        return None, fn()
-    out = fn()                                                        # the peak since the reset includes this call
-    return _status_mib("VmHWM") - before, out
 
 
 def gflops():

@@ -13,10 +13,12 @@ Every file the project reads or writes that holds weights passes through here:
                           our checkpoints and the official FQGAN / FAR ones (renamed, config inferred from shapes)
   codebook_fingerprint, check_pair
                           which tokenizer a FAR was trained on, and the refusal of a mismatched pair
+  peak_mib                the extra peak resident memory of one call (bench.py, ablate.py's runs)
 Nothing pickled is ever executed: weights_only=True, with argparse.Namespace as the one allowed class (the official
 files store their training arguments that way).
 """
 import argparse
+import ctypes
 import datetime
 import fcntl
 import glob
@@ -635,3 +637,24 @@ def check_pair(far_cfg, tok, recorded, far_path, tok_path):
     if recorded.get("fingerprint") and recorded["fingerprint"] != codebook_fingerprint(tok):   # official: none
         raise CheckpointError(f"mismatched pair: {far_path} was trained on the codes of the tokenizer with codebook "
                               f"fingerprint {recorded['fingerprint']}, but {tok_path} has {codebook_fingerprint(tok)}")
+
+
+def _status_mib(field):
+    """A memory field of /proc/self/status ("VmRSS", "VmHWM") in MiB."""
+    with open("/proc/self/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+) kB", f.read()).group(1)) / 1024
+
+
+def peak_mib(fn):
+    """(extra peak resident memory in MiB, return value) of one fn() call; the peak is None where /proc cannot
+    measure it (not Linux). bench.py's peak MiB column (its warm-up run) and ablate.py's peak_train_mib."""
+    try:
+        # hand freed heap pages back first, so that memory reused from an earlier call counts as new
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")                                              # resets the peak (VmHWM) to the current RSS
+        before = _status_mib("VmRSS")
+    except (OSError, AttributeError):
+        return None, fn()
+    out = fn()                                                        # the peak since the reset includes this call
+    return _status_mib("VmHWM") - before, out

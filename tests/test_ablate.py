@@ -37,7 +37,7 @@ def test_mean_std_keeps_only_the_metrics_every_run_has():
 
 
 def test_peak_rss_sees_a_large_allocation():
-    out, peak = ablate.peak_rss_mib(lambda: int(torch.ones(64, 2**20).sum()))   # 256 MiB of float32, then freed
+    peak, out = ablate.peak_mib(lambda: int(torch.ones(64, 2**20).sum()))   # 256 MiB of float32, then freed
     assert out == 64 * 2**20 and (peak is None or 200 < peak < 1000)
 
 
