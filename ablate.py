@@ -51,7 +51,7 @@ import torch
 import evaluate
 import train_far
 import train_tokenizer
-from checkpoints import check_pair, load_far, load_tokenizer, peak_mib, read_checkpoint
+from checkpoints import check_pair, keep_freed_memory, load_far, load_tokenizer, peak_mib, read_checkpoint
 from far import generate
 from figures import line_plot
 from images import BUNDLED, ImageFolder, to_uint8
@@ -145,6 +145,9 @@ def tokenizer_run(preset, extra, seed, args, out):
             "--disentangle-weight", "0", "--rep-weight", "0", "--eval-every", str(args.steps),
             "--sample-every", str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.log_every),
             *(["--precision", args.precision] if args.precision else [])] + extra
+    # what train_tokenizer's set-up does on a CPU (FQGAN_KEEP_FREED_MEMORY=0: glibc's default); the time per step
+    # and the peak depend on it, so each run records it
+    allocator = "freed memory kept" if keep_freed_memory() else "glibc default"
     t0 = time.time()                                # train_seconds: the run's wall time (threads in the JSON)
     peak, _ = peak_mib(lambda: train_tokenizer.main(argv))   # later flags win: extra re-sets dis / rep weights
     seconds = time.time() - t0
@@ -171,8 +174,9 @@ def tokenizer_run(preset, extra, seed, args, out):
     return {"psnr": res["psnr"], "ssim": res["ssim"], "lpips": res["lpips"],
             "usage": [u["usage"].item() for u in usage], "perplexity": [u["perplexity"].item() for u in usage],
             "usage_tokens": codes[:, 0].numel(), "train_seconds": round(seconds, 1),
-            "seconds_per_step": round(args.batch_size / trained["images_per_s"], 4), "peak_train_mib": None if peak is None else round(peak, 1),
-            "params": sum(p.numel() for p in tok.parameters()), "curve": curve}
+            "seconds_per_step": round(args.batch_size / trained["images_per_s"], 4),
+            "peak_train_mib": None if peak is None else round(peak, 1),
+            "params": sum(p.numel() for p in tok.parameters()), "curve": curve, "cpu_allocator": allocator}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -462,8 +466,9 @@ def main(argv=None):
         else:
             fmt = lambda m, s: ((f"{m:.3f}" + ("" if s is None else f"+-{s:.3f}")) if isinstance(m, float) else
                                 "/".join(fmt(a, b) for a, b in zip(m, s)) if isinstance(m, list) else str(m))
-            keys = {"3": ("psnr", "ssim", "lpips", "usage"), "ibq": ("psnr", "usage", "perplexity",
-                                                                      "seconds_per_step", "peak_train_mib"), "4": ("val_bits_mean", "acc_teacher", "fd_teacher"),
+            keys = {"3": ("psnr", "ssim", "lpips", "usage"),
+                    "ibq": ("psnr", "usage", "perplexity", "seconds_per_step", "peak_train_mib"),
+                    "4": ("val_bits_mean", "acc_teacher", "fd_teacher"),
                     "ar": ("val_bits_per_position", "acc_teacher", "fd_teacher"),
                     "cfg": ("acc_teacher", "fd_teacher")}[args.table]
             # one line per row: metric mean+-std, per sub-codebook values joined by /

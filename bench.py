@@ -37,9 +37,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakIdKeyDictionary
 
 import far
+import fast
 import quantizer
 import tokenizer
-from checkpoints import peak_mib
+from checkpoints import keep_freed_memory, peak_mib
 from fast import code_softmax, nearest_code
 from losses import LPIPS, LossConfig, PatchGAN, generator_loss, info_nce
 from quantizer import VectorQuantizer, distances, entropy_reference, ibq_reference, lookup_reference
@@ -342,12 +343,35 @@ def bench_far_preset(args, preset, grid, batch, compile_, recompute):
             f"{tokens / rest[-1]:.1f} tokens/s, {t_off / rest[-1]:.2f}x official")
 
 
+def bench_packed_linear(args, dims, blocks):
+    """Rows: the Linears of `blocks` FAR blocks (q|k|v, out, the SwiGLU three) at each width, on the 16 rows of a
+    decode step (batch 8 + CFG), F.linear against fast.packed_linears (its size limit PACK_MIN_ELEMS from these)."""
+    for dim in dims:
+        cfg = far.FARConfig(**{**far.PRESETS["tiny"], "dim": dim, "n_head": dim // 64 or 1, "n_layer": blocks})
+        layers = torch.nn.ModuleList(far.Block(cfg) for _ in range(blocks))
+        linears = [m for m in layers.modules() if isinstance(m, torch.nn.Linear)]
+        xs = [torch.randn(16, 1, m.in_features) for m in linears]
+        run = lambda: [m(x) for m, x in zip(linears, xs)]
+        with torch.no_grad():
+            t_plain = median_time(run, args.repeats)
+            limit, fast.PACK_MIN_ELEMS = fast.PACK_MIN_ELEMS, 0          # pack every size, to see where it pays
+            try:
+                with fast.packed_linears(layers, 16):
+                    t_packed = median_time(run, args.repeats)
+            finally:
+                fast.PACK_MIN_ELEMS = limit
+        row("far", f"{len(linears)} Linears of {blocks} blocks at dim {dim} ({dim * dim:,} to {3 * dim * dim:,} "
+            f"elements), 16 rows, packed", t_packed, f"{t_plain / t_packed:.2f}x F.linear ({t_plain * 1e3:.2f} ms)")
+
+
 def bench_far(args):
-    """FAR sampling rows: tiny at its own grid, FAR-B at full size on a short grid."""
+    """FAR sampling rows: tiny at its own grid, FAR-B at full size on a short grid; packed Linears by width."""
     print("far: sampling with CFG (scale 2), random weights, fp32; official = official_code.md §6 on the same weights")
     if args.quick:
         bench_far_preset(args, "tiny", (2, 2), 2, args.compile, True)
+        bench_packed_linear(args, (64,), 1)
         return
+    bench_packed_linear(args, (128, 256, 512, 1024), 8)
     bench_far_preset(args, "tiny", (8, 8), 8, args.compile, True)
     # FAR-B at full width and depth; a 4 x 4 grid = the first 16 positions of a 16 x 16 image at the same cost,
     # except attention over the longer cache (small next to the GEMMs of 24 + 3 blocks at 1024 wide)
@@ -395,20 +419,25 @@ def bench_train(args):
 # Precision: the official scripts' autocast is torch.cuda.amp's, which does nothing on a CPU, so the official step runs
 # fp32 here; ours runs fp32 and under CPU bf16 autocast (train_tokenizer.py --precision bf16, the tiny recipes' CPU
 # setting), and the official formulation under the same bf16 autocast is timed too, for the like-for-like ratio.
+# Allocator: our scripts keep freed memory on a CPU (checkpoints.keep_freed_memory), the official ones run on glibc's
+# default; the four variants are timed in one child process per allocator, the ratios against the official
+# formulation on glibc's default, as it runs.
 
-def bench_train_dual(args):
-    """FQGAN-Dual's G step: ours vs the official formulation swapped into the same model, fp32 and bf16 autocast."""
+DUAL_VARIANTS = ("official formulation, fp32", "ours, fp32", "official formulation, bf16 autocast",
+                 "ours, bf16 autocast")
+
+
+def dual_times(args):
+    """{variant: median seconds} of FQGAN-Dual's G step in this process (bench_train_dual's child)."""
     preset, batch, size = ("tiny", 1, 64) if args.quick else ("fqgan-dual-16", 2, 256)
     cfg = TokenizerConfig(**{**TOKENIZER_PRESETS[preset], "image_size": size})
-    print(f"train-dual: {preset}, batch {batch} at {size} px, G step (forward + MSE/quantizer/Eq. 7 + backward)")
     torch.manual_seed(0)
     tok = Tokenizer(cfg).train()
     x = torch.rand(batch, 3, size, size) * 2 - 1
     ours = [branch.quantize for branch in tok.branches]
     official = ([OfficialVQ(q) for q in ours], lambda t: t * torch.sigmoid(t))   # (quantizers, swish)
     mine = (ours, tokenizer.swish)
-    variants = {"official formulation, fp32": (official, False), "ours, fp32": (mine, False),
-                "official formulation, bf16 autocast": (official, True), "ours, bf16 autocast": (mine, True)}
+    variants = dict(zip(DUAL_VARIANTS, [(official, False), (mine, False), (official, True), (mine, True)]))
 
     def step(parts, bf16):
         (quantizers, swish), fused = parts, tokenizer.swish
@@ -424,14 +453,39 @@ def bench_train_dual(args):
         finally:
             tokenizer.swish = fused
     times = dict(zip(variants, interleaved_medians([lambda v=v: step(*v) for v in variants.values()], args.repeats)))
-    t_off, t_off16 = times["official formulation, fp32"], times["official formulation, bf16 autocast"]
-    for name, t in times.items():
-        same = f", {t_off16 / t:.2f}x official in bf16" if name == "ours, bf16 autocast" else ""
-        row("train-dual", f"{preset} G step, {name}", t, f"{t_off / t:.2f}x official fp32{same}")
-        if args.profile:                                              # where the time goes: top ops by self CPU time
+    if args.profile:                                                  # where the time goes: top ops by self CPU time
+        for name, variant in variants.items():
             with torch.profiler.profile() as prof:
-                step(*variants[name])
+                step(*variant)
             print(f"{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+    return {"preset": preset, "batch": batch, "size": size, "times": times}
+
+
+def bench_train_dual(args):
+    """FQGAN-Dual's G step: ours vs the official formulation swapped into the same model, fp32 and bf16 autocast,
+    on glibc's default allocator and with freed memory kept (one child process each)."""
+    res = {}
+    for keep in ("0", "1"):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "times.json")
+            subprocess.run([sys.executable, os.path.abspath(__file__), "--dual-child", out, "--repeats",
+                            str(args.repeats), "--threads", str(args.threads[-1])] + ["--quick"] * args.quick
+                           + ["--profile"] * args.profile, check=True,
+                           env={**os.environ, "FQGAN_KEEP_FREED_MEMORY": keep})
+            res[keep] = json.load(open(out))
+    info = res["0"]
+    print(f"train-dual: {info['preset']}, batch {info['batch']} at {info['size']} px, G step (forward + "
+          f"MSE/quantizer/Eq. 7 + backward)")
+    base = res["0"]["times"]
+    for keep, label in (("0", "glibc's default allocator"), ("1", "freed memory kept (our scripts)")):
+        t = res[keep]["times"]
+        for name in DUAL_VARIANTS:
+            same = ""
+            if name.startswith("ours"):                               # like for like: the same precision and allocator
+                other = t[name.replace("ours", "official formulation")]
+                same = f", {other / t[name]:.2f}x official at the same precision and allocator"
+            row("train-dual", f"{info['preset']} G step, {name}, {label}", t[name],
+                f"{base['official formulation, fp32'] / t[name]:.2f}x official fp32 on glibc's default{same}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -612,6 +666,7 @@ def parse_args(argv=None):
     p.add_argument("--busy", type=int, default=None,
                    help="also time the lookup against this many busy-loop processes (default 2; quick 0)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of each train-dual step")
+    p.add_argument("--dual-child", metavar="JSON", help=argparse.SUPPRESS)   # bench_train_dual's child: times -> JSON
     args = p.parse_args(argv)
     # --quick: one run of each path, no compile, no busy loops (CI checks the code runs, not its speed)
     args.repeats = (1 if args.quick else 5) if args.repeats is None else args.repeats
@@ -630,6 +685,11 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads[-1])
+    if args.dual_child:                                               # one allocator's train-dual timings
+        keep_freed_memory()                                           # as our scripts do, unless the env says 0
+        with open(args.dual_child, "w") as f:
+            json.dump(dual_times(args), f)
+        return []
     ROWS.clear()                                                      # main() may be called twice (tests)
     header = machine()
     print(header, flush=True)

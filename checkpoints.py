@@ -3,7 +3,8 @@
 Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681.
 Every file the project reads or writes that holds weights passes through here:
   init_distributed        torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> process group (NCCL on CUDA, gloo on CPU),
-                          the CUDA numerics; distribute: DDP, then torch.compile; device_flag: --device
+                          the CUDA numerics, the CPU allocator (keep_freed_memory); distribute: DDP, then
+                          torch.compile; device_flag: --device
   start_training, lr_at, resume, init_weights, open_run, save_checkpoint, mean_over_ranks_or_stop
                           a training run as both training scripts use it: set-up, the lr schedule, exact resume
                           (weights, optimizers, RNG of every rank, data position), the JSONL log, atomic checkpoints
@@ -57,6 +58,23 @@ class CheckpointError(ValueError):
 DIST_TIMEOUT = datetime.timedelta(minutes=float(os.environ.get("FQGAN_DIST_TIMEOUT_MIN", 60)))
 
 
+def keep_freed_memory():
+    """CPU runs: glibc gives every allocation over 32 MiB its own mmap and unmaps it when freed, so each step's large
+    activations and gradients are page-faulted in afresh (zeroed by the kernel, one fault per 4 KiB page): about a
+    third of an FQGAN-Dual step at 256 px. With mmap off and a high trim threshold, freed memory stays in the heap
+    and the next step reuses it; the resident memory stays near the run's peak (bench.py --only train-dual measures
+    both). FQGAN_KEEP_FREED_MEMORY=0 keeps glibc's default. Returns whether it applied (a libc without mallopt, e.g.
+    musl or macOS, is left alone)."""
+    if os.environ.get("FQGAN_KEEP_FREED_MEMORY", "1") == "0":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4                         # glibc's <malloc.h> parameter numbers
+        return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30))
+    except (OSError, AttributeError):
+        return False
+
+
 def init_distributed(device=None):
     """torchrun sets RANK / WORLD_SIZE / LOCAL_RANK: join the group (NCCL on CUDA, gloo on CPU) and take the device
     from LOCAL_RANK (multi-node works the same). Plain `python script.py` is rank 0 of a world of 1. `device` ("cpu",
@@ -72,6 +90,8 @@ def init_distributed(device=None):
         # error by 100) run fp32 matmuls. Convolutions keep TF32 (torch's default); evaluate.py turns it off.
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
         torch.backends.cudnn.benchmark = True                         # fixed shapes: pick the fastest conv once
+    else:
+        keep_freed_memory()                                           # no page faults on reused activations
     if ddp:   # device_id binds NCCL to this GPU now (no lazy init at the first collective)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT,
                                 device_id=device if device.type == "cuda" else None)

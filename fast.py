@@ -10,11 +10,13 @@ Each function here equals a paper form of the model files, and a test checks it:
   max_inner_product   IBQ's codes at evaluation: the argmax of the logits, no softmax
   sdpa_backend        the math attention kernel for the AR head's short training sequences on a CPU (far.py)
   decode              far.generate with static KV caches, one position per step, optionally compiled (with the
-                      weights as graph inputs, or folded in as constants for sampling a fixed model)
+                      weights as graph inputs, or folded in as constants for sampling a fixed model); eager on a CPU,
+                      on weight copies packed once for oneDNN (packed_linears)
                       (far.generate(use_cache=False) is the paper's form; tests/test_far_cache.py)
 Why they exist: on a CPU the paper forms' N x K matrices miss every cache (the blocked lookup is ~9x faster,
-python bench.py --only lookup), IBQ's N x K softmax at K = 16384 holds GBs, and sampling by recompute costs a pass
-over the whole prefix per token. The switches: quantizer.FAST (the paper's forms run under torch.compile anyway,
+python bench.py --only lookup), IBQ's N x K softmax at K = 16384 holds GBs, sampling by recompute costs a pass
+over the whole prefix per token, and a matmul of a few rows against a large weight repacks the weight at every call
+(python bench.py --only far). The switches: quantizer.FAST (the paper's forms run under torch.compile anyway,
 which fuses them) and far.generate(use_cache=..., compile=...). This file imports no other file of the project.
 """
 import contextlib
@@ -242,6 +244,43 @@ def compiled(step, frozen=False):
 FROZEN = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}   # inductor's config
 
 
+# packed_linears packs a weight of at least this many elements: below, F.linear on cache-resident weights is as fast
+# or faster (python bench.py --only far: its packed-Linear rows by width; docs/results.md "Speed")
+PACK_MIN_ELEMS = 2**17
+
+
+def _packed_forward(packed, bias, x):
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [None], "")   # x (..., in) -> (..., out)
+
+
+@contextlib.contextmanager
+def packed_linears(model, rows):
+    """Eager CPU sampling: every nn.Linear of model with a weight of PACK_MIN_ELEMS or more runs on a copy of its
+    weight packed once into oneDNN's blocked layout (the packing that inductor's freezing does, without compiling).
+    A plain F.linear of a few rows (rows = 2 x batch per decode step) repacks its whole weight at every call; FAR-B's
+    decode step is weight-bound, so this is most of its matmul time. Same fp32 math up to summation order (~1e-6
+    relative). The packed copies are kept on the model while its weights are unchanged (each tensor's data_ptr and
+    _version, which an in-place write bumps): memory for a second copy of the Linear weights (1.6 GB for FAR-B).
+    Elsewhere (a GPU, autocast, non-fp32 weights, a torch without oneDNN) this does nothing."""
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() >= PACK_MIN_ELEMS]
+    weights = [t for m in linears for t in (m.weight, m.bias) if t is not None]
+    if not (torch.backends.mkldnn.is_available() and all(t.device.type == "cpu" and t.dtype == torch.float32
+                                                          for t in weights) and not torch.is_autocast_enabled("cpu")):
+        yield
+        return
+    key = [(t.data_ptr(), t._version) for t in weights]
+    if getattr(model, "_packed_key", None) != key:
+        model._packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows) for m in linears]
+        model._packed_key = key
+    for m, packed in zip(linears, model._packed):   # an instance attribute shadows Linear.forward for the call
+        m.forward = functools.partial(_packed_forward, packed, m.bias)
+    try:
+        yield
+    finally:
+        for m in linears:
+            del m.forward
+
+
 def kv_caches(cfg, n_blocks, batch, slots, dtype, device):
     """One zeroed static (k_cache, v_cache) pair of shape (batch, n_head, slots, head_dim) per block."""
     shape = (batch, cfg.n_head, slots, cfg.dim // cfg.n_head)
@@ -271,7 +310,8 @@ def decode(model, y, codes, both, pick, compile=False):
                                "new weights into a new model")
         model._frozen_versions = versions
     backbone, head = (compiled(f, compile == "frozen") if compile else f for f in (decode_backbone, decode_head))
-    with torch._inductor.config.patch(FROZEN) if compile == "frozen" else contextlib.nullcontext():
+    with (torch._inductor.config.patch(FROZEN) if compile == "frozen" else contextlib.nullcontext() if compile
+          else packed_linears(model, len(y))):
         _decode_loop(model, y, codes, both, pick, backbone, head)
 
 

@@ -64,6 +64,8 @@ def test_quick_ibq_sweep_rows_curves_and_figure(tmp_path):
         assert run["curve"]["step"] == [2, 4] and run["curve"]["tokens"] == [2 * 2 * 16] * 2   # 2 steps x 2 x 4x4
         assert all(len(u) == k and 0 < min(u) and max(u) <= 64 / K for u in run["curve"]["usage"])
         assert run["seconds_per_step"] > 0 and (run["peak_train_mib"] is None or run["peak_train_mib"] > 0)
+        assert run["cpu_allocator"] == ("glibc default" if os.environ.get("FQGAN_KEEP_FREED_MEMORY") == "0" else
+                                        "freed memory kept")          # what the time and peak were measured on
         cfg = torch.load(work / f"tabibq-{name}-seed0" / "checkpoints" / "last.pt", weights_only=True)["config"]
         assert (cfg["num_codebooks"], cfg["codebook_size"], cfg["codebook_dim"]) == (k, K, d)
         assert cfg["quantizer"] == ("ibq" if name.startswith("IBQ") else "vq") and (cfg["l2_norm"] == l2 or

@@ -5,7 +5,7 @@ and filtering; each layer's cache is one preallocated buffer written in place (s
 position); the compiled decode step equals the eager one, compiles two graphs (backbone, AR head) and never
 recompiles across positions, calls, models or weight updates; with the weights folded in ("frozen") it equals eager
 for each model and refuses weights changed in place; sampling under bf16 autocast keeps bf16 caches and gives valid
-codes.
+codes; eager CPU sampling runs on packed weight copies, remade after a weight update.
 
 Run: python -m pytest tests/test_far_cache.py -q   (CPU; ~1 minute cold, most of it one inductor compile;
 ~25 s once inductor's on-disk cache holds the kernels)
@@ -147,3 +147,34 @@ def test_bf16_autocast_sampling():
     assert low.dtype == torch.int64 and low.min() >= 0 and low.max() < model.cfg.codebook_size
     ref = sample(model, cfg_scale=2.0, top_k=1)
     assert (low == ref).float().mean() > 0.9
+
+
+def test_eager_decode_packs_linear_weights_once_and_repacks_after_a_weight_update(monkeypatch):
+    """Eager CPU sampling runs every large nn.Linear on oneDNN-packed copies of its weight (fast.packed_linears; the
+    size limit lowered here so that a small model has them): each layer gives F.linear's output up to summation order,
+    the copies are reused while the weights are unchanged and remade after an in-place update (training samples the
+    model it trains), codes follow the new weights, and no Linear keeps the patched forward after the call. Under
+    autocast, and for weights under the limit, nothing is packed."""
+    model = tiny(2)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    with torch.no_grad(), fast.packed_linears(model, 6):              # the default limit: every weight is smaller
+        assert not any("forward" in vars(m) for m in linears)
+    monkeypatch.setattr(fast, "PACK_MIN_ELEMS", 0)
+    x = {m: torch.randn(6, 1, m.in_features) for m in linears}
+    plain = {m: m(x[m]) for m in linears}
+    with torch.no_grad(), fast.packed_linears(model, 6):
+        assert all("forward" in vars(m) for m in linears)             # really the packed path
+        for m in linears:
+            torch.testing.assert_close(m(x[m]), plain[m], rtol=1e-5, atol=1e-6)
+    assert not any("forward" in vars(m) for m in linears)
+    first = sample(model, cfg_scale=2.0)
+    packed = model._packed
+    assert torch.equal(sample(model, cfg_scale=2.0), first) and model._packed is packed   # reused, same codes
+    with torch.no_grad():
+        model.layers[0].feed_forward.w1.weight.mul_(3)                  # as an optimizer step would
+    updated = sample(model, cfg_scale=2.0)
+    assert model._packed is not packed                                  # repacked
+    assert torch.equal(updated, sample(model, cfg_scale=2.0, use_cache=False))   # the new weights' codes
+    assert not torch.equal(updated, first)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), fast.packed_linears(model, 6):
+        assert not any("forward" in vars(m) for m in linears)
