@@ -23,6 +23,7 @@ import contextlib
 import functools
 import os
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -247,6 +248,7 @@ FROZEN = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": 
 # packed_linears packs a weight of at least this many elements: below, F.linear on cache-resident weights is as fast
 # or faster (python bench.py --only far: its packed-Linear rows by width; docs/results.md "Speed")
 PACK_MIN_ELEMS = 2**17
+_PACKED = weakref.WeakKeyDictionary()   # model -> (its weights' data_ptr and _version, the packed copies)
 
 
 def _packed_forward(packed, bias, x):
@@ -259,8 +261,9 @@ def packed_linears(model, rows):
     weight packed once into oneDNN's blocked layout (the packing that inductor's freezing does, without compiling).
     A plain F.linear of a few rows (rows = 2 x batch per decode step) repacks its whole weight at every call; FAR-B's
     decode step is weight-bound, so this is most of its matmul time. Same fp32 math up to summation order (~1e-6
-    relative). The packed copies are kept on the model while its weights are unchanged (each tensor's data_ptr and
-    _version, which an in-place write bumps): memory for a second copy of the Linear weights (1.6 GB for FAR-B).
+    relative). The packed copies are kept for the model while its weights are unchanged (each tensor's data_ptr and
+    _version, which an in-place write bumps) and dropped with it: a second copy of the Linear weights (1.6 GB for
+    FAR-B).
     Elsewhere (a GPU, autocast, non-fp32 weights, a torch without oneDNN) this does nothing."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() >= PACK_MIN_ELEMS]
     weights = [t for m in linears for t in (m.weight, m.bias) if t is not None]
@@ -269,10 +272,9 @@ def packed_linears(model, rows):
         yield
         return
     key = [(t.data_ptr(), t._version) for t in weights]
-    if getattr(model, "_packed_key", None) != key:
-        model._packed = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows) for m in linears]
-        model._packed_key = key
-    for m, packed in zip(linears, model._packed):   # an instance attribute shadows Linear.forward for the call
+    if _PACKED.get(model, (None,))[0] != key:       # kept beside the model, not on it: deepcopy / pickle never see it
+        _PACKED[model] = key, [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows) for m in linears]
+    for m, packed in zip(linears, _PACKED[model][1]):   # an instance attribute shadows Linear.forward for the call
         m.forward = functools.partial(_packed_forward, packed, m.bias)
     try:
         yield

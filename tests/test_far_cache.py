@@ -10,6 +10,7 @@ codes; eager CPU sampling runs on packed weight copies, remade after a weight up
 Run: python -m pytest tests/test_far_cache.py -q   (CPU; ~1 minute cold, most of it one inductor compile;
 ~25 s once inductor's on-disk cache holds the kernels)
 """
+import copy
 import sys
 from pathlib import Path
 
@@ -168,12 +169,13 @@ def test_eager_decode_packs_linear_weights_once_and_repacks_after_a_weight_updat
             torch.testing.assert_close(m(x[m]), plain[m], rtol=1e-5, atol=1e-6)
     assert not any("forward" in vars(m) for m in linears)
     first = sample(model, cfg_scale=2.0)
-    packed = model._packed
-    assert torch.equal(sample(model, cfg_scale=2.0), first) and model._packed is packed   # reused, same codes
+    packed = fast._PACKED[model][1]
+    assert torch.equal(sample(model, cfg_scale=2.0), first) and fast._PACKED[model][1] is packed   # reused, same codes
+    copy.deepcopy(model)                                                # (an EMA copy) never meets the packed copies
     with torch.no_grad():
         model.layers[0].feed_forward.w1.weight.mul_(3)                  # as an optimizer step would
     updated = sample(model, cfg_scale=2.0)
-    assert model._packed is not packed                                  # repacked
+    assert fast._PACKED[model][1] is not packed                         # repacked
     assert torch.equal(updated, sample(model, cfg_scale=2.0, use_cache=False))   # the new weights' codes
     assert not torch.equal(updated, first)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), fast.packed_linears(model, 6):
