@@ -49,7 +49,7 @@ def parse_args(argv=None):
                    "matmuls gain nothing from more and lose much on a busy machine; else torch's default)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the one-position decode "
                    "step, static KV cache (default: on with CUDA, off on CPU; same codes); on a CPU with the weights "
-                   "folded in (fast.compiled)")
+                   "folded in (fast.compiled): faster for tiny, slower than eager for FAR-B")
     args = p.parse_args(argv)
     if (args.num_samples > 0) != (args.out_npz is not None):           # npz mode needs both, PNG mode neither
         p.error("--num-samples N and --out-npz FILE go together")
