@@ -263,8 +263,8 @@ def packed_linears(model, rows):
     decode step is weight-bound, so this is most of its matmul time. Same fp32 math up to summation order (~1e-6
     relative). The packed copies are kept for the model while its weights are unchanged (each tensor's data_ptr and
     _version, which an in-place write bumps) and dropped with it: a second copy of the Linear weights (1.6 GB for
-    FAR-B).
-    Elsewhere (a GPU, autocast, non-fp32 weights, a torch without oneDNN) this does nothing."""
+    FAR-B). Elsewhere (a GPU, autocast, non-fp32 weights, a torch without oneDNN or its packing op) this does
+    nothing."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() >= PACK_MIN_ELEMS]
     weights = [t for m in linears for t in (m.weight, m.bias) if t is not None]
     if not (torch.backends.mkldnn.is_available() and all(t.device.type == "cpu" and t.dtype == torch.float32
@@ -272,9 +272,14 @@ def packed_linears(model, rows):
         yield
         return
     key = [(t.data_ptr(), t._version) for t in weights]
-    if _PACKED.get(model, (None,))[0] != key:       # kept beside the model, not on it: deepcopy / pickle never see it
-        _PACKED[model] = key, [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows) for m in linears]
-    for m, packed in zip(linears, _PACKED[model][1]):   # an instance attribute shadows Linear.forward for the call
+    cached, copies = _PACKED.get(model, (None, []))   # kept beside the model, not on it: deepcopy never sees them
+    if cached != key:
+        try:
+            copies = [torch.ops.mkldnn._reorder_linear_weight(m.weight.detach(), rows) for m in linears]
+            _PACKED[model] = key, copies
+        except (RuntimeError, NotImplementedError):    # a oneDNN build without the op (not x86?): plain F.linear
+            linears = []
+    for m, packed in zip(linears, copies):           # an instance attribute shadows Linear.forward for the call
         m.forward = functools.partial(_packed_forward, packed, m.bias)
     try:
         yield

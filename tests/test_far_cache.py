@@ -155,7 +155,7 @@ def test_eager_decode_packs_linear_weights_once_and_repacks_after_a_weight_updat
     size limit lowered here so that a small model has them): each layer gives F.linear's output up to summation order,
     the copies are reused while the weights are unchanged and remade after an in-place update (training samples the
     model it trains), codes follow the new weights, and no Linear keeps the patched forward after the call. Under
-    autocast, and for weights under the limit, nothing is packed."""
+    autocast, for weights under the limit, and where the packing op is missing, nothing is packed."""
     model = tiny(2)
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     with torch.no_grad(), fast.packed_linears(model, 6):              # the default limit: every weight is smaller
@@ -180,3 +180,11 @@ def test_eager_decode_packs_linear_weights_once_and_repacks_after_a_weight_updat
     assert not torch.equal(updated, first)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), fast.packed_linears(model, 6):
         assert not any("forward" in vars(m) for m in linears)
+    fresh = tiny(2, seed=1)
+
+    def missing(*args):
+        raise RuntimeError("no such op in this build")
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing)
+    with torch.no_grad(), fast.packed_linears(fresh, 6):              # a build without the packing op: plain F.linear
+        assert not any("forward" in vars(m) for m in fresh.modules() if isinstance(m, nn.Linear))
+    assert torch.equal(sample(fresh), sample(fresh, use_cache=False))
