@@ -216,8 +216,9 @@ import resource, sys, torch
 sys.path.insert(0, sys.argv[1])
 from checkpoints import keep_freed_memory
 applied = keep_freed_memory()
-x = torch.ones(2**24)                                   # 64 MiB: glibc's default maps it apart from the heap
-del x
+for _ in range(10):                                     # warm-up: the heap settles in its first few rounds
+    x = torch.ones(2**24)                               # 64 MiB: glibc's default maps it apart from the heap
+    del x
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(8):                                      # allocate, write, free: a training step's activations
     x = torch.ones(2**24)
@@ -227,9 +228,9 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 
 def test_keep_freed_memory_removes_the_page_faults_of_reused_activations():
-    """init_distributed on a CPU keeps freed memory in the heap (checkpoints.keep_freed_memory): eight 64 MiB
-    allocate-write-free rounds fault their 16,384 pages in once at most, not eight times; FQGAN_KEEP_FREED_MEMORY=0
-    keeps glibc's default, under which every round faults all of them again."""
+    """init_distributed on a CPU keeps freed memory in the heap (checkpoints.keep_freed_memory): after a warm-up, eight
+    64 MiB allocate-write-free rounds reuse the heap without faulting a round's 16,384 pages in again;
+    FQGAN_KEEP_FREED_MEMORY=0 keeps glibc's default, under which every round faults all of them again."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     runs = {}
     for keep in ("0", "1"):
@@ -237,4 +238,4 @@ def test_keep_freed_memory_removes_the_page_faults_of_reused_activations():
                              env={**os.environ, "FQGAN_KEEP_FREED_MEMORY": keep}).stdout.split()
         runs[keep] = (out[0] == "True", int(out[1]))
     assert runs["0"] == (False, runs["0"][1]) and runs["0"][1] > 8 * 16384 * 0.9   # every round faults afresh
-    assert runs["1"][0] and runs["1"][1] < 1.1 * 16384                             # reused: one round's at most
+    assert runs["1"][0] and runs["1"][1] < 16384                                   # reused: not one round's pages
