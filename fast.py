@@ -258,11 +258,11 @@ def _packed_forward(packed, bias, x):
 @contextlib.contextmanager
 def packed_linears(model, rows):
     """Eager CPU sampling: every nn.Linear of model with a weight of PACK_MIN_ELEMS or more runs on a copy of its
-    weight packed once into oneDNN's blocked layout (the packing that inductor's freezing does, without compiling).
+    weight packed once into oneDNN's blocked layout (torch.ops.mkldnn's prepacked linear, no compiling).
     A plain F.linear of a few rows (rows = 2 x batch per decode step) repacks its whole weight at every call; FAR-B's
     decode step is weight-bound, so this is most of its matmul time. Same fp32 math up to summation order (~1e-6
     relative). The packed copies are kept for the model while its weights are unchanged (each tensor's data_ptr and
-    _version, which an in-place write bumps) and dropped with it: a second copy of the Linear weights (1.6 GB for
+    _version, which an in-place write bumps) and dropped with it: a second copy of the Linear weights (1.5 GB for
     FAR-B). Elsewhere (a GPU, autocast, non-fp32 weights, a torch without oneDNN or its packing op) this does
     nothing."""
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() >= PACK_MIN_ELEMS]
