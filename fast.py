@@ -233,9 +233,10 @@ def compiled(step, frozen=False):
     frozen=True, for sampling a model whose weights no longer change (sample.py --compile on a CPU): inductor's
     freezing folds the weights into the graph as constants, so they can be packed once for its own CPU GEMM kernels,
     which max_autotune times against ATen's at the first call and keeps where faster. Decode steps are matmuls of a
-    few rows (2 x batch) against every weight: FAR-B's compiled step is ~1.5x the plain compiled one on 2 cores
-    (python bench.py --only far). The price: one graph per model (weights are no longer inputs), a longer first call,
-    and a weight changed in place after it would go unseen (decode refuses such a model)."""
+    few rows (2 x batch) against every weight: FAR-B's frozen step is 1.19x the plain compiled one on 2 cores,
+    but the eager step on packed weights (packed_linears) beats both (python bench.py --only far). The price: one
+    graph per model (weights are no longer inputs), a longer first call, and a weight changed in place after it
+    would go unseen (decode refuses such a model)."""
     # options make the frozen graphs a backend of their own (a compile=True graph of the same model is not reused);
     # decode also sets them while it calls the graphs (FROZEN), since torch.compile's options alone did not turn
     # freezing on here (torch 2.14.1, CPU)
