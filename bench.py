@@ -423,8 +423,11 @@ def bench_train(args):
 # default; the four variants are timed in one child process per allocator, the ratios against the official
 # formulation on glibc's default, as it runs.
 
+# With --compile (the default), the kept-memory child also times ours under torch.compile of the tokenizer (what
+# train_tokenizer.py --compile does), interleaved with the eager steps; its first call (the compile) is reported apart.
 DUAL_VARIANTS = ("official formulation, fp32", "ours, fp32", "official formulation, bf16 autocast",
                  "ours, bf16 autocast")
+DUAL_COMPILED = ("ours, fp32, torch.compile", "ours, bf16 autocast, torch.compile")
 
 
 def dual_times(args):
@@ -439,26 +442,34 @@ def dual_times(args):
     mine = (ours, tokenizer.swish)
     variants = dict(zip(DUAL_VARIANTS, [(official, False), (mine, False), (official, True), (mine, True)]))
 
-    def step(parts, bf16):
+    def step(parts, bf16, model=tok):
         (quantizers, swish), fused = parts, tokenizer.swish
         for branch, q in zip(tok.branches, quantizers):              # swap the quantizers, keep every weight
             branch.quantize = q
         tokenizer.swish = swish                                       # the blocks look the name up at every call
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                x_rec, aux = tok(x)
+                x_rec, aux = model(x)
                 loss = generator_loss(x, x_rec, aux, 0, cfg=LossConfig())["total"]
             tok.zero_grad(set_to_none=True)
             loss.backward()
         finally:
             tokenizer.swish = fused
+    first_calls = {}
+    if args.compile:                 # the compiled module shares tok's weights; it only ever runs ours (no recompiles)
+        compiled = torch.compile(tok)
+        variants.update(zip(DUAL_COMPILED, [(mine, False, compiled), (mine, True, compiled)]))
+        for name in DUAL_COMPILED:
+            start = time.perf_counter()
+            step(*variants[name])                                     # the compile, timed apart from the medians
+            first_calls[name] = time.perf_counter() - start
     times = dict(zip(variants, interleaved_medians([lambda v=v: step(*v) for v in variants.values()], args.repeats)))
     if args.profile:                                                  # where the time goes: top ops by self CPU time
         for name, variant in variants.items():
             with torch.profiler.profile() as prof:
                 step(*variant)
             print(f"{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    return {"preset": preset, "batch": batch, "size": size, "times": times}
+    return {"preset": preset, "batch": batch, "size": size, "times": times, "first_calls": first_calls}
 
 
 def bench_train_dual(args):
@@ -470,7 +481,8 @@ def bench_train_dual(args):
             out = os.path.join(tmp, "times.json")
             subprocess.run([sys.executable, os.path.abspath(__file__), "--dual-child", out, "--repeats",
                             str(args.repeats), "--threads", str(args.threads[-1])] + ["--quick"] * args.quick
-                           + ["--profile"] * args.profile, check=True,
+                           + ["--profile"] * args.profile + ["--compile" if args.compile and keep == "1"
+                                                             else "--no-compile"], check=True,
                            env={**os.environ, "FQGAN_KEEP_FREED_MEMORY": keep})
             res[keep] = json.load(open(out))
     info = res["0"]
@@ -486,6 +498,12 @@ def bench_train_dual(args):
                 same = f", {other / t[name]:.2f}x official at the same precision and allocator"
             row("train-dual", f"{info['preset']} G step, {name}, {label}", t[name],
                 f"{base['official formulation, fp32'] / t[name]:.2f}x official fp32 on glibc's default{same}")
+    t = res["1"]["times"]
+    for name, first in res["1"]["first_calls"].items():              # with --compile: ours compiled, kept memory
+        eager = t[name.replace(", torch.compile", "")]
+        row("train-dual", f"{info['preset']} G step, {name}, freed memory kept (our scripts)", t[name],
+            f"{base['official formulation, fp32'] / t[name]:.2f}x official fp32 on glibc's default, "
+            f"{eager / t[name]:.2f}x ours eager; first call (the compile) {first:.0f} s")
 
 
 # ----------------------------------------------------------------------------------------------------------------
