@@ -26,7 +26,7 @@ tokenizer metrics come from evaluate.evaluate_tokenizer on the EMA weights.
   python ablate.py --table 3 --quick --out /tmp/t3.json                                        # smoke run, seconds
   python ablate.py --table ar --out results/far_vs_ar.json                                     # after Tab. 4
   python ablate.py --table cfg --out results/cfg_sweep.json --figure docs/cfg_sweep.png      # the shipped FAR
-  python ablate.py --table ibq --seeds 0 1 --out results/ablation_ibq.json --figure docs/ablation_ibq.png   # ~7 h
+  python ablate.py --table ibq --seeds 0 1 --out results/ablation_ibq.json --figure docs/ablation_ibq.png   # ~6 h
 The JSON is rewritten after every run, each run with the command that made it; rerunning the same command skips the
 runs it already holds. Several processes on one machine may fill one JSON with disjoint --rows or --seeds (their
 runs are merged under a lock); on the 2 cores of docs/results.md two 1-thread processes were slower than one
