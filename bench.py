@@ -456,7 +456,7 @@ def dual_times(args):
         finally:
             tokenizer.swish = fused
     first_calls = {}
-    if args.compile:                 # the compiled module shares tok's weights; it only ever runs ours (no recompiles)
+    if args.compile:                 # the compiled module shares tok's weights and only ever runs ours (mine)
         compiled = torch.compile(tok)
         variants.update(zip(DUAL_COMPILED, [(mine, False, compiled), (mine, True, compiled)]))
         for name in DUAL_COMPILED:
