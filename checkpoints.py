@@ -62,7 +62,7 @@ def keep_freed_memory():
     """CPU runs: glibc gives every allocation over 32 MiB its own mmap and unmaps it when freed, so each step's large
     activations and gradients are page-faulted in afresh (zeroed by the kernel, one fault per 4 KiB page). With mmap
     off and a high trim threshold, freed memory stays in the heap and the next step reuses it; the resident memory
-    stays near the run's peak. An FQGAN-Dual fp32 step at 256 px runs 1.08-1.28x faster with it (three runs of
+    stays near the run's peak. An FQGAN-Dual fp32 step at 256 px runs 1.08-1.28x faster with it (four runs of
     python bench.py --only train-dual). FQGAN_KEEP_FREED_MEMORY=0 keeps glibc's default. Returns whether it applied
     (a libc without mallopt, e.g. musl or macOS, is left alone)."""
     if os.environ.get("FQGAN_KEEP_FREED_MEMORY", "1") == "0":
