@@ -514,7 +514,8 @@ def bench_train_dual(args):
 # Code speed-ups that no flag can undo (tokenizer.swish as one fused op, fast.sdpa_backend) are in both rows.
 
 RECIPES = {  # model -> (script, flags that restore the recipe before 2026-12-05)
-    "tiny tokenizer": ("train_tokenizer.py", ["--precision", "bf16", "--low-res-steps", "0"]),
+    "tiny tokenizer": ("train_tokenizer.py", ["--precision", "bf16", "--max-steps", "600", "--low-res-steps", "0",
+                                              "--cache-mib", "0"]),
     "tiny FAR": ("train_far.py", ["--precision", "fp32", "--lr", "1e-3", "--warmup-steps", "0", "--max-steps", "600"]),
 }
 QUICK_FLAGS = {"tiny tokenizer": (["--max-steps", "4"], ["--max-steps", "4", "--low-res-steps", "2"]),

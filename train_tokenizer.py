@@ -40,14 +40,15 @@ from tokenizer import PRESETS, Tokenizer, TokenizerConfig
 # ~40 epochs = 200k steps) and the released scripts (LPIPS 1.0, GAN 0.5 from step 20k, their crop; # parity: §2, §3);
 # they keep no EMA, we do. TINY: 2 CPU cores and the bundled photos, no LPIPS and no GAN (LPIPS' weights cannot be
 # downloaded offline; the GAN without it wrecked reconstruction), lr 1e-3 with 50 warm-up steps and a cosine to 0,
-# crops of the photos at 1/4 to 3/4 of their size, the first half of the steps on half-size crops (64 -> 32 px: 2.7x
-# the steps per second), bf16 autocast (docs/results.md has the measurements behind each value).
+# crops of the photos at 1/4 to 3/4 of their size, the first 700 of 750 steps on 32 px windows cut at the scale of
+# those 64 px crops (3.2x the steps per second; still the 64 px model, evaluated on 64 px images), the photos decoded
+# once (cache_mib), bf16 autocast (docs/results.md has the measurements behind each value).
 PAPER = dict(data_path=None, global_batch_size=256, max_steps=200_000, lr=2e-4, lr_decay="constant", warmup_steps=0,
-             low_res_steps=0, precision=None,
+             low_res_steps=0, precision=None, cache_mib=0,
              ema_decay=0.9999, perceptual_weight=1.0, gan_weight=0.5, gan_start=20_000, crop_scale=1.25)
-TINY = dict(data_path=os.path.join(BUNDLED, "train"), global_batch_size=16, max_steps=600, lr=1e-3, lr_decay="cosine",
-            warmup_steps=50, low_res_steps=300, precision="bf16", ema_decay=0.99, perceptual_weight=0.0, gan_weight=0.0,
-            gan_start=400, crop_scale=3.0)
+TINY = dict(data_path=os.path.join(BUNDLED, "train"), global_batch_size=16, max_steps=750, lr=1e-3, lr_decay="cosine",
+            warmup_steps=50, low_res_steps=700, precision="bf16", ema_decay=0.99, perceptual_weight=0.0, gan_weight=0.0,
+            gan_start=400, crop_scale=3.0, cache_mib=64)
 RECIPES = {"fqgan-dual-16": PAPER, "fqgan-triple-16": PAPER, "fqgan-dual-8": PAPER, "fqgan-triple-8": PAPER,
            "vqgan-16": PAPER, "ibq-16": PAPER, "tiny": TINY, "tiny-dual": TINY, "tiny-vq": TINY, "tiny8": TINY,
            "tiny8-dual": TINY, "tiny8-vq": TINY, "tiny8-ibq": TINY}
@@ -87,8 +88,9 @@ def parse_args(argv=None):
                    "constant, or a cosine to 0 at --max-steps (keep --max-steps on --resume for the same schedule)"))
     p.add_argument("--warmup-steps", type=int, help=recipe("warmup_steps", "steps of linear lr warm-up from 0"))
     p.add_argument("--low-res-steps", type=int, help=recipe("low_res_steps", "the first steps train on crops of half "
-                   "--image-size: a quarter of the pixels, about a third of the step's time (the convolutions and "
-                   "the quantizers take any size; the adapters interpolate their position tables)"))
+                   "--image-size cut at the full size's scale (windows: a quarter of a full-size crop's pixels, about "
+                   "a third of the step's time; the convolutions and the quantizers take any size, the adapters "
+                   "take a random window of their position tables); --max-steps or more: every step"))
     p.add_argument("--beta1", type=float, default=0.9, help="Adam beta1 (default: %(default)s)")
     p.add_argument("--beta2", type=float, default=0.95, help="Adam beta2 (default: %(default)s)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm, G and D each (%(default)s)")
@@ -107,6 +109,8 @@ def parse_args(argv=None):
     # runtime
     p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (default: %(default)s)")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers per rank (default: %(default)s)")
+    p.add_argument("--cache-mib", type=int, help=recipe("cache_mib", "MiB of decoded training photos each loader "
+                   "process keeps in memory (a small folder is decoded once, not once per crop); 0 = none"))
     p.add_argument("--precision", choices=["fp32", "bf16"], help="autocast dtype of the forward (default: the "
                    "recipe's, tiny bf16; paper presets: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the DDP-wrapped tokenizer "
@@ -138,6 +142,7 @@ def check_args(p, args):
             ("codebook_size", args.codebook_size is None or args.codebook_size >= 2, "an integer >= 2"),
             ("codebook_dim", args.codebook_dim is None or args.codebook_dim >= 1, "an integer >= 1"),
             ("num_workers", args.num_workers >= 0, "an integer >= 0"),
+            ("cache_mib", args.cache_mib >= 0, "an integer >= 0"),
             ("ckpt_minutes", args.ckpt_minutes > 0, "> 0"), ("keep_checkpoints", args.keep_checkpoints >= 0, ">= 0"),
             *((w, math.isfinite(getattr(args, w)) and getattr(args, w) >= 0, "a finite number >= 0") for w in
               ("perceptual_weight", "gan_weight", "disentangle_weight", "rep_weight")),
@@ -167,13 +172,15 @@ def check_args(p, args):
 # What main() calls
 
 def load_data(args, cfg, parser):
-    """(training set with the random crop, the same at half size for --low-res-steps or None, held-out set with the
+    """(training set with the random crop, its half-size windows for --low-res-steps or None, held-out set with the
     centre crop or None, held-out photos or None)."""
     try:                                                               # a --hold-out class must exist: exit 2 if not
-        crops = lambda shape: ImageFolder(args.data_path, shape, train=True, seed=args.seed, exclude=args.hold_out,
-                                          max_scale=args.crop_scale)
+        crops = lambda shape, scale_of=None: ImageFolder(args.data_path, shape, train=True, seed=args.seed,
+                                                         exclude=args.hold_out, max_scale=args.crop_scale,
+                                                         scale_of=scale_of, cache_mib=args.cache_mib)
         dataset = crops(cfg.image_shape)
-        small = crops(tuple(n // 2 for n in cfg.image_shape)) if args.low_res_steps else None   # --low-res-steps
+        # --low-res-steps: half-size windows at the full-size scale (not a whole full-size crop halved)
+        small = crops(tuple(n // 2 for n in cfg.image_shape), cfg.image_shape) if args.low_res_steps else None
         val_set = (ImageFolder(args.val_path, cfg.image_shape, train=False, exclude=args.hold_out) if args.val_path
                    else None)
         held_out = ConcatDataset([ImageFolder(root, cfg.image_shape, train=False, only=args.hold_out) for root in
@@ -293,7 +300,7 @@ def main(argv=None):
         log({"step": 0, "val_psnr": psnr_on(tok, val_set, device, rank, world)})
 
     # The loop, Eq. (8): a G step, a D step on the same images, the EMA
-    # the stream of training crops from `step` on: half-size ones before --low-res-steps
+    # the stream of training crops from `step` on: half-size windows before --low-res-steps
     crops = lambda step: stream(small if step < args.low_res_steps else dataset, batch, args.seed, rank, world, step,
                                 args.num_workers, device.type == "cuda")
     batches = crops(step)

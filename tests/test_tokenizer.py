@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tokenizer import PRESETS, AttnBlock, Tokenizer, TokenizerConfig, swish  # noqa: E402
+from tokenizer import PRESETS, AttnBlock, Tokenizer, TokenizerConfig, _grid_pos, swish  # noqa: E402
 
 
 def small_config(k=2, **kw):
@@ -47,6 +47,38 @@ def test_other_input_size_interpolates_positions():
     with torch.no_grad():
         x_rec, aux = tok(torch.rand(1, 3, 48, 32) * 2 - 1)
     assert x_rec.shape == (1, 3, 48, 32) and aux["codes"].shape == (1, 2, 12, 8)
+
+
+def test_smaller_input_in_training_takes_a_random_window_of_the_position_table():
+    """In training a smaller grid is a window of a full-size input (train_tokenizer.py --low-res-steps): its positions
+    are a contiguous block of the (8, 8) table, every offset is drawn, and the global seed fixes the draws (a resumed
+    run restores it). Outside training, and for a larger grid, the table is interpolated."""
+    table = torch.arange(64.0)[:, None].expand(64, 3)                 # (8*8, C): entry r*8 + c at row r, column c
+
+    def draws(n):
+        torch.manual_seed(0)
+        return [_grid_pos(table, (8, 8), (4, 6), window=True) for _ in range(n)]   # each (4*6, C)
+    offsets = set()
+    for pos in draws(200):
+        top, left = divmod(int(pos[0, 0]), 8)
+        assert torch.equal(pos, table.reshape(8, 8, 3)[top:top + 4, left:left + 6].reshape(24, 3))
+        offsets.add((top, left))
+    assert offsets == {(i, j) for i in range(5) for j in range(3)}    # every window of the table
+    assert all(torch.equal(a, b) for a, b in zip(draws(20), draws(20)))
+    for new_grid, window in (((4, 6), False), ((12, 8), True)):       # eval; larger than the table
+        want = F.interpolate(table.reshape(1, 8, 8, 3).permute(0, 3, 1, 2), size=new_grid, mode="bicubic",
+                             align_corners=False).permute(0, 2, 3, 1).reshape(-1, 3)
+        assert torch.equal(_grid_pos(table, (8, 8), new_grid, window=window), want)
+    tok = Tokenizer(small_config(2))                                  # the adapters pass self.training
+    x = torch.rand(1, 3, 16, 16) * 2 - 1                              # grid (4, 4) of the (8, 8) tables
+    outs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        outs.append(tok.train()(x)[0])
+    assert torch.equal(outs[0], outs[1]) and not torch.equal(outs[0], outs[2])
+    with torch.no_grad():
+        torch.manual_seed(2)
+        assert torch.equal(tok.eval()(x)[0], tok(x)[0])               # eval: no draw, one answer
 
 
 def test_straight_through_gradient_reaches_encoder_and_every_trained_part():

@@ -242,6 +242,40 @@ def test_hold_out_leaves_whole_photos_out_and_measures_them(tmp_path):
     assert {label for _, label in only.samples} == {ds.classes.index("grass")}   # labels of the full folder
 
 
+def test_low_res_crops_are_windows_at_the_full_size_scale():
+    """--low-res-steps' 32 px crops are cut at the scale of the 64 px ones (scale_of): with the scale range pinned to
+    its bottom (max_scale 1: short side exactly 64 px), each is a 32 x 32 window, maybe mirrored, of the photo at that
+    size; without scale_of it would be the photo at half that scale (short side 32 px), which no such window is."""
+    from images import _halve_then_resize, open_rgb, to_tensor
+    root = os.path.join(train_tokenizer.BUNDLED, "train")
+    small = train_tokenizer.ImageFolder(root, (32, 32), max_scale=1.0, scale_of=(64, 64))
+    halved = train_tokenizer.ImageFolder(root, (32, 32), max_scale=1.0)
+    for i in range(0, len(small), 11):                                # 4 photos of 4 classes
+        photo = to_tensor(_halve_then_resize(open_rgb(small.samples[i][0]), 64))   # (3, 64, W) or (3, H, 64)
+        windows = photo.unfold(1, 32, 1).unfold(2, 32, 1).permute(1, 2, 0, 3, 4).reshape(-1, 3, 32, 32)
+
+        def is_window(crop):                                          # exact pixels, or mirrored (the random flip)
+            return any(bool((windows == c).all(dim=(1, 2, 3)).any()) for c in (crop, crop.flip(-1)))
+        assert is_window(small[(i, 0)][0])
+        assert not is_window(halved[(i, 0)][0])
+
+
+def test_cache_keeps_decoded_photos_within_its_budget_and_changes_no_crop(monkeypatch):
+    """--cache-mib: each photo is decoded once while the budget has room (1 MiB: five 256 x 256 RGB photos of 192 KiB),
+    the rest every time; the crops are those of an uncached folder, pixel for pixel."""
+    import images
+    decoded = []
+    monkeypatch.setattr(images, "open_rgb", lambda path, real=images.open_rgb: decoded.append(path) or real(path))
+    root = os.path.join(train_tokenizer.BUNDLED, "train")
+    plain, cached = (train_tokenizer.ImageFolder(root, (32, 32), scale_of=(64, 64), cache_mib=m) for m in (0, 1))
+    n = len(cached)
+    for epoch in (0, 1):
+        for i in range(n):
+            assert torch.equal(cached[(i, epoch)][0], plain[(i, epoch)][0])
+    assert len(cached.cache) == 5 and cached.cache_room == 2**20 - 5 * 256 * 256 * 3
+    assert len(decoded) == 2 * n + (n + n - 5)                        # plain: 2n; cached: n, then n - 5
+
+
 def test_every_flag_is_read():
     source = "".join(open(os.path.join(ROOT, f)).read() for f in ("train_tokenizer.py", "checkpoints.py"))
     args, _ = train_tokenizer.parse_args([])
