@@ -97,7 +97,7 @@ IBQ = {f"{m}-{r}-{K}": (preset, ["--codebook-size", str(K // 2 if m == "FQ" else
                                  *([norm] if m != "IBQ" else [])])
        for K in IBQ_SIZES for m, preset in IBQ_METHODS.items() for r, (dim, norm) in IBQ_REGIMES.items()}
 # The budget of the stored tables (results/): the tiny recipes as they were before 2026-12-05, when they became faster
-# (train_tokenizer / train_far RECIPES: half-size crops first, bf16, FAR's higher lr). Every run passes these flags, so
+# (train_tokenizer / train_far RECIPES: 32 px windows first, bf16, FAR's higher lr). Every run passes these flags, so
 # that rerunning a command adds runs comparable with those already in its JSON.
 TOKENIZER_FLAGS = ["--low-res-steps", "0", "--lr", "1e-3", "--ema-decay", "0.99", "--max-steps", "600"]
 FAR_FLAGS = ["--lr", "1e-3", "--lr-decay", "constant", "--warmup-steps", "0", "--max-steps", "600"]
