@@ -292,18 +292,16 @@ class ResidualAttentionBlock(nn.Module):
 
 
 def _grid_pos(pos, grid, new_grid, window=False):
-    """Position table (h*w, C) for a different grid (identity when the grid matches). window=True, for a smaller grid:
-    the positions of a random window of the table (the input is a window of a full-size one, as the crops of
-    train_tokenizer.py --low-res-steps are), drawn from the global generator of pos' device, so a resumed run draws
-    the same; else bicubic interpolation (the whole input at another resolution)."""
+    """Position table (h*w, C) for another grid (identity when it matches). window=True and a smaller grid: a random
+    window of the table (the input is a window of a full-size one, as train_tokenizer.py --low-res-steps cuts them;
+    drawn by the global generator of pos' device: a resume draws the same); else bicubic interpolation."""
     if tuple(new_grid) == tuple(grid):
         return pos
     (h, w), (new_h, new_w) = grid, new_grid
     if window and new_h <= h and new_w <= w:
         top, left = (torch.randint(0, n + 1, (1,), device=pos.device) for n in (h - new_h, w - new_w))
-        rows = top + torch.arange(new_h, device=pos.device)             # (new_h,) rows of the table
-        cols = left + torch.arange(new_w, device=pos.device)            # (new_w,)
-        return pos[(rows[:, None] * w + cols[None, :]).flatten()]       # row-major (new_h*new_w, C)
+        rows, cols = (start + torch.arange(n, device=pos.device) for start, n in ((top, new_h), (left, new_w)))
+        return pos[(rows[:, None] * w + cols[None, :]).flatten()]       # table rows x cols -> (new_h*new_w, C)
     pos = pos.reshape(1, *grid, -1).permute(0, 3, 1, 2)              # (h*w, C) -> (1, C, h, w)
     pos = F.interpolate(pos, size=tuple(new_grid), mode="bicubic", align_corners=False)
     return pos.permute(0, 2, 3, 1).reshape(new_grid[0] * new_grid[1], -1)
