@@ -65,6 +65,8 @@ def test_smaller_input_in_training_takes_a_random_window_of_the_position_table()
         offsets.add((top, left))
     assert offsets == {(i, j) for i in range(5) for j in range(3)}    # every window of the table
     assert all(torch.equal(a, b) for a, b in zip(draws(20), draws(20)))
+    on_meta = _grid_pos(table.to("meta"), (8, 8), (4, 6), window=True)   # draws on the table's device (a GPU's)
+    assert on_meta.device.type == "meta" and on_meta.shape == (24, 3)
     for new_grid, window in (((4, 6), False), ((12, 8), True)):       # eval; larger than the table
         want = F.interpolate(table.reshape(1, 8, 8, 3).permute(0, 3, 1, 2), size=new_grid, mode="bicubic",
                              align_corners=False).permute(0, 2, 3, 1).reshape(-1, 3)
