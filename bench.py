@@ -11,6 +11,7 @@ not copied from the official code; the "reference" rows are quantizer.py's paper
   python bench.py --only train-dual --profile            # FQGAN-Dual G step vs the official formulation
   python bench.py --only recipes   # time to quality: the tiny models' earlier recipes vs today's (~25 min; not in
                                    # the default run)
+  python bench.py --only recipes --recipe tokenizer --seeds 0,1,2,3   # the tokenizer's, mean of four seeds (~37 min)
   python bench.py --quick          # every path once at small sizes (CI: tests/test_bench.py); no timing claims
 
 Peak memory ("peak MiB") is the process's peak resident memory while the call runs minus its resident memory just
@@ -510,7 +511,8 @@ def bench_train_dual(args):
 # Time to quality of the tiny models (only with --only recipes: ~25 min on 2 cores): the README's two training commands
 # with today's recipes against the recipes before 2026-12-05, restored by flags, one run after the other in fresh
 # folders, as subprocesses: wall clock from start to exit (the wait of a user), and the final held-out number from
-# log.jsonl, the tokenizer's val_psnr_ema (dB, bundled val strips) and FAR's held-out NLL in bits per sub-code.
+# log.jsonl, the tokenizer's val_psnr_ema (dB, bundled val strips) and FAR's held-out NLL in bits per sub-code. With
+# --seeds each command runs once per seed (its --seed) and the row gives the means, every seed's number beside them.
 # Code speed-ups that no flag can undo (tokenizer.swish as one fused op, fast.sdpa_backend) are in both rows.
 
 RECIPES = {  # model -> (script, flags that restore the recipe before 2026-12-05)
@@ -532,25 +534,39 @@ def final_number(log_path, model):
     return statistics.mean(v for k, v in bits.items() if k.startswith("val_bits/")), "bits"
 
 
+def train_once(model, script, flags, seed):
+    """One run of a training command in a fresh folder: (wall-clock seconds, final held-out number, its unit)."""
+    with tempfile.TemporaryDirectory() as out:
+        argv = [sys.executable, script, "--out-dir", out, "--seed", str(seed), *flags]
+        start = time.perf_counter()
+        with open(os.path.join(out, "stdout.txt"), "w") as log:         # tqdm and prints, kept out of the table
+            subprocess.run(argv, cwd=os.path.dirname(os.path.abspath(__file__)), check=True, stdout=log,
+                           stderr=subprocess.STDOUT)
+        return (time.perf_counter() - start, *final_number(os.path.join(out, "log.jsonl"), model))
+
+
 def bench_recipes(args):
-    """Each tiny model trained with the earlier recipe and with today's: minutes and held-out quality."""
-    print("recipes: the README's training commands, the recipe before 2026-12-05 (restored by flags) vs today's")
+    """Each tiny model trained with the earlier recipe and with today's, once per --seeds seed: mean minutes and mean
+    held-out quality (a tiny run's final PSNR spreads over ~0.7 dB from seed to seed: docs/results.md)."""
+    print("recipes: the README's training commands, the recipe before 2026-12-05 (restored by flags) vs today's, "
+          f"seeds {','.join(map(str, args.seeds))}")
     for model, (script, before) in RECIPES.items():
+        if args.recipe and not model.lower().endswith(args.recipe):
+            continue
         quick = QUICK_FLAGS[model] if args.quick else ([], [])
-        results = []
+        means = []
         for name, flags in (("before", before + quick[0]), ("today", quick[1])):
-            with tempfile.TemporaryDirectory() as out:
-                argv = [sys.executable, script, "--out-dir", out, *flags]
-                start = time.perf_counter()
-                with open(os.path.join(out, "stdout.txt"), "w") as log:   # tqdm and prints, kept out of the table
-                    subprocess.run(argv, cwd=os.path.dirname(os.path.abspath(__file__)), check=True, stdout=log,
-                                   stderr=subprocess.STDOUT)
-                seconds = time.perf_counter() - start
-                value, unit = final_number(os.path.join(out, "log.jsonl"), model)
-            results.append(seconds)
-            faster = f", {results[0] / seconds:.2f}x faster" if name == "today" else ""
+            runs = []                                                   # (seconds, value, unit) per seed
+            for seed in args.seeds:
+                runs.append(train_once(model, script, flags, seed))
+                print(f"    {model}, recipe {name}, seed {seed}: {runs[-1][0]:.1f} s, held-out {runs[-1][1]:.2f} "
+                      f"{runs[-1][2]}", flush=True)                       # progress: a run takes minutes
+            seconds, value = statistics.mean(r[0] for r in runs), statistics.mean(r[1] for r in runs)
+            means.append(seconds)
+            each = f" (seeds: {' / '.join(f'{r[1]:.2f}' for r in runs)})" if len(runs) > 1 else ""
+            faster = f", {means[0] / seconds:.2f}x faster" if name == "today" else ""
             row("recipes", f"{model}, recipe {name}: python {script} {' '.join(flags)}".rstrip(), seconds,
-                f"{seconds / 60:.1f} min, held-out {value:.2f} {unit}{faster}")
+                f"{seconds / 60:.1f} min, held-out {value:.2f} {runs[0][2]}{each}{faster}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -685,6 +701,10 @@ def parse_args(argv=None):
     p.add_argument("--busy", type=int, default=None,
                    help="also time the lookup against this many busy-loop processes (default 2; quick 0)")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of each train-dual step")
+    p.add_argument("--seeds", default="0", help="comma-separated --seed values of the recipes section: each recipe "
+                   "runs once per seed, its row gives the means (default: %(default)s)")
+    p.add_argument("--recipe", choices=("tokenizer", "far"), default=None,
+                   help="the recipes section times only this model (default: both)")
     p.add_argument("--dual-child", metavar="JSON", help=argparse.SUPPRESS)   # bench_train_dual's child: times -> JSON
     args = p.parse_args(argv)
     # --quick: one run of each path, no compile, no busy loops (CI checks the code runs, not its speed)
@@ -695,6 +715,10 @@ def parse_args(argv=None):
         args.threads = sorted({int(t) for t in args.threads.split(",")})
     except ValueError:
         p.error(f"--threads must be a comma-separated list of integers, got {args.threads!r}")
+    try:
+        args.seeds = list(dict.fromkeys(int(s) for s in args.seeds.split(",")))   # in the given order, no repeats
+    except ValueError:
+        p.error(f"--seeds must be a comma-separated list of integers, got {args.seeds!r}")
     if args.repeats < 1 or args.threads[0] < 1 or args.busy < 0:
         p.error(f"--repeats and --threads must be positive and --busy >= 0, got {args.repeats}, {args.threads} and "
                 f"{args.busy}")
@@ -715,7 +739,9 @@ def main(argv=None):
     for name in (args.only,) if args.only else [s for s in SECTIONS if args.quick or s not in LONG]:
         torch.set_num_threads(args.threads[-1])                       # the lookup section changes it
         globals()[f"bench_{name.replace('-', '_')}"](args)
-    print(f"\n{header}; median of {args.repeats} runs after 1 warm-up{' (--quick)' if args.quick else ''}\n")
+    timed = (f"recipes: mean of seeds {','.join(map(str, args.seeds))}" if args.only == "recipes" else
+             f"median of {args.repeats} runs after 1 warm-up")
+    print(f"\n{header}; {timed}{' (--quick)' if args.quick else ''}\n")
     # the Markdown table that docs/results.md quotes
     print("| section | measurement | median | result | peak MiB |\n|---|---|---|---|---|")
     for section, what, seconds, result, peak in ROWS:

@@ -86,3 +86,27 @@ def test_official_formulation_equals_vector_quantizer(paper_ste):
     assert torch.equal(out[0][0], out[1][0])
     for a, b in zip(out[0][1:], out[1][1:]):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), (a - b).abs().max()
+
+
+def test_recipes_run_each_seed_and_report_the_means(monkeypatch, capsys):
+    """--seeds trains each recipe once per seed (each command gets its --seed) and the row gives the mean of the seeds'
+    numbers; --recipe keeps one model. The training commands are stood in for (the quick test above runs them)."""
+    commands, run = [], bench.subprocess.run
+
+    def fake_run(argv, **kwargs):                                   # writes the log.jsonl a run would end with
+        if "--out-dir" not in argv:                                 # not a training command (the machine's name)
+            return run(argv, **kwargs)
+        commands.append(argv)
+        out, seed = argv[argv.index("--out-dir") + 1], int(argv[argv.index("--seed") + 1])
+        with open(os.path.join(out, "log.jsonl"), "w") as f:
+            f.write('{"step": 4, "val_psnr_ema": %s}\n' % (20 + seed))
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    rows = bench.main(["--quick", "--only", "recipes", "--recipe", "tokenizer", "--seeds", "0,3"])
+    assert [argv[argv.index("--seed") + 1] for argv in commands] == ["0", "3"] * 2      # before, then today
+    assert [what.split(",")[0] for _, what, *_ in rows] == ["tiny tokenizer"] * 2
+    assert all("held-out 21.50 dB (seeds: 20.00 / 23.00)" in result for *_, result, _ in rows)
+    assert "recipes: mean of seeds 0,3" in capsys.readouterr().out                     # the table's footer says so
+    assert bench.parse_args(["--seeds", "3,1,3"]).seeds == [3, 1]
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--seeds", "0,x"])
+    assert e.value.code == 2
