@@ -547,7 +547,7 @@ def train_once(model, script, flags, seed):
 
 def bench_recipes(args):
     """Each tiny model trained with the earlier recipe and with today's, once per --seeds seed: mean minutes and mean
-    held-out quality (a tiny run's final PSNR spreads over ~0.7 dB from seed to seed: docs/results.md)."""
+    held-out quality (a tiny run's final PSNR spreads over 0.6-0.7 dB from seed to seed: docs/results.md)."""
     print("recipes: the README's training commands, the recipe before 2026-12-05 (restored by flags) vs today's, "
           f"seeds {','.join(map(str, args.seeds))}")
     for model, (script, before) in RECIPES.items():
