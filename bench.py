@@ -414,8 +414,9 @@ def bench_train(args):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Tokenizer generator step of FQGAN-Dual f16 (Tab. 1) at batch 2, 256 px: ours against the official formulation on the
-# same model and weights, i.e. the official quantizer (official_vq_forward) swapped into each branch and swish as two
-# ops, x * sigmoid(x) (official_code.md §1.3; tokenizer.swish is the fused F.silu). Losses: MSE + quantizer terms +
+# same model and weights, i.e. the official quantizer (official_vq_forward) swapped into each branch, swish as two
+# ops, x * sigmoid(x) (official_code.md §1.3; tokenizer.swish is the fused F.silu) and the decoder's up-sampling as
+# nearest 2x then the 3x3 conv (tokenizer.upsample_conv: four 2x2 convs of the input on a CPU). Losses: MSE + quantizer terms +
 # Eq. (7) (no LPIPS, D or teacher: their weights are not available offline); forward + backward, no optimizer step.
 # Precision: the official scripts' autocast is torch.cuda.amp's, which does nothing on a CPU, so the official step runs
 # fp32 here; ours runs fp32 and under CPU bf16 autocast (train_tokenizer.py --precision bf16, the tiny recipes' CPU
@@ -439,15 +440,16 @@ def dual_times(args):
     tok = Tokenizer(cfg).train()
     x = torch.rand(batch, 3, size, size) * 2 - 1
     ours = [branch.quantize for branch in tok.branches]
-    official = ([OfficialVQ(q) for q in ours], lambda t: t * torch.sigmoid(t))   # (quantizers, swish)
-    mine = (ours, tokenizer.swish)
+    plain_upsample = lambda t, conv: conv(F.interpolate(t, scale_factor=2.0, mode="nearest"))
+    official = ([OfficialVQ(q) for q in ours], lambda t: t * torch.sigmoid(t), plain_upsample)   # (quantizers, swish,
+    mine = (ours, tokenizer.swish, tokenizer.upsample_conv)                                       # upsample conv)
     variants = dict(zip(DUAL_VARIANTS, [(official, False), (mine, False), (official, True), (mine, True)]))
 
     def step(parts, bf16, model=tok):
-        (quantizers, swish), fused = parts, tokenizer.swish
+        (quantizers, swish, upsample), fast_forms = parts, (tokenizer.swish, tokenizer.upsample_conv)
         for branch, q in zip(tok.branches, quantizers):              # swap the quantizers, keep every weight
             branch.quantize = q
-        tokenizer.swish = swish                                       # the blocks look the name up at every call
+        tokenizer.swish, tokenizer.upsample_conv = swish, upsample    # the blocks look the names up at every call
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 x_rec, aux = model(x)
@@ -455,7 +457,7 @@ def dual_times(args):
             tok.zero_grad(set_to_none=True)
             loss.backward()
         finally:
-            tokenizer.swish = fused
+            tokenizer.swish, tokenizer.upsample_conv = fast_forms
     first_calls = {}
     if args.compile:                 # the compiled module shares tok's weights and only ever runs ours (mine)
         compiled = torch.compile(tok)
@@ -513,7 +515,8 @@ def bench_train_dual(args):
 # folders, as subprocesses: wall clock from start to exit (the wait of a user), and the final held-out number from
 # log.jsonl, the tokenizer's val_psnr_ema (dB, bundled val strips) and FAR's held-out NLL in bits per sub-code. With
 # --seeds each command runs once per seed (its --seed) and the row gives the means, every seed's number beside them.
-# Code speed-ups that no flag can undo (tokenizer.swish as one fused op, fast.sdpa_backend) are in both rows.
+# Code speed-ups that no flag can undo (tokenizer.swish as one fused op, tokenizer.upsample_conv, fast.sdpa_backend)
+# are in both rows.
 
 RECIPES = {  # model -> (script, flags that restore the recipe before 2026-12-05)
     "tiny tokenizer": ("train_tokenizer.py", ["--precision", "bf16", "--max-steps", "600", "--low-res-steps", "0",

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tokenizer import PRESETS, AttnBlock, Tokenizer, TokenizerConfig, _grid_pos, swish  # noqa: E402
+import fast  # noqa: E402
+from tokenizer import (PRESETS, AttnBlock, Tokenizer, TokenizerConfig, _grid_pos, swish,  # noqa: E402
+                       upsample_conv)
 
 
 def small_config(k=2, **kw):
@@ -39,6 +41,31 @@ def test_decode_codes_of_encode_equals_forward(k, size):
     assert x_rec.shape == x.shape
     assert len(aux["z_q"]) == k and all(z.shape == (2, tok.cfg.codebook_dim, *codes.shape[2:]) for z in aux["z_q"])
     assert sum(key.startswith("codebook/") for key in aux["losses"]) == k
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsample_conv_equals_nearest_then_conv_with_its_gradients(bias, monkeypatch):
+    """The decoder's up-sampling on a CPU (four 2x2 convs of the input, fast.upsample_conv) is conv3x3(nearest2x(x)):
+    values and the gradients of x, weight and bias equal in fp64 (non-square, down to 1 x 1), close under bf16
+    autocast; off the CPU the plain form runs."""
+    torch.manual_seed(0)
+    for shape in [(2, 3, 4, 6), (1, 8, 1, 1), (2, 16, 7, 5)]:
+        conv = torch.nn.Conv2d(shape[1], 5, 3, 1, 1, bias=bias).double()
+        x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+        ref, out = conv(F.interpolate(x, scale_factor=2.0, mode="nearest")), upsample_conv(x, conv)
+        assert out.shape == ref.shape == (shape[0], 5, 2 * shape[2], 2 * shape[3])
+        torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+        g, params = torch.randn_like(ref), [x, *conv.parameters()]
+        for got, want in zip(torch.autograd.grad(out, params, g), torch.autograd.grad(ref, params, g)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    conv, x = torch.nn.Conv2d(16, 8, 3, 1, 1, bias=bias), torch.randn(2, 16, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref, out = conv(F.interpolate(x, scale_factor=2.0, mode="nearest")), upsample_conv(x, conv)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref.float(), rtol=0, atol=2e-2 * ref.float().abs().max().item())
+    monkeypatch.setattr(fast, "upsample_conv", None)                  # off the CPU it must not be called
+    meta = upsample_conv(torch.empty(2, 16, 7, 5, device="meta"), torch.nn.Conv2d(16, 8, 3, 1, 1, device="meta"))
+    assert meta.shape == (2, 8, 14, 10)
 
 
 def test_other_input_size_interpolates_positions():
