@@ -467,12 +467,41 @@ def dual_times(args):
             step(*variants[name])                                     # the compile, timed apart from the medians
             first_calls[name] = time.perf_counter() - start
     times = dict(zip(variants, interleaved_medians([lambda v=v: step(*v) for v in variants.values()], args.repeats)))
+    upsample = upsample_times(tok, x, args.repeats)
     if args.profile:                                                  # where the time goes: top ops by self CPU time
         for name, variant in variants.items():
             with torch.profiler.profile() as prof:
                 step(*variant)
             print(f"{name}:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    return {"preset": preset, "batch": batch, "size": size, "times": times, "first_calls": first_calls}
+    return {"preset": preset, "batch": batch, "size": size, "times": times, "first_calls": first_calls,
+            "upsample": upsample}
+
+
+def upsample_times(tok, x, repeats):
+    """{precision: [(C, side in, plain s, tokenizer.upsample_conv s)]}: forward + backward of each up-sampling conv of
+    tok's decoder alone, at the input it gets from x (caught by a forward hook), the plain form against ours."""
+    shapes, hooks = [], [m.register_forward_hook(lambda m, inputs, out: shapes.append((m, inputs[0].shape)))
+                         for m in tok.modules() if isinstance(m, tokenizer.Resample) and m.kind == "upsample"]
+    with torch.no_grad():
+        tok(x)
+    for h in hooks:
+        h.remove()
+
+    def run(up, resample, t, bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            y = up(t, resample.conv)
+        y.backward(torch.ones_like(y))
+    plain = lambda t, conv: conv(F.interpolate(t, scale_factor=2.0, mode="nearest"))
+    res = {}
+    for precision, bf16 in (("fp32", False), ("bf16 autocast", True)):
+        res[precision] = []
+        for resample, shape in shapes:
+            t = torch.randn(shape, requires_grad=True)
+            pair = interleaved_medians([lambda up=up: run(up, resample, t, bf16)
+                                        for up in (plain, tokenizer.upsample_conv)], repeats)
+            res[precision].append((shape[1], shape[2], *pair))
+    tok.zero_grad(set_to_none=True)
+    return res
 
 
 def bench_train_dual(args):
@@ -501,6 +530,13 @@ def bench_train_dual(args):
                 same = f", {other / t[name]:.2f}x official at the same precision and allocator"
             row("train-dual", f"{info['preset']} G step, {name}, {label}", t[name],
                 f"{base['official formulation, fp32'] / t[name]:.2f}x official fp32 on glibc's default{same}")
+    for precision, convs in res["1"]["upsample"].items():             # the up-sampling convs alone, memory kept
+        plain, ours = (sum(c[i] for c in convs) for i in (2, 3))
+        per = " / ".join(f"{c[2] / c[3]:.2f}x at {c[0]} ch {c[1]}->{2 * c[1]}" for c in convs)
+        row("train-dual", f"{info['preset']} decoder's {len(convs)} up-sampling convs (fwd + bwd), nearest 2x + 3x3 "
+            f"conv, {precision}", plain, "1.00x")
+        row("train-dual", f"{info['preset']} decoder's {len(convs)} up-sampling convs (fwd + bwd), "
+            f"tokenizer.upsample_conv, {precision}", ours, f"{plain / ours:.2f}x ({per})")
     t = res["1"]["times"]
     for name, first in res["1"]["first_calls"].items():              # with --compile: ours compiled, kept memory
         eager = t[name.replace(", torch.compile", "")]

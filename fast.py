@@ -1,4 +1,5 @@
-"""The fast forms: what quantizer.py and far.py compute in the paper's form, computed in bounded memory and less time.
+"""The fast forms: what quantizer.py, far.py and tokenizer.py compute in the paper's form, in bounded memory and
+less time.
 
 Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.16681; IBQ, arXiv 2412.02692.
 Each function here equals a paper form of the model files, and a test checks it:
@@ -8,6 +9,8 @@ Each function here equals a paper form of the model files, and a test checks it:
                       blocks with a hand-written backward that recomputes each block (tests/test_quantizer.py)
   distance_entropy    the VQ entropy term on softmax(-dist / T) through code_softmax
   max_inner_product   IBQ's codes at evaluation: the argmax of the logits, no softmax
+  upsample_conv       the decoder's nearest 2x + 3x3 conv as four 2x2 convs of the input (tokenizer.upsample_conv,
+                      on a CPU; tests/test_tokenizer.py)
   sdpa_backend        the math attention kernel for the AR head's short training sequences on a CPU (far.py)
   decode              far.generate with static KV caches, one position per step, optionally compiled (with the
                       weights as graph inputs, or folded in as constants for sampling a fixed model); eager on a CPU,
@@ -15,9 +18,11 @@ Each function here equals a paper form of the model files, and a test checks it:
                       (far.generate(use_cache=False) is the paper's form; tests/test_far_cache.py)
 Why they exist: on a CPU the paper forms' N x K matrices miss every cache (the blocked lookup is ~9x faster,
 python bench.py --only lookup), IBQ's N x K softmax at K = 16384 holds GBs, sampling by recompute costs a pass
-over the whole prefix per token, and a matmul of a few rows against a large weight repacks the weight at every call
-(python bench.py --only far). The switches: quantizer.FAST (the paper's forms run under torch.compile anyway,
-which fuses them) and far.generate(use_cache=..., compile=...). This file imports no other file of the project.
+over the whole prefix per token, a 3x3 conv after nearest 2x up-sampling applies 9 taps to an output pixel that
+sees only 4 distinct input pixels (python bench.py --only train-dual), and a matmul of a few rows against a large
+weight repacks the weight at every call (python bench.py --only far). The switches: quantizer.FAST (the paper's
+forms run under torch.compile anyway, which fuses them), far.generate(use_cache=..., compile=...) and the device
+(tokenizer.upsample_conv takes the fast form on a CPU only). This file imports no other file of the project.
 """
 import contextlib
 import functools
@@ -216,8 +221,8 @@ def upsample_conv(x, weight, bias):
     and r), then each phase's H x W window is written to its interleaved pixels. 4/9 of the multiply-adds of the
     3x3 conv on the enlarged input, which is never built (nor kept for the backward). The kernels are summed in the
     weights' dtype before autocast casts them, so the result equals the plain form up to rounding (~1e-6 relative in
-    fp32; gradients too: tests/test_tokenizer.py). On a CPU the up-sampling convs of FQGAN-Dual's decoder take
-    1.4-1.8x less time this way (python bench.py --only train-dual, docs/results.md "Speed")."""
+    fp32; gradients too: tests/test_tokenizer.py). Its time against the plain form, conv by conv for FQGAN-Dual's
+    decoder and in the whole training step: python bench.py --only train-dual (docs/results.md "Speed")."""
     B, _, H, W = x.shape
     co = weight.shape[0]
     rows = _fold_taps(weight, 2)                                     # 2 x (Co, C, 2, 3), phase a = 0, 1
