@@ -416,8 +416,9 @@ def bench_train(args):
 # Tokenizer generator step of FQGAN-Dual f16 (Tab. 1) at batch 2, 256 px: ours against the official formulation on the
 # same model and weights, i.e. the official quantizer (official_vq_forward) swapped into each branch, swish as two
 # ops, x * sigmoid(x) (official_code.md §1.3; tokenizer.swish is the fused F.silu) and the decoder's up-sampling as
-# nearest 2x then the 3x3 conv (tokenizer.upsample_conv: four 2x2 convs of the input on a CPU). Losses: MSE + quantizer terms +
-# Eq. (7) (no LPIPS, D or teacher: their weights are not available offline); forward + backward, no optimizer step.
+# nearest 2x then the 3x3 conv (tokenizer.upsample_conv: four 2x2 convs of the input on a CPU). Losses: MSE +
+# quantizer terms + Eq. (7) (no LPIPS, D or teacher: their weights are not available offline); forward + backward,
+# no optimizer step.
 # Precision: the official scripts' autocast is torch.cuda.amp's, which does nothing on a CPU, so the official step runs
 # fp32 here; ours runs fp32 and under CPU bf16 autocast (train_tokenizer.py --precision bf16, the tiny recipes' CPU
 # setting), and the official formulation under the same bf16 autocast is timed too, for the like-for-like ratio.
