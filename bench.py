@@ -41,7 +41,7 @@ import far
 import fast
 import quantizer
 import tokenizer
-from checkpoints import keep_freed_memory, peak_mib
+from checkpoints import keep_freed_memory, native_bf16, peak_mib
 from fast import code_softmax, nearest_code
 from losses import LPIPS, LossConfig, PatchGAN, generator_loss, info_nce
 from quantizer import VectorQuantizer, distances, entropy_reference, ibq_reference, lookup_reference
@@ -393,15 +393,22 @@ def bench_train(args):
     loss_cfg = LossConfig(perceptual_weight=0.0, gan_start=400)      # train_tokenizer.py's tiny defaults
     x = torch.rand(batch, 3, cfg.image_size, cfg.image_size) * 2 - 1   # random images in [-1, 1]
 
-    def step(model):
-        x_rec, aux = model(x)
-        g = generator_loss(x, x_rec, aux, 0, disc=disc, cfg=loss_cfg)
+    def step(model, bf16=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):   # the forward only, as train_tokenizer.py
+            x_rec, aux = model(x)
+            g = generator_loss(x, x_rec, aux, 0, disc=disc, cfg=loss_cfg)
         opt.zero_grad(set_to_none=True)
         g["total"].backward()
         torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
         opt.step()
     t_eager = median_time(lambda: step(raw), args.repeats)
     row("train", "tiny tokenizer step, eager", t_eager, f"{batch / t_eager:.1f} images/s")
+    # bf16 autocast costs what the CPU's instructions make of it: the tiny recipes' --precision auto takes it only
+    # where checkpoints.native_bf16 finds AVX512-BF16 or AMX (elsewhere oneDNN converts every operand to fp32 and back)
+    t_bf16 = median_time(lambda: step(raw, bf16=True), args.repeats)
+    auto = "bf16" if native_bf16(torch.device("cpu")) else "fp32"
+    row("train", "tiny tokenizer step, eager, bf16 autocast", t_bf16,
+        f"{batch / t_bf16:.1f} images/s, {t_eager / t_bf16:.2f}x fp32; this CPU's --precision auto: {auto}")
     if args.compile:
         model = torch.compile(raw)                                    # raw stays the uncompiled module
         start = time.perf_counter()
@@ -420,8 +427,9 @@ def bench_train(args):
 # quantizer terms + Eq. (7) (no LPIPS, D or teacher: their weights are not available offline); forward + backward,
 # no optimizer step.
 # Precision: the official scripts' autocast is torch.cuda.amp's, which does nothing on a CPU, so the official step runs
-# fp32 here; ours runs fp32 and under CPU bf16 autocast (train_tokenizer.py --precision bf16, the tiny recipes' CPU
-# setting), and the official formulation under the same bf16 autocast is timed too, for the like-for-like ratio.
+# fp32 here; ours runs fp32 and under CPU bf16 autocast (train_tokenizer.py --precision bf16, the tiny recipes' setting
+# on a CPU with bf16 instructions), and the official formulation under the same bf16 autocast is timed too, for the
+# like-for-like ratio.
 # Allocator: our scripts keep freed memory on a CPU (checkpoints.keep_freed_memory), the official ones run on glibc's
 # default; the four variants are timed in one child process per allocator, the ratios against the official
 # formulation on glibc's default, as it runs.
@@ -433,6 +441,11 @@ DUAL_VARIANTS = ("official formulation, fp32", "ours, fp32", "official formulati
 DUAL_COMPILED = ("ours, fp32, torch.compile", "ours, bf16 autocast, torch.compile")
 
 
+def plain_upsample_conv(x, conv):
+    """The decoder's up-sampling as the official code writes it: nearest 2x, then the 3x3 conv on the 4x tensor."""
+    return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
 def dual_times(args):
     """{variant: median seconds} of FQGAN-Dual's G step in this process (bench_train_dual's child)."""
     preset, batch, size = ("tiny", 1, 64) if args.quick else ("fqgan-dual-16", 2, 256)
@@ -441,9 +454,8 @@ def dual_times(args):
     tok = Tokenizer(cfg).train()
     x = torch.rand(batch, 3, size, size) * 2 - 1
     ours = [branch.quantize for branch in tok.branches]
-    plain_upsample = lambda t, conv: conv(F.interpolate(t, scale_factor=2.0, mode="nearest"))
-    official = ([OfficialVQ(q) for q in ours], lambda t: t * torch.sigmoid(t), plain_upsample)   # (quantizers, swish,
-    mine = (ours, tokenizer.swish, tokenizer.upsample_conv)                                       # upsample conv)
+    official = ([OfficialVQ(q) for q in ours], lambda t: t * torch.sigmoid(t), plain_upsample_conv)  # (quantizers,
+    mine = (ours, tokenizer.swish, tokenizer.upsample_conv)                               # swish, upsample conv)
     variants = dict(zip(DUAL_VARIANTS, [(official, False), (mine, False), (official, True), (mine, True)]))
 
     def step(parts, bf16, model=tok):
@@ -492,14 +504,13 @@ def upsample_times(tok, x, repeats):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             y = up(t, resample.conv)
         y.backward(torch.ones_like(y))
-    plain = lambda t, conv: conv(F.interpolate(t, scale_factor=2.0, mode="nearest"))
     res = {}
     for precision, bf16 in (("fp32", False), ("bf16 autocast", True)):
         res[precision] = []
         for resample, shape in shapes:
             t = torch.randn(shape, requires_grad=True)
             pair = interleaved_medians([lambda up=up: run(up, resample, t, bf16)
-                                        for up in (plain, tokenizer.upsample_conv)], repeats)
+                                        for up in (plain_upsample_conv, tokenizer.upsample_conv)], repeats)
             res[precision].append((shape[1], shape[2], *pair))
     tok.zero_grad(set_to_none=True)
     return res
@@ -560,7 +571,8 @@ RECIPES = {  # model -> (script, flags that restore the recipe before 2026-12-05
                                               "--cache-mib", "0"]),
     "tiny FAR": ("train_far.py", ["--precision", "fp32", "--lr", "1e-3", "--warmup-steps", "0", "--max-steps", "600"]),
 }
-QUICK_FLAGS = {"tiny tokenizer": (["--max-steps", "4"], ["--max-steps", "4", "--low-res-steps", "2"]),
+QUICK_FLAGS = {"tiny tokenizer": (["--max-steps", "2", "--global-batch-size", "4"],
+                                   ["--max-steps", "2", "--low-res-steps", "1", "--global-batch-size", "4"]),
                "tiny FAR": (["--max-steps", "2", "--augment", "none", "--global-batch-size", "4"],) * 2}
 
 

@@ -5,7 +5,7 @@ Every file the project reads or writes that holds weights passes through here:
   init_distributed        torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> process group (NCCL on CUDA, gloo on CPU),
                           the CUDA numerics, the CPU allocator (keep_freed_memory); distribute: DDP, then
                           torch.compile; device_flag: --device
-  start_training, lr_at, resume, init_weights, open_run, save_checkpoint, mean_over_ranks_or_stop
+  start_training, native_bf16, lr_at, resume, init_weights, open_run, save_checkpoint, mean_over_ranks_or_stop
                           a training run as both training scripts use it: set-up, the lr schedule, exact resume
                           (weights, optimizers, RNG of every rank, data position), the JSONL log, atomic checkpoints
                           (save_last), and the non-finite-loss stop that leaves the last good checkpoint as it was
@@ -324,7 +324,8 @@ def add_checkpoint_flags(p):
 def start_training(args, parser):
     """torchrun set-up of a training script -> (ddp, rank, world, device, per-rank batch). Exits 2 (parser.error)
     when --global-batch-size does not split over the ranks. --precision and --compile default by device: bf16 and
-    compiled on CUDA (the paper's runs), fp32 and eager on a CPU."""
+    compiled on CUDA (the paper's runs), fp32 and eager on a CPU; --precision auto (the tiny recipes) is bf16 where
+    the device has bf16 instructions (native_bf16), else fp32."""
     ddp, rank, world, _, device = init_distributed()
     if args.global_batch_size % world:                                # each rank takes global / world samples
         parser.error(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world}")
@@ -334,9 +335,23 @@ def start_training(args, parser):
     if problem[0]:
         parser.error(problem[0])
     catch_stop_signals()
+    if args.precision == "auto":                                      # the tiny recipes: bf16 where it is fast
+        args.precision = "bf16" if native_bf16(device) else "fp32"
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     return ddp, rank, world, device, args.global_batch_size // world
+
+
+def native_bf16(device):
+    """Whether bf16 autocast on `device` runs on bf16 instructions: CUDA, or a CPU with AVX512-BF16 or AMX. On other
+    CPUs oneDNN converts every bf16 operand to fp32 and back, and a tiny recipe's step takes 2.2-2.6x as long as in
+    fp32 (docs/results.md, "Speed"); there --precision auto gives fp32."""
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    caps = torch.cpu.get_capabilities()                               # cpuinfo's flags, e.g. {"avx512_bf16": True}
+    return bool(caps.get("avx512_bf16") or caps.get("amx_bf16"))
 
 
 def lr_at(args, step):

@@ -37,12 +37,13 @@ WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")   
 # global batch 256, 300 epochs of ImageNet = 1,501,200 steps, ten-crop codes; # parity: §7.3).
 # NOTE(paper≠code): Sec. 4.1 says lr 2e-4. TINY: the bundled photos and the shipped tiny tokenizer, a higher lr for a
 # short run, codes small enough for the main process, 40 random crops per photo instead of ten (with ten, FAR learnt
-# the 440 views by heart: docs/results.md); bf16 autocast, lr 2e-3 after 20 warm-up steps and 400 steps reach the
-# held-out NLL that fp32, lr 1e-3 and 600 steps did, in 0.4x the time (docs/results.md).
+# the 440 views by heart: docs/results.md); lr 2e-3 after 20 warm-up steps and 400 steps under bf16 autocast reach
+# the held-out NLL that fp32, lr 1e-3 and 600 steps did, in 0.4x the time; bf16 only where the CPU has bf16
+# instructions, fp32 where it would emulate them ("auto"; docs/results.md).
 PAPER = dict(tokenizer_ckpt=None, data_path=None, global_batch_size=256, max_steps=1_501_200, lr=1e-4,
              lr_decay="constant", warmup_steps=0, precision=None, num_workers=4, augment="tencrop")
 TINY = dict(tokenizer_ckpt=os.path.join(WEIGHTS, "tiny_tokenizer.pt"), data_path=os.path.join(BUNDLED, "train"),
-            global_batch_size=32, max_steps=400, lr=2e-3, lr_decay="constant", warmup_steps=20, precision="bf16",
+            global_batch_size=32, max_steps=400, lr=2e-3, lr_decay="constant", warmup_steps=20, precision="auto",
             num_workers=0, augment="random")
 RECIPES = {"far-b": PAPER, "far-l": PAPER, "tiny": TINY}
 # Evaluation during training is bounded whatever the number of classes and images: samples of at most SAMPLE_CLASSES
@@ -153,8 +154,9 @@ def parse_args(argv=None):
     # runtime
     p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (%(default)s)")
     p.add_argument("--num-workers", type=int, help=recipe("num_workers", "loader workers per rank"))
-    p.add_argument("--precision", choices=["fp32", "bf16"], help="autocast dtype (default: the recipe's, tiny bf16; "
-                   "paper presets: bf16 on CUDA, else fp32)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="autocast dtype; auto: bf16 on CUDA and on "
+                   "CPUs with AVX512-BF16 or AMX, else fp32 (default: the recipe's, tiny auto; paper presets: bf16 on "
+                   "CUDA, else fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the DDP-wrapped model "
                    "(default: on with CUDA)")
     p.add_argument("--extract-batch-size", type=int, default=16, help="images per encode in stage 1 (%(default)s)")

@@ -4,6 +4,7 @@ parts that must stay fp32 (quantizer distances and softmax statistics, RMSNorm, 
 
 Run: python -m pytest tests/test_precision.py -q
 """
+import argparse
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoints  # noqa: E402
 import fast  # noqa: E402
 import quantizer  # noqa: E402
 import train_far  # noqa: E402
@@ -126,3 +128,33 @@ def test_far_bf16_steps_resume_and_fp32_loss(tok_ckpt, tmp_path):
     train_far.main(flags + ["--out-dir", str(tmp_path / "split"), "--max-steps", "3", "--resume"])
     full, split = ([r["loss"] for r in log(tmp_path / d) if "loss" in r] for d in ("full", "split"))
     assert len(full) == 3 and all(v == v for v in full) and full == split
+
+
+@pytest.mark.parametrize("caps, native", [({"avx512_bf16": True, "amx_bf16": False}, True),
+                                          ({"avx512_bf16": False, "amx_bf16": True}, True),
+                                          ({"avx512_bf16": False, "amx_bf16": False}, False), ({}, False)])
+def test_native_bf16_reads_the_cpu_flags(monkeypatch, caps, native):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
+    assert checkpoints.native_bf16(torch.device("cpu")) is native
+    assert checkpoints.native_bf16(torch.device("cuda")) and not checkpoints.native_bf16(torch.device("meta"))
+
+
+def test_the_tiny_recipes_auto_precision_follows_the_cpu_and_a_flag_overrides_it(tok_ckpt, tmp_path, monkeypatch,
+                                                                                 capsys):
+    """The tiny recipes say --precision auto: bf16 where the CPU has bf16 instructions, fp32 where oneDNN would
+    emulate them (2.2-2.6x slower there). A run takes the resolved value, prints it and records it in its checkpoint."""
+    assert train_far.RECIPES["tiny"]["precision"] == train_tokenizer.RECIPES["tiny"]["precision"] == "auto"
+    no_bf16 = lambda: {"avx512_bf16": False, "amx_bf16": False}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", no_bf16)
+    train_far.main(["--tokenizer-ckpt", tok_ckpt, "--augment", "none", "--global-batch-size", "8", "--max-steps", "1",
+                    "--eval-every", "100", "--sample-every", "100", "--out-dir", str(tmp_path / "run")])
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["args"]["precision"] == "fp32" and "cpu, fp32" in capsys.readouterr().out
+    parser = argparse.ArgumentParser()                                 # its error() is never reached here
+    for caps, flag, want in ((no_bf16, "auto", "fp32"), (lambda: {"amx_bf16": True}, "auto", "bf16"),
+                             (no_bf16, "bf16", "bf16"), (no_bf16, None, "fp32"), (no_bf16, "fp32", "fp32")):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", caps)
+        args = argparse.Namespace(global_batch_size=8, out_dir=str(tmp_path / "set-up"), resume=False,
+                                  precision=flag, compile=None)
+        checkpoints.start_training(args, parser)
+        assert args.precision == want and args.compile is False, (flag, caps())

@@ -25,7 +25,7 @@ from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
 # the tiny preset at 32 px (4x4 tokens), 4 images a step: a few hundred ms per step
 FAST = ["--preset", "tiny", "--image-size", "32", "--global-batch-size", "4", "--num-workers", "0",
         "--log-every", "1", "--sample-every", "2", "--eval-every", "100", "--ckpt-every", "100", "--gan-start", "2",
-        "--gan-weight", "0.5", "--low-res-steps", "0", "--precision", "fp32"]   # the tiny recipe's bf16: test_precision
+        "--gan-weight", "0.5", "--low-res-steps", "0", "--precision", "fp32"]   # bf16 runs: test_precision
 
 
 def torchrun(*argv):
