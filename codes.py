@@ -19,7 +19,6 @@ import sys
 import numpy as np
 import torch
 import torch.distributed as dist
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
@@ -51,7 +50,8 @@ class Views(Dataset):
             g = torch.Generator().manual_seed(i)                      # the same views on every run and rank
             views = [random_crop(img, (h, w), g) for _ in range(VIEWS["random"])]
         elif self.augment == "tencrop":   # 256 px: centre crop to int(256 * 1.1) = 281, then five 256 crops x 2
-            views = TF.ten_crop(center_crop(img, (int(h * 1.1), int(w * 1.1))), [h, w])  # tl, tr, bl, br, c, flipped
+            from torchvision.transforms.functional import ten_crop   # here: torchvision takes 1-2 s to import
+            views = ten_crop(center_crop(img, (int(h * 1.1), int(w * 1.1))), [h, w])  # tl, tr, bl, br, c, flipped
         else:
             img = center_crop(img, (h, w))                            # ADM's centre crop, as evaluation (§4.1)
             views = [img, img.transpose(Image.FLIP_LEFT_RIGHT)] if self.augment == "flip" else [img]

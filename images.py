@@ -17,7 +17,6 @@ import zipfile
 
 import numpy as np
 import torch
-import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -67,7 +66,7 @@ def center_crop(img, size):
 
 def to_tensor(img):
     """PIL RGB -> (3, H, W) float in [-1, 1]."""
-    return torchvision.transforms.functional.pil_to_tensor(img).float() / 127.5 - 1
+    return torch.from_numpy(np.array(img, np.uint8)).permute(2, 0, 1).float() / 127.5 - 1   # (H, W, 3) -> (3, H, W)
 
 
 def to_uint8(x):
@@ -296,6 +295,11 @@ def save_png(img, path):
 
 def save_grid(x, path, nrow):
     """Images (N, 3, H, W), in [-1, 1] or already uint8, as one PNG grid, nrow images a row, 2-px black gaps."""
-    x = x if x.dtype == torch.uint8 else to_uint8(x.float())
-    grid = torchvision.utils.make_grid(x.cpu(), nrow=nrow, padding=2)                # (3, rows*H', cols*W') uint8
-    save_png(Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()), path)            # -> (H, W, 3)
+    x = (x if x.dtype == torch.uint8 else to_uint8(x.float())).cpu()
+    n, _, h, w = x.shape                                              # one image: itself, no border
+    cols, rows = min(nrow, n), -(-n // nrow)
+    grid = torch.zeros(3, rows * (h + 2) + 2, cols * (w + 2) + 2, dtype=torch.uint8) if n > 1 else x[0]
+    for i, image in enumerate(x if n > 1 else []):                    # black gaps: 2 px around every image
+        top, left = 2 + (i // nrow) * (h + 2), 2 + (i % nrow) * (w + 2)
+        grid[:, top:top + h, left:left + w] = image
+    save_png(Image.fromarray(grid.permute(1, 2, 0).numpy()), path)                   # (3, H', W') -> (H', W', 3)

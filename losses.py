@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 
 @dataclass(frozen=True)
@@ -73,7 +72,8 @@ class LPIPS(nn.Module):
         self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1), persistent=False)
         # VGG16 conv trunk up to relu5_3 (no classifier: 14.7 M parameters instead of 138 M)
-        self.net = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])[: self.taps[-1] + 1]
+        from torchvision.models import vgg                            # here: 1-2 s to import, for LPIPS only
+        self.net = vgg.make_layers(vgg.cfgs["D"])[: self.taps[-1] + 1]
         # one 1x1 conv per tap, no bias: the learned per-channel weights of LPIPS ("lin0".."lin4")
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.channels)
         if pretrained:

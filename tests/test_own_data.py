@@ -7,6 +7,7 @@ import io
 import json
 import os
 import struct
+import subprocess
 import sys
 import zlib
 
@@ -19,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import codes  # noqa: E402
 import evaluate  # noqa: E402
+import images  # noqa: E402
 import train_far  # noqa: E402
 import train_tokenizer  # noqa: E402
 from images import ImageFolder, open_rgb  # noqa: E402
@@ -135,3 +137,20 @@ def test_far_extracts_again_when_the_folder_changes(tmp_path, tok_ckpt, capsys):
         train_far.main(FAR + ["--tokenizer-ckpt", other, "--data-path", str(root), "--out-dir",
                               str(tmp_path / "run3"), "--resume"])
     assert e.value.code == 2 and "holds the codes of another tokenizer" in capsys.readouterr().err
+
+
+def test_images_without_torchvision_equal_torchvision(tmp_path):
+    """images.py reads and writes pictures without importing torchvision (1-2 s at every script start): to_tensor is
+    pil_to_tensor's, save_grid draws make_grid's picture (2-px black gaps; one image alone, no border), and no entry
+    script but the paper recipe's ten-crop and LPIPS imports torchvision."""
+    import torchvision
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8))
+    assert torch.equal(images.to_tensor(img), torchvision.transforms.functional.pil_to_tensor(img).float() / 127.5 - 1)
+    for n, nrow in [(1, 4), (2, 2), (5, 3), (7, 8), (3, 1)]:
+        x = torch.from_numpy(rng.integers(0, 256, (n, 3, 5, 7), dtype=np.uint8))
+        images.save_grid(x, tmp_path / "grid.png", nrow)
+        want = torchvision.utils.make_grid(x, nrow=nrow, padding=2).permute(1, 2, 0).numpy()
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "grid.png")), want), (n, nrow)
+    script = "import sys; sys.argv = ['x']; import train_tokenizer, train_far, sample; print('torchvision' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True).stdout == "False\n"
