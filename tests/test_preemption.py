@@ -73,8 +73,9 @@ def test_sigterm_saves_the_current_step_and_resume_equals_uninterrupted(tmp_path
 def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tok_ckpt, tmp_path):
     """torchrun passes SIGTERM on to both ranks; they agree on the step, rank 0 saves, both exit; --resume under
     torchrun then ends where an uninterrupted run does (FAR, 2 gloo processes)."""
-    far = ["train_far.py", "--tokenizer-ckpt", tok_ckpt, "--global-batch-size", "8", "--log-every", "1",
-           "--eval-every", "1000", "--sample-every", "1000", "--ckpt-every", "1000", "--max-steps", "30"]
+    far = ["train_far.py", "--tokenizer-ckpt", tok_ckpt, "--augment", "none", "--global-batch-size", "8",
+           "--log-every", "1", "--eval-every", "1000", "--sample-every", "1000", "--ckpt-every", "1000", "--max-steps",
+           "30"]
     proc = start(far, tmp_path / "split", torchrun=True)
     output = signal_after_step(proc, tmp_path / "split", 3)
     assert output.count("stopped by SIGTERM after step") == 1, output[-3000:]   # one line, from rank 0
