@@ -343,11 +343,11 @@ def start_training(args, parser):
 
 
 def native_bf16(device):
-    """Whether bf16 autocast on `device` runs on bf16 instructions: CUDA, or a CPU with AVX512-BF16 or AMX. On other
-    CPUs oneDNN converts every bf16 operand to fp32 and back, and a tiny recipe's step takes 2.2-2.6x as long as in
-    fp32 (docs/results.md, "Speed"); there --precision auto gives fp32."""
+    """Whether bf16 autocast on `device` runs on bf16 instructions: a GPU that has them (Ampere on), or a CPU with
+    AVX512-BF16 or AMX. On other CPUs oneDNN converts every bf16 operand to fp32 and back, and a tiny recipe's step
+    takes 2.2-2.7x as long as in fp32 (docs/results.md, "Time to quality"); there --precision auto gives fp32."""
     if device.type == "cuda":
-        return True
+        return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
         return False
     caps = torch.cpu.get_capabilities()                               # cpuinfo's flags, e.g. {"avx512_bf16": True}

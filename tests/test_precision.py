@@ -135,8 +135,9 @@ def test_far_bf16_steps_resume_and_fp32_loss(tok_ckpt, tmp_path):
                                           ({"avx512_bf16": False, "amx_bf16": False}, False), ({}, False)])
 def test_native_bf16_reads_the_cpu_flags(monkeypatch, caps, native):
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: caps)
-    assert checkpoints.native_bf16(torch.device("cpu")) is native
-    assert checkpoints.native_bf16(torch.device("cuda")) and not checkpoints.native_bf16(torch.device("meta"))
+    assert checkpoints.native_bf16(torch.device("cpu")) is native and not checkpoints.native_bf16(torch.device("meta"))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: native)   # a GPU: what torch says of it (V100: no)
+    assert checkpoints.native_bf16(torch.device("cuda")) is native
 
 
 def test_the_tiny_recipes_auto_precision_follows_the_cpu_and_a_flag_overrides_it(tok_ckpt, tmp_path, monkeypatch,
