@@ -143,7 +143,7 @@ def test_native_bf16_reads_the_cpu_flags(monkeypatch, caps, native):
 def test_the_tiny_recipes_auto_precision_follows_the_cpu_and_a_flag_overrides_it(tok_ckpt, tmp_path, monkeypatch,
                                                                                  capsys):
     """The tiny recipes say --precision auto: bf16 where the CPU has bf16 instructions, fp32 where oneDNN would
-    emulate them (2.2-2.6x slower there). A run takes the resolved value, prints it and records it in its checkpoint."""
+    emulate them (2.2-2.7x slower there). A run takes the resolved value, prints it and records it in its checkpoint."""
     assert train_far.RECIPES["tiny"]["precision"] == train_tokenizer.RECIPES["tiny"]["precision"] == "auto"
     no_bf16 = lambda: {"avx512_bf16": False, "amx_bf16": False}
     monkeypatch.setattr(torch.cpu, "get_capabilities", no_bf16)
