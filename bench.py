@@ -380,10 +380,11 @@ def bench_far(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tokenizer training step (tiny): forward + generator_loss + backward + Adam, eager vs torch.compile
+# Tokenizer training step (tiny): forward + generator_loss + backward + Adam, eager (fp32, bf16) vs torch.compile
 
 def bench_train(args):
-    """The tiny tokenizer's training step (forward, losses, backward, Adam), eager and compiled."""
+    """The tiny tokenizer's training step (forward, losses, backward, Adam): eager in fp32 and under bf16 autocast,
+    and compiled."""
     batch = 2 if args.quick else 16                                   # 16: the tiny recipe's batch
     cfg = TokenizerConfig(**TOKENIZER_PRESETS["tiny"])
     print(f"train: tiny tokenizer, batch {batch} at {cfg.image_size} px, G step (D forward inside the G loss)")
