@@ -29,8 +29,6 @@ import tempfile
 import time
 import weakref
 
-import open_clip
-import timm
 import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -667,6 +665,8 @@ def fake_peak_bytes(build):
 
 def teacher_params(spec):
     """Parameter count of a frozen teacher spec (teachers.py), built on the meta device: no weights needed."""
+    import open_clip                                                  # here: their import costs every section 4 s
+    import timm
     kind, _, name = spec.partition(":")
     if kind == "openclip":
         return sum(p.numel() for p in open_clip.create_model(name.partition(":")[0], device="meta").visual.parameters())

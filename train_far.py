@@ -133,7 +133,7 @@ def parse_args(argv=None):
     p.add_argument("--data-path", help="ImageFolder root of training images (default: data/photos/train for tiny; the "
                    "paper presets need one)")
     p.add_argument("--val-path", help="held-out ImageFolder for the NLL (default: data/photos/val when --data-path is "
-                   "the bundled data/photos/train, else none)")
+                   "the bundled data/photos/train, else none; '' for none)")
     p.add_argument("--augment", choices=sorted(VIEWS), help=recipe("augment", "views extracted per training image "
                    "(tencrop: the released one; random: 40 training crops)"))                        # in meta.json
     p.add_argument("--out-dir", default="runs/far", help="codes, checkpoints, log.jsonl, samples (%(default)s)")

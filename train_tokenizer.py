@@ -67,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--data-path", help="ImageFolder root of training images (default: data/photos/train for the tiny "
                    "presets; the paper presets need one)")
     p.add_argument("--val-path", help="held-out ImageFolder for the PSNR of --eval-every (default: data/photos/val "
-                   "when --data-path is the bundled data/photos/train, else none)")
+                   "when --data-path is the bundled data/photos/train, else none; '' for none)")
     p.add_argument("--hold-out", nargs="+", default=[], metavar="CLASS", help="classes (whole photos) left out of "
                    "training and of the val PSNR; their PSNR (all their images) is logged as held_out_psnr_ema")
     p.add_argument("--crop-scale", type=float, help=recipe("crop_scale", "training crops: short side to S ~ "

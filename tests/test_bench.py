@@ -12,10 +12,14 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import bench  # noqa: E402
+import train_far  # noqa: E402
+import train_tokenizer  # noqa: E402
 
 
 def test_quick_runs_every_section_and_prints_one_table(capsys):
-    rows = bench.main(["--quick"])
+    # recipes: the tokenizer's two commands run for real; FAR's two would add 25 s, their flags and log are checked
+    # in test_recipes_run_each_seed_and_report_the_means
+    rows = bench.main(["--quick", "--recipe", "tokenizer"])
     assert {section for section, *_ in rows} == set(bench.SECTIONS)
     out = capsys.readouterr().out
     assert "| section | measurement | median | result | peak MiB |" in out and "torch" in out
@@ -31,10 +35,11 @@ def test_only_selects_one_section():
     assert {section for section, *_ in rows} == {"lookup"}
 
 
-def test_bad_only_exits_2_naming_the_choices():
-    proc = subprocess.run([sys.executable, "bench.py", "--only", "nope"], cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert all(name in proc.stderr for name in bench.SECTIONS)
+def test_bad_only_exits_2_naming_the_choices(capsys):
+    with pytest.raises(SystemExit) as e:                            # in process: bench.py's imports take 5 s
+        bench.main(["--only", "nope"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "invalid choice: 'nope'" in err and all(name in err for name in bench.SECTIONS)
 
 
 @pytest.mark.parametrize("argv", [["--repeats", "0"], ["--threads", "0"], ["--threads", "1,x"], ["--busy", "-1"]])
@@ -99,13 +104,22 @@ def test_recipes_run_each_seed_and_report_the_means(monkeypatch, capsys):
         commands.append(argv)
         out, seed = argv[argv.index("--out-dir") + 1], int(argv[argv.index("--seed") + 1])
         with open(os.path.join(out, "log.jsonl"), "w") as f:
-            f.write('{"step": 4, "val_psnr_ema": %s}\n' % (20 + seed))
+            f.write('{"step": 4, "val_psnr_ema": %s}\n' % (20 + seed) if "train_tokenizer.py" in argv[1] else
+                    '{"step": 0, "val_bits/0": 9.0, "val_bits/1": 9.0}\n{"step": 4, "val_bits/0": 5.0, '
+                    '"val_bits/1": %s}\n' % (3 + seed))
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
     rows = bench.main(["--quick", "--only", "recipes", "--recipe", "tokenizer", "--seeds", "0,3"])
     assert [argv[argv.index("--seed") + 1] for argv in commands] == ["0", "3"] * 2      # before, then today
     assert [what.split(",")[0] for _, what, *_ in rows] == ["tiny tokenizer"] * 2
     assert all("held-out 21.50 dB (seeds: 20.00 / 23.00)" in result for *_, result, _ in rows)
     assert "recipes: mean of seeds 0,3" in capsys.readouterr().out                     # the table's footer says so
+    commands.clear()                                                # FAR: the mean held-out NLL of the sub-codes
+    rows = bench.main(["--quick", "--only", "recipes", "--recipe", "far", "--seeds", "1"])
+    assert [os.path.basename(argv[1]) for argv in commands] == ["train_far.py"] * 2
+    assert [result.split(",")[1] for *_, result, _ in rows] == [" held-out 4.50 bits"] * 2
+    # the flags that restore the earlier recipes still parse (the quick table runs the tokenizer's only)
+    assert train_tokenizer.parse_args(bench.RECIPES["tiny tokenizer"][1])[0].max_steps == 600
+    assert train_far.parse_args(bench.RECIPES["tiny FAR"][1])[0].warmup_steps == 0
     assert bench.parse_args(["--seeds", "3,1,3"]).seeds == [3, 1]
     with pytest.raises(SystemExit) as e:
         bench.parse_args(["--seeds", "0,x"])

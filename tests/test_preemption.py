@@ -23,7 +23,7 @@ import train_tokenizer  # noqa: E402
 
 TOKENIZER = ["train_tokenizer.py", "--preset", "tiny8", "--image-size", "32", "--global-batch-size", "4",
              "--num-workers", "0", "--log-every", "1", "--eval-every", "1000", "--sample-every", "1000",
-             "--ckpt-every", "1000", "--max-steps", "40"]
+             "--ckpt-every", "1000", "--max-steps", "20", "--val-path", ""]   # '': no held-out PSNR
 
 
 def start(argv, out, torchrun=False):
@@ -61,13 +61,13 @@ def test_sigterm_saves_the_current_step_and_resume_equals_uninterrupted(tmp_path
     assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
     line = next(x for x in output.splitlines() if x.startswith("stopped by SIGTERM after step"))
     stopped = int(line.split("after step ")[1].split(";")[0])
-    assert 3 <= stopped < 40 and weights(tmp_path / "split")["step"] == stopped and "--resume" in line
+    assert 3 <= stopped < 20 and weights(tmp_path / "split")["step"] == stopped and "--resume" in line
     assert not (tmp_path / "split" / "checkpoints" / f"{stopped:07d}.pt").exists()   # numbered: --ckpt-every only
     rest = start(TOKENIZER + ["--resume"], tmp_path / "split")
     assert rest.wait(timeout=300) == 0, rest.communicate()[0][-2000:]
     full = start(TOKENIZER, tmp_path / "full")
     assert full.wait(timeout=300) == 0
-    assert_same(weights(tmp_path / "split"), weights(tmp_path / "full"))    # the same 40 steps, bit for bit
+    assert_same(weights(tmp_path / "split"), weights(tmp_path / "full"))    # the same 20 steps, bit for bit
 
 
 def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tok_ckpt, tmp_path):
@@ -75,12 +75,12 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tok_ckpt, tmp_
     torchrun then ends where an uninterrupted run does (FAR, 2 gloo processes)."""
     far = ["train_far.py", "--tokenizer-ckpt", tok_ckpt, "--augment", "none", "--global-batch-size", "8",
            "--log-every", "1", "--eval-every", "1000", "--sample-every", "1000", "--ckpt-every", "1000", "--max-steps",
-           "30"]
+           "30", "--val-path", ""]                                     # '': no held-out set, extracted or measured
     proc = start(far, tmp_path / "split", torchrun=True)
     output = signal_after_step(proc, tmp_path / "split", 3)
     assert output.count("stopped by SIGTERM after step") == 1, output[-3000:]   # one line, from rank 0
     stopped = weights(tmp_path / "split")["step"]
-    assert 3 <= stopped < 30
+    assert 3 <= stopped < 30 and not (tmp_path / "split" / "codes" / "val").exists()   # --val-path ''
     rest = start(far + ["--resume"], tmp_path / "split", torchrun=True)
     assert rest.wait(timeout=300) == 0, rest.communicate()[0][-3000:]
     (tmp_path / "full").mkdir()
