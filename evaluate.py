@@ -35,11 +35,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
-from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
-from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-from torch_fidelity.metric_isc import isc_features_to_metric
-from torch_fidelity.metric_prc import prc_features_to_metric
-from torch_fidelity.utils import create_feature_extractor
 from tqdm import tqdm
 
 from checkpoints import CheckpointError, check_writable, device_flag, init_distributed, load_tokenizer
@@ -54,6 +49,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))                     # for the 
 # Inception features per metric, as ADM's evaluator (the paper's Tab. 2): pool_3 (2048) for FID and precision /
 # recall, logits for IS. NOTE(paper≠code): torch-fidelity's own precision / recall default is VGG16 fc2.
 LAYERS = {"fid": "2048", "isc": "logits_unbiased", "prc": "2048"}     # torch-fidelity's feature names
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"   # the file name of torch-fidelity's URL_INCEPTION_V3
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -84,7 +80,9 @@ def ssim(a, b, window=11, sigma=1.5, k1=0.01, k2=0.03, data_range=1.0):
 
 def load_inception(device, path=None):
     """torch-fidelity's Inception (the TF-Inception port that FID and ADM use) from a local file; never downloads."""
-    path = path or os.path.join(weights_dir(), os.path.basename(URL_INCEPTION_V3))   # the release's file name
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3   # torch-fidelity's imports (torchvision,
+    from torch_fidelity.utils import create_feature_extractor   # torch._dynamo) cost 1.4 s: only where they are used
+    path = path or os.path.join(weights_dir(), INCEPTION_FILE)
     if not os.path.isfile(path):                                      # offline by design: say where to put it
         raise FileNotFoundError(f"Inception weights not found: {path} (download: {URL_INCEPTION_V3}); put the file "
                                 "there ($FQGAN_WEIGHTS, default torch.hub.get_dir()/checkpoints) or pass "
@@ -98,6 +96,9 @@ def fidelity(feats, ref=None, prc=True, device="cpu"):
     """From the Inception features of the evaluated images and of the reference: IS (10 splits, or one per image below
     10), FID (Sec. 4.1), precision / recall (Tab. 2, k = 3 as ADM); torch-fidelity's formulas, run by one process:
     IS and precision / recall on `device` (the N x N neighbour distances), FID in numpy."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_prc import prc_features_to_metric
     isc = isc_features_to_metric(feats[LAYERS["isc"]].to(device), splits=min(10, len(feats[LAYERS["isc"]])))
     out = {"inception_score": isc["inception_score_mean"], "inception_score_std": isc["inception_score_std"]}
     if ref is not None:                                               # FID: Frechet distance of two Gaussians
@@ -243,6 +244,7 @@ def evaluate_generation(args, device, rank, world):
 
 def frechet(a, b):
     """The FID formula (Heusel et al. 2017) on any features a (N, d), b (M, d): torch-fidelity's implementation."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     stats = [fid_features_to_statistics(f.double().cpu()) for f in (a, b)]   # (mean, covariance) of each set
     return fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
 
@@ -347,7 +349,7 @@ def parse_args(argv=None):
     p.add_argument("--real-crops", type=int, default=2000, help="random crops of --data-path as the real reference "
                    "of fd_teacher / acc_teacher_real (default: %(default)s)")
     p.add_argument("--inception-weights", help="torch-fidelity Inception file (default: "   # both modes
-                   f"$FQGAN_WEIGHTS/{os.path.basename(URL_INCEPTION_V3)})")
+                   f"$FQGAN_WEIGHTS/{INCEPTION_FILE})")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch and process")
     p.add_argument("--device", type=device_flag, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK with CUDA)")
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers per process (tokenizer mode)")

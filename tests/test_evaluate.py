@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -141,6 +141,7 @@ def test_missing_inception_weights_name_the_file_and_url(tok_ckpt, tmp_path, mon
         evaluate.main(["--tokenizer-ckpt", tok_ckpt, "--fid", "--num-images", "1", "--out-json",
                        str(tmp_path / "r.json")])
     assert str(tmp_path / name) in str(e.value) and f"releases/download/v0.2.0/{name}" in str(e.value)
+    assert evaluate.INCEPTION_FILE == os.path.basename(URL_INCEPTION_V3)   # our default path's name is the release's
 
 
 def test_generation_mode_npz_against_folder(inception, small_layers, tmp_path):

@@ -142,7 +142,7 @@ def test_far_extracts_again_when_the_folder_changes(tmp_path, tok_ckpt, capsys):
 def test_images_without_torchvision_equal_torchvision(tmp_path):
     """images.py reads and writes pictures without importing torchvision (1-2 s at every script start): to_tensor is
     pil_to_tensor's, save_grid draws make_grid's picture (2-px black gaps; one image alone, no border), and no entry
-    script but the paper recipe's ten-crop and LPIPS imports torchvision."""
+    script imports torchvision but for the paper recipe's ten-crop, LPIPS and Inception (torch-fidelity)."""
     import torchvision
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, (9, 11, 3), dtype=np.uint8))
@@ -152,5 +152,6 @@ def test_images_without_torchvision_equal_torchvision(tmp_path):
         images.save_grid(x, tmp_path / "grid.png", nrow)
         want = torchvision.utils.make_grid(x, nrow=nrow, padding=2).permute(1, 2, 0).numpy()
         assert np.array_equal(np.asarray(Image.open(tmp_path / "grid.png")), want), (n, nrow)
-    script = "import sys; sys.argv = ['x']; import train_tokenizer, train_far, sample; print('torchvision' in sys.modules)"
+    script = ("import sys; sys.argv = ['x']; import train_tokenizer, train_far, sample, evaluate; "
+              "print('torchvision' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True).stdout == "False\n"
