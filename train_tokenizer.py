@@ -42,13 +42,14 @@ from tokenizer import PRESETS, Tokenizer, TokenizerConfig
 # downloaded offline; the GAN without it wrecked reconstruction), lr 1e-3 with 50 warm-up steps and a cosine to 0,
 # crops of the photos at 1/4 to 3/4 of their size, the first 700 of 750 steps on 32 px windows cut at the scale of
 # those 64 px crops (3.2x the steps per second; still the 64 px model, evaluated on 64 px images), the photos decoded
-# once (cache_mib), bf16 autocast where the CPU has bf16 instructions, fp32 where it would emulate them ("auto";
-# docs/results.md has the measurements behind each value).
+# once (cache_mib), bf16 autocast where the CPU has bf16 instructions, fp32 where it would emulate them ("auto"), an
+# EMA of ~20 steps (0.95: a longer one still remembers the window steps at the end; docs/results.md has the
+# measurements behind each value).
 PAPER = dict(data_path=None, global_batch_size=256, max_steps=200_000, lr=2e-4, lr_decay="constant", warmup_steps=0,
              low_res_steps=0, precision=None, cache_mib=0,
              ema_decay=0.9999, perceptual_weight=1.0, gan_weight=0.5, gan_start=20_000, crop_scale=1.25)
 TINY = dict(data_path=os.path.join(BUNDLED, "train"), global_batch_size=16, max_steps=750, lr=1e-3, lr_decay="cosine",
-            warmup_steps=50, low_res_steps=700, precision="auto", ema_decay=0.99, perceptual_weight=0.0, gan_weight=0.0,
+            warmup_steps=50, low_res_steps=700, precision="auto", ema_decay=0.95, perceptual_weight=0.0, gan_weight=0.0,
             gan_start=400, crop_scale=3.0, cache_mib=64)
 RECIPES = {"fqgan-dual-16": PAPER, "fqgan-triple-16": PAPER, "fqgan-dual-8": PAPER, "fqgan-triple-8": PAPER,
            "vqgan-16": PAPER, "ibq-16": PAPER, "tiny": TINY, "tiny-dual": TINY, "tiny-vq": TINY, "tiny8": TINY,

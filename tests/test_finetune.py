@@ -87,8 +87,7 @@ def test_far_init_from_shipped_and_released_files_with_other_classes(own_images,
     for name, source in (("shipped", SHIPPED_FAR), ("released", str(released))):
         out = tmp_path / name
         train_far.main(QUICK + ["--init-from", source, "--data-path", str(own_images), "--augment", "none",
-                                "--global-batch-size", "4",
-                                "--max-steps", "1", "--lr", "1e-12", "--out-dir", str(out)])
+                                "--global-batch-size", "4", "--max-steps", "1", "--lr", "1e-12", "--out-dir", str(out)])
         assert "the class embedding starts afresh (another number of classes)" in capsys.readouterr().out
         state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
         assert state["config"]["num_classes"] == 3 and state["classes"] == ["boats", "cats", "trees"]

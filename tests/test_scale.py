@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import sys
-
 from dataclasses import asdict
 
 import numpy as np
