@@ -382,7 +382,7 @@ def bench_far(args):
 
 def bench_train(args):
     """The tiny tokenizer's training step (forward, losses, backward, Adam): eager in fp32 and under bf16 autocast,
-    and compiled."""
+    and compiled; and in fp32 on tiny64, the 64-channel trunk the tiny preset had until 2026-12-06."""
     batch = 2 if args.quick else 16                                   # 16: the tiny recipe's batch
     cfg = TokenizerConfig(**TOKENIZER_PRESETS["tiny"])
     print(f"train: tiny tokenizer, batch {batch} at {cfg.image_size} px, G step (D forward inside the G loss)")
@@ -392,16 +392,21 @@ def bench_train(args):
     loss_cfg = LossConfig(perceptual_weight=0.0, gan_start=400)      # train_tokenizer.py's tiny defaults
     x = torch.rand(batch, 3, cfg.image_size, cfg.image_size) * 2 - 1   # random images in [-1, 1]
 
-    def step(model, bf16=False):
+    def step(model, bf16=False, optimizer=opt):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):   # the forward only, as train_tokenizer.py
             x_rec, aux = model(x)
             g = generator_loss(x, x_rec, aux, 0, disc=disc, cfg=loss_cfg)
-        opt.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         g["total"].backward()
-        torch.nn.utils.clip_grad_norm_(raw.parameters(), 1.0)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
     t_eager = median_time(lambda: step(raw), args.repeats)
     row("train", "tiny tokenizer step, eager", t_eager, f"{batch / t_eager:.1f} images/s")
+    old = Tokenizer(TokenizerConfig(**TOKENIZER_PRESETS["tiny64"]))  # 64 channels: the shipped weights' trunk
+    old_opt = torch.optim.Adam(old.parameters(), lr=2e-4, betas=(0.9, 0.95))
+    t_old = median_time(lambda: step(old, optimizer=old_opt), args.repeats)
+    row("train", "tiny64 tokenizer step, eager", t_old, f"{batch / t_old:.1f} images/s; tiny takes "
+        f"{t_eager / t_old:.2f}x its time")
     # bf16 autocast costs what the CPU's instructions make of it: the tiny recipes' --precision auto takes it only
     # where checkpoints.native_bf16 finds AVX512-BF16 or AMX (elsewhere oneDNN converts every operand to fp32 and back)
     t_bf16 = median_time(lambda: step(raw, bf16=True), args.repeats)
@@ -558,16 +563,16 @@ def bench_train_dual(args):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Time to quality of the tiny models (only with --only recipes: ~25 min on 2 cores): the README's two training commands
-# with today's recipes against the recipes before 2026-12-05, restored by flags, one run after the other in fresh
-# folders, as subprocesses: wall clock from start to exit (the wait of a user), and the final held-out number from
-# log.jsonl, the tokenizer's val_psnr_ema (dB, bundled val strips) and FAR's held-out NLL in bits per sub-code. With
-# --seeds each command runs once per seed (its --seed) and the row gives the means, every seed's number beside them.
-# Code speed-ups that no flag can undo (tokenizer.swish as one fused op, tokenizer.upsample_conv, fast.sdpa_backend)
-# are in both rows.
+# with today's recipes against the recipes before 2026-12-05 (the tokenizer's on the 64-channel trunk it had then,
+# --preset tiny64), restored by flags, one run after the other in fresh folders, as subprocesses: wall clock from
+# start to exit (the wait of a user), and the final held-out number from log.jsonl, the tokenizer's val_psnr_ema (dB,
+# bundled val strips) and FAR's held-out NLL in bits per sub-code. With --seeds each command runs once per seed (its
+# --seed) and the row gives the means, every seed's number beside them. Code speed-ups that no flag can undo
+# (tokenizer.swish as one fused op, tokenizer.upsample_conv, fast.sdpa_backend) are in both rows.
 
 RECIPES = {  # model -> (script, flags that restore the recipe before 2026-12-05)
-    "tiny tokenizer": ("train_tokenizer.py", ["--precision", "bf16", "--max-steps", "600", "--low-res-steps", "0",
-                                              "--ema-decay", "0.99", "--cache-mib", "0"]),
+    "tiny tokenizer": ("train_tokenizer.py", ["--preset", "tiny64", "--precision", "bf16", "--max-steps", "600",
+                                              "--low-res-steps", "0", "--ema-decay", "0.99", "--cache-mib", "0"]),
     "tiny FAR": ("train_far.py", ["--precision", "fp32", "--lr", "1e-3", "--warmup-steps", "0", "--max-steps", "600"]),
 }
 QUICK_FLAGS = {"tiny tokenizer": (["--max-steps", "2", "--global-batch-size", "4"],

@@ -474,16 +474,18 @@ def init_weights(model, source, what, flexible=()):
     shipped fp16 export, a released file); the caller keeps fresh optimizers and step 0. Every tensor must match in
     name and shape, except the `flexible` ones of another shape, which keep their fresh initialisation (FAR's class
     table for another number of classes); they are returned. Anything else is a CheckpointError naming the first
-    differences."""
+    differences, and the preset the file was made with when one fits it exactly."""
     ours, theirs = model.state_dict(), source.state_dict()
     fresh = [k for k in flexible if k in theirs and k in ours and theirs[k].shape != ours[k].shape]
     wrong = ([f"{k} missing" for k in ours if k not in theirs] + [f"{k} not in this model" for k in theirs if k not in
              ours] + [f"{k} {tuple(theirs[k].shape)} in the file, {tuple(ours[k].shape)} here" for k in ours
                       if k in theirs and k not in fresh and theirs[k].shape != ours[k].shape])
     if wrong:
+        presets = TOKENIZER_PRESETS if isinstance(source, Tokenizer) else FAR_PRESETS
+        fits = [name for name, preset in presets.items() if type(source.cfg)(**preset) == source.cfg]
         raise CheckpointError(f"{what} has another architecture than this run ({'; '.join(wrong[:3])}"
-                              f"{' ...' if len(wrong) > 3 else ''}): choose its --preset (and --image-size, "
-                              f"--codebook-size)")
+                              f"{' ...' if len(wrong) > 3 else ''}): " + (f"it is --preset {fits[0]}" if fits else
+                              "choose its --preset (and --image-size, --codebook-size)"))
     model.load_state_dict({**theirs, **{k: ours[k] for k in fresh}})
     return fresh
 

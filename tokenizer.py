@@ -88,13 +88,15 @@ class TokenizerConfig:
         return size[0] // self.downsample, size[1] // self.downsample
 
 
-# Every preset (the TokenizerConfig defaults above fill the rest). TINY, the CPU-sized trunk of every tiny* preset:
-# 64 px, 64 channels, 8 per GroupNorm group (one per group is an instance norm, where a decoder grew a spike:
-# docs/results.md).
+# Every preset (the TokenizerConfig defaults above fill the rest). TINY, the CPU-sized trunk of the default tiny:
+# 64 px, 48 channels, 8 per GroupNorm group (one per group is an instance norm, where a decoder grew a spike:
+# docs/results.md). TINY64, the same at 64 channels, was the tiny trunk until 2026-12-06: the shipped weights' and
+# the 16x16 ablation presets'; 48 channels take 0.7x its step time and reach more in the same minutes (docs/results.md).
 DUAL_CLIP = ("openclip:ViT-L-14:openai",)                          # Tab. 1: Dual's semantic teacher, CLIP ViT-L/14
 TRIPLE_TEACHERS = ("timm:vit_small_patch14_dinov2.lvd142m", "openclip:ViT-B-16:openai")   # DINOv2 S/14, CLIP B/16
-TINY = dict(image_size=64, ch=64, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=8)   # 16x16 tokens
-TINY8 = {**TINY, "ch_mult": (1, 1, 2, 2)}                            # one more level: 8x8 tokens (downsample 8)
+TINY = dict(image_size=64, ch=48, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=6)   # 16x16 tokens
+TINY64 = {**TINY, "ch": 64, "norm_groups": 8}                        # 64 channels, 8 per group
+TINY8 = {**TINY64, "ch_mult": (1, 1, 2, 2)}                          # one more level: 8x8 tokens (downsample 8)
 # paper-map: Tab. 1
 PRESETS = {
     # Tab. 1: FQGAN-Dual / -Triple at downsample 16 (16x16 tokens at 256 px) and 8 (32x32 tokens), K = 16384, d = 8
@@ -116,14 +118,19 @@ PRESETS = {
     # NOTE(paper≠code): residual tiny adapters, z_i = z + A_i(z), train faster at this size (docs/results.md).
     "tiny": dict(**TINY, codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
                  teachers=(None, None), head_dims=(0, 0)),
-    # tiny's trunk, one plain 1024-entry VQ branch (VQ(2K)): the codes of the plain AR baseline (ablate.py --table ar)
-    "tiny-vq": dict(**TINY, codebook_size=1024, num_codebooks=1, adapter_layers=0, branch_names=("vis",),
+    # tiny at 64 channels: weights/tiny_tokenizer.pt (fine-tune it with --preset tiny64)
+    "tiny64": dict(**TINY64, codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
+                   teachers=(None, None), head_dims=(0, 0)),
+    # tiny64's trunk, one plain 1024-entry VQ branch (VQ(2K)): the plain AR baseline's codes (ablate.py --table ar),
+    # against FAR on the shipped tiny64 codes
+    "tiny-vq": dict(**TINY64, codebook_size=1024, num_codebooks=1, adapter_layers=0, branch_names=("vis",),
                     teachers=(None,), head_dims=(0,)),
-    # tiny + Sec. 3.2.2 ("+rep"): the offline stand-in teacher (teachers.PhotoCNN) on branch 2, where Dual has CLIP.
-    "tiny-dual": dict(**TINY, codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
+    # tiny64 + Sec. 3.2.2 ("+rep"): the offline stand-in teacher (teachers.PhotoCNN) on branch 2, where Dual has CLIP
+    # (weights/tiny_dual.pt, beside the shipped tiny64).
+    "tiny-dual": dict(**TINY64, codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
                       teachers=(None, "cnn:tiny_teacher.pt"), head_dims=(0, 128), head_layers=1),
     # Tab. 3 at CPU size (ablate.py), on the cheaper 8x8 grid (downsample 8) where the quantizer limits reconstruction:
-    # tiny8(-dual) = tiny(-dual) there; tiny8-vq: one plain branch, as vqgan-16 is to fqgan-dual-16 (VQ(2K): add
+    # tiny8(-dual) = tiny64(-dual) there; tiny8-vq: one plain branch, as vqgan-16 is to fqgan-dual-16 (VQ(2K): add
     # --codebook-size 1024); tiny8-ibq as ibq-16: d = z_channels, raw logits, K = 1024 = the 2 x 512 codes FQ stores.
     "tiny8": dict(**TINY8, codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
                   teachers=(None, None), head_dims=(0, 0)),

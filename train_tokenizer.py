@@ -40,7 +40,7 @@ from tokenizer import PRESETS, Tokenizer, TokenizerConfig
 # ~40 epochs = 200k steps) and the released scripts (LPIPS 1.0, GAN 0.5 from step 20k, their crop; # parity: §2, §3);
 # they keep no EMA, we do. TINY: 2 CPU cores and the bundled photos, no LPIPS and no GAN (LPIPS' weights cannot be
 # downloaded offline; the GAN without it wrecked reconstruction), lr 1e-3 with 50 warm-up steps and a cosine to 0,
-# crops of the photos at 1/4 to 3/4 of their size, the first 700 of 750 steps on 32 px windows cut at the scale of
+# crops of the photos at 1/4 to 3/4 of their size, the first 850 of 900 steps on 32 px windows cut at the scale of
 # those 64 px crops (3.2x the steps per second; still the 64 px model, evaluated on 64 px images), the photos decoded
 # once (cache_mib), bf16 autocast where the CPU has bf16 instructions, fp32 where it would emulate them ("auto"), an
 # EMA of ~20 steps (0.95: a longer one still remembers the window steps at the end; docs/results.md has the
@@ -48,12 +48,12 @@ from tokenizer import PRESETS, Tokenizer, TokenizerConfig
 PAPER = dict(data_path=None, global_batch_size=256, max_steps=200_000, lr=2e-4, lr_decay="constant", warmup_steps=0,
              low_res_steps=0, precision=None, cache_mib=0,
              ema_decay=0.9999, perceptual_weight=1.0, gan_weight=0.5, gan_start=20_000, crop_scale=1.25)
-TINY = dict(data_path=os.path.join(BUNDLED, "train"), global_batch_size=16, max_steps=750, lr=1e-3, lr_decay="cosine",
-            warmup_steps=50, low_res_steps=700, precision="auto", ema_decay=0.95, perceptual_weight=0.0, gan_weight=0.0,
+TINY = dict(data_path=os.path.join(BUNDLED, "train"), global_batch_size=16, max_steps=900, lr=1e-3, lr_decay="cosine",
+            warmup_steps=50, low_res_steps=850, precision="auto", ema_decay=0.95, perceptual_weight=0.0, gan_weight=0.0,
             gan_start=400, crop_scale=3.0, cache_mib=64)
 RECIPES = {"fqgan-dual-16": PAPER, "fqgan-triple-16": PAPER, "fqgan-dual-8": PAPER, "fqgan-triple-8": PAPER,
-           "vqgan-16": PAPER, "ibq-16": PAPER, "tiny": TINY, "tiny-dual": TINY, "tiny-vq": TINY, "tiny8": TINY,
-           "tiny8-dual": TINY, "tiny8-vq": TINY, "tiny8-ibq": TINY}
+           "vqgan-16": PAPER, "ibq-16": PAPER, "tiny": TINY, "tiny64": TINY, "tiny-dual": TINY, "tiny-vq": TINY,
+           "tiny8": TINY, "tiny8-dual": TINY, "tiny8-vq": TINY, "tiny8-ibq": TINY}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -81,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--out-dir", default="runs/tokenizer", help="checkpoints, log.jsonl, sample PNGs (%(default)s)")
     p.add_argument("--init-from", metavar="CKPT", help="fine-tune: start from these weights (our checkpoint, the "
                    "shipped weights/tiny_tokenizer.pt, a released FQGAN file) with fresh optimizers at step 0; the "
-                   "preset must match them")
+                   "preset must match them (the shipped file's: tiny64)")
     # optimisation: Adam (0.9, 0.95), no weight decay, clip 1.0; one Adam for G, one for D (Sec. 4.1; # parity: §3.1)
     p.add_argument("--global-batch-size", type=int, help=recipe("global_batch_size", "images per step, all ranks"))
     p.add_argument("--max-steps", type=int, help=recipe("max_steps", "training steps"))

@@ -118,7 +118,8 @@ def test_recipes_run_each_seed_and_report_the_means(monkeypatch, capsys):
     assert [os.path.basename(argv[1]) for argv in commands] == ["train_far.py"] * 2
     assert [result.split(",")[1] for *_, result, _ in rows] == [" held-out 4.50 bits"] * 2
     # the flags that restore the earlier recipes still parse (the quick table runs the tokenizer's only)
-    assert train_tokenizer.parse_args(bench.RECIPES["tiny tokenizer"][1])[0].ema_decay == 0.99
+    before = train_tokenizer.parse_args(bench.RECIPES["tiny tokenizer"][1])[0]
+    assert before.ema_decay == 0.99 and before.preset == "tiny64"
     assert train_far.parse_args(bench.RECIPES["tiny FAR"][1])[0].warmup_steps == 0
     assert bench.parse_args(["--seeds", "3,1,3"]).seeds == [3, 1]
     with pytest.raises(SystemExit) as e:

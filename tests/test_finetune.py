@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -44,7 +45,8 @@ def own_images(tmp_path_factory):
 def test_init_from_the_shipped_tokenizer_starts_at_its_weights(own_images, tmp_path):
     """Step 0 of the fine-tuning run is the shipped model: its held-out PSNR before training is the shipped model's."""
     out = tmp_path / "tok"
-    train_tokenizer.main(QUICK + ["--init-from", SHIPPED_TOKENIZER, "--data-path", str(own_images), "--val-path",
+    train_tokenizer.main(QUICK + ["--preset", "tiny64", "--init-from", SHIPPED_TOKENIZER, "--data-path",
+                                  str(own_images), "--val-path",
                                   str(own_images), "--global-batch-size", "4", "--max-steps", "1",
                                   "--out-dir", str(out)])
     first = next(r for r in map(json.loads, open(out / "log.jsonl")) if "val_psnr" in r)
@@ -56,11 +58,17 @@ def test_init_from_the_shipped_tokenizer_starts_at_its_weights(own_images, tmp_p
 
 
 def test_init_from_another_architecture_exits_2_naming_it(own_images, tmp_path, capsys):
-    with pytest.raises(SystemExit) as e:
-        train_tokenizer.main(QUICK + ["--preset", "tiny8", "--init-from", SHIPPED_TOKENIZER, "--data-path",
-                                      str(own_images), "--global-batch-size", "4", "--out-dir", str(tmp_path)])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "has another architecture than this run" in err and "--preset" in err
+    """The default preset (tiny, 48 channels) is not the shipped tokenizer's (tiny64): the error names tiny64; a file
+    that no preset fits (another codebook size) gets the flags to choose."""
+    other = tmp_path / "k256.pt"
+    cfg = TokenizerConfig(**{**PRESETS["tiny"], "codebook_size": 256})
+    torch.save({"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)}, other)
+    for source, hint in ((SHIPPED_TOKENIZER, "it is --preset tiny64"), (str(other), "choose its --preset (and")):
+        with pytest.raises(SystemExit) as e:
+            train_tokenizer.main(QUICK + ["--init-from", source, "--data-path", str(own_images),
+                                          "--global-batch-size", "4", "--out-dir", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "has another architecture than this run" in err and hint in err, err
 
 
 def test_init_from_a_released_fqgan_file(tmp_path):
@@ -102,8 +110,8 @@ def test_the_readme_commands_on_your_own_images(own_images, tmp_path):
     shipped FAR, samples of the user's class 1; as a user runs them (processes, default flags but the step counts)."""
     run = lambda *argv: subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True)
     steps = ["--max-steps", "2", "--eval-every", "1000", "--sample-every", "1000"]
-    tok = run(os.path.join(ROOT, "train_tokenizer.py"), "--data-path", str(own_images), "--init-from",
-              SHIPPED_TOKENIZER, "--global-batch-size", "4", "--out-dir", "runs/my-tokenizer", *steps)
+    tok = run(os.path.join(ROOT, "train_tokenizer.py"), "--preset", "tiny64", "--data-path", str(own_images),
+              "--init-from", SHIPPED_TOKENIZER, "--global-batch-size", "4", "--out-dir", "runs/my-tokenizer", *steps)
     assert tok.returncode == 0, tok.stderr[-2000:]
     far = run(os.path.join(ROOT, "train_far.py"), "--data-path", str(own_images), "--tokenizer-ckpt",
               "runs/my-tokenizer/checkpoints/last.pt", "--init-from", SHIPPED_FAR, "--global-batch-size", "8",
