@@ -85,6 +85,16 @@ def test_init_from_a_released_fqgan_file(tmp_path):
         init_weights(Tokenizer(TokenizerConfig(**PRESETS["fqgan-triple-16"])), released, "--init-from x")
 
 
+def test_far_of_another_architecture_names_the_preset_that_fits_it():
+    """The hint of init_weights for FAR: a file that is exactly a FAR preset is named; another one gets the flags."""
+    source = train_far.FAR(train_far.FARConfig(**train_far.PRESETS["tiny"]))
+    small = {**train_far.PRESETS["tiny"], "dim": 64, "n_head": 1, "n_layer": 1, "ar_head_layers": 1}
+    with pytest.raises(CheckpointError, match="it is --preset tiny$"):
+        init_weights(train_far.FAR(train_far.FARConfig(**small)), source, "--init-from x")
+    with pytest.raises(CheckpointError, match="choose its --preset"):
+        init_weights(source, train_far.FAR(train_far.FARConfig(**small)), "--init-from x")
+
+
 def test_far_init_from_shipped_and_released_files_with_other_classes(own_images, tmp_path, capsys):
     """The shipped tiny FAR (11 classes) and the same weights in the released format initialise a FAR on 3 classes:
     every tensor but the class table comes from the file (an lr of 1e-12 keeps step 1 where step 0 was)."""
