@@ -97,6 +97,10 @@ TRIPLE_TEACHERS = ("timm:vit_small_patch14_dinov2.lvd142m", "openclip:ViT-B-16:o
 TINY = dict(image_size=64, ch=48, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=6)   # 16x16 tokens
 TINY64 = {**TINY, "ch": 64, "norm_groups": 8}                        # 64 channels, 8 per group
 TINY8 = {**TINY64, "ch_mult": (1, 1, 2, 2)}                          # one more level: 8x8 tokens (downsample 8)
+# the tiny FQ branches: two 512-entry sub-codebooks, residual adapters, no teacher; +rep: the stand-in on branch 2
+TINY_FQ = dict(codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True, teachers=(None, None),
+               head_dims=(0, 0))
+TINY_REP = dict(teachers=(None, "cnn:tiny_teacher.pt"), head_dims=(0, 128), head_layers=1)
 # paper-map: Tab. 1
 PRESETS = {
     # Tab. 1: FQGAN-Dual / -Triple at downsample 16 (16x16 tokens at 256 px) and 8 (32x32 tokens), K = 16384, d = 8
@@ -116,26 +120,20 @@ PRESETS = {
                    num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,), head_dims=(0,)),
     # CPU size: 64 px, downsample 4 -> 16x16 tokens, two 512-entry sub-codebooks, no teacher (no weights offline).
     # NOTE(paper≠code): residual tiny adapters, z_i = z + A_i(z), train faster at this size (docs/results.md).
-    "tiny": dict(**TINY, codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
-                 teachers=(None, None), head_dims=(0, 0)),
-    # tiny at 64 channels: weights/tiny_tokenizer.pt (fine-tune it with --preset tiny64)
-    "tiny64": dict(**TINY64, codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
-                   teachers=(None, None), head_dims=(0, 0)),
+    "tiny": {**TINY, **TINY_FQ},
+    "tiny64": {**TINY64, **TINY_FQ},    # tiny at 64 channels: weights/tiny_tokenizer.pt (fine-tune: --preset tiny64)
     # tiny64's trunk, one plain 1024-entry VQ branch (VQ(2K)): the plain AR baseline's codes (ablate.py --table ar),
     # against FAR on the shipped tiny64 codes
     "tiny-vq": dict(**TINY64, codebook_size=1024, num_codebooks=1, adapter_layers=0, branch_names=("vis",),
                     teachers=(None,), head_dims=(0,)),
     # tiny64 + Sec. 3.2.2 ("+rep"): the offline stand-in teacher (teachers.PhotoCNN) on branch 2, where Dual has CLIP
     # (weights/tiny_dual.pt, beside the shipped tiny64).
-    "tiny-dual": dict(**TINY64, codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
-                      teachers=(None, "cnn:tiny_teacher.pt"), head_dims=(0, 128), head_layers=1),
+    "tiny-dual": {**TINY64, **TINY_FQ, **TINY_REP},
     # Tab. 3 at CPU size (ablate.py), on the cheaper 8x8 grid (downsample 8) where the quantizer limits reconstruction:
     # tiny8(-dual) = tiny64(-dual) there; tiny8-vq: one plain branch, as vqgan-16 is to fqgan-dual-16 (VQ(2K): add
     # --codebook-size 1024); tiny8-ibq as ibq-16: d = z_channels, raw logits, K = 1024 = the 2 x 512 codes FQ stores.
-    "tiny8": dict(**TINY8, codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
-                  teachers=(None, None), head_dims=(0, 0)),
-    "tiny8-dual": dict(**TINY8, codebook_size=512, adapter_layers=2, adapter_heads=4, adapter_residual=True,
-                       teachers=(None, "cnn:tiny_teacher.pt"), head_dims=(0, 128), head_layers=1),
+    "tiny8": {**TINY8, **TINY_FQ},
+    "tiny8-dual": {**TINY8, **TINY_FQ, **TINY_REP},
     "tiny8-vq": dict(**TINY8, codebook_size=512, num_codebooks=1, adapter_layers=0, branch_names=("vis",),
                      teachers=(None,), head_dims=(0,)),
     "tiny8-ibq": dict(**TINY8, quantizer="ibq", codebook_size=1024, codebook_dim=64, l2_norm=False, entropy_weight=0.05,
