@@ -154,9 +154,9 @@ def parse_args(argv=None):
     # runtime
     p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (%(default)s)")
     p.add_argument("--num-workers", type=int, help=recipe("num_workers", "loader workers per rank"))
-    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="autocast dtype; auto: bf16 on CUDA and on "
-                   "CPUs with AVX512-BF16 or AMX, else fp32 (default: the recipe's, tiny auto; paper presets: bf16 on "
-                   "CUDA, else fp32)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="autocast dtype; auto: bf16 on GPUs with bf16 "
+                   "(Ampere on) and CPUs with AVX512-BF16 or AMX, else fp32 (default: the recipe's, tiny auto; paper "
+                   "presets: bf16 on CUDA, else fp32)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the DDP-wrapped model "
                    "(default: on with CUDA)")
     p.add_argument("--extract-batch-size", type=int, default=16, help="images per encode in stage 1 (%(default)s)")

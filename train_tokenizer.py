@@ -114,8 +114,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-mib", type=int, help=recipe("cache_mib", "MiB of decoded training photos each loader "
                    "process keeps in memory (a small folder is decoded once, not once per crop); 0 = none"))
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="autocast dtype of the forward; auto: bf16 "
-                   "on CUDA and on CPUs with AVX512-BF16 or AMX, else fp32 (default: the recipe's, tiny auto; paper "
-                   "presets: bf16 on CUDA, fp32 on CPU)")
+                   "on GPUs with bf16 (Ampere on) and CPUs with AVX512-BF16 or AMX, else fp32 (default: the recipe's, "
+                   "tiny auto; paper presets: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the DDP-wrapped tokenizer "
                    "(default: on with CUDA, off on CPU)")
     p.add_argument("--log-every", type=int, default=50, help="steps between JSONL log lines (%(default)s)")
