@@ -11,11 +11,15 @@ offline (evaluate.py's class probe, figures.py's Fig. 4).
   python train_teacher.py                      # -> weights/tiny_teacher.pt
 """
 import argparse
+import math
 import os
+import shlex
+import sys
 
 import torch
 import torch.nn.functional as F
 
+from checkpoints import CheckpointError, check_writable
 from images import BUNDLED, ImageFolder, open_rgb, random_crop, to_tensor
 from teachers import PhotoCNN
 
@@ -49,11 +53,21 @@ def main(argv=None):
     for name in ("image_size", "width", "steps", "batch_size"):       # checked before any work: one line, exit 2
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be an integer >= 1")
-    torch.manual_seed(args.seed)                                      # the initial weights
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr {args.lr} is out of range: must be finite and > 0")
     size = (args.image_size, args.image_size)                         # square crops, the tiny tokenizer's input
-    # the training folder is only listed here (photos are decoded below); val gives centre crops for accuracy()
-    train, val = ImageFolder(args.data_path, size, train=True, seed=args.seed), ImageFolder(args.val_path, size,
-                                                                                             train=False)
+    try:   # the output and both folders before any training: a bad path fails now, not after it
+        check_writable(args.out, "--out")
+        # the training folder is only listed here (photos are decoded below); val gives centre crops for accuracy()
+        train, val = (ImageFolder(args.data_path, size, train=True, seed=args.seed),
+                      ImageFolder(args.val_path, size, train=False))
+    except (CheckpointError, FileNotFoundError) as e:
+        p.error(str(e))
+    if train.flat or val.classes != train.classes:                    # accuracy() compares labels, index = class
+        found = lambda f: "images directly in it" if f.flat else ", ".join(f.classes) or "no class folder"
+        p.error(f"--data-path {args.data_path} and --val-path {args.val_path} need the same class folders, "
+                f"root/<class>/<image>; found {found(train)} and {found(val)}")
+    torch.manual_seed(args.seed)                                      # the initial weights
     net = PhotoCNN(len(train.classes), args.width, args.image_size)   # one class per photo subject
     opt = torch.optim.Adam(net.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.steps)   # lr -> 0 at the last step
@@ -68,6 +82,8 @@ def main(argv=None):
         x = torch.stack([to_tensor(random_crop(photos[i], size, g)) for i in idx])    # (B, 3, S, S)
         y = torch.tensor([train.samples[i][1] for i in idx])          # (B,) the photo each crop came from
         loss = F.cross_entropy(net(x), y)                             # which photo: the features are a by-product
+        if not math.isfinite(loss.item()):                            # nothing written: the old file stays
+            sys.exit(f"train_teacher.py: the loss is {loss.item()} at step {step}; nothing written (lower --lr)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -77,7 +93,8 @@ def main(argv=None):
     config = {"num_classes": len(train.classes), "width": args.width, "image_size": args.image_size}   # PhotoCNN(**)
     # plain types only: teachers.load_teacher reads it with torch.load(weights_only=True)
     state = {"model": net.state_dict(), "config": config, "classes": train.classes, "steps": args.steps,
-             "val_accuracy": accuracy(net, val), "command": "python train_teacher.py"}
+             "val_accuracy": accuracy(net, val),
+             "command": shlex.join(["python", "train_teacher.py", *(sys.argv[1:] if argv is None else argv)])}
     tmp = args.out + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, args.out)                                         # atomic: never a half-written teacher
