@@ -16,6 +16,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoints  # noqa: E402
 import codes as codes_module  # noqa: E402
 import train_far  # noqa: E402
 from checkpoints import load_tokenizer  # noqa: E402
@@ -86,6 +87,32 @@ def test_resume_equals_uninterrupted_bit_for_bit(tok_ckpt, data, tmp_path, kille
     # the checkpoint names the tokenizer it was trained on and the class names
     assert full["tokenizer"]["path"] == os.path.abspath(tok_ckpt) and full["classes"] == ["a", "b", "c"]
     assert full["config"]["num_classes"] == 3 and full["config"]["codebook_size"] == 512
+
+
+def test_resume_of_another_run_exits_2_and_without_a_checkpoint_starts_fresh(tok_ckpt, data, tmp_path, capsys):
+    """--resume refuses a last.pt of another --global-batch-size or model (its data position and weights would mean
+    something else) with exit 2 and leaves it as it was; with no last.pt yet it says so and trains from step 0. And
+    the global batch must split over the ranks (checkpoints.start_training, for both training scripts)."""
+    run(tok_ckpt, data, tmp_path / "a", "--max-steps", "1")
+    last = tmp_path / "a" / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    for other in (["--global-batch-size", "4"], ["--head", "mlp"]):
+        with pytest.raises(SystemExit) as e:
+            run(tok_ckpt, data, tmp_path / "a", "--max-steps", "2", "--resume", *other)
+        assert e.value.code == 2 and "written with another model config or --global-batch-size" in \
+            capsys.readouterr().err
+        assert last.read_bytes() == before
+    assert run(tok_ckpt, data, tmp_path / "b", "--max-steps", "1", "--resume")["step"] == 1
+    assert f"--resume: no {tmp_path / 'b' / 'checkpoints' / 'last.pt'} yet, starting from scratch" in \
+        capsys.readouterr().out
+    args, parser = train_far.parse_args(FAST + ["--tokenizer-ckpt", tok_ckpt, "--data-path", data, "--out-dir",
+                                                str(tmp_path / "c"), "--global-batch-size", "3"])
+    with pytest.MonkeyPatch.context() as m:                            # as under torchrun with 2 processes
+        m.setattr(checkpoints, "init_distributed", lambda: (False, 0, 2, 0, torch.device("cpu")))
+        with pytest.raises(SystemExit) as e:
+            train_far.start_training(args, parser)
+    assert e.value.code == 2 and "--global-batch-size 3 is not divisible by the world size 2" in \
+        capsys.readouterr().err
 
 
 def test_training_lowers_held_out_nll_on_its_own_data(tok_ckpt, data, tmp_path):
