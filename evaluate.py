@@ -405,9 +405,15 @@ def main(argv=None):
         except ValueError as e:
             parser.error(str(e))
     else:
-        dataset = ImageFolder(args.data_path, tok.cfg.image_shape, train=False, only=args.classes)   # ADM crop §4.1
+        try:   # a folder without images: one line, exit 2
+            dataset = ImageFolder(args.data_path, tok.cfg.image_shape, train=False, only=args.classes)   # ADM crop
+        except FileNotFoundError as e:
+            parser.error(str(e))
         inputs = {"checkpoint": args.tokenizer_ckpt, "data_path": args.data_path, "image_size": "%dx%d" % dataset.size}
-        metrics = evaluate_tokenizer(args, tok, dataset, device, rank, world)
+        try:
+            metrics = evaluate_tokenizer(args, tok, dataset, device, rank, world)
+        except ValueError as e:                                       # e.g. every image unreadable: exit 2
+            parser.error(str(e))
     res = metrics and {**inputs, **metrics}                           # None on ranks > 0: rank 0 reports
     if res:
         for key, value in res.items():                        # the table: one line per metric, null when missing

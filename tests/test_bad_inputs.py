@@ -49,6 +49,7 @@ def files(tmp_path_factory, pair):
                 path.write_bytes(b"\x89PNG\r\n\x1a\n cut short")
             else:
                 Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
+    (d / "no_images" / "a").mkdir(parents=True)                      # a class folder, no image in it
     # generation mode inputs: an npz without images, one without arr_0, a file that is not a zip
     np.savez(d / "zero.npz", arr_0=np.zeros((0, 32, 32, 3), np.uint8))
     np.savez(d / "no_arr0.npz", images=np.zeros((2, 32, 32, 3), np.uint8))
@@ -111,6 +112,13 @@ CASES = [
     ("train_far on a folder of unreadable files", "train_far",
      lambda d, p: ["--tokenizer-ckpt", str(p / "tok.pt"), "--data-path", str(d / "all_broken"), "--out-dir",
                    str(d / "far_run")], 2, "every file was unreadable"),
+    ("evaluate on a folder of unreadable files", "evaluate",
+     lambda d, p: ["--tokenizer-ckpt", str(p / "tok.pt"), "--data-path", str(d / "all_broken"), "--num-workers", "0",
+                   "--no-fid", "--no-lpips", "--out-json", str(d / "r.json")], 2,
+     "none of the 4 images under {d}/all_broken could be read"),
+    ("evaluate on a folder without images", "evaluate",
+     lambda d, p: ["--tokenizer-ckpt", str(p / "tok.pt"), "--data-path", str(d / "no_images"), "--out-json",
+                   str(d / "r.json")], 2, "no images under {d}/no_images/<class>/"),
     # generation mode of evaluate.py: the inputs are checked before Inception is loaded
     ("evaluate --classes nosuch", "evaluate", lambda d, p: ["--classes", "nosuch"], 2,
      "--classes nosuch: not all are class folders of --data-path"),

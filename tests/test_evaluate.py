@@ -144,18 +144,22 @@ def test_missing_inception_weights_name_the_file_and_url(tok_ckpt, tmp_path, mon
     assert evaluate.INCEPTION_FILE == os.path.basename(URL_INCEPTION_V3)   # our default path's name is the release's
 
 
-def test_generation_mode_npz_against_folder(inception, small_layers, tmp_path):
+def test_generation_mode_npz_against_folder(inception, small_layers, tmp_path, capsys):
     x = photos(12)
     arr = x.permute(0, 2, 3, 1).numpy()                         # (N, H, W, 3), the ADM layout
     np.savez_compressed(tmp_path / "samples.npz", arr_0=arr)
     os.makedirs(tmp_path / "ref")
     for i, img in enumerate(arr):
         Image.fromarray(img).save(tmp_path / "ref" / f"{i:03d}.png")
+    (tmp_path / "ref" / "broken.png").write_bytes(b"not a png")  # skipped, counted and named, never replaced
     batches = list(image_batches(str(tmp_path / "samples.npz"), 5))
     assert [len(b) for b in batches] == [5, 5, 2] and torch.equal(torch.cat(batches), x)
     res = run_main(tmp_path, "--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "ref"),
                    "--inception-weights", inception, "--batch-size", "5")
     assert res["images"] == res["reference_images"] == 12
+    assert (res["unreadable"], res["reference_unreadable"]) == (0, 1)
+    ref = tmp_path / "ref"
+    assert f"note: 1 unreadable images skipped in {ref}: {ref / 'broken.png'}" in capsys.readouterr().out
     assert abs(res["fid"]) < 1e-3 and res["precision"] == res["recall"] == 1.0 and res["inception_score"] > 1 - 1e-9
     np.savez(tmp_path / "bad.npz", arr_0=arr.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
