@@ -214,6 +214,8 @@ def load_codes(args, parser, device, rank, world):
     if len(dataset) < world:                                          # every rank needs one image per epoch
         parser.error(f"--data-path {args.data_path}: {len(dataset)} readable images for {world} processes"
                      + (" (every file was unreadable)" if not len(dataset) else ""))
+    if val_set is not None and not len(val_set):                      # a held-out NLL of nothing would read 0 bits
+        parser.error(f"--val-path {args.val_path}: no readable images (every file was unreadable)")
     return tok, folder, dataset, val_set
 
 
