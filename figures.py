@@ -98,8 +98,9 @@ def figure4(tok, dataset, path, n_classes, method, batch_size, max_points=1000, 
     <= 50 images each, max_points tokens at random) in 2-D, one panel per sub-codebook, coloured by class."""
     classes = torch.linspace(0, len(dataset.classes) - 1, n_classes).round().long().unique().tolist()
     idx = [i for c in classes for i in [j for j, (_, y) in enumerate(dataset.samples) if y == c][:50]]   # <= 50 each
-    device = next(tok.parameters()).device                    # the images go where the tokenizer is
-    codes = torch.cat([tok.encode(torch.stack([dataset[i][0] for i in idx[s:s + batch_size]]).to(device))
+    images = {i: x for i, x in ((i, dataset[i]) for i in idx) if x[1] >= 0}        # unreadable files left out
+    idx, device = [i for i in idx if i in images], next(tok.parameters()).device  # the images go to the tokenizer
+    codes = torch.cat([tok.encode(torch.stack([images[i][0] for i in idx[s:s + batch_size]]).to(device))
                        for s in range(0, len(idx), batch_size)])                    # (N, k, h, w)
     # one label per token: the image's position in `classes` (a PALETTE index), repeated h*w times -> (N*h*w,)
     labels = torch.tensor([classes.index(dataset.samples[i][1]) for i in idx]).repeat_interleave(codes[0, 0].numel())
@@ -184,10 +185,15 @@ def main(argv=None):
         dataset = ImageFolder(args.data_path, tok.cfg.image_shape, train=False)
     except (CheckpointError, FileNotFoundError) as e:
         p.error(str(e))
+    # Fig. 3 rows: images evenly spread over the (class-sorted) data set, so different classes show; an unreadable
+    # file gives way to the next readable image (dataset[i][1] is -1 for an unreadable file)
+    rows = []
+    for i in torch.linspace(0, len(dataset) - 1, min(args.fig3_images, len(dataset))).round().long().tolist():
+        rows += [next((x for x, y, *_ in map(dataset.__getitem__, range(i, len(dataset))) if y >= 0), None)]
+    if rows[0] is None:                                       # not even the first spread position has one after it
+        p.error(f"--data-path {args.data_path}: none of its {len(dataset)} images could be read")
     os.makedirs(args.out_dir, exist_ok=True)
-    # Fig. 3 rows: images evenly spread over the (class-sorted) data set, so different classes show
-    idx = torch.linspace(0, len(dataset) - 1, min(args.fig3_images, len(dataset))).round().long().tolist()
-    figure3(tok, torch.stack([dataset[i][0] for i in idx]), os.path.join(args.out_dir, "fig3.png"))
+    figure3(tok, torch.stack([x for x in rows if x is not None]), os.path.join(args.out_dir, "fig3.png"))
     figure4(tok, dataset, os.path.join(args.out_dir, "fig4.png"), args.fig4_classes, args.fig4_method,
             args.batch_size)
 

@@ -328,6 +328,31 @@ def test_figures_are_written_with_the_expected_size(tok_ckpt, tmp_path):
     assert not [f for f in os.listdir(tmp_path) if ".tmp" in f]   # atomic writes leave no temp files
 
 
+def test_figures_skip_unreadable_images(tok_ckpt, tmp_path, capsys):
+    """An unreadable file where a Fig. 3 row would start gives way to the next readable image (no black row, no
+    zeros among Fig. 4's tokens); a folder of unreadable files only is one line and exit 2."""
+    x = photos(2)
+    for c in "ab":
+        os.makedirs(tmp_path / "data" / c)
+    (tmp_path / "data" / "a" / "0.png").write_bytes(b"not a png")   # the first image of the sorted list
+    Image.fromarray(x[0].permute(1, 2, 0).numpy()).save(tmp_path / "data" / "a" / "1.png")
+    Image.fromarray(x[1].permute(1, 2, 0).numpy()).save(tmp_path / "data" / "b" / "0.png")
+    figures.main(["--tokenizer-ckpt", tok_ckpt, "--data-path", str(tmp_path / "data"), "--out-dir",
+                  str(tmp_path / "figs"), "--fig3-images", "2", "--fig4-classes", "2", "--fig4-method", "pca"])
+    fig3 = np.asarray(Image.open(tmp_path / "figs" / "fig3.png"))
+    for row in range(2):                                        # the originals: a/1.png (after the broken a/0.png), b/0
+        original = fig3[20 + 128 * row:148 + 128 * row, :128]
+        assert np.array_equal(original, x[row].repeat_interleave(4, 1).repeat_interleave(4, 2).permute(1, 2, 0).numpy())
+    for c in "ab":
+        os.makedirs(tmp_path / "broken" / c)
+        (tmp_path / "broken" / c / "0.png").write_bytes(b"not a png either")
+    with pytest.raises(SystemExit) as e:
+        figures.main(["--tokenizer-ckpt", tok_ckpt, "--data-path", str(tmp_path / "broken"), "--out-dir",
+                      str(tmp_path / "none")])
+    assert e.value.code == 2 and "none of its 2 images could be read" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "none")                  # nothing made before the error
+
+
 def test_tsne_separates_two_clusters():
     g = torch.Generator().manual_seed(0)
     x = torch.cat([torch.randn(30, 8, generator=g), torch.randn(30, 8, generator=g) + 6])
