@@ -186,14 +186,13 @@ def main(argv=None):
     except (CheckpointError, FileNotFoundError) as e:
         p.error(str(e))
     # Fig. 3 rows: images evenly spread over the (class-sorted) data set, so different classes show; an unreadable
-    # file gives way to the next readable image (dataset[i][1] is -1 for an unreadable file)
-    rows = []
-    for i in torch.linspace(0, len(dataset) - 1, min(args.fig3_images, len(dataset))).round().long().tolist():
-        rows += [next((x for x, y, *_ in map(dataset.__getitem__, range(i, len(dataset))) if y >= 0), None)]
+    # file gives way to the next readable image
+    spread = torch.linspace(0, len(dataset) - 1, min(args.fig3_images, len(dataset))).round().long().tolist()
+    rows = [dataset.first_readable(i) for i in spread]        # (image, label, index, skipped) or None
     if rows[0] is None:                                       # not even the first spread position has one after it
         p.error(f"--data-path {args.data_path}: none of its {len(dataset)} images could be read")
     os.makedirs(args.out_dir, exist_ok=True)
-    figure3(tok, torch.stack([x for x in rows if x is not None]), os.path.join(args.out_dir, "fig3.png"))
+    figure3(tok, torch.stack([r[0] for r in rows if r is not None]), os.path.join(args.out_dir, "fig3.png"))
     figure4(tok, dataset, os.path.join(args.out_dir, "fig4.png"), args.fig4_classes, args.fig4_method,
             args.batch_size)
 

@@ -157,6 +157,11 @@ class ImageFolder(Dataset):
                 return to_tensor(random_crop(img, self.size, g, self.max_scale, self.scale_of)), label, index, skipped
         raise RuntimeError(f"none of the {len(self.samples)} images under the data folder could be read")
 
+    def first_readable(self, start=0):
+        """The first item at or after index `start` whose file can be read (eval crops: an unreadable one has label
+        -1), or None: one read for a healthy folder."""
+        return next((item for item in map(self.__getitem__, range(start, len(self))) if item[1] >= 0), None)
+
     def _photo(self, path):
         """open_rgb(path), decoded once while the cache has room (an unreadable file is tried again each time)."""
         img = self.cache.get(path)

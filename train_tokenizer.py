@@ -192,8 +192,8 @@ def load_data(args, cfg, parser):
         parser.error(f"--hold-out: {e}")
     except FileNotFoundError as e:                                    # a folder without images
         parser.error(str(e))
-    if val_set is not None and not any(val_set[i][1] >= 0 for i in range(len(val_set))):   # stops at the first
-        parser.error(f"--val-path {args.val_path}: none of its {len(val_set)} images could be read")  # readable one
+    if val_set is not None and val_set.first_readable() is None:     # every held-out file unreadable
+        parser.error(f"--val-path {args.val_path}: none of its {len(val_set)} images could be read")
     if args.global_batch_size > len(dataset):                         # every batch would repeat images
         parser.error(f"--global-batch-size {args.global_batch_size} is larger than the data: {len(dataset)} images "
                      f"under --data-path {args.data_path}")
