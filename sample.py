@@ -147,20 +147,22 @@ def main(argv=None):
     args, parser = parse_args(argv)
     ddp, rank, world, _, device = init_distributed(args.device)       # torchrun: NCCL / gloo; else rank 0 of 1
     model, tok, classes = load_pair(args, parser, device)              # both in eval mode, on device
-    threads, small = torch.get_num_threads(), sum(p.numel() for p in model.parameters()) < 50e6
-    torch.set_num_threads(args.threads or (1 if small and device.type == "cpu" else threads))   # restored at the end
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     if args.compile and device.type == "cpu":                          # the weights stay fixed: fold them in (fast.py)
         args.compile = "frozen"
-    if args.num_samples > 0:                                           # every rank its share
-        try:
-            npz(model, tok, args, device, rank, world)
-        except (CheckpointError, OSError) as e:                        # no space: one line, exit 2
-            parser.error(str(e))
-    elif rank == 0:                                                    # one PNG, written by rank 0 alone
-        png(model, tok, classes, args, device)
-    torch.set_num_threads(threads)
+    threads, small = torch.get_num_threads(), sum(p.numel() for p in model.parameters()) < 50e6
+    torch.set_num_threads(args.threads or (1 if small and device.type == "cpu" else threads))
+    try:
+        if args.num_samples > 0:                                       # every rank its share
+            try:
+                npz(model, tok, args, device, rank, world)
+            except (CheckpointError, OSError) as e:                    # no space: one line, exit 2
+                parser.error(str(e))
+        elif rank == 0:                                                # one PNG, written by rank 0 alone
+            png(model, tok, classes, args, device)
+    finally:                                                           # on an error exit too: a caller (the tests)
+        torch.set_num_threads(threads)                                 # keeps its thread count
     if ddp:
         dist.destroy_process_group()
 

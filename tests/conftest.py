@@ -60,3 +60,13 @@ def killed_after(monkeypatch):
             module.main(argv)
         monkeypatch.setattr(module, "save_checkpoint", real)
     return run
+
+
+@pytest.fixture(autouse=True)
+def thread_count_left_alone():
+    """Every test leaves torch.get_num_threads() as it found it. A script's main that lowered it and left it lowered
+    (sample.py on its error exits did) ran every later test on one thread: slower, and the tests "at the default
+    thread count" at another count, where 2-thread nondeterminism cannot show."""
+    before = torch.get_num_threads()
+    yield
+    assert torch.get_num_threads() == before, f"the test left {torch.get_num_threads()} threads, found {before}"
