@@ -62,11 +62,21 @@ def killed_after(monkeypatch):
     return run
 
 
+def process_state():
+    """What an in-process main (or a test) could change for every later test in the same pytest process on a CPU (the
+    scripts' CUDA backend flags, e.g. evaluate.py's cudnn.allow_tf32 = False, do nothing here)."""
+    import quantizer
+    return {"threads": torch.get_num_threads(), "grad": torch.is_grad_enabled(), "dtype": torch.get_default_dtype(),
+            "deterministic": torch.are_deterministic_algorithms_enabled(), "anomaly": torch.is_anomaly_enabled(),
+            "quantizer.FAST": quantizer.FAST}
+
+
 @pytest.fixture(autouse=True)
-def thread_count_left_alone():
-    """Every test leaves torch.get_num_threads() as it found it. A script's main that lowered it and left it lowered
+def process_state_left_alone():
+    """Every test leaves the process as it found it. A script's main that lowered the thread count and left it lowered
     (sample.py on its error exits did) ran every later test on one thread: slower, and the tests "at the default
     thread count" at another count, where 2-thread nondeterminism cannot show."""
-    before = torch.get_num_threads()
+    before = process_state()
     yield
-    assert torch.get_num_threads() == before, f"the test left {torch.get_num_threads()} threads, found {before}"
+    after = process_state()
+    assert after == before, {k: (before[k], after[k]) for k in before if after[k] != before[k]}   # {what: (was, is)}
