@@ -100,6 +100,9 @@ def figure4(tok, dataset, path, n_classes, method, batch_size, max_points=1000, 
     idx = [i for c in classes for i in [j for j, (_, y) in enumerate(dataset.samples) if y == c][:50]]   # <= 50 each
     images = {i: x for i, x in ((i, dataset[i]) for i in idx) if x[1] >= 0}        # unreadable files left out
     idx, device = [i for i in idx if i in images], next(tok.parameters()).device  # the images go to the tokenizer
+    if not idx:                                               # every file of these classes unreadable (or none)
+        raise ValueError(f"no readable image in the Fig. 4 classes {', '.join(dataset.classes[c] for c in classes)}")
+    classes = [c for c in classes if any(dataset.samples[i][1] == c for i in idx)]   # a class of unreadable files: out
     codes = torch.cat([tok.encode(torch.stack([images[i][0] for i in idx[s:s + batch_size]]).to(device))
                        for s in range(0, len(idx), batch_size)])                    # (N, k, h, w)
     # one label per token: the image's position in `classes` (a PALETTE index), repeated h*w times -> (N*h*w,)
@@ -192,9 +195,12 @@ def main(argv=None):
     if rows[0] is None:                                       # not even the first spread position has one after it
         p.error(f"--data-path {args.data_path}: none of its {len(dataset)} images could be read")
     os.makedirs(args.out_dir, exist_ok=True)
+    try:                                                      # first: no Fig. 3 is written without its Fig. 4
+        figure4(tok, dataset, os.path.join(args.out_dir, "fig4.png"), args.fig4_classes, args.fig4_method,
+                args.batch_size)
+    except ValueError as e:                                   # every image of the chosen classes unreadable
+        p.error(f"--data-path {args.data_path}: {e}")
     figure3(tok, torch.stack([r[0] for r in rows if r is not None]), os.path.join(args.out_dir, "fig3.png"))
-    figure4(tok, dataset, os.path.join(args.out_dir, "fig4.png"), args.fig4_classes, args.fig4_method,
-            args.batch_size)
 
 
 if __name__ == "__main__":

@@ -351,6 +351,17 @@ def test_figures_skip_unreadable_images(tok_ckpt, tmp_path, capsys):
                       str(tmp_path / "none")])
     assert e.value.code == 2 and "none of its 2 images could be read" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "none")                  # nothing made before the error
+    # class a unreadable, b readable: Fig. 3 shows b; Fig. 4 of class a alone has nothing to show (exit 2, no figure
+    # written), of classes a and b it shows b alone, in the first colour
+    Image.fromarray(x[1].permute(1, 2, 0).numpy()).save(tmp_path / "broken" / "b" / "0.png")
+    flags = ["--tokenizer-ckpt", tok_ckpt, "--data-path", str(tmp_path / "broken"), "--fig4-method", "pca"]
+    with pytest.raises(SystemExit) as e:
+        figures.main([*flags, "--out-dir", str(tmp_path / "a"), "--fig4-classes", "1"])
+    assert e.value.code == 2 and "no readable image in the Fig. 4 classes a" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "a") == []
+    figures.main([*flags, "--out-dir", str(tmp_path / "ab"), "--fig4-classes", "2"])
+    colours = {tuple(c) for c in np.asarray(Image.open(tmp_path / "ab" / "fig4.png")).reshape(-1, 3).tolist()}
+    assert figures.PALETTE[0] in colours and figures.PALETTE[1] not in colours
 
 
 def test_tsne_separates_two_clusters():
