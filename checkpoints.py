@@ -287,9 +287,10 @@ def read_resume(out_dir, cfg, global_batch_size):
     return ckpt
 
 
-def mean_over_ranks_or_stop(terms, step, last):
+def mean_over_ranks_or_stop(terms, step, last, bar=None):
     """{name: scalar tensor} -> {name: float} averaged over ranks. A non-finite term stops training (exit 1, naming
-    the step and the term) before anything is written, so `last` stays the last good checkpoint."""
+    the step and the term) before anything is written, so `last` stays the last good checkpoint. `bar`, the loop's
+    tqdm bar, is closed first: the message gets a line of its own."""
     device, ddp = next(iter(terms.values())).device, dist.is_initialized()
     values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
                           for v in terms.values()])                   # (n_terms,): one all-reduce for all terms
@@ -298,6 +299,8 @@ def mean_over_ranks_or_stop(terms, step, last):
         values /= dist.get_world_size()
     if not torch.isfinite(values).all():                              # every rank sees the same values: all stop
         bad = [k for k, v in zip(terms, values.tolist()) if not math.isfinite(v)]
+        if bar is not None:
+            bar.close()
         if int(os.environ.get("RANK", 0)) == 0:                       # one message, not one per rank
             print(f"non-finite loss at step {step}: {', '.join(bad)}; stopping. The last good checkpoint {last} is "
                   f"left as it was.", file=sys.stderr)
@@ -396,6 +399,7 @@ def own_out_dir(args):
 # SIGINT (Ctrl-C) are noted instead of killing the process; the loop asks stop_requested() after each step, and all
 # ranks save last.pt and exit with 128 + the signal (143, 130). A second signal acts at once.
 STOP = {}                                                             # {"signal": number} once one arrived
+REPLACED = {}                                                         # {signal: handler catch_stop_signals replaced}
 
 
 def catch_stop_signals():
@@ -408,7 +412,18 @@ def catch_stop_signals():
             signal.raise_signal(signum)
         STOP["signal"] = signum
     for signum in (signal.SIGTERM, signal.SIGINT):
+        REPLACED.setdefault(signum, signal.getsignal(signum))        # after a run that ended in an error: the first's
         signal.signal(signum, note)
+
+
+def release_stop_signals():
+    """The handlers from before catch_stop_signals again, at the end of a run: in a process that goes on (ablate.py
+    between its training runs) a Ctrl-C interrupts at once, instead of being noted for a loop that no longer asks."""
+    for signum, handler in REPLACED.items():
+        if handler is not None:                                       # None: not set from Python
+            signal.signal(signum, handler)
+    REPLACED.clear()
+    STOP.clear()
 
 
 def stop_requested(device, save_due):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from checkpoints import (CheckpointError, add_checkpoint_flags, codebook_fingerprint, distribute, exit_stopped,
                          init_weights, load_far, load_tokenizer, lr_at, mean_over_ranks_or_stop, open_run,
-                         resume, save_checkpoint, start_training, stop_requested)
+                         release_stop_signals, resume, save_checkpoint, start_training, stop_requested)
 from codes import VIEWS, Codes, extract_codes
 from far import FAR, PRESETS, FARConfig, far_loss, generate
 from images import BUNDLED, ImageFolder, save_grid, stream
@@ -287,7 +287,7 @@ def main(argv=None):
         step, tokens = step + 1, tokens + codes[:, 0].numel() * world   # positions (B*h*w) over all ranks
         bar.update(1)
         # loss, ce/j per sub-code, grad_norm averaged over ranks; a NaN stops before any checkpoint is written
-        terms = mean_over_ranks_or_stop(loss, step, last)
+        terms = mean_over_ranks_or_stop(loss, step, last, bar)
         end = step == args.max_steps                                    # always log, evaluate, save the last step
         if step % args.log_every == 0 or end:
             log({"step": step, **terms, "tokens_per_s": tokens / (time.time() - t0)})
@@ -307,6 +307,7 @@ def main(argv=None):
             bar.close()                                                 # the bar's line ends before the last line
             exit_stopped(args, step, argv, "train_far.py")
     bar.close()
+    release_stop_signals()                                   # Ctrl-C acts at once again (ablate.py's process goes on)
     if master:                                                          # the last line: where the weights are
         print(f"done: step {step}, checkpoint {last}")
     if ddp:

@@ -28,8 +28,8 @@ from torch.utils.data import ConcatDataset
 from tqdm import tqdm
 
 from checkpoints import (CheckpointError, add_checkpoint_flags, distribute, exit_stopped, init_weights,
-                         load_tokenizer, lr_at, mean_over_ranks_or_stop, open_run, resume, save_checkpoint,
-                         start_training, stop_requested)
+                         load_tokenizer, lr_at, mean_over_ranks_or_stop, open_run, release_stop_signals, resume,
+                         save_checkpoint, start_training, stop_requested)
 from images import BUNDLED, ImageFolder, save_grid, stream, unreadable_files
 from losses import LPIPS, LossConfig, PatchGAN, discriminator_loss, generator_loss
 from quantizer import usage_of_counts
@@ -346,7 +346,7 @@ def main(argv=None):
         bar.update(1)
         # every term averaged over ranks; a non-finite one stops training before any checkpoint is written
         terms = mean_over_ranks_or_stop({**{f"g/{k}": v for k, v in g.items()}, **{f"d/{k}": v for k, v in d.items()}},
-                                        step, last)
+                                        step, last, bar)
         end = step == args.max_steps                                    # always log, evaluate, save the last step
         if step % args.log_every == 0 or end:                           # usage and unreadable: every rank takes part
             log({"step": step, **terms, "images_per_s": images / (time.time() - t0), **usage(seen),
@@ -369,6 +369,7 @@ def main(argv=None):
             bar.close()                                                 # the bar's line ends before the last line
             exit_stopped(args, step, argv, "train_tokenizer.py")
     bar.close()
+    release_stop_signals()                                   # Ctrl-C acts at once again (ablate.py's process goes on)
     if master:                                                         # the last line: where the weights are
         print(f"done: step {step}, {len(unreadable)} unreadable images skipped, checkpoint {last}")
     if ddp:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoints import codebook_fingerprint, load_tokenizer  # noqa: E402
+from checkpoints import codebook_fingerprint, load_tokenizer, release_stop_signals  # noqa: E402
 from far import FAR, PRESETS as FAR_PRESETS, FARConfig  # noqa: E402
 from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
 
@@ -80,3 +80,11 @@ def process_state_left_alone():
     yield
     after = process_state()
     assert after == before, {k: (before[k], after[k]) for k in before if after[k] != before[k]}   # {what: (was, is)}
+
+
+@pytest.fixture(autouse=True)
+def stop_signals_released():
+    """A run that a test stops mid-way (exit 130 / 143, a NaN, killed_after's KeyboardInterrupt) keeps its SIGINT /
+    SIGTERM handlers, as a process that ends there would; the next test starts with the handlers from before it."""
+    yield
+    release_stop_signals()

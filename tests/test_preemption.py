@@ -94,10 +94,10 @@ def test_sigint_in_process_saves_too(tmp_path, monkeypatch):
     """Ctrl-C (SIGINT) during an in-process run: the step finishes, last.pt holds it, exit code 130."""
     real = checkpoints.mean_over_ranks_or_stop
 
-    def interrupt_at_step_2(terms, step, last):
+    def interrupt_at_step_2(terms, step, last, bar=None):
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)                         # arrives in the middle of the loop
-        return real(terms, step, last)
+        return real(terms, step, last, bar)
     monkeypatch.setattr(train_tokenizer, "mean_over_ranks_or_stop", interrupt_at_step_2)
     previous = signal.getsignal(signal.SIGINT)
     try:
@@ -106,6 +106,17 @@ def test_sigint_in_process_saves_too(tmp_path, monkeypatch):
     finally:
         signal.signal(signal.SIGINT, previous)
     assert e.value.code == 130 and weights(tmp_path)["step"] == 2
+
+
+def test_a_finished_run_hands_ctrl_c_back(tmp_path):
+    """ablate.py runs the training scripts one after another in one process: once a run has ended, SIGINT raises
+    KeyboardInterrupt at once again and SIGTERM has its old handler (a signal between runs is not noted for a loop
+    that no longer asks, then dropped by the next run's start)."""
+    before = [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)]
+    train_tokenizer.main(TOKENIZER[1:] + ["--out-dir", str(tmp_path), "--max-steps", "1"])
+    assert [signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)] == before
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
 
 
 def test_time_based_saves_and_pruning(tmp_path, monkeypatch):

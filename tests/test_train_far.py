@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_train_far.py -q
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -71,6 +72,7 @@ def test_extraction_views_codes_and_unreadable_images(tok_ckpt, data, tmp_path):
 
 def test_resume_equals_uninterrupted_bit_for_bit(tok_ckpt, data, tmp_path, killed_after):
     cosine = ["--max-steps", "4", "--ckpt-every", "2", "--lr-decay", "cosine", "--warmup-steps", "1"]   # lr by step
+    ctrl_c = signal.getsignal(signal.SIGINT)                              # Python's: raise KeyboardInterrupt
     full = run(tok_ckpt, data, tmp_path / "full", *cosine)
     killed_after(train_far, FAST + ["--tokenizer-ckpt", tok_ckpt, "--data-path", data, "--out-dir",
                                     str(tmp_path / "split"), *cosine], 2)                     # last.pt at step 2
@@ -84,6 +86,7 @@ def test_resume_equals_uninterrupted_bit_for_bit(tok_ckpt, data, tmp_path, kille
     losses = [[r["loss"] for r in map(json.loads, open(tmp_path / d / "log.jsonl")) if "loss" in r]
               for d in ("full", "split")]
     assert losses[0] == losses[1] and len(losses[0]) == 4
+    assert signal.getsignal(signal.SIGINT) is ctrl_c    # after a run killed mid-way and one that ended: Ctrl-C as before
     # the checkpoint names the tokenizer it was trained on and the class names
     assert full["tokenizer"]["path"] == os.path.abspath(tok_ckpt) and full["classes"] == ["a", "b", "c"]
     assert full["config"]["num_classes"] == 3 and full["config"]["codebook_size"] == 512
