@@ -412,7 +412,7 @@ def catch_stop_signals():
             signal.raise_signal(signum)
         STOP["signal"] = signum
     for signum in (signal.SIGTERM, signal.SIGINT):
-        REPLACED.setdefault(signum, signal.getsignal(signum))        # after a run that ended in an error: the first's
+        REPLACED.setdefault(signum, signal.getsignal(signum))        # not `note` if an earlier run ended in an error
         signal.signal(signum, note)
 
 

@@ -369,7 +369,7 @@ def main(argv=None):
             bar.close()                                                 # the bar's line ends before the last line
             exit_stopped(args, step, argv, "train_tokenizer.py")
     bar.close()
-    release_stop_signals()                                   # Ctrl-C acts at once again (ablate.py's process goes on)
+    release_stop_signals()                                             # ablate.py goes on: Ctrl-C acts at once
     if master:                                                         # the last line: where the weights are
         print(f"done: step {step}, {len(unreadable)} unreadable images skipped, checkpoint {last}")
     if ddp:
