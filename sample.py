@@ -154,15 +154,14 @@ def main(argv=None):
     threads, small = torch.get_num_threads(), sum(p.numel() for p in model.parameters()) < 50e6
     torch.set_num_threads(args.threads or (1 if small and device.type == "cpu" else threads))
     try:
-        if args.num_samples > 0:                                       # every rank its share
-            try:
-                npz(model, tok, args, device, rank, world)
-            except (CheckpointError, OSError) as e:                    # no space: one line, exit 2
-                parser.error(str(e))
-        elif rank == 0:                                                # one PNG, written by rank 0 alone
-            png(model, tok, classes, args, device)
-    finally:                                                           # on an error exit too: a caller (the tests)
-        torch.set_num_threads(threads)                                 # keeps its thread count
+        if args.num_samples > 0:
+            npz(model, tok, args, device, rank, world)                 # every rank its share
+        elif rank == 0:
+            png(model, tok, classes, args, device)                     # one PNG, written by rank 0 alone
+    except (CheckpointError, OSError) as e:                            # no space: one line, exit 2
+        parser.error(str(e))
+    finally:                                                           # an error exit too: a caller (the tests) keeps
+        torch.set_num_threads(threads)                                 # its thread count
     if ddp:
         dist.destroy_process_group()
 
