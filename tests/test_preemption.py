@@ -173,7 +173,8 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path,
 
 def test_npz_on_a_full_disk_is_one_line_and_leaves_nothing(pair, tmp_path, monkeypatch, capsys):
     """sample.py's npz: the space is checked and the part files' blocks allocated before sampling, so a full disk is
-    one line (exit 2), not a bus error with a .parts file left behind; a failing allocation removes its file."""
+    one line (exit 2), not a bus error with a .parts file left behind; a failing allocation removes its file. The PNG
+    on a full disk: one line too, no temp file left."""
     import errno
     import sample
     flags = ["--far-ckpt", str(pair[0] / "far.pt"), "--num-samples", "4", "--out-npz", str(tmp_path / "s.npz")]
@@ -197,6 +198,11 @@ def test_npz_on_a_full_disk_is_one_line_and_leaves_nothing(pair, tmp_path, monke
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"could not write {tmp_path / 's.npz'} (No space left" in err
     assert os.listdir(tmp_path) == []                                   # no npz, no temp file, no parts
+    from PIL import Image
+    monkeypatch.setattr(Image.Image, "save", lambda *a, **k: full(0, 0, 0))   # the PNG grid: disk full
+    with pytest.raises(SystemExit) as e:
+        sample.main(flags[:2] + ["--class-id", "0", "--out", str(tmp_path / "s.png")])
+    assert e.value.code == 2 and "No space left on device" in capsys.readouterr().err and os.listdir(tmp_path) == []
 
 
 def test_a_signal_during_code_extraction_stops_it_and_the_next_run_extracts_again(tok_ckpt, tmp_path, capsys):
