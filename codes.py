@@ -116,13 +116,15 @@ def extract_codes(tok, root, out_dir, augment, batch_size, device, rank, world):
     labels = memmap(tmp[1], np.int64, (len(mine),))
     loader = DataLoader(torch.utils.data.Subset(views, mine), batch_size=batch_size, num_workers=2)   # in order
     row = 0                                                           # rows of this shard written so far
-    for x, y in tqdm(loader, desc=f"extract {os.path.basename(out_dir)}", disable=rank != 0, dynamic_ncols=True):
+    bar = tqdm(loader, desc=f"extract {os.path.basename(out_dir)}", disable=rank != 0, dynamic_ncols=True)
+    for x, y in bar:
         b = x.shape[0]
         c = tok.encode(x.flatten(0, 1).to(device))                     # (b, A, 3, H, W) -> (b*A, 3, H, W) -> codes
         codes[row:row + b] = c.view(b, A, k, *tcfg.grid).cpu().numpy().astype(dtype)   # (b*A, ...) -> (b, A, ...)
         labels[row:row + b] = y.numpy()                               # -1 for unreadable files (Views)
         row += b
         if STOP:                                                      # preempted: nothing to save, it starts over
+            bar.close()                                               # its line ends before the message
             print(f"stopped by {signal.Signals(STOP['signal']).name} during the code extraction; the next run "
                   f"extracts again", flush=True) if rank == 0 else None
             sys.exit(128 + STOP["signal"])

@@ -205,17 +205,21 @@ def test_npz_on_a_full_disk_is_one_line_and_leaves_nothing(pair, tmp_path, monke
     assert e.value.code == 2 and "No space left on device" in capsys.readouterr().err and os.listdir(tmp_path) == []
 
 
-def test_a_signal_during_code_extraction_stops_it_and_the_next_run_extracts_again(tok_ckpt, tmp_path, capsys):
+def test_a_signal_during_code_extraction_stops_it_and_the_next_run_extracts_again(tok_ckpt, tmp_path, monkeypatch):
+    import io
     import codes
     from images import BUNDLED
     tok = checkpoints.load_tokenizer(tok_ckpt)
+    terminal = io.StringIO()                                             # stdout and stderr, as a terminal shows them
+    monkeypatch.setattr(sys, "stdout", terminal)
+    monkeypatch.setattr(sys, "stderr", terminal)
     checkpoints.STOP["signal"] = signal.SIGTERM                          # as if SIGTERM arrived during the first batch
     try:
         with pytest.raises(SystemExit) as e:
             codes.extract_codes(tok, os.path.join(BUNDLED, "train"), str(tmp_path), "none", 8, "cpu", 0, 1)
     finally:
         checkpoints.STOP.clear()
-    assert e.value.code == 143 and "during the code extraction" in capsys.readouterr().out
+    assert e.value.code == 143 and "\nstopped by SIGTERM during the code extraction" in terminal.getvalue()   # own line
     assert not (tmp_path / "meta.json").exists()                          # incomplete: not marked done
     c, labels = codes.extract_codes(tok, os.path.join(BUNDLED, "train"), str(tmp_path), "none", 8, "cpu", 0, 1)
     assert c.shape[0] == 44 and (tmp_path / "meta.json").exists() and not list(tmp_path.glob("*.tmp.npy"))
