@@ -587,6 +587,20 @@ def tokenizer_ours_to_official(sd, cfg):
     return out
 
 
+def _holds(ckpt):
+    """"FAR", "tokenizer" or None: what a loaded checkpoint holds, by our config's fields or the official parameter
+    names. The loaders' errors say so when a file of the other kind was given (a swapped pair of paths)."""
+    if not isinstance(ckpt, dict):
+        return None
+    sd = next((ckpt[k] for k in ("ema", "model", "module", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
+    names = set(ckpt.get("config") or {}) | {str(n).split(".")[0] for n in sd}
+    if names & {"n_layer", "tok_embeddings_1", "tok_embeddings"}:    # our FARConfig; FAR's code embeddings
+        return "FAR"
+    if names & {"image_size", "encoder"}:                            # our TokenizerConfig; the tokenizer's encoder
+        return "tokenizer"
+    return None
+
+
 def load_tokenizer(path, device="cpu"):
     """Our checkpoint or an official FQGAN one (detected by its keys) -> Tokenizer on `device` in eval mode, loaded
     strictly. Ours prefers the EMA weights; fp16 exports (weights/) come back as fp32. CheckpointError otherwise."""
@@ -606,8 +620,9 @@ def load_tokenizer(path, device="cpu"):
                             assign=True)
     except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         text = " ".join(str(e).split())
-        raise CheckpointError(f"tokenizer checkpoint {path} is not a tokenizer of this project or the official FQGAN "
-                              f"({type(e).__name__}: {text[:200]})") from None
+        swapped = ": it holds a FAR" if _holds(ckpt) == "FAR" else ""
+        raise CheckpointError(f"tokenizer checkpoint {path} is not a tokenizer of this project or the official FQGAN"
+                              f"{swapped} ({type(e).__name__}: {text[:200]})") from None
     for branch in tok.branches:     # the official straight-through rounding, for bit-exact parity (quantizer.py)
         branch.quantize.paper_ste = official
     return tok.to(device).eval()                                      # .to: anything the file did not hold
@@ -653,9 +668,9 @@ def far_official_config(state_dict, args=None):
                         "num_classes": num_classes})
 
 
-def load_far(path_or_ckpt, device="cpu"):
-    """Our FAR checkpoint, an official one, or an already loaded dict of either (read_checkpoint) -> FAR on `device`
-    in eval mode.
+def load_far(path_or_ckpt, device="cpu", name=None):
+    """Our FAR checkpoint, an official one, or an already loaded dict of either (read_checkpoint; `name`: its file, for
+    the error) -> FAR on `device` in eval mode.
 
     Ours: {"model": sd, "config": asdict(FARConfig), ...}. Official: {"model"|"module"|"state_dict": sd, "args":
     argparse.Namespace, ...} or a bare state dict with names like tok_embeddings_1.weight. fp16 exports -> fp32."""
@@ -672,8 +687,9 @@ def load_far(path_or_ckpt, device="cpu"):
         model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in sd.items()}, strict=True,
                               assign=True)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, AssertionError) as e:
-        name = "the given dict" if isinstance(path_or_ckpt, dict) else path_or_ckpt
-        raise CheckpointError(f"FAR checkpoint {name} is not a FAR of this project or the official code "
+        name = name or ("the given dict" if isinstance(path_or_ckpt, dict) else path_or_ckpt)
+        swapped = ": it holds a tokenizer" if _holds(ckpt) == "tokenizer" else ""
+        raise CheckpointError(f"FAR checkpoint {name} is not a FAR of this project or the official code{swapped} "
                               f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     return model.to(device).eval()                                    # a dict read on the CPU moves here
 

@@ -77,7 +77,7 @@ def load_pair(args, parser, device):
     with one line. Without --tokenizer-ckpt: the tokenizer recorded in our FAR checkpoint, at its path or beside FAR."""
     try:
         ckpt = read_checkpoint(args.far_ckpt, "--far-ckpt")            # weights_only=True: no pickled code runs
-        model, recorded = load_far(ckpt, device), ckpt.get("tokenizer", {})   # ours or released; what FAR learnt on
+        model, recorded = load_far(ckpt, device, args.far_ckpt), ckpt.get("tokenizer", {})   # ours or released
         if args.tokenizer_ckpt is None:                                # a released FAR file records none: {}
             rec = recorded.get("path")                                 # absolute path at training time
             near = rec and os.path.join(os.path.dirname(os.path.abspath(args.far_ckpt)), os.path.basename(rec))

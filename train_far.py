@@ -205,6 +205,10 @@ def load_codes(args, parser, device, rank, world):
             parser.error(f"--global-batch-size {args.global_batch_size} is larger than the data: {len(folder)} images "
                          f"x {VIEWS[args.augment]} views (--augment {args.augment})")
         tok = load_tokenizer(args.tokenizer_ckpt, device).requires_grad_(False)   # eval mode, fp32
+        resuming = args.resume and os.path.exists(os.path.join(args.out_dir, "checkpoints", "last.pt"))
+        if args.init_from and not resuming:                           # a wrong file is named now, not after extraction
+            with torch.device("meta"):                                # shapes and names only: no weight is read
+                init_from(args, FAR(far_config(args, tok, folder.classes)), "meta")
         extract = lambda root, name, aug: extract_codes(tok, root, os.path.join(args.out_dir, "codes", name), aug,
                                                         args.extract_batch_size, device, rank, world)
         dataset = Codes(*extract(args.data_path, "train", args.augment), seed=args.seed)
@@ -219,13 +223,24 @@ def load_codes(args, parser, device, rank, world):
     return tok, folder, dataset, val_set
 
 
+def far_config(args, tok, classes):
+    """The preset gives the network (Tab. 2 sizes), the tokenizer k, K and the grid, the data the number of classes."""
+    return FARConfig(**{**PRESETS[args.preset], "num_codebooks": tok.cfg.num_codebooks, "head": args.head,
+                        "codebook_size": tok.cfg.codebook_size, "grid": tok.cfg.grid, "num_classes": len(classes)})
+
+
 def build_model(args, tok, classes, device):
-    """(FAR config, FAR on device): the preset gives the network (Tab. 2 sizes), the tokenizer k, K and the grid, the
-    data the number of classes; the same initial weights on every rank."""
-    cfg = FARConfig(**{**PRESETS[args.preset], "num_codebooks": tok.cfg.num_codebooks, "head": args.head,
-                       "codebook_size": tok.cfg.codebook_size, "grid": tok.cfg.grid, "num_classes": len(classes)})
+    """(FAR config, FAR on device), the same initial weights on every rank."""
+    cfg = far_config(args, tok, classes)
     torch.manual_seed(args.seed)
     return cfg, FAR(cfg).to(device)                                     # fp32 weights; autocast does bf16
+
+
+def init_from(args, far, device):
+    """Fine-tuning: far's weights from --init-from (CheckpointError if they do not fit); the class table may differ in
+    size, the data's classes being not the file's: then it keeps its fresh initialisation and is returned."""
+    return init_weights(far, load_far(args.init_from, device), f"--init-from {args.init_from}",
+                        flexible=["cls_embedding.embedding_table.weight"])
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -247,9 +262,8 @@ def main(argv=None):
     step = resume(args, parser, cfg, {"model": far, "opt": opt}, rank)
     fresh = []
     if args.init_from and step == 0:                                    # fine-tuning (a resumed run continues instead)
-        try:   # the class table may differ in size: the data's classes are not the file's
-            fresh = init_weights(far, load_far(args.init_from, device), f"--init-from {args.init_from}",
-                                 flexible=["cls_embedding.embedding_table.weight"])
+        try:
+            fresh = init_from(args, far, device)
         except CheckpointError as e:
             parser.error(str(e))
     # what sample.py checks and names: the tokenizer (by path; its codebooks by fingerprint) and the class names

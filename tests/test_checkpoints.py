@@ -211,6 +211,30 @@ def test_bad_far_files_get_one_clear_line(tmp_path):
         assert str(path) in str(e.value) and "\n" not in str(e.value), what
 
 
+def test_a_swapped_pair_says_what_the_file_holds(tmp_path):
+    """A tokenizer file where a FAR is asked for and the reverse (ours, and the official layouts by their parameter
+    names): the line says what the file holds; a broken file of the right kind gets no such words."""
+    cfg = small_config(2)
+    far = FAR(FARConfig(**{**FAR_PRESETS["tiny"], "dim": 64, "n_layer": 1, "ar_head_layers": 1}))
+    files = {"our tokenizer": {"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)},
+             "our FAR": {"model": far.state_dict(), "config": asdict(far.cfg)},
+             "official tokenizer": {"model": {"encoder.conv_in.weight": torch.zeros(1)}},
+             "official FAR": {"model": {"tok_embeddings_1.weight": torch.zeros(1)}},
+             "broken FAR": {"model": {}, "config": {**asdict(far.cfg), "dim": "x"}}}
+    for what, content in files.items():
+        torch.save(content, tmp_path / f"{what}.pt")
+    for what, loader, swapped in (("our tokenizer", load_far, "it holds a tokenizer"),
+                                  ("official tokenizer", load_far, "it holds a tokenizer"),
+                                  ("our FAR", load_tokenizer, "it holds a FAR"),
+                                  ("official FAR", load_tokenizer, "it holds a FAR"),
+                                  ("broken FAR", load_far, None), ("broken FAR", load_tokenizer, "it holds a FAR")):
+        with pytest.raises(CheckpointError) as e:
+            loader(tmp_path / f"{what}.pt")
+        assert f"{what}.pt" in str(e.value) and (swapped in str(e.value) if swapped else "holds" not in str(e.value))
+    with pytest.raises(CheckpointError, match=r"^FAR checkpoint t\.pt is not a FAR .*: it holds a tokenizer \("):
+        load_far(files["our tokenizer"], name="t.pt")                 # a dict already read: the caller names its file
+
+
 FAULTS = """
 import resource, sys, torch
 sys.path.insert(0, sys.argv[1])

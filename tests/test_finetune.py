@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_finetune.py -q
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -93,6 +94,30 @@ def test_far_of_another_architecture_names_the_preset_that_fits_it():
         init_weights(train_far.FAR(train_far.FARConfig(**small)), source, "--init-from x")
     with pytest.raises(CheckpointError, match="choose its --preset"):
         init_weights(source, train_far.FAR(train_far.FARConfig(**small)), "--init-from x")
+
+
+def test_a_wrong_far_init_from_exits_2_before_the_codes_are_extracted(own_images, tmp_path, capsys):
+    """The tokenizer file given as FAR's --init-from (the pair swapped), and a FAR with another head: one line, exit 2,
+    and no codes written (at ImageNet scale the extraction takes an hour; the file is checked on the meta device).
+    A resumed run does not read it again."""
+    swapped = "is not a FAR of this project or the official code: it holds a tokenizer"
+    for source, head, message in ((SHIPPED_TOKENIZER, "ar", swapped),
+                                  (SHIPPED_FAR, "mlp", "has another architecture than this run")):
+        out = tmp_path / head
+        with pytest.raises(SystemExit) as e:
+            train_far.main(QUICK + ["--init-from", source, "--head", head, "--data-path", str(own_images),
+                                    "--global-batch-size", "4", "--out-dir", str(out)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and source in err, err
+        assert not os.path.exists(out / "codes")
+    # a resumed run continues from its last.pt: the --init-from file of its first start is not read again
+    source, flags = tmp_path / "far.pt", ["--data-path", str(own_images), "--global-batch-size", "4", "--augment",
+                                          "none", "--out-dir", str(tmp_path / "resumed")]
+    shutil.copy(SHIPPED_FAR, source)
+    train_far.main(QUICK + flags + ["--init-from", str(source), "--max-steps", "1"])
+    os.remove(source)
+    train_far.main(QUICK + flags + ["--init-from", str(source), "--max-steps", "2", "--resume"])
+    assert torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_far_init_from_shipped_and_released_files_with_other_classes(own_images, tmp_path, capsys):

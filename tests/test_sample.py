@@ -74,6 +74,8 @@ def test_bad_arguments_exit_2(pair, tmp_path, capsys):
     assert "(2, 512, (4, 4))" in fails("--class-id", "0", "--tokenizer-ckpt", str(tmp_path / "other.pt"))
     torch.save({"model": Tokenizer(tok.cfg).state_dict(), "config": asdict(tok.cfg)}, tmp_path / "retrained.pt")
     assert "fingerprint" in fails("--class-id", "0", "--tokenizer-ckpt", str(tmp_path / "retrained.pt"))
+    swapped = fails("--class-id", "0", "--far-ckpt", str(d / "tok.pt"))    # the tokenizer given as FAR: named
+    assert f"FAR checkpoint {d / 'tok.pt'} is not a FAR" in swapped and ": it holds a tokenizer (" in swapped
 
 
 def test_shipped_tiny_weights_sample_with_no_arguments(tmp_path):
