@@ -38,8 +38,8 @@ echo "lookup: indices equal the full-matrix argmin ($(tail -1 "$out/lookup.log")
 # 2. The tokenizer: 10 steps (bf16 + torch.compile on CUDA, GAN and entropy loss on), then 10 resumed steps; all
 #    processes; the loss must stay finite (a NaN stops the run with exit 1).
 gb=$(( 4 * procs ))                                  # global batch sizes divisible by any process count
-tok=(--preset tiny --image-size 32 --global-batch-size "$gb" --num-workers 2 --gan-weight 0.5 --gan-start 5
-     --log-every 5 --eval-every 10 --sample-every 10 --ckpt-every 10 --out-dir "$out/tok")
+tok=(--preset tiny --image-size 32 --low-res-steps 0 --global-batch-size "$gb" --num-workers 2 --gan-weight 0.5
+     --gan-start 5 --log-every 5 --eval-every 10 --sample-every 10 --ckpt-every 10 --out-dir "$out/tok")
 step tok multi train_tokenizer.py "${tok[@]}" --max-steps 10
 step tok_resume multi train_tokenizer.py "${tok[@]}" --max-steps 20 --resume
 echo "train_tokenizer, $procs processes: 10 + 10 resumed steps, $(tail -1 "$out/tok_resume.log")"
@@ -60,8 +60,8 @@ echo "preemption: SIGTERM to torchrun stopped both ranks after step $stopped, re
 # 3. IBQ (its soft one-hot, compiled on CUDA), and the paper's losses with random weights: LPIPS' two files and the
 #    Triple preset's two teachers (DINOv2 ViT-S/14 through timm, CLIP ViT-B/16 through open_clip) written to a
 #    temporary $FQGAN_WEIGHTS, loaded by the real code; fqgan-triple-16 at 64 px (4 x 4 tokens), GAN on.
-step ibq multi train_tokenizer.py --preset tiny8-ibq --image-size 32 --global-batch-size "$gb" --max-steps 5 \
-    --gan-weight 0.5 --gan-start 2 --log-every 5 --eval-every 100 --out-dir "$out/ibq"
+step ibq multi train_tokenizer.py --preset tiny8-ibq --image-size 32 --low-res-steps 0 --global-batch-size "$gb" \
+    --max-steps 5 --gan-weight 0.5 --gan-start 2 --log-every 5 --eval-every 100 --out-dir "$out/ibq"
 echo "train_tokenizer IBQ: $(tail -1 "$out/ibq.log")"
 export FQGAN_WEIGHTS="$out/weights"
 step weights python - "$FQGAN_WEIGHTS" <<'EOF'
