@@ -6,6 +6,7 @@ Run: python -m pytest tests/test_finetune.py -q
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -142,7 +143,8 @@ def test_far_init_from_shipped_and_released_files_with_other_classes(own_images,
 
 def test_the_readme_commands_on_your_own_images(own_images, tmp_path):
     """README "Train on your own images": a tokenizer fine-tuned from the shipped one, FAR on its codes from the
-    shipped FAR, samples of the user's class 1; as a user runs them (processes, default flags but the step counts)."""
+    shipped FAR, samples of the user's class 1; as a user runs them (processes, default flags but the step counts).
+    Then weights/README.md's fp16 exports of the two runs, and samples from the exported pair."""
     run = lambda *argv: subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True)
     steps = ["--max-steps", "2", "--eval-every", "1000", "--sample-every", "1000"]
     tok = run(os.path.join(ROOT, "train_tokenizer.py"), "--preset", "tiny64", "--data-path", str(own_images),
@@ -156,3 +158,24 @@ def test_the_readme_commands_on_your_own_images(own_images, tmp_path):
               "--per-class", "2")
     assert png.returncode == 0 and "samples of class 1 (cats)" in png.stdout, png.stderr[-2000:]
     assert Image.open(tmp_path / "samples.png").size == (2 + 2 * 66, 2 + 66)
+    # weights/README.md's fp16 exports of the two runs, as written there but for the run folders; sample.py then finds
+    # the tokenizer beside the exported FAR by its bare file name
+    os.makedirs(tmp_path / "weights")
+    exports = weights_readme_exports()
+    for out in ("weights/tiny_tokenizer.pt", "weights/tiny_far.pt"):
+        code = exports[out].replace("runs/far-tiny/", "runs/my-far/").replace("runs/tiny/", "runs/my-tokenizer/")
+        export = run("-c", code)
+        assert export.returncode == 0, export.stderr[-2000:]
+    ema = torch.load(tmp_path / "runs/my-tokenizer/checkpoints/last.pt", weights_only=True)["ema"]   # fp32
+    exported = load_tokenizer(tmp_path / "weights/tiny_tokenizer.pt").state_dict()
+    assert exported.keys() == ema.keys() and all(torch.equal(v, ema[k].half().float()) for k, v in exported.items())
+    png = run(os.path.join(ROOT, "sample.py"), "--far-ckpt", "weights/tiny_far.pt", "--class-id", "1", "--per-class",
+              "2")
+    assert png.returncode == 0 and "samples of class 1 (cats)" in png.stdout, png.stderr[-2000:]
+
+
+def weights_readme_exports():
+    """{file written: code} of the `python -c "..."` exports in weights/README.md (bash joins a line that ends in a
+    backslash with the next one inside double quotes too)."""
+    text = open(os.path.join(ROOT, "weights", "README.md")).read().replace("\\\n", "")
+    return {re.search(r"'(weights/\w+\.pt)'\)$", code)[1]: code for code in re.findall(r'python -c "(.*?)"', text)}
