@@ -1,7 +1,9 @@
 """The commands the docs show use flags their scripts have: every `--flag` after `script.py` in README.md, docs/,
 weights/ and data/ READMEs, the scripts' docstrings and gpu_check.sh is in that script's --help. A renamed or removed
-flag fails here, not in a user's terminal. (Whether a command's values pass the script's checks is another matter:
-gpu_check.sh runs whole in .ci/run; the README's commands have their own tests.)
+flag fails here, not in a user's terminal. The README's sample.py commands on the shipped weights run as written, from
+a folder with nothing in it (a fresh clone has no runs/ folder). Whether the other commands' values pass their
+scripts' checks is tested elsewhere: gpu_check.sh runs whole in .ci/run, the README's training commands in
+tests/test_finetune.py.
 
 Run: python -m pytest tests/test_docs.py -q
 """
@@ -11,6 +13,7 @@ import importlib
 import io
 import os
 import re
+import shlex
 import sys
 
 import pytest
@@ -62,3 +65,18 @@ def test_every_documented_flag_is_one_its_script_has():
                         if flag not in known[script]]
     assert not unknown, unknown
     assert found > 300                                                  # the docs' commands were all read
+
+
+def test_the_readmes_sample_commands_on_the_shipped_weights_run_as_written(tmp_path, monkeypatch, capsys):
+    """Every `python sample.py ...` of README.md that names no checkpoint and writes a PNG, in a folder with nothing in
+    it: the PNG is written (one sample per class instead of eight, to keep the test short)."""
+    import sample
+    readme = [argv[2:] for argv in (shlex.split(m[0]) for m in re.finditer(r"python sample\.py[^`\n&#]*",
+                                                                             open(os.path.join(ROOT, "README.md")).read()))
+              if not any(flag in argv for flag in ("--far-ckpt", "--tokenizer-ckpt", "--num-samples"))]
+    assert len(readme) >= 2                                             # the first command and all 11 classes
+    monkeypatch.chdir(tmp_path)
+    for argv in readme:
+        sample.main(argv + ["--per-class", "1"])
+        out = argv[argv.index("--out") + 1] if "--out" in argv else "samples.png"
+        assert f"wrote {out}:" in capsys.readouterr().out and (tmp_path / out).is_file(), argv
