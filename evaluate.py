@@ -396,7 +396,10 @@ def main(argv=None):
         parser.error(str(e))
     if args.reference:
         inputs = {"samples": args.samples, "reference": args.reference}
-        metrics = evaluate_generation(args, device, rank, world)
+        try:   # no Inception weights (which file, where from), samples and reference of other sizes: exit 2
+            metrics = evaluate_generation(args, device, rank, world)
+        except (FileNotFoundError, ValueError) as e:
+            parser.error(str(e))
     elif args.samples:                                                # small sets: rank 0 does it all
         inputs = {"samples": args.samples, "teacher": args.teacher, "real": args.data_path,
                   "tokenizer": args.tokenizer_ckpt}
@@ -410,9 +413,9 @@ def main(argv=None):
         except FileNotFoundError as e:
             parser.error(str(e))
         inputs = {"checkpoint": args.tokenizer_ckpt, "data_path": args.data_path, "image_size": "%dx%d" % dataset.size}
-        try:
+        try:   # every image unreadable; LPIPS' or Inception's weights asked for and missing: exit 2
             metrics = evaluate_tokenizer(args, tok, dataset, device, rank, world)
-        except ValueError as e:                                       # e.g. every image unreadable: exit 2
+        except (FileNotFoundError, ValueError) as e:
             parser.error(str(e))
     res = metrics and {**inputs, **metrics}                           # None on ranks > 0: rank 0 reports
     if res:

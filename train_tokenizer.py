@@ -280,7 +280,10 @@ def main(argv=None):
     dataset, small, val_set, held_out = load_data(args, cfg, parser)
 
     # The models, the losses' frozen networks, the optimizers; resume; the run's folder and log
-    tok, ema, disc, lpips, teachers = build_models(args, cfg, device)
+    try:   # LPIPS' or a teacher's weight files missing: the message says which, where from, where to put them
+        tok, ema, disc, lpips, teachers = build_models(args, cfg, device)
+    except FileNotFoundError as e:
+        parser.error(str(e))
     model = distribute(tok, ddp, device, args.compile)                 # DDP (all-reduce in backward), then compiled
     # D's BatchNorm normalises with each rank's batch statistics, not synced (# parity: §2.3); never compiled
     d_model = distribute(disc, ddp, device, compile_=False) if args.gan_weight > 0 else None   # 0: D never runs

@@ -161,6 +161,22 @@ def test_bad_input_gives_one_line_and_exit_2(name, script, argv, code, message, 
     assert not {f for f in set(os.listdir(files)) - before if ".tmp" in f}   # no temp file left behind
 
 
+def test_missing_pretrained_weights_name_each_file_and_exit_2(files, pair, tmp_path, monkeypatch, capsys):
+    """LPIPS' files (tokenizer training with a perceptual weight, evaluate.py --lpips): exit 2 with the files to
+    download and where they go, no traceback, before any training step. (A paper preset's missing CLIP / DINOv2 file
+    takes the same way out of train_tokenizer.build_models; tests/test_losses.py checks its message.)"""
+    monkeypatch.setenv("FQGAN_WEIGHTS", str(tmp_path / "weights"))    # empty: whatever this machine has cached
+    quick = ["--global-batch-size", "4", "--max-steps", "1", "--low-res-steps", "0", "--num-workers", "0"]
+    for script, argv, message in (
+            ("train_tokenizer", [*quick, "--perceptual-weight", "0.1", "--out-dir", str(tmp_path / "a")],
+             f"LPIPS weights not found:\n  {tmp_path / 'weights' / 'vgg16-397923af.pth'}"),
+            ("evaluate", ["--tokenizer-ckpt", str(pair[0] / "tok.pt"), "--data-path", str(files / "mixed"), "--lpips",
+                          "--no-fid", "--out-json", str(tmp_path / "r.json")], "LPIPS weights not found")):
+        code, text = run(script, argv, capsys)
+        assert code == 2 and message in text and "Traceback" not in text, text[-2000:]
+        assert not os.path.exists(tmp_path / "a" / "log.jsonl") and not os.path.exists(tmp_path / "r.json")
+
+
 def test_unreadable_evaluation_images_are_skipped_and_counted(files, pair, tmp_path, capsys):
     """3 unreadable files of 14: evaluated on the 11 readable ones, reported as 3 unreadable; never duplicated."""
     code, text = run("evaluate", ["--tokenizer-ckpt", str(pair[0] / "tok.pt"), "--data-path", str(files / "mixed"),

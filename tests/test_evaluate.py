@@ -134,13 +134,21 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(inception, small_
     assert abs(fids[0]) < 1e-3 * fids[1] and fids[1] < fids[2] < fids[3], fids
 
 
-def test_missing_inception_weights_name_the_file_and_url(tok_ckpt, tmp_path, monkeypatch):
+def test_missing_inception_weights_name_the_file_and_url(tok_ckpt, tmp_path, monkeypatch, capsys):
+    """--fid asks for rFID (no silent null), and generation mode needs Inception: without its file, one error line that
+    names the path and the download, exit 2, no result file; both modes."""
     monkeypatch.setenv("FQGAN_WEIGHTS", str(tmp_path))
     name = "weights-inception-2015-12-05-6726825d.pth"
-    with pytest.raises(FileNotFoundError) as e:                # --fid asks for rFID: no silent null
-        evaluate.main(["--tokenizer-ckpt", tok_ckpt, "--fid", "--num-images", "1", "--out-json",
-                       str(tmp_path / "r.json")])
-    assert str(tmp_path / name) in str(e.value) and f"releases/download/v0.2.0/{name}" in str(e.value)
+    np.savez(tmp_path / "s.npz", arr_0=np.zeros((2, 32, 32, 3), np.uint8))
+    for mode in (["--tokenizer-ckpt", tok_ckpt, "--fid", "--num-images", "1"],
+                 ["--samples", str(tmp_path / "s.npz"), "--reference", str(tmp_path / "s.npz")]):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(mode + ["--out-json", str(tmp_path / "r.json")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err and "error: Inception weights not found: " \
+            f"{tmp_path / name} (download: https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{name})" \
+            in err, err
+        assert not os.path.exists(tmp_path / "r.json")
     assert evaluate.INCEPTION_FILE == os.path.basename(URL_INCEPTION_V3)   # our default path's name is the release's
 
 
@@ -164,6 +172,11 @@ def test_generation_mode_npz_against_folder(inception, small_layers, tmp_path, c
     np.savez(tmp_path / "bad.npz", arr_0=arr.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
         next(image_batches(str(tmp_path / "bad.npz"), 5))
+    np.savez(tmp_path / "big.npz", arr_0=np.zeros((2, 48, 48, 3), np.uint8))   # a reference of another size: exit 2
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "big.npz"),
+                       "--inception-weights", inception, "--out-json", str(tmp_path / "r2.json")])
+    assert e.value.code == 2 and "big.npz: images are 48x48, the samples 32x32" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------------------------------------
