@@ -22,6 +22,7 @@ ROOT = os.path.dirname(TESTS)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, TESTS)
 import parity_weights  # noqa: E402
+import sample  # noqa: E402
 import train_far  # noqa: E402
 import train_tokenizer  # noqa: E402
 from checkpoints import CheckpointError, far_ours_to_official, init_weights, load_far, load_tokenizer  # noqa: E402
@@ -141,7 +142,7 @@ def test_far_init_from_shipped_and_released_files_with_other_classes(own_images,
         assert state["model"]["cls_embedding.embedding_table.weight"].shape == (4, 128)   # 3 classes + the null row
 
 
-def test_the_readme_commands_on_your_own_images(own_images, tmp_path):
+def test_the_readme_commands_on_your_own_images(own_images, tmp_path, monkeypatch, capsys):
     """README "Train on your own images": a tokenizer fine-tuned from the shipped one, FAR on its codes from the
     shipped FAR, samples of the user's class 1; as a user runs them (processes, default flags but the step counts).
     Then weights/README.md's fp16 exports of the two runs, and samples from the exported pair."""
@@ -158,20 +159,18 @@ def test_the_readme_commands_on_your_own_images(own_images, tmp_path):
               "--per-class", "2")
     assert png.returncode == 0 and "samples of class 1 (cats)" in png.stdout, png.stderr[-2000:]
     assert Image.open(tmp_path / "samples.png").size == (2 + 2 * 66, 2 + 66)
-    # weights/README.md's fp16 exports of the two runs, as written there but for the run folders; sample.py then finds
-    # the tokenizer beside the exported FAR by its bare file name
-    os.makedirs(tmp_path / "weights")
+    # weights/README.md's fp16 exports of the two runs, their code as written there but for the run folders (run in
+    # this process, from the same folder); sample.py then finds the tokenizer beside the exported FAR by its bare name
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("weights")
     exports = weights_readme_exports()
     for out in ("weights/tiny_tokenizer.pt", "weights/tiny_far.pt"):
-        code = exports[out].replace("runs/far-tiny/", "runs/my-far/").replace("runs/tiny/", "runs/my-tokenizer/")
-        export = run("-c", code)
-        assert export.returncode == 0, export.stderr[-2000:]
-    ema = torch.load(tmp_path / "runs/my-tokenizer/checkpoints/last.pt", weights_only=True)["ema"]   # fp32
-    exported = load_tokenizer(tmp_path / "weights/tiny_tokenizer.pt").state_dict()
+        exec(exports[out].replace("runs/far-tiny/", "runs/my-far/").replace("runs/tiny/", "runs/my-tokenizer/"), {})
+    ema = torch.load("runs/my-tokenizer/checkpoints/last.pt", weights_only=True)["ema"]   # fp32
+    exported = load_tokenizer("weights/tiny_tokenizer.pt").state_dict()
     assert exported.keys() == ema.keys() and all(torch.equal(v, ema[k].half().float()) for k, v in exported.items())
-    png = run(os.path.join(ROOT, "sample.py"), "--far-ckpt", "weights/tiny_far.pt", "--class-id", "1", "--per-class",
-              "2")
-    assert png.returncode == 0 and "samples of class 1 (cats)" in png.stdout, png.stderr[-2000:]
+    sample.main(["--far-ckpt", "weights/tiny_far.pt", "--class-id", "1", "--per-class", "2", "--out", "fp16.png"])
+    assert "samples of class 1 (cats)" in capsys.readouterr().out and os.path.isfile("fp16.png")
 
 
 def weights_readme_exports():
