@@ -403,7 +403,9 @@ REPLACED = {}                                                         # {signal:
 
 
 def catch_stop_signals():
-    """Note SIGTERM / SIGINT in STOP from now on (main thread only; the data loader's workers ignore them)."""
+    """Note SIGTERM / SIGINT in STOP from now on (main thread only; the data loader's workers ignore them). A signal
+    the process was started ignoring stays ignored, as Python leaves it: a shell script's `python train_... &` ignores
+    SIGINT, so a Ctrl-C meant for the script's foreground command does not stop the run."""
     STOP.clear()
 
     def note(signum, frame):
@@ -412,6 +414,8 @@ def catch_stop_signals():
             signal.raise_signal(signum)
         STOP["signal"] = signum
     for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) == signal.SIG_IGN:
+            continue
         REPLACED.setdefault(signum, signal.getsignal(signum))        # not `note` if an earlier run ended in an error
         signal.signal(signum, note)
 

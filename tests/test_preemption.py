@@ -90,25 +90,49 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tok_ckpt, tmp_
     assert_same(weights(tmp_path / "split"), weights(tmp_path / "full"))
 
 
-def test_sigint_in_process_saves_too(tmp_path, monkeypatch):
-    """Ctrl-C (SIGINT) during an in-process run: the step finishes, last.pt holds it, exit code 130."""
+@pytest.fixture
+def ctrl_c():
+    """Python's own Ctrl-C handler (KeyboardInterrupt) for the test, as an interactive shell starts python; pytest
+    started in a script's background (`pytest ... &`) inherits SIGINT ignored, which a run leaves ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    checkpoints.release_stop_signals()                                 # a run stopped by the test: its handlers first
+    signal.signal(signal.SIGINT, previous)
+
+
+def sigint_at_step_2(monkeypatch):
+    """A SIGINT to this process in the middle of the training loop, at step 2."""
     real = checkpoints.mean_over_ranks_or_stop
 
     def interrupt_at_step_2(terms, step, last, bar=None):
         if step == 2:
-            os.kill(os.getpid(), signal.SIGINT)                         # arrives in the middle of the loop
+            os.kill(os.getpid(), signal.SIGINT)
         return real(terms, step, last, bar)
     monkeypatch.setattr(train_tokenizer, "mean_over_ranks_or_stop", interrupt_at_step_2)
-    previous = signal.getsignal(signal.SIGINT)
-    try:
-        with pytest.raises(SystemExit) as e:
-            train_tokenizer.main(TOKENIZER[1:] + ["--out-dir", str(tmp_path)])
-    finally:
-        signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_in_process_saves_too(tmp_path, monkeypatch, ctrl_c):
+    """Ctrl-C (SIGINT) during an in-process run: the step finishes, last.pt holds it, exit code 130."""
+    sigint_at_step_2(monkeypatch)
+    with pytest.raises(SystemExit) as e:
+        train_tokenizer.main(TOKENIZER[1:] + ["--out-dir", str(tmp_path)])
     assert e.value.code == 130 and weights(tmp_path)["step"] == 2
 
 
-def test_a_finished_run_hands_ctrl_c_back(tmp_path):
+def test_a_run_started_ignoring_sigint_leaves_it_ignored(tmp_path, monkeypatch):
+    """`python train_tokenizer.py ... &` in a shell script starts with SIGINT ignored (no job control): the Ctrl-C of
+    the script's foreground command reaches the run too, and must not stop it, as it would not stop Python itself."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        sigint_at_step_2(monkeypatch)
+        train_tokenizer.main(TOKENIZER[1:] + ["--out-dir", str(tmp_path), "--max-steps", "4"])
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert weights(tmp_path)["step"] == 4                               # ran to its end, no exit 130 at step 2
+
+
+def test_a_finished_run_hands_ctrl_c_back(tmp_path, ctrl_c):
     """ablate.py runs the training scripts one after another in one process: once a run has ended, SIGINT raises
     KeyboardInterrupt at once again and SIGTERM has its old handler (a signal between runs is not noted for a loop
     that no longer asks, then dropped by the next run's start)."""
