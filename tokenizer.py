@@ -465,6 +465,14 @@ class Tokenizer(nn.Module):
         return self.decode(torch.cat(z_qs, dim=1))
 
 
-if __name__ == "__main__":   # `python tokenizer.py --help` says what is here; the file itself is a library
+if __name__ == "__main__":  # the parameter count of every preset (meta tensors: instant, no memory)
     import argparse
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="Prints every preset's parameter count (the teachers not counted: they are frozen and "
+                            "loaded beside it), its k sub-codebooks K x d and its token grid.").parse_args()
+    for name, preset in PRESETS.items():
+        with torch.device("meta"):
+            tok = Tokenizer(TokenizerConfig(**preset))
+        c = tok.cfg
+        print(f"{name:16s} {sum(p.numel() for p in tok.parameters()):>12,} parameters, k={c.num_codebooks} x "
+              f"{c.codebook_size} x {c.codebook_dim}, {c.grid[0]}x{c.grid[1]} tokens at {c.image_shape[0]} px")

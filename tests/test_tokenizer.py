@@ -3,6 +3,7 @@
 Run: python -m pytest tests/test_tokenizer.py -q
 """
 import os
+import runpy
 import sys
 
 import pytest
@@ -183,14 +184,27 @@ def test_k1_without_adapter_is_a_plain_vqgan():
         assert sum(p.numel() for p in Tokenizer(TokenizerConfig(**PRESETS["vqgan-16"])).parameters()) == 71_883_403
 
 
+OFFICIAL_COUNTS = {"fqgan-dual-16": 150_410_131, "fqgan-triple-16": 159_295_515, "fqgan-dual-8": 150_209_427,
+                   "fqgan-triple-8": 159_586_331}   # official_code.md §1.7: the official models with their feature heads
+
+
 def test_presets_parameter_counts_match_official():
-    """official_code.md §1.7: the official models with their feature heads."""
-    expected = {"fqgan-dual-16": 150_410_131, "fqgan-triple-16": 159_295_515, "fqgan-dual-8": 150_209_427,
-                "fqgan-triple-8": 159_586_331}
-    for name, n in expected.items():
+    for name, n in OFFICIAL_COUNTS.items():
         with torch.device("meta"):
             tok = Tokenizer(TokenizerConfig(**PRESETS[name]))
         assert sum(p.numel() for p in tok.parameters()) == n, name
+
+
+def test_python_tokenizer_py_prints_every_preset(monkeypatch, capsys):
+    """`python tokenizer.py`: one line per preset with its parameter count, sub-codebooks and token grid."""
+    monkeypatch.setattr(sys, "argv", ["tokenizer.py"])
+    runpy.run_path(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tokenizer.py"),
+                   run_name="__main__")
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert list(lines) == list(PRESETS)
+    for name, n in OFFICIAL_COUNTS.items():
+        assert f" {n:,} parameters, k={PRESETS[name]['num_codebooks']} x 16384 x 8, " in lines[name], lines[name]
+    assert lines["tiny"].endswith("k=2 x 512 x 8, 16x16 tokens at 64 px") and "8x8 tokens" in lines["tiny8"]
 
 
 def test_ibq_tokenizer_runs_and_trains_every_code():
