@@ -51,9 +51,15 @@ def parse_args(argv=None):
                    "step, static KV cache (default: on with CUDA, off on CPU; same codes); on a CPU with the weights "
                    "folded in (fast.compiled): faster for tiny, slower than eager for FAR-B")
     args = p.parse_args(argv)
-    if (args.num_samples > 0) != (args.out_npz is not None):           # npz mode needs both, PNG mode neither
-        p.error("--num-samples N and --out-npz FILE go together")
-    if args.num_samples <= 0 and args.class_id is None:                # PNG mode: the rows must be named
+    npz = args.num_samples > 0 or args.out_npz is not None           # npz mode needs both, PNG mode neither
+    if npz and args.num_samples <= 0:
+        p.error(f"--out-npz needs --num-samples N, an integer >= 1 (got {args.num_samples})")
+    if npz and args.out_npz is None:
+        p.error("--num-samples N needs --out-npz FILE")
+    if npz and args.class_id is not None:                              # the npz holds every class, balanced
+        p.error("--class-id (a PNG grid of those classes) and --num-samples / --out-npz (an npz of all classes) are "
+                "two modes: give one")
+    if not npz and args.class_id is None:                              # PNG mode: the rows must be named
         p.error("give --class-id N (or --num-samples N --out-npz FILE)")
     # Every value is checked here, before loading or sampling: one line naming the flag, value and range, exit 2.
     for name, ok, valid in (*((n, getattr(args, n) >= 1, "an integer >= 1") for n in ("per_class", "batch_size")),
@@ -61,8 +67,7 @@ def parse_args(argv=None):
                             ("cfg_scale", math.isfinite(args.cfg_scale), "a finite number"),   # s < 0 or > 1 is ok
                             ("temperature", math.isfinite(args.temperature) and args.temperature > 0, "finite, > 0"),
                             ("top_k", args.top_k >= 0, "an integer >= 0"),         # 0 = off (far.filter_logits)
-                            ("top_p", 0 < args.top_p <= 1, "in (0, 1]"),           # 1 = off (far.filter_logits)
-                            ("num_samples", args.num_samples >= 0, "an integer >= 0")):
+                            ("top_p", 0 < args.top_p <= 1, "in (0, 1]")):          # 1 = off (far.filter_logits)
         if not ok:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
     try:   # the output first: a bad path fails now, not after hours of sampling

@@ -146,6 +146,15 @@ CASES = [
      "does not exist; create it first"),
     ("sample --out-npz in a missing folder", "sample",
      lambda d, p: ["--num-samples", "2", "--out-npz", str(d / "no/x.npz")], 2, "does not exist; create it first"),
+    # sample.py's two modes: a PNG grid of --class-id rows, or an npz of --num-samples over all classes
+    ("sample --num-samples 0 --out-npz", "sample", lambda d, p: ["--num-samples", "0", "--out-npz", str(d / "x.npz")],
+     2, "--out-npz needs --num-samples N, an integer >= 1 (got 0)"),
+    ("sample --out-npz alone", "sample", lambda d, p: ["--out-npz", str(d / "x.npz")], 2,
+     "--out-npz needs --num-samples N, an integer >= 1 (got 0)"),
+    ("sample --num-samples alone", "sample", lambda d, p: ["--num-samples", "4"], 2,
+     "--num-samples N needs --out-npz FILE"),
+    ("sample --class-id with --num-samples", "sample",
+     lambda d, p: ["--class-id", "3", "--num-samples", "4", "--out-npz", str(d / "x.npz")], 2, "two modes: give one"),
     ("evaluate --out-json in a missing folder", "evaluate", lambda d, p: ["--out-json", str(d / "no/r.json")], 2,
      "does not exist; create it first"),
 ]
