@@ -368,6 +368,9 @@ def parse_args(argv=None):
         if not os.path.exists(path):
             p.error(f"--{name.replace('_', '-')} {path} does not exist" + (" (train one with train_tokenizer.py, or "
                     "pass a checkpoint)" if name == "tokenizer_ckpt" else ""))
+        if name in ("samples", "reference") and os.path.isfile(path) and not path.endswith(".npz"):
+            p.error(f"--{name} {path}: a file that is not an .npz; give an npz (arr_0: N x H x W x 3 uint8, what "
+                    f"sample.py --out-npz writes) or a folder of images")
         try:                                                          # reads the npz header only, not the images
             npz_header(path) if name in ("samples", "reference") and path.endswith(".npz") else None
         except ValueError as e:

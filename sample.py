@@ -56,6 +56,8 @@ def parse_args(argv=None):
         p.error(f"--out-npz needs --num-samples N, an integer >= 1 (got {args.num_samples})")
     if npz and args.out_npz is None:
         p.error("--num-samples N needs --out-npz FILE")
+    if npz and not args.out_npz.endswith(".npz"):                      # evaluate.py reads an npz by its extension
+        p.error(f"--out-npz {args.out_npz}: the file name must end in .npz")
     if npz and args.class_id is not None:                              # the npz holds every class, balanced
         p.error("--class-id (a PNG grid of those classes) and --num-samples / --out-npz (an npz of all classes) are "
                 "two modes: give one")

@@ -54,6 +54,7 @@ def files(tmp_path_factory, pair):
     np.savez(d / "zero.npz", arr_0=np.zeros((0, 32, 32, 3), np.uint8))
     np.savez(d / "no_arr0.npz", images=np.zeros((2, 32, 32, 3), np.uint8))
     (d / "not_zip.npz").write_bytes(b"not a zip archive")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "grid.png")   # a PNG grid where an npz belongs
     return d
 
 
@@ -153,6 +154,10 @@ CASES = [
      "--out-npz needs --num-samples N, an integer >= 1 (got 0)"),
     ("sample --num-samples alone", "sample", lambda d, p: ["--num-samples", "4"], 2,
      "--num-samples N needs --out-npz FILE"),
+    ("sample --out-npz without .npz", "sample", lambda d, p: ["--num-samples", "4", "--out-npz", str(d / "x.txt")], 2,
+     "x.txt: the file name must end in .npz"),
+    ("evaluate --samples a PNG", "evaluate", lambda d, p: ["--samples", str(d / "grid.png")], 2,
+     "grid.png: a file that is not an .npz"),
     ("sample --class-id with --num-samples", "sample",
      lambda d, p: ["--class-id", "3", "--num-samples", "4", "--out-npz", str(d / "x.npz")], 2, "two modes: give one"),
     ("evaluate --out-json in a missing folder", "evaluate", lambda d, p: ["--out-json", str(d / "no/r.json")], 2,
