@@ -270,14 +270,23 @@ def teacher_metrics(teacher, x, labels, reference, batch=256):
 
 
 def labelled_samples(path, classes):
-    """Samples with their class ids: an npz with `labels` (sample.py's) or a folder root/<class name>/<image> whose
-    class names are the teacher's -> (uint8 (N, 3, H, W), labels (N,), unreadable files)."""
+    """Samples with the teacher's class ids: an npz with `labels` (sample.py's: the FAR's ids, and their names in
+    `classes` when the FAR has them) or a folder root/<class name>/<image> whose class names are the teacher's ->
+    (uint8 (N, 3, H, W), labels (N,), unreadable files)."""
     unreadable = []
     if path.endswith(".npz"):
         with np.load(path) as f:
             if "labels" not in f:
                 raise ValueError(f"{path} has no labels array (sample.py --out-npz writes one)")
             labels = torch.from_numpy(f["labels"]).long()             # (N,) the FAR's class ids
+            names = list(f["classes"]) if "classes" in f else None    # (C,) the FAR's class names, id = index
+        if names is not None:                                         # FAR's id -> the teacher's id of that name
+            if len(labels) and not 0 <= labels.min() <= labels.max() < len(names):
+                raise ValueError(f"{path}: labels in [{labels.min()}, {labels.max()}] for {len(names)} class names")
+            if set(names) - set(classes):                             # a FAR of other classes than the teacher's
+                raise ValueError(f"{path}: the FAR's classes {', '.join(sorted(set(names) - set(classes))[:10])} are "
+                                 f"not among the teacher's ({', '.join(classes)})")
+            labels = torch.tensor([classes.index(n) for n in names])[labels]   # e.g. a FAR of 3 of the 11 photos
         x = torch.cat(list(image_batches(path, 1024)))                # (N, 3, H, W) uint8: sample sets are small here
     else:
         folders = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))

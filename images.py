@@ -259,8 +259,9 @@ def image_batches(path, batch_size, size=None, unreadable=None):
         yield torch.stack(batch)
 
 
-def write_npz(path, files, batch, labels):
-    """The ADM npz (arr_0 uint8 (N, H, W, 3), labels (N,)) at path, atomically, from the per-rank part files of
+def write_npz(path, files, batch, labels, classes=None):
+    """The ADM npz (arr_0 uint8 (N, H, W, 3), labels (N,), and the class names of the ids when known: classes (C,)
+    str, so that a reader maps them by name, evaluate.py) at path, atomically, from the per-rank part files of
     sample.py (.npy, removed here, whatever happens): global batch b is rows (b // W) * batch onwards of part b % W.
     arr_0 is streamed into the zip batch by batch, in global order: no N x H x W x 3 array in memory (50,000 x 256 x
     256 x 3 is 9.8 GB). A failed write (a full disk) is an OSError of one line, with no npz and no temp file left."""
@@ -275,6 +276,9 @@ def write_npz(path, files, batch, labels):
                     f.write(np.ascontiguousarray(rows).tobytes())
             with zf.open("labels.npy", "w") as f:
                 np.lib.format.write_array(f, np.asarray(labels))
+            if classes:                                               # a unicode array: no pickle to read it
+                with zf.open("classes.npy", "w") as f:
+                    np.lib.format.write_array(f, np.asarray(classes, dtype=str))
         os.replace(tmp, path)                                         # complete or absent
     except OSError as e:
         raise OSError(f"could not write {path} ({e.strerror or e})") from None

@@ -41,7 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="random seed (%(default)s)")
     p.add_argument("--out", default="samples.png", help="PNG grid, one row per class id (%(default)s)")
     p.add_argument("--num-samples", type=int, default=0, help="write this many class-balanced samples to --out-npz")
-    p.add_argument("--out-npz", default=None, help="npz file (arr_0 uint8 (N, H, W, 3), labels (N,))")
+    p.add_argument("--out-npz", default=None, help="npz file (arr_0 uint8 (N, H, W, 3), labels (N,), and classes (C,) "
+                   "the class names when the FAR has them)")
     p.add_argument("--batch-size", type=int, default=32, help="images per generate() call and process (%(default)s)")
     p.add_argument("--precision", choices=["fp32", "bf16"], help="FAR autocast (default: bf16 on CUDA, else fp32)")
     p.add_argument("--device", type=device_flag, help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK with CUDA)")
@@ -124,7 +125,7 @@ def png(model, tok, classes, args, device):
     print(f"wrote {args.out}: {args.per_class} samples of class {names}, cfg {args.cfg_scale}, seed {args.seed}")
 
 
-def npz(model, tok, args, device, rank, world):
+def npz(model, tok, classes, args, device, rank, world):
     """The ADM npz for FID: class-balanced labels in a seeded order; global batch b is made by rank b % world into its
     own part file (no file written by two processes), and rank 0 streams the parts into --out-npz in order."""
     # NOTE(paper≠code): exactly class-balanced labels (the released sampler draws them at random per batch, §6.4)
@@ -145,7 +146,7 @@ def npz(model, tok, args, device, rank, world):
         dist.barrier()                                                 # every rank's part is written
     if rank == 0:
         files = [f"{args.out_npz}.part{r}.npy" for r in range(world)]
-        write_npz(args.out_npz, files, B, labels.numpy())              # atomic; the parts are removed
+        write_npz(args.out_npz, files, B, labels.numpy(), classes)     # atomic; the parts are removed
         print(f"wrote {args.out_npz}: {n} samples ({H}x{W}), {model.cfg.num_classes} classes balanced, "
               f"cfg {args.cfg_scale}")
 
@@ -162,7 +163,7 @@ def main(argv=None):
     torch.set_num_threads(args.threads or (1 if small and device.type == "cpu" else threads))
     try:
         if args.num_samples > 0:
-            npz(model, tok, args, device, rank, world)                 # every rank its share
+            npz(model, tok, classes, args, device, rank, world)        # every rank its share
         elif rank == 0:
             png(model, tok, classes, args, device)                     # one PNG, written by rank 0 alone
     except (CheckpointError, OSError) as e:                            # no space: one line, exit 2

@@ -132,8 +132,9 @@ def parse_args(argv=None):
                    "weights/tiny_tokenizer.pt for tiny; the paper presets need one)")
     p.add_argument("--data-path", help="ImageFolder root of training images (default: data/photos/train for tiny; the "
                    "paper presets need one)")
-    p.add_argument("--val-path", help="held-out ImageFolder for the NLL (default: data/photos/val when --data-path is "
-                   "the bundled data/photos/train, else none; '' for none)")
+    p.add_argument("--val-path", help="held-out ImageFolder for the NLL, its class folders named as --data-path's (all "
+                   "or some; default: data/photos/val when --data-path is the bundled data/photos/train, else none; '' "
+                   "for none)")
     p.add_argument("--augment", choices=sorted(VIEWS), help=recipe("augment", "views extracted per training image "
                    "(tencrop: the released one; random: 40 training crops)"))                        # in meta.json
     p.add_argument("--out-dir", default="runs/far", help="codes, checkpoints, log.jsonl, samples (%(default)s)")
@@ -174,6 +175,7 @@ def parse_args(argv=None):
             ("lr", math.isfinite(args.lr) and args.lr > 0, "a finite number > 0"),
             ("weight_decay", math.isfinite(args.weight_decay) and args.weight_decay >= 0, "a finite number >= 0"),
             ("grad_clip", args.grad_clip > 0, "> 0"),
+            *((b, 0 <= getattr(args, b) < 1, "in [0, 1)") for b in ("beta1", "beta2")),    # Adam's betas
             ("num_workers", args.num_workers >= 0, "an integer >= 0"),
             ("warmup_steps", args.warmup_steps >= 0, "an integer >= 0"),
             ("ckpt_minutes", args.ckpt_minutes > 0, "> 0"), ("keep_checkpoints", args.keep_checkpoints >= 0, ">= 0"),
@@ -196,11 +198,20 @@ def parse_args(argv=None):
 def load_codes(args, parser, device, rank, world):
     """(the tokenizer on device, the class names, training codes, held-out codes or None): stage 1, or its files when
     an earlier run made them. A bad tokenizer file or data folder exits 2."""
+    listing = {}
+    for flag, root in (("--data-path", args.data_path), ("--val-path", args.val_path)):
+        try:                                                          # both listed now, before minutes of extraction
+            listing[flag] = ImageFolder(root, (1, 1)) if root else None   # classes sorted, label = index
+        except FileNotFoundError as e:
+            parser.error(f"{flag}: {e}")
+        if listing[flag] and listing[flag].flat:                      # FAR is class-conditional (Sec. 3.3)
+            parser.error(f"{flag} {root}: FAR needs class folders, root/<class>/<image>; these images lie directly "
+                         f"in it")
+    folder, val_folder = listing["--data-path"], listing["--val-path"]
+    if val_folder and not set(val_folder.classes) <= set(folder.classes):   # a held-out label must mean its class
+        parser.error(f"--val-path {args.val_path}: classes that --data-path does not have: "
+                     f"{', '.join(sorted(set(val_folder.classes) - set(folder.classes))[:10])}")
     try:
-        folder = ImageFolder(args.data_path, (1, 1))                   # the listing: classes sorted, label = index
-        if folder.flat:                                               # FAR is class-conditional (Sec. 3.3)
-            parser.error(f"--data-path {args.data_path}: FAR needs class folders, root/<class>/<image>; these images "
-                         f"lie directly in it")
         if len(folder) * VIEWS[args.augment] < args.global_batch_size:   # before minutes of extraction
             parser.error(f"--global-batch-size {args.global_batch_size} is larger than the data: {len(folder)} images "
                          f"x {VIEWS[args.augment]} views (--augment {args.augment})")
@@ -212,7 +223,13 @@ def load_codes(args, parser, device, rank, world):
         extract = lambda root, name, aug: extract_codes(tok, root, os.path.join(args.out_dir, "codes", name), aug,
                                                         args.extract_batch_size, device, rank, world)
         dataset = Codes(*extract(args.data_path, "train", args.augment), seed=args.seed)
-        val_set = Codes(*extract(args.val_path, "val", "none")) if args.val_path else None   # one centre view
+        val_set = None
+        if val_folder:                                                # one centre view per held-out image
+            val_codes, val_labels = extract(args.val_path, "val", "none")
+            # the val folder's label i is its i-th class; FAR's is the training folder's index of that class name (a
+            # val folder with fewer classes numbers them otherwise). Unreadable images keep -1 (the appended -1).
+            to_train = np.array([folder.classes.index(c) for c in val_folder.classes] + [-1])
+            val_set = Codes(val_codes, to_train[val_labels])
     except (CheckpointError, FileNotFoundError) as e:
         parser.error(str(e))
     if len(dataset) < world:                                          # every rank needs one image per epoch

@@ -141,6 +141,7 @@ def check_args(p, args):
             ("crop_scale", math.isfinite(args.crop_scale) and args.crop_scale >= 1, "a number >= 1"),
             ("lr", math.isfinite(args.lr) and args.lr > 0, "a finite number > 0"),
             ("ema_decay", 0 <= args.ema_decay < 1, "in [0, 1)"),
+            *((b, 0 <= getattr(args, b) < 1, "in [0, 1)") for b in ("beta1", "beta2")),    # Adam's betas
             ("grad_clip", args.grad_clip > 0, "> 0"),
             ("codebook_size", args.codebook_size is None or args.codebook_size >= 2, "an integer >= 2"),
             ("codebook_dim", args.codebook_dim is None or args.codebook_dim >= 1, "an integer >= 1"),

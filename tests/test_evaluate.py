@@ -225,6 +225,14 @@ def test_teacher_metrics_of_real_crops_equal_the_floor_shuffled_labels_give_chan
     res = teacher_run(tmp_path, tok_ckpt, tmp_path / "shuffled.npz")
     assert math.isclose(res["fd_teacher"], real["fd_teacher"], rel_tol=1e-3, abs_tol=1e-4)
     assert res["acc_teacher"] < 0.25 and res["fd_teacher_floor"] == real["fd_teacher_floor"]
+    # sample.py's npz of a FAR whose class ids are not the teacher's (its classes in reverse order here): the names
+    # in `classes` map them back, and the metrics are the folder's
+    names = classes[::-1]
+    np.savez(tmp_path / "renamed.npz", arr_0=x.permute(0, 2, 3, 1).numpy(), labels=(10 - labels).numpy(),
+             classes=np.array(names))
+    res = teacher_run(tmp_path, tok_ckpt, tmp_path / "renamed.npz")
+    assert res["acc_teacher"] == real["acc_teacher"] and math.isclose(res["fd_teacher"], real["fd_teacher"],
+                                                                      rel_tol=1e-3, abs_tol=1e-4)
 
 
 def test_teacher_metrics_of_constant_colour_images_are_far_away(crops, tok_ckpt, tmp_path):
@@ -235,8 +243,11 @@ def test_teacher_metrics_of_constant_colour_images_are_far_away(crops, tok_ckpt,
     assert res["fd_teacher"] > 100 * res["fd_teacher_floor"] and res["fd_teacher"] > 1, res
 
 
-@pytest.mark.parametrize("arrays,message", [(dict(labels=np.zeros(3)), "has no labels array"),
-                                            (dict(labels=np.array([0, 1, 11])), "teacher knows 11 classes")])
+@pytest.mark.parametrize("arrays,message", [
+    (dict(labels=np.zeros(3)), "has no labels array"),
+    (dict(labels=np.array([0, 1, 11])), "teacher knows 11 classes"),
+    (dict(labels=np.array([0, 1, 1]), classes=np.array(["coins", "tulips"])), "the FAR's classes tulips are not"),
+    (dict(labels=np.array([0, 1, 2]), classes=np.array(["coins", "brick"])), "labels in [0, 2] for 2 class names")])
 def test_teacher_mode_needs_the_teachers_class_ids(arrays, message, tok_ckpt, tmp_path, capsys):
     arrays = {"arr_0": np.zeros((3, 32, 32, 3), np.uint8), **arrays}
     if message.startswith("has no"):

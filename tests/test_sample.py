@@ -53,7 +53,7 @@ def test_npz_is_class_balanced_and_the_same_for_two_processes(pair, tmp_path):
                    check=True, env=env, cwd=tmp_path, capture_output=True)
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert one["arr_0"].shape == (7, 32, 32, 3) and one["arr_0"].dtype == np.uint8
-    assert sorted(np.bincount(one["labels"], minlength=5)) == [1, 1, 1, 2, 2]
+    assert sorted(np.bincount(one["labels"], minlength=5)) == [1, 1, 1, 2, 2] and list(one["classes"]) == list("vwxyz")
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
     assert sorted(os.listdir(tmp_path)) == ["one.npz", "two.npz"]      # no parts or temp files left
 

@@ -126,6 +126,32 @@ def test_training_lowers_held_out_nll_on_its_own_data(tok_ckpt, data, tmp_path):
     assert nll[-1]["step"] == 40 and max(nll[-1]["val_bits/0"], nll[-1]["val_bits/1"]) < 8.0
 
 
+def test_held_out_labels_are_the_training_folders_class_ids(tok_ckpt, data, tmp_path, monkeypatch, capsys):
+    """A --val-path with some of the training classes numbers them its own way (here "c" alone is its class 0): the
+    held-out NLL must condition on the training folder's id of "c" (2), not on "a"'s. A class the training data lacks,
+    a missing or flat folder: exit 2 before the training codes are extracted."""
+    val = tmp_path / "val"
+    os.makedirs(val / "c")
+    for f in os.listdir(os.path.join(data, "c")):
+        Image.open(os.path.join(data, "c", f)).save(val / "c" / f)
+    seen = []
+    monkeypatch.setattr(train_far, "nll_bits", lambda far, val_set, *rest: (
+        seen.append(sorted({val_set[i][1] for i in range(len(val_set))})), {"val_bits/0": 9.0})[1])
+    run(tok_ckpt, data, tmp_path / "run", "--max-steps", "1", "--val-path", str(val))
+    assert seen and all(labels == [2] for labels in seen), seen
+    os.makedirs(val / "d")
+    Image.open(os.path.join(data, "a", "0.png")).save(val / "d" / "0.png")
+    flat = tmp_path / "flat"
+    os.makedirs(flat)
+    Image.open(os.path.join(data, "a", "0.png")).save(flat / "0.png")
+    for path, message in ((val, "classes that --data-path does not have: d"), (tmp_path / "nope", "--val-path: data "
+                          "folder not found"), (flat, "FAR needs class folders")):
+        with pytest.raises(SystemExit) as e:
+            run(tok_ckpt, data, tmp_path / "bad", "--val-path", str(path))
+        assert e.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "bad" / "codes").exists()                 # refused before the extraction
+
+
 def test_non_finite_loss_stops_and_keeps_last_checkpoint(tok_ckpt, data, tmp_path):
     good = run(tok_ckpt, data, tmp_path / "nan", "--max-steps", "2")
     before = open(tmp_path / "nan" / "checkpoints" / "last.pt", "rb").read()
