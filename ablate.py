@@ -51,7 +51,8 @@ import torch
 import evaluate
 import train_far
 import train_tokenizer
-from checkpoints import check_pair, keep_freed_memory, load_far, load_tokenizer, peak_mib, read_checkpoint
+from checkpoints import (CheckpointError, check_pair, check_writable, keep_freed_memory, load_far, load_tokenizer,
+                         peak_mib, read_checkpoint)
 from far import generate
 from figures import line_plot
 from images import BUNDLED, ImageFolder, to_uint8
@@ -327,6 +328,25 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 steps, tiny sizes, random tokenizer "
                    "for Tab. 4 when --tokenizer-ckpt is absent")
     args = p.parse_args(argv)
+    # Every value is checked before any work: one line naming the flag, the value and the valid range, exit 2.
+    for name, ok, valid in (*((n, getattr(args, n) is None or getattr(args, n) >= 1, "an integer >= 1")
+                              for n in ("steps", "batch_size", "usage_crops", "log_every")),   # None: the default
+                            *((n, getattr(args, n) >= 2, "an integer >= 2") for n in ("samples_per_class", "real_crops")),
+                            ("scales", all(math.isfinite(s) and s >= 0 for s in args.scales), "finite numbers >= 0")):
+        if not ok:
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
+    files = {"4": ["teacher"] + ["tokenizer_ckpt"] * (not args.quick), "ar": ["teacher"] + ["tokenizer_ckpt"] * (
+        not args.quick), "cfg": ["teacher", "tokenizer_ckpt", "far_ckpt"]}.get(args.table, [])   # --quick: a random one
+    for name in files:
+        if not os.path.isfile(getattr(args, name)):
+            p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: no such file" + (
+                f" (make it with `python train_teacher.py --out {args.teacher}`, a minute on a CPU)"
+                if name == "teacher" else ""))
+    if args.figure:                                 # drawn at the end: its folder must be there now
+        try:
+            check_writable(args.figure, "--figure")
+        except CheckpointError as e:
+            p.error(str(e))
     tab3, tokenizers = args.table == "3", args.table in ("3", "ibq")
     args.usage_crops = args.usage_crops or (100 if args.table == "ibq" else 10)
     if args.quick:                                  # tests: every code path in seconds, numbers meaningless
@@ -341,20 +361,17 @@ def parse_args(argv=None):
     args.batch_size = args.batch_size or (train_tokenizer.RECIPES["tiny"]["global_batch_size"] if tokenizers else 32)
     rows = {"3": list(TAB3), "4": ["linear", "mlp", "ar"], "ar": list(AR_ROWS), "ibq": list(IBQ),
             "cfg": [f"{s:g}" for s in args.scales]}[args.table]
-    if min(args.scales) < 0 or args.samples_per_class < 2 or args.real_crops < 2:
-        p.error("--scales must be >= 0, --samples-per-class and --real-crops >= 2")
     if any(r not in rows for r in args.rows or []):   # a typo in --rows must not silently run nothing
         p.error(f"--rows must be among {rows}")
     args.rows = args.rows or rows
-    return args
+    return args, p
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    os.makedirs(args.work_dir, exist_ok=True)
+    args, parser = parse_args(argv)
     results = json.load(open(args.out)) if os.path.exists(args.out) else {}   # earlier runs are kept and skipped
     if results.get("budget", {}).get("steps") not in (None, args.steps):
-        raise SystemExit(f"{args.out} holds runs of another budget; use another --out")   # never mix budgets
+        parser.error(f"--out {args.out} holds runs of another budget; use another --out")   # never mix budgets
     results.update({
         "table": args.table, "paper": PAPER[args.table],
         "command": " ".join(["python", "ablate.py"] + (sys.argv[1:] if argv is None else argv)),
@@ -365,6 +382,7 @@ def main(argv=None):
                     "python": platform.python_version()},
         "budget": {"steps": args.steps, "global_batch_size": args.batch_size, "seeds": args.seeds}})
     results.setdefault("rows", {})
+    os.makedirs(args.work_dir, exist_ok=True) if args.table != "cfg" else None   # cfg trains nothing: no run folders
     if args.table in ("3", "ibq"):                  # run = train one tokenizer, then measure it
         recipe = train_tokenizer.RECIPES["tiny"]                    # every row: the tiny recipe + TOKENIZER_FLAGS
         results["budget"].update(image_size=args.image_size, usage_crops=args.usage_crops, lr=1e-3,
@@ -382,9 +400,12 @@ def main(argv=None):
                 return {**tokenizer_run(preset, extra, seed, args, out), "codes_stored": k * K,
                         "bits_per_token": k * math.log2(K), "flags": " ".join(["--preset", preset, *extra])}
     elif args.table == "cfg":                       # nothing trained: one FAR, sampled at every scale
-        ckpt = read_checkpoint(args.far_ckpt, "--far-ckpt")
-        model, tok = load_far(ckpt), load_tokenizer(args.tokenizer_ckpt)
-        check_pair(model.cfg, tok, ckpt.get("tokenizer", {}), args.far_ckpt, args.tokenizer_ckpt)   # decodes its codes
+        try:
+            ckpt = read_checkpoint(args.far_ckpt, "--far-ckpt")
+            model, tok = load_far(ckpt, name=args.far_ckpt), load_tokenizer(args.tokenizer_ckpt)
+            check_pair(model.cfg, tok, ckpt.get("tokenizer", {}), args.far_ckpt, args.tokenizer_ckpt)   # its codes
+        except CheckpointError as e:
+            parser.error(str(e))
         judge = teacher_judge(tok, args, model.cfg.num_classes * args.samples_per_class)
         results["levels"] = judge[2]                                # real crops, real vs real, reconstructions
         del results["budget"]["global_batch_size"]                  # nothing trained

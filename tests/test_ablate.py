@@ -182,3 +182,25 @@ def test_two_processes_fill_one_table(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert rows["VQ(K)"]["runs"]["0"] == other and rows["VQ(K)"]["mean"]["psnr"] == 20.0     # theirs, kept
     assert rows["FQ(Kx2)"]["runs"]["0"]["psnr"] == 22.0 and rows["FQ(Kx2)"]["mean"]["psnr"] == 22.0   # ours
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--table", "3", "--steps", "0"], "--steps 0 is out of range: must be an integer >= 1"),
+    (["--table", "3", "--usage-crops", "0"], "--usage-crops 0 is out of range"),
+    (["--table", "ibq", "--log-every", "0"], "--log-every 0 is out of range"),
+    (["--table", "cfg", "--scales", "1", "nan"], "--scales [1.0, nan] is out of range: must be finite numbers >= 0"),
+    (["--table", "4", "--real-crops", "1"], "--real-crops 1 is out of range: must be an integer >= 2"),
+    (["--table", "cfg", "--far-ckpt", "nope.pt"], "--far-ckpt nope.pt: no such file"),
+    (["--table", "cfg", "--far-ckpt", os.path.join(ROOT, "weights", "tiny_tokenizer.pt")], "it holds a tokenizer"),
+    (["--table", "4", "--teacher", "nope.pt"], "no such file (make it with `python train_teacher.py --out nope.pt`"),
+    (["--table", "ar", "--tokenizer-ckpt", "nope.pt"], "--tokenizer-ckpt nope.pt: no such file"),
+    (["--table", "cfg", "--figure", "no/such/folder/f.png"], "the folder"),
+])
+def test_bad_arguments_exit_2_before_any_run(argv, message, tmp_path, monkeypatch, capsys):
+    """A value that a run would trip over minutes or hours later (or never check: --steps 0 once meant the default) is
+    one line and exit 2 now, with nothing started: no work folder, no results file."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        ablate.main(argv + ["--out", "t.json", "--work-dir", "runs"])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
