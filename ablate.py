@@ -232,9 +232,7 @@ def far_run(head, seed, args, out, tok_path, tok, judge, codes_dir):
 def far_tokenizer(args):
     """The FQ tokenizer FAR runs train on: --tokenizer-ckpt, or with --quick and no such file a random tiny one at
     32 px (8x8 codes), written to the work dir."""
-    if not os.path.isfile(args.tokenizer_ckpt):
-        if not args.quick:
-            raise SystemExit(f"--tokenizer-ckpt {args.tokenizer_ckpt} not found (train one with train_tokenizer.py)")
+    if not os.path.isfile(args.tokenizer_ckpt):                       # --quick only: parse_args refuses it otherwise
         torch.manual_seed(0)
         cfg = TokenizerConfig(**{**PRESETS["tiny"], "image_size": 32})
         args.tokenizer_ckpt = os.path.join(args.work_dir, "random_tokenizer.pt")
