@@ -8,7 +8,8 @@ all it knows, where CLIP's feature describes what an image shows in general. It 
 with the same interface (teachers.load_teacher("cnn:tiny_teacher.pt")), whose effect on a sub-codebook can be measured
 offline (evaluate.py's class probe, figures.py's Fig. 4).
 
-  python train_teacher.py                      # -> weights/tiny_teacher.pt
+  python train_teacher.py                                   # -> runs/teacher/tiny_teacher.pt
+  python train_teacher.py --out weights/tiny_teacher.pt     # remakes the shipped file (the same weights, bit for bit)
 """
 import argparse
 import math
@@ -23,8 +24,6 @@ from checkpoints import CheckpointError, check_writable
 from images import BUNDLED, ImageFolder, open_rgb, random_crop, to_tensor
 from teachers import PhotoCNN
 
-ROOT = os.path.dirname(os.path.abspath(__file__))                     # weights/ lives beside this file
-
 
 @torch.no_grad()
 def accuracy(net, dataset):
@@ -38,7 +37,7 @@ def accuracy(net, dataset):
 
 
 def main(argv=None):
-    """Parse the flags, train PhotoCNN on random crops, write weights/tiny_teacher.pt atomically."""
+    """Parse the flags, train PhotoCNN on random crops, write --out atomically."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-path", default=os.path.join(BUNDLED, "train"), help="ImageFolder of training photos")
     p.add_argument("--val-path", default=os.path.join(BUNDLED, "val"), help="held-out photos for the accuracy")
@@ -48,8 +47,12 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=32, help="random crops per step (%(default)s)")
     p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate, cosine to 0 (%(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (%(default)s)")
-    p.add_argument("--out", default=os.path.join(ROOT, "weights", "tiny_teacher.pt"), help="output file")
+    p.add_argument("--out", help="output file (default: runs/teacher/tiny_teacher.pt; the shipped file, which the "
+                   "tiny-dual preset and evaluate.py use, is weights/tiny_teacher.pt: a run never replaces it unasked)")
     args = p.parse_args(argv)
+    if args.out is None:                                              # the default folder is ours to create
+        args.out = os.path.join("runs", "teacher", "tiny_teacher.pt")
+        os.makedirs(os.path.dirname(args.out), exist_ok=True)
     for name in ("image_size", "width", "steps", "batch_size"):       # checked before any work: one line, exit 2
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be an integer >= 1")

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = str(Path(__file__).resolve().parents[1])
+sys.path.insert(0, ROOT)
 import train_teacher  # noqa: E402
 from evaluate import stand_in_teacher  # noqa: E402
 from teachers import load_teacher  # noqa: E402
@@ -52,6 +53,17 @@ def test_it_learns_the_classes_and_writes_a_teacher_that_loads(photos, tmp_path,
     teacher = load_teacher(f"cnn:{out}")                               # the tokenizer's teacher spec
     assert teacher(torch.zeros(2, 3, 16, 16)).shape == (2, 16)          # pooled features (B, width)
     assert stand_in_teacher(str(out), "cpu")[1] == sorted(COLOURS)     # evaluate.py's acc_teacher / fd_teacher
+
+
+def test_without_out_it_writes_under_runs_never_the_shipped_file(photos, tmp_path, monkeypatch):
+    """The shipped weights/tiny_teacher.pt (tiny-dual's teacher, evaluate.py's judge) is replaced only when --out names
+    it: a plain run, on other photos say, writes runs/teacher/tiny_teacher.pt, a folder it makes."""
+    shipped = os.path.join(ROOT, "weights", "tiny_teacher.pt")
+    before = open(shipped, "rb").read()
+    monkeypatch.chdir(tmp_path)
+    train_teacher.main(flags(photos, "x")[:-2] + ["--steps", "1"])    # every flag but --out
+    assert os.listdir(tmp_path / "runs" / "teacher") == ["tiny_teacher.pt"]
+    assert open(shipped, "rb").read() == before
 
 
 @pytest.mark.parametrize("bad, words", [
