@@ -592,16 +592,19 @@ def tokenizer_ours_to_official(sd, cfg):
 
 
 def _holds(ckpt):
-    """"FAR", "tokenizer" or None: what a loaded checkpoint holds, by our config's fields or the official parameter
-    names. The loaders' errors say so when a file of the other kind was given (a swapped pair of paths)."""
+    """"a FAR", "a tokenizer", "the stand-in teacher" or None: what a loaded checkpoint holds, by our configs' fields
+    or the official parameter names. The loaders' errors say so when a file of another kind was given (a swapped pair
+    of paths)."""
     if not isinstance(ckpt, dict):
         return None
     sd = next((ckpt[k] for k in ("ema", "model", "module", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)
     names = set(ckpt.get("config") or {}) | {str(n).split(".")[0] for n in sd}
     if names & {"n_layer", "tok_embeddings_1", "tok_embeddings"}:    # our FARConfig; FAR's code embeddings
-        return "FAR"
-    if names & {"image_size", "encoder"}:                            # our TokenizerConfig; the tokenizer's encoder
-        return "tokenizer"
+        return "a FAR"
+    if names & {"ch", "encoder"}:                                     # our TokenizerConfig; the tokenizer's encoder
+        return "a tokenizer"
+    if {"width", "num_classes"} <= names:                             # teachers.PhotoCNN's config (train_teacher.py)
+        return "the stand-in teacher (train_teacher.py)"
     return None
 
 
@@ -624,7 +627,7 @@ def load_tokenizer(path, device="cpu"):
                             assign=True)
     except (CheckpointError, KeyError, TypeError, ValueError, RuntimeError, AttributeError) as e:
         text = " ".join(str(e).split())
-        swapped = ": it holds a FAR" if _holds(ckpt) == "FAR" else ""
+        swapped = f": it holds {_holds(ckpt)}" if _holds(ckpt) not in (None, "a tokenizer") else ""
         raise CheckpointError(f"tokenizer checkpoint {path} is not a tokenizer of this project or the official FQGAN"
                               f"{swapped} ({type(e).__name__}: {text[:200]})") from None
     for branch in tok.branches:     # the official straight-through rounding, for bit-exact parity (quantizer.py)
@@ -692,7 +695,7 @@ def load_far(path_or_ckpt, device="cpu", name=None):
                               assign=True)
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, AssertionError) as e:
         name = name or ("the given dict" if isinstance(path_or_ckpt, dict) else path_or_ckpt)
-        swapped = ": it holds a tokenizer" if _holds(ckpt) == "tokenizer" else ""
+        swapped = f": it holds {_holds(ckpt)}" if _holds(ckpt) not in (None, "a FAR") else ""
         raise CheckpointError(f"FAR checkpoint {name} is not a FAR of this project or the official code{swapped} "
                               f"({type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     return model.to(device).eval()                                    # a dict read on the CPU moves here

@@ -105,9 +105,12 @@ def load_teacher(spec, weights_path=None, pretrained=True, interpolation="neares
             raise FileNotFoundError(f"Weights of teacher {spec!r} not found at {local}; make them with "
                                     f"`python train_teacher.py --out {local}` (about a minute on a CPU)")
         ckpt = torch.load(path, map_location="cpu", weights_only=True) if pretrained else {"config": {}}
-        net = PhotoCNN(**ckpt["config"])
-        if pretrained:
-            net.load_state_dict(ckpt["model"])
+        try:                                                          # a tokenizer or FAR file given in its place
+            net = PhotoCNN(**ckpt["config"])
+            net.load_state_dict(ckpt["model"]) if pretrained else None
+        except (KeyError, TypeError, RuntimeError) as e:
+            raise ValueError(f"{path} is not a stand-in teacher of train_teacher.py (config "
+                             f"{sorted(ckpt.get('config', {}))[:6]}; {type(e).__name__}: {str(e)[:200]})") from None
         # the tokenizer's input is the teacher's: [-1, 1] -> [0, 1] -> (x - 0.5) / 0.5 is [-1, 1] again
         return Teacher(net, net.width, (net.image_size,) * 2, (0.5,) * 3, (0.5,) * 3, CLS[kind], "bilinear")
     if kind == "openclip":

@@ -55,6 +55,7 @@ def files(tmp_path_factory, pair):
     np.savez(d / "no_arr0.npz", images=np.zeros((2, 32, 32, 3), np.uint8))
     (d / "not_zip.npz").write_bytes(b"not a zip archive")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "grid.png")   # a PNG grid where an npz belongs
+    np.savez(d / "two.npz", arr_0=np.zeros((2, 64, 64, 3), np.uint8), labels=np.array([0, 1]))   # sample.py's kind
     return d
 
 
@@ -160,6 +161,9 @@ CASES = [
      "--num-samples N needs --out-npz FILE"),
     ("sample --out-npz without .npz", "sample", lambda d, p: ["--num-samples", "4", "--out-npz", str(d / "x.txt")], 2,
      "x.txt: the file name must end in .npz"),
+    ("evaluate --teacher a FAR file", "evaluate", lambda d, p: ["--samples", str(d / "two.npz"), "--teacher",
+                                                                os.path.join(ROOT, "weights", "tiny_far.pt")], 2,
+     "tiny_far.pt is not a stand-in teacher of train_teacher.py"),
     ("evaluate --samples a PNG", "evaluate", lambda d, p: ["--samples", str(d / "grid.png")], 2,
      "grid.png: a file that is not an .npz"),
     ("sample --class-id with --num-samples", "sample",

@@ -220,14 +220,18 @@ def test_a_swapped_pair_says_what_the_file_holds(tmp_path):
              "our FAR": {"model": far.state_dict(), "config": asdict(far.cfg)},
              "official tokenizer": {"model": {"encoder.conv_in.weight": torch.zeros(1)}},
              "official FAR": {"model": {"tok_embeddings_1.weight": torch.zeros(1)}},
-             "broken FAR": {"model": {}, "config": {**asdict(far.cfg), "dim": "x"}}}
+             "broken FAR": {"model": {}, "config": {**asdict(far.cfg), "dim": "x"}},
+             "teacher": torch.load(os.path.join(os.path.dirname(TESTS), "weights", "tiny_teacher.pt"),
+                                   weights_only=True)}
     for what, content in files.items():
         torch.save(content, tmp_path / f"{what}.pt")
     for what, loader, swapped in (("our tokenizer", load_far, "it holds a tokenizer"),
                                   ("official tokenizer", load_far, "it holds a tokenizer"),
                                   ("our FAR", load_tokenizer, "it holds a FAR"),
                                   ("official FAR", load_tokenizer, "it holds a FAR"),
-                                  ("broken FAR", load_far, None), ("broken FAR", load_tokenizer, "it holds a FAR")):
+                                  ("broken FAR", load_far, None), ("broken FAR", load_tokenizer, "it holds a FAR"),
+                                  ("teacher", load_far, "it holds the stand-in teacher (train_teacher.py)"),
+                                  ("teacher", load_tokenizer, "it holds the stand-in teacher (train_teacher.py)")):
         with pytest.raises(CheckpointError) as e:
             loader(tmp_path / f"{what}.pt")
         assert f"{what}.pt" in str(e.value) and (swapped in str(e.value) if swapped else "holds" not in str(e.value))
