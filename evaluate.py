@@ -99,6 +99,10 @@ def fidelity(feats, ref=None, prc=True, device="cpu"):
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.metric_prc import prc_features_to_metric
+    sizes = [len(f[LAYERS["fid"]]) for f in (feats, ref) if f is not None]
+    if ref is not None and min(sizes) < (4 if prc else 2):         # a covariance needs 2 images, k = 3 neighbours 4
+        raise ValueError(f"{'FID and precision / recall need 4' if prc else 'rFID needs 2'} or more images in each "
+                         f"set, got {' and '.join(map(str, sizes))}")
     isc = isc_features_to_metric(feats[LAYERS["isc"]].to(device), splits=min(10, len(feats[LAYERS["isc"]])))
     out = {"inception_score": isc["inception_score_mean"], "inception_score_std": isc["inception_score_std"]}
     if ref is not None:                                               # FID: Frechet distance of two Gaussians
@@ -331,6 +335,8 @@ def evaluate_with_teacher(args, tok, device):
     """acc_teacher / fd_teacher of --samples, with the levels of real crops of --data-path and of reconstructions."""
     teacher, classes = stand_in_teacher(args.teacher, device)
     x, labels, unreadable = labelled_samples(args.samples, classes)
+    if len(x) < 2:                                                    # fd_teacher's covariance needs two
+        raise ValueError(f"--samples {args.samples}: {len(x)} image; fd_teacher needs 2 or more")
     ref_feats, levels = teacher_levels(teacher, classes, args.data_path, tuple(x.shape[-2:]), args.real_crops,
                                        len(x), tok, device)
     acc, fd, _ = teacher_metrics(teacher, x.to(device), labels.to(device), ref_feats)

@@ -56,6 +56,7 @@ def files(tmp_path_factory, pair):
     (d / "not_zip.npz").write_bytes(b"not a zip archive")
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(d / "grid.png")   # a PNG grid where an npz belongs
     np.savez(d / "two.npz", arr_0=np.zeros((2, 64, 64, 3), np.uint8), labels=np.array([0, 1]))   # sample.py's kind
+    np.savez(d / "one.npz", arr_0=np.zeros((1, 64, 64, 3), np.uint8), labels=np.array([0]))
     return d
 
 
@@ -164,6 +165,8 @@ CASES = [
     ("evaluate --teacher a FAR file", "evaluate", lambda d, p: ["--samples", str(d / "two.npz"), "--teacher",
                                                                 os.path.join(ROOT, "weights", "tiny_far.pt")], 2,
      "tiny_far.pt is not a stand-in teacher of train_teacher.py"),
+    ("evaluate --samples of 1 image", "evaluate", lambda d, p: ["--samples", str(d / "one.npz")], 2,
+     "one.npz: 1 image; fd_teacher needs 2 or more"),
     ("evaluate --samples a PNG", "evaluate", lambda d, p: ["--samples", str(d / "grid.png")], 2,
      "grid.png: a file that is not an .npz"),
     ("sample --class-id with --num-samples", "sample",

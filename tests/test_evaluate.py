@@ -182,6 +182,17 @@ def test_generation_mode_npz_against_folder(inception, small_layers, tmp_path, c
 # --------------------------------------------------------------------------------------------------------------
 # Generation mode without a download: the stand-in teacher's acc_teacher / fd_teacher
 
+def test_fid_and_precision_recall_refuse_too_few_images():
+    """A covariance needs 2 images and k = 3 neighbour balls 4: fewer is one line naming the counts (torch-fidelity
+    says 'Array must not contain infs or NaNs' / 'kthvalue(): selected number k out of range')."""
+    feats = lambda n: {v: torch.randn(n, 16) for v in evaluate.LAYERS.values()}
+    with pytest.raises(ValueError, match="FID and precision / recall need 4 or more images in each set, got 3 and 9"):
+        evaluate.fidelity(feats(3), feats(9))
+    with pytest.raises(ValueError, match="rFID needs 2 or more images in each set, got 1 and 1"):
+        evaluate.fidelity(feats(1), feats(1), prc=False)
+    assert set(evaluate.fidelity(feats(4), feats(4))) >= {"fid", "precision", "recall"}
+
+
 def test_frechet_equals_the_formula_through_symmetric_square_roots():
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(400, 6, generator=g), torch.randn(300, 6, generator=g) @ torch.randn(6, 6, generator=g) + 1
