@@ -281,9 +281,14 @@ def read_resume(out_dir, cfg, global_batch_size):
         ckpt = read_checkpoint(last, "--resume: checkpoint")
     except CheckpointError as e:
         raise CheckpointError(f"{e}{fallback}") from None
-    if ckpt.get("config") != asdict(cfg) or ckpt.get("args", {}).get("global_batch_size") != global_batch_size:
-        raise CheckpointError(f"--resume: {last} was written with another model config or --global-batch-size; use "
-                              f"another --out-dir")
+    stored, ours = {**(ckpt.get("config") or {}), "global_batch_size": ckpt.get("args", {}).get("global_batch_size")}, \
+        {**asdict(cfg), "global_batch_size": global_batch_size}
+    differ = [f"{k} {ours.get(k)} (the checkpoint's: {stored.get(k)})" for k in sorted(set(stored) | set(ours))
+              if stored.get(k) != ours.get(k)]                        # e.g. another --preset, --codebook-size
+    if differ:
+        raise CheckpointError(f"--resume: {last} was written with another model config or --global-batch-size: "
+                              f"{'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}; resume with its flags or "
+                              f"use another --out-dir")
     return ckpt
 
 

@@ -99,10 +99,11 @@ def test_resume_of_another_run_exits_2_and_without_a_checkpoint_starts_fresh(tok
     run(tok_ckpt, data, tmp_path / "a", "--max-steps", "1")
     last = tmp_path / "a" / "checkpoints" / "last.pt"
     before = last.read_bytes()
-    for other in (["--global-batch-size", "4"], ["--head", "mlp"]):
+    for other, what in ((["--global-batch-size", "4"], "global_batch_size 4 (the checkpoint's: 8)"),
+                        (["--head", "mlp"], "head mlp (the checkpoint's: ar)")):
         with pytest.raises(SystemExit) as e:
             run(tok_ckpt, data, tmp_path / "a", "--max-steps", "2", "--resume", *other)
-        assert e.value.code == 2 and "written with another model config or --global-batch-size" in \
+        assert e.value.code == 2 and f"written with another model config or --global-batch-size: {what}; " in \
             capsys.readouterr().err
         assert last.read_bytes() == before
     assert run(tok_ckpt, data, tmp_path / "b", "--max-steps", "1", "--resume")["step"] == 1
