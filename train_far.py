@@ -216,7 +216,18 @@ def load_codes(args, parser, device, rank, world):
             parser.error(f"--global-batch-size {args.global_batch_size} is larger than the data: {len(folder)} images "
                          f"x {VIEWS[args.augment]} views (--augment {args.augment})")
         tok = load_tokenizer(args.tokenizer_ckpt, device).requires_grad_(False)   # eval mode, fp32
-        resuming = args.resume and os.path.exists(os.path.join(args.out_dir, "checkpoints", "last.pt"))
+        last = os.path.join(args.out_dir, "checkpoints", "last.pt")
+        resuming = args.resume and os.path.exists(last)
+        if resuming:                                                  # a label must keep its class across a resume
+            try:                                                      # memory-mapped: no weight is read
+                trained_on = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("classes")
+            except Exception:                                         # a damaged file: read_resume names it later
+                trained_on = None
+            if trained_on is not None and trained_on != folder.classes:
+                gone, new = sorted(set(trained_on) - set(folder.classes)), sorted(set(folder.classes) - set(trained_on))
+                parser.error(f"--resume: {last} was trained on other classes than --data-path {args.data_path} has "
+                             f"(missing: {', '.join(gone[:5]) or 'none'}; new: {', '.join(new[:5]) or 'none'}); resume "
+                             f"on the same class folders or use another --out-dir")
         if args.init_from and not resuming:                           # a wrong file is named now, not after extraction
             with torch.device("meta"):                                # shapes and names only: no weight is read
                 init_from(args, FAR(far_config(args, tok, folder.classes)), "meta")

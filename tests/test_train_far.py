@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_train_far.py -q
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -106,6 +107,14 @@ def test_resume_of_another_run_exits_2_and_without_a_checkpoint_starts_fresh(tok
         assert e.value.code == 2 and f"written with another model config or --global-batch-size: {what}; " in \
             capsys.readouterr().err
         assert last.read_bytes() == before
+    other = tmp_path / "other"                                          # the same photos, a class renamed
+    shutil.copytree(data, other)
+    os.rename(other / "c", other / "d")
+    with pytest.raises(SystemExit) as e:
+        run(tok_ckpt, str(other), tmp_path / "a", "--max-steps", "2", "--resume")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "trained on other classes than --data-path" in err and "(missing: c; new: d)" in err
+    assert last.read_bytes() == before and os.listdir(tmp_path / "a" / "codes") == ["train"]   # nor extracted
     assert run(tok_ckpt, data, tmp_path / "b", "--max-steps", "1", "--resume")["step"] == 1
     assert f"--resume: no {tmp_path / 'b' / 'checkpoints' / 'last.pt'} yet, starting from scratch" in \
         capsys.readouterr().out
