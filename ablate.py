@@ -329,7 +329,8 @@ def parse_args(argv=None):
     # Every value is checked before any work: one line naming the flag, the value and the valid range, exit 2.
     for name, ok, valid in (*((n, getattr(args, n) is None or getattr(args, n) >= 1, "an integer >= 1")
                               for n in ("steps", "batch_size", "usage_crops", "log_every")),   # None: the default
-                            *((n, getattr(args, n) >= 2, "an integer >= 2") for n in ("samples_per_class", "real_crops")),
+                            *((n, getattr(args, n) >= 2, "an integer >= 2")
+                              for n in ("samples_per_class", "real_crops")),
                             ("scales", all(math.isfinite(s) and s >= 0 for s in args.scales), "finite numbers >= 0")):
         if not ok:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")

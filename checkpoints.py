@@ -597,9 +597,9 @@ def tokenizer_ours_to_official(sd, cfg):
 
 
 def _holds(ckpt):
-    """"a FAR", "a tokenizer", "the stand-in teacher" or None: what a loaded checkpoint holds, by our configs' fields
-    or the official parameter names. The loaders' errors say so when a file of another kind was given (a swapped pair
-    of paths)."""
+    """"a FAR", "a tokenizer", "the stand-in teacher (train_teacher.py)" or None: what a loaded checkpoint holds, by our
+    configs' fields or the official parameter names. The loaders' errors say so when a file of another kind was given
+    (a swapped pair of paths)."""
     if not isinstance(ckpt, dict):
         return None
     sd = next((ckpt[k] for k in ("ema", "model", "module", "state_dict") if isinstance(ckpt.get(k), dict)), ckpt)

@@ -336,7 +336,7 @@ def evaluate_with_teacher(args, tok, device):
     teacher, classes = stand_in_teacher(args.teacher, device)
     x, labels, unreadable = labelled_samples(args.samples, classes)
     if len(x) < 2:                                                    # fd_teacher's covariance needs two
-        raise ValueError(f"--samples {args.samples}: {len(x)} image; fd_teacher needs 2 or more")
+        raise ValueError(f"--samples {args.samples}: {len(x)} image{'s' * (len(x) != 1)}; fd_teacher needs 2 or more")
     ref_feats, levels = teacher_levels(teacher, classes, args.data_path, tuple(x.shape[-2:]), args.real_crops,
                                        len(x), tok, device)
     acc, fd, _ = teacher_metrics(teacher, x.to(device), labels.to(device), ref_feats)

@@ -468,8 +468,8 @@ class Tokenizer(nn.Module):
 if __name__ == "__main__":  # the parameter count of every preset (meta tensors: instant, no memory)
     import argparse
     argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            epilog="Prints every preset's parameter count (the teachers not counted: they are frozen and "
-                            "loaded beside it), its k sub-codebooks K x d and its token grid.").parse_args()
+                            epilog="Prints every preset's parameter count (the teachers not counted: they are frozen "
+                            "and loaded beside it), its k sub-codebooks K x d and its token grid.").parse_args()
     for name, preset in PRESETS.items():
         with torch.device("meta"):
             tok = Tokenizer(TokenizerConfig(**preset))

@@ -184,8 +184,9 @@ def test_k1_without_adapter_is_a_plain_vqgan():
         assert sum(p.numel() for p in Tokenizer(TokenizerConfig(**PRESETS["vqgan-16"])).parameters()) == 71_883_403
 
 
+# official_code.md §1.7: the official models with their feature heads
 OFFICIAL_COUNTS = {"fqgan-dual-16": 150_410_131, "fqgan-triple-16": 159_295_515, "fqgan-dual-8": 150_209_427,
-                   "fqgan-triple-8": 159_586_331}   # official_code.md §1.7: the official models with their feature heads
+                   "fqgan-triple-8": 159_586_331}
 
 
 def test_presets_parameter_counts_match_official():
