@@ -334,9 +334,8 @@ def parse_args(argv=None):
                             ("scales", all(math.isfinite(s) and s >= 0 for s in args.scales), "finite numbers >= 0")):
         if not ok:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
-    files = {"4": ["teacher"] + ["tokenizer_ckpt"] * (not args.quick), "ar": ["teacher"] + ["tokenizer_ckpt"] * (
-        not args.quick), "cfg": ["teacher", "tokenizer_ckpt", "far_ckpt"]}.get(args.table, [])   # --quick: a random one
-    for name in files:
+    far_files = ["teacher"] + ["tokenizer_ckpt"] * (not args.quick)    # --quick: a random tokenizer if absent
+    for name in {"4": far_files, "ar": far_files, "cfg": ["teacher", "tokenizer_ckpt", "far_ckpt"]}.get(args.table, []):
         if not os.path.isfile(getattr(args, name)):
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: no such file" + (
                 f" (make it with `python train_teacher.py --out {args.teacher}`, a minute on a CPU)"

@@ -281,8 +281,8 @@ def read_resume(out_dir, cfg, global_batch_size):
         ckpt = read_checkpoint(last, "--resume: checkpoint")
     except CheckpointError as e:
         raise CheckpointError(f"{e}{fallback}") from None
-    stored, ours = {**(ckpt.get("config") or {}), "global_batch_size": ckpt.get("args", {}).get("global_batch_size")}, \
-        {**asdict(cfg), "global_batch_size": global_batch_size}
+    stored = {**(ckpt.get("config") or {}), "global_batch_size": ckpt.get("args", {}).get("global_batch_size")}
+    ours = {**asdict(cfg), "global_batch_size": global_batch_size}
     differ = [f"{k} {ours.get(k)} (the checkpoint's: {stored.get(k)})" for k in sorted(set(stored) | set(ours))
               if stored.get(k) != ours.get(k)]                        # e.g. another --preset, --codebook-size
     if differ:

@@ -196,8 +196,9 @@ def parse_args(argv=None):
 # What main() calls
 
 def load_codes(args, parser, device, rank, world):
-    """(the tokenizer on device, the class names, training codes, held-out codes or None): stage 1, or its files when
-    an earlier run made them. A bad tokenizer file or data folder exits 2."""
+    """(the tokenizer on device, the training folder's listing, training codes, held-out codes or None): stage 1, or
+    its files when an earlier run made them. A bad tokenizer file, data or held-out folder, or a resume on other class
+    folders exits 2, before the extraction."""
     listing = {}
     for flag, root in (("--data-path", args.data_path), ("--val-path", args.val_path)):
         try:                                                          # both listed now, before minutes of extraction
