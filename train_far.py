@@ -284,6 +284,7 @@ def main(argv=None):
 
     # The model and AdamW (weight decay on every tensor with ndim >= 2: linears, embeddings; # parity: §7.3); resume
     cfg, far = build_model(args, tok, classes, device)
+    far.rope(device)   # the rotary table, built now: one built inside the compiled step would recompile it at step 2
     model = distribute(far, ddp, device, args.compile)                 # DDP (all-reduce in backward), then compiled
     groups = [{"params": [p for p in far.parameters() if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in far.parameters() if p.dim() < 2], "weight_decay": 0.0}]

@@ -198,12 +198,14 @@ def test_copy_distance_finds_a_copied_training_view():
 def test_compiled_after_ddp_on_two_processes(tok_ckpt, data, tmp_path):
     """What a GPU run does by default, with gloo on this CPU: torch.compile of the DDP-wrapped FAR (the compiled
     backward split at DDP's buckets). It trains, its checkpoint holds the raw module's names (no module. / _orig_mod.
-    prefix), and it samples (the raw module) at the end."""
+    prefix), it is compiled once (no recompilation at a later step: each doubles the wait for the first steps), and
+    it samples (the raw module) at the end."""
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train_far.py", *FAST, "--tokenizer-ckpt", tok_ckpt, "--data-path", data, "--compile",
                            "--max-steps", "3", "--sample-every", "3", "--out-dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True)
+                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TORCH_LOGS": "recompiles"})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "__recompiles" not in proc.stderr, proc.stderr[-3000:]       # dynamo's log of each recompilation
     state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 3 and list(state["model"]) == list(train_far.FAR(train_far.FARConfig(**state["config"]))
                                                                   .state_dict())
