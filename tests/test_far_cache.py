@@ -32,11 +32,11 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny(k=2, head="ar", seed=0, layers=2):
-    """A FAR of `layers` backbone + `layers` head blocks on a 4 x 4 grid with non-zero classifiers (the zero init
-    samples uniformly)."""
+def tiny(k=2, head="ar", seed=0):
+    """A FAR of 2 backbone + 2 head blocks on a 4 x 4 grid with non-zero classifiers (the zero init samples
+    uniformly)."""
     torch.manual_seed(seed)
-    cfg = FARConfig(**{**PRESETS["tiny"], "dim": 64, "n_layer": layers, "ar_head_layers": layers, "codebook_size": 32,
+    cfg = FARConfig(**{**PRESETS["tiny"], "dim": 64, "n_layer": 2, "ar_head_layers": 2, "codebook_size": 32,
                        "grid": (4, 4), "num_classes": 5, "multiple_of": 32, "num_codebooks": k, "head": head})
     model = FAR(cfg)
     for out in model.output:
@@ -44,8 +44,23 @@ def tiny(k=2, head="ar", seed=0, layers=2):
     return model.eval()
 
 
-def sample(model, seed=7, **kw):
-    return generate(model, torch.tensor([0, 3, 4]), generator=torch.Generator().manual_seed(seed), **kw)
+def like_sample_py(seed):
+    """A one-block FAR of the tiny preset's widths on a 4 x 4 grid: the shapes of test_sample's `sample.py --compile`
+    run. With SAMPLE_PY_LABELS (its batch), the compiled-decode tests here compile the C++ kernels that run needs, so
+    a cold run (a fresh clone) compiles them once for both files: inductor keys them by their source, shapes included."""
+    torch.manual_seed(seed)
+    model = FAR(FARConfig(**{**PRESETS["tiny"], "n_layer": 1, "ar_head_layers": 1, "grid": (4, 4), "num_classes": 5}))
+    for out in model.output:
+        nn.init.normal_(out.weight, std=0.5)
+    return model.eval()
+
+
+SAMPLE_PY_LABELS = torch.tensor([0, 0, 0, 4, 4, 4])   # sample.py --class-id 0 4 --per-class 3
+
+
+def sample(model, seed=7, labels=None, **kw):
+    labels = torch.tensor([0, 3, 4]) if labels is None else labels
+    return generate(model, labels, generator=torch.Generator().manual_seed(seed), **kw)
 
 
 @pytest.mark.parametrize("filters", [{}, {"top_k": 8}, {"top_p": 0.9}, {"top_k": 8, "top_p": 0.9}])
@@ -95,19 +110,19 @@ def test_one_static_buffer_per_layer_written_in_place(k):
 def test_compiled_decode_equals_eager_and_never_recompiles():
     """torch.compile of the decode step: same codes as eager under the same generator; two graphs (decode_backbone,
     decode_head) for 16 positions x (1 + k) steps; a second call, a second model of the same shapes and updated
-    weights reuse them (error_on_recompile turns any recompilation into an error). One block each keeps the cold
-    inductor compile short on CPU (~30 s idle, ~60 s on 2 loaded cores; inductor's on-disk cache makes reruns ~10 s)."""
+    weights reuse them (error_on_recompile turns any recompilation into an error). like_sample_py's one block each
+    keeps the cold inductor compile short on a CPU."""
     from torch._dynamo.utils import counters
     torch._dynamo.reset()
     fast.compiled.cache_clear()
     counters.clear()
-    model = tiny(2, layers=1)
-    kw = dict(cfg_scale=2.0, top_k=16)
+    model = like_sample_py(0)
+    kw = dict(cfg_scale=2.0, top_k=16, labels=SAMPLE_PY_LABELS)
     eager = sample(model, **kw)
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert torch.equal(sample(model, compile=True, **kw), eager)
         assert torch.equal(sample(model, seed=8, compile=True, **kw), sample(model, seed=8, **kw))
-        other = tiny(2, seed=1, layers=1)              # new weights, same shapes: parameters are graph inputs
+        other = like_sample_py(1)                      # new weights, same shapes: parameters are graph inputs
         assert torch.equal(sample(other, compile=True, **kw), sample(other, **kw))
         with torch.no_grad():                          # an in-place update (a training step) is seen, not baked in
             model.layers[0].feed_forward.w1.weight.mul_(3)
@@ -121,10 +136,10 @@ def test_compiled_decode_equals_eager_and_never_recompiles():
 def test_frozen_compiled_decode_equals_eager_per_model_and_refuses_changed_weights():
     """compile="frozen" (sample.py --compile on a CPU) folds the weights into the graphs: same codes as eager for each
     of two models (a graph pair per model, never shared: the second model must not sample with the first one's
-    weights), and a weight changed in place afterwards is refused, not silently ignored."""
+    weights), and a weight changed in place afterwards is refused, not silently ignored (like_sample_py's shapes)."""
     fast.compiled.cache_clear()
-    first, second = tiny(2, layers=1), tiny(2, seed=1, layers=1)
-    kw = dict(cfg_scale=2.0, top_k=16)
+    first, second = like_sample_py(0), like_sample_py(1)
+    kw = dict(cfg_scale=2.0, top_k=16, labels=SAMPLE_PY_LABELS)
     for model in (first, second, first):
         assert torch.equal(sample(model, compile="frozen", **kw), sample(model, **kw))
     assert not torch.equal(sample(first, **kw), sample(second, **kw))   # the two really differ
