@@ -17,10 +17,11 @@ import train_tokenizer  # noqa: E402
 
 
 def test_quick_runs_every_section_and_prints_one_table(capsys):
-    # recipes: the tokenizer's two commands run for real; FAR's two would add 25 s, their flags and log are checked
-    # in test_recipes_run_each_seed_and_report_the_means
+    # recipes: --quick runs today's tokenizer recipe for real (FAR's would add 12 s); the earlier recipes' flags, both
+    # models' commands and logs are checked in test_recipes_run_each_seed_and_report_the_means
     rows = bench.main(["--quick", "--recipe", "tokenizer"])
     assert {section for section, *_ in rows} == set(bench.SECTIONS)
+    assert [what.split(":")[0] for section, what, *_ in rows if section == "recipes"] == ["tiny tokenizer, recipe today"]
     out = capsys.readouterr().out
     assert "| section | measurement | median | result | peak MiB |" in out and "torch" in out
     # the lookup's invariant holds at any size: the fast path returns the full-matrix indices
@@ -95,7 +96,8 @@ def test_official_formulation_equals_vector_quantizer(paper_ste):
 
 def test_recipes_run_each_seed_and_report_the_means(monkeypatch, capsys):
     """--seeds trains each recipe once per seed (each command gets its --seed) and the row gives the mean of the seeds'
-    numbers; --recipe keeps one model. The training commands are stood in for (the quick test above runs them)."""
+    numbers; --recipe keeps one model. The training commands are stood in for (the quick test above runs today's
+    tokenizer recipe)."""
     commands, run = [], bench.subprocess.run
 
     def fake_run(argv, **kwargs):                                   # writes the log.jsonl a run would end with
@@ -108,15 +110,20 @@ def test_recipes_run_each_seed_and_report_the_means(monkeypatch, capsys):
                     '{"step": 0, "val_bits/0": 9.0, "val_bits/1": 9.0}\n{"step": 4, "val_bits/0": 5.0, '
                     '"val_bits/1": %s}\n' % (3 + seed))
     monkeypatch.setattr(bench.subprocess, "run", fake_run)
-    rows = bench.main(["--quick", "--only", "recipes", "--recipe", "tokenizer", "--seeds", "0,3"])
+    rows = bench.main(["--only", "recipes", "--recipe", "tokenizer", "--seeds", "0,3"])
     assert [argv[argv.index("--seed") + 1] for argv in commands] == ["0", "3"] * 2      # before, then today
+    assert commands[0][6:] == bench.RECIPES["tiny tokenizer"][1] and commands[2][6:] == []   # after --out-dir, --seed
     assert [what.split(",")[0] for _, what, *_ in rows] == ["tiny tokenizer"] * 2
     assert all("held-out 21.50 dB (seeds: 20.00 / 23.00)" in result for *_, result, _ in rows)
+    assert "faster" in rows[1][3] and "faster" not in rows[0][3]                         # today against before
     assert "recipes: mean of seeds 0,3" in capsys.readouterr().out                     # the table's footer says so
     commands.clear()                                                # FAR: the mean held-out NLL of the sub-codes
-    rows = bench.main(["--quick", "--only", "recipes", "--recipe", "far", "--seeds", "1"])
+    rows = bench.main(["--only", "recipes", "--recipe", "far", "--seeds", "1"])
     assert [os.path.basename(argv[1]) for argv in commands] == ["train_far.py"] * 2
     assert [result.split(",")[1] for *_, result, _ in rows] == [" held-out 4.50 bits"] * 2
+    commands.clear()                                                # --quick: today's recipe, a few steps
+    bench.main(["--quick", "--only", "recipes", "--recipe", "far"])
+    assert [argv[6:] for argv in commands] == [bench.QUICK_FLAGS["tiny FAR"]]
     # the flags that restore the earlier recipes still parse (the quick table runs the tokenizer's only)
     before = train_tokenizer.parse_args(bench.RECIPES["tiny tokenizer"][1])[0]
     assert before.ema_decay == 0.99 and before.preset == "tiny64"
