@@ -266,10 +266,11 @@ def read_checkpoint(path, what="checkpoint", map_location="cpu"):
                               f"damaged. Copy or train it again") from None
 
 
-def read_resume(out_dir, cfg, global_batch_size):
+def read_resume(out_dir, cfg, args):
     """The checkpoint that --resume continues from, OUT/checkpoints/last.pt, or None when there is none yet. A damaged
-    last.pt, or one of another model config or global batch size (its data position would mean something else), is a
-    CheckpointError that names the numbered checkpoints to fall back on."""
+    last.pt, or one of another model config, --global-batch-size or --seed (its data position would mean something
+    else: the data order is drawn from the seed), is a CheckpointError that names the numbered checkpoints to fall
+    back on."""
     folder = os.path.join(out_dir, "checkpoints")
     last = os.path.join(folder, "last.pt")
     if not os.path.exists(last):                                      # a fresh run: --resume starts from scratch
@@ -281,12 +282,13 @@ def read_resume(out_dir, cfg, global_batch_size):
         ckpt = read_checkpoint(last, "--resume: checkpoint")
     except CheckpointError as e:
         raise CheckpointError(f"{e}{fallback}") from None
-    stored = {**(ckpt.get("config") or {}), "global_batch_size": ckpt.get("args", {}).get("global_batch_size")}
-    ours = {**asdict(cfg), "global_batch_size": global_batch_size}
+    run = ("global_batch_size", "seed")                               # the flags that place the run in its data
+    stored = {**(ckpt.get("config") or {}), **{k: ckpt.get("args", {}).get(k) for k in run}}
+    ours = {**asdict(cfg), **{k: getattr(args, k) for k in run}}
     differ = [f"{k} {ours.get(k)} (the checkpoint's: {stored.get(k)})" for k in sorted(set(stored) | set(ours))
               if stored.get(k) != ours.get(k)]                        # e.g. another --preset, --codebook-size
     if differ:
-        raise CheckpointError(f"--resume: {last} was written with another model config or --global-batch-size: "
+        raise CheckpointError(f"--resume: {last} was written with another model config, --global-batch-size or --seed: "
                               f"{'; '.join(differ[:4])}{' ...' if len(differ) > 4 else ''}; resume with its flags or "
                               f"use another --out-dir")
     return ckpt
@@ -462,7 +464,7 @@ def resume(args, parser, cfg, state, rank):
     entry of state ({name in the file: module or optimizer}) and this rank's RNG -> the step to continue from (0 for a
     fresh run). A file that does not fit the run exits 2 with the reason (read_resume)."""
     try:
-        ckpt = read_resume(args.out_dir, cfg, args.global_batch_size) if args.resume else None
+        ckpt = read_resume(args.out_dir, cfg, args) if args.resume else None
     except CheckpointError as e:
         parser.error(str(e))
     torch.manual_seed(args.seed + rank)                               # per-rank randomness from here on

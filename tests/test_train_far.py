@@ -94,17 +94,18 @@ def test_resume_equals_uninterrupted_bit_for_bit(tok_ckpt, data, tmp_path, kille
 
 
 def test_resume_of_another_run_exits_2_and_without_a_checkpoint_starts_fresh(tok_ckpt, data, tmp_path, capsys):
-    """--resume refuses a last.pt of another --global-batch-size or model (its data position and weights would mean
-    something else) with exit 2 and leaves it as it was; with no last.pt yet it says so and trains from step 0. And
+    """--resume refuses a last.pt of another --global-batch-size, --seed or model (its data position and weights would
+    mean something else) with exit 2 and leaves it as it was; with no last.pt yet it says so and trains from step 0. And
     the global batch must split over the ranks (checkpoints.start_training, for both training scripts)."""
     run(tok_ckpt, data, tmp_path / "a", "--max-steps", "1")
     last = tmp_path / "a" / "checkpoints" / "last.pt"
     before = last.read_bytes()
     for other, what in ((["--global-batch-size", "4"], "global_batch_size 4 (the checkpoint's: 8)"),
-                        (["--head", "mlp"], "head mlp (the checkpoint's: ar)")):
+                        (["--head", "mlp"], "head mlp (the checkpoint's: ar)"),
+                        (["--seed", "3"], "seed 3 (the checkpoint's: 0)")):
         with pytest.raises(SystemExit) as e:
             run(tok_ckpt, data, tmp_path / "a", "--max-steps", "2", "--resume", *other)
-        assert e.value.code == 2 and f"written with another model config or --global-batch-size: {what}; " in \
+        assert e.value.code == 2 and f"another model config, --global-batch-size or --seed: {what}; " in \
             capsys.readouterr().err
         assert last.read_bytes() == before
     other = tmp_path / "other"                                          # the same photos, a class renamed
