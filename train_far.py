@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from checkpoints import (CheckpointError, add_checkpoint_flags, codebook_fingerprint, distribute, exit_stopped,
                          init_weights, load_far, load_tokenizer, lr_at, mean_over_ranks_or_stop, open_run,
-                         release_stop_signals, resume, save_checkpoint, start_training, stop_requested)
+                         read_checkpoint, release_stop_signals, resume, save_checkpoint, start_training,
+                         stop_requested)
 from codes import VIEWS, Codes, extract_codes
 from far import FAR, PRESETS, FARConfig, far_loss, generate
 from images import BUNDLED, ImageFolder, save_grid, stream
@@ -231,7 +232,7 @@ def load_codes(args, parser, device, rank, world):
                              f"on the same class folders or use another --out-dir")
         if args.init_from and not resuming:                           # a wrong file is named now, not after extraction
             with torch.device("meta"):                                # shapes and names only: no weight is read
-                init_from(args, FAR(far_config(args, tok, folder.classes)), "meta")
+                init_from(args, FAR(far_config(args, tok, folder.classes)), "meta", folder.classes)
         extract = lambda root, name, aug: extract_codes(tok, root, os.path.join(args.out_dir, "codes", name), aug,
                                                         args.extract_batch_size, device, rank, world)
         dataset = Codes(*extract(args.data_path, "train", args.augment), seed=args.seed)
@@ -265,11 +266,31 @@ def build_model(args, tok, classes, device):
     return cfg, FAR(cfg).to(device)                                     # fp32 weights; autocast does bf16
 
 
-def init_from(args, far, device):
-    """Fine-tuning: far's weights from --init-from (CheckpointError if they do not fit); the class table may differ in
-    size, the data's classes being not the file's: then it keeps its fresh initialisation and is returned."""
-    return init_weights(far, load_far(args.init_from, device), f"--init-from {args.init_from}",
-                        flexible=["cls_embedding.embedding_table.weight"])
+def init_from(args, far, device, classes):
+    """Fine-tuning: far's weights from --init-from (CheckpointError if they do not fit) -> a line for the run's summary.
+    The class table (a row per class, then CFG's null row) is matched by class name where the file records the names
+    (ours, weights/): a class of the file keeps its row, another class keeps its fresh one. A released file records
+    none: its rows are taken as they are for the same number of classes (ImageNet's sorted folders), else left fresh.
+    The null row, "no class", comes from the file either way."""
+    ckpt = read_checkpoint(args.init_from, "FAR checkpoint", device)
+    source = load_far(ckpt, device, name=args.init_from)
+    table = far.cls_embedding.embedding_table.weight                  # (C + 1, dim), C = len(classes)
+    fresh = table.detach().clone()
+    init_weights(far, source, f"--init-from {args.init_from}", flexible=["cls_embedding.embedding_table.weight"])
+    theirs, rows = ckpt.get("classes"), source.cls_embedding.embedding_table.weight.detach()   # (C' + 1, dim)
+    if theirs is None and len(rows) == len(fresh):                    # a released file: ids, no names
+        return f"initialised from {args.init_from} (its class table as it is: the file names no classes)"
+    where = {name: i for i, name in enumerate(theirs or [])}          # the file's class name -> its row
+    ids = [i for i, name in enumerate(classes) if name in where]      # this run's ids of the file's classes
+    with torch.no_grad():
+        new = fresh.clone()
+        new[ids] = rows[[where[classes[i]] for i in ids]]
+        new[-1] = rows[-1]                                            # CFG's null class: the same in any data
+        table.copy_(new)
+    kept = [classes[i] for i in ids]
+    named = f" ({', '.join(kept[:5])}{', ...' if len(kept) > 5 else ''})" if kept else ""
+    return (f"initialised from {args.init_from}; class table: {len(kept)} of {len(classes)} classes from the file by "
+            f"name{named}, the others afresh, CFG's null row from the file")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -290,18 +311,17 @@ def main(argv=None):
               {"params": [p for p in far.parameters() if p.dim() < 2], "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(args.beta1, args.beta2), fused=device.type == "cuda")
     step = resume(args, parser, cfg, {"model": far, "opt": opt}, rank)
-    fresh = []
+    initialised = ""
     if args.init_from and step == 0:                                    # fine-tuning (a resumed run continues instead)
         try:
-            fresh = init_from(args, far, device)
+            initialised = init_from(args, far, device, classes)
         except CheckpointError as e:
             parser.error(str(e))
     # what sample.py checks and names: the tokenizer (by path; its codebooks by fingerprint) and the class names
     extra = {"tokenizer": {"config": asdict(tok.cfg), "fingerprint": codebook_fingerprint(tok),
                            "path": os.path.abspath(args.tokenizer_ckpt)}, "classes": classes}
     n_params = sum(p.numel() for p in far.parameters()) / 1e6
-    notes = [f"initialised from {args.init_from}" if args.init_from and step == 0 else "",
-             "the class embedding starts afresh (another number of classes)" if fresh else "",
+    notes = [initialised,
              f"note: class folders without images (their ids are kept, FAR never sees them): {', '.join(folder.empty)}"
              if folder.empty else ""]
     log = open_run(args, master, f"FAR {args.preset} ({cfg.head} head): {n_params:.2f} M parameters, "

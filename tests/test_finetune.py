@@ -30,6 +30,7 @@ from images import ImageFolder  # noqa: E402
 from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
 
 SHIPPED_TOKENIZER, SHIPPED_FAR = (os.path.join(ROOT, "weights", f) for f in ("tiny_tokenizer.pt", "tiny_far.pt"))
+TABLE = "cls_embedding.embedding_table.weight"                         # FAR's class table: a row per class, then null
 QUICK = ["--num-workers", "0", "--log-every", "1", "--eval-every", "1000", "--sample-every", "1000"]
 
 
@@ -124,22 +125,51 @@ def test_a_wrong_far_init_from_exits_2_before_the_codes_are_extracted(own_images
 
 def test_far_init_from_shipped_and_released_files_with_other_classes(own_images, tmp_path, capsys):
     """The shipped tiny FAR (11 classes) and the same weights in the released format initialise a FAR on 3 classes:
-    every tensor but the class table comes from the file (an lr of 1e-12 keeps step 1 where step 0 was)."""
-    shipped = load_far(SHIPPED_FAR)
+    every tensor but the class table comes from the file (an lr of 1e-12 keeps step 1 where step 0 was). The table's
+    rows go by class name where the file names its classes (none of boats, cats, trees is a shipped class; after a
+    rename, two are), as they are from a released file of as many classes, and CFG's null row comes from the file."""
+    shipped, names = load_far(SHIPPED_FAR), torch.load(SHIPPED_FAR, weights_only=True)["classes"]
+    rows = shipped.state_dict()[TABLE]                                  # (11 classes + the null row, 128)
     released = tmp_path / "far_released.pt"
     torch.save({"model": far_ours_to_official(shipped.state_dict()), "args": argparse.Namespace(image_size=64,
                downsample_size=4)}, released)
-    for name, source in (("shipped", SHIPPED_FAR), ("released", str(released))):
-        out = tmp_path / name
-        train_far.main(QUICK + ["--init-from", source, "--data-path", str(own_images), "--augment", "none",
-                                "--global-batch-size", "4", "--max-steps", "1", "--lr", "1e-12", "--out-dir", str(out)])
-        assert "the class embedding starts afresh (another number of classes)" in capsys.readouterr().out
-        state = torch.load(out / "checkpoints" / "last.pt", weights_only=True)
-        assert state["config"]["num_classes"] == 3 and state["classes"] == ["boats", "cats", "trees"]
+
+    def init(name, source, data):                                       # -> the class table after one step, the output
+        train_far.main(QUICK + ["--init-from", source, "--data-path", str(data), "--augment", "none", "--global-batch-"
+                                "size", "4", "--max-steps", "1", "--lr", "1e-12", "--out-dir", str(tmp_path / name)])
+        state = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
         for k, v in shipped.state_dict().items():
-            if k != "cls_embedding.embedding_table.weight":
+            if k != TABLE:
                 torch.testing.assert_close(state["model"][k], v, atol=1e-6, rtol=0, msg=k)
-        assert state["model"]["cls_embedding.embedding_table.weight"].shape == (4, 128)   # 3 classes + the null row
+        return state, capsys.readouterr().out
+
+    close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    for name, source in (("shipped", SHIPPED_FAR), ("released", str(released))):
+        state, out = init(name, source, own_images)
+        assert "class table: 0 of 3 classes from the file by name, the others afresh, CFG's null row from the file" in out
+        assert state["config"]["num_classes"] == 3 and state["classes"] == ["boats", "cats", "trees"]
+        table = state["model"][TABLE]
+        assert table.shape == (4, 128)                                  # 3 classes + the null row
+        close(table[3], rows[11])
+        assert (table[:3, None] - rows[None]).abs().amax(-1).min() > 1e-3   # no class row is one of the file's
+    fresh = table[:3]
+    renamed = tmp_path / "renamed"                                      # classes brick, cats, coffee
+    shutil.copytree(own_images, renamed)
+    os.rename(renamed / "boats", renamed / "brick")
+    os.rename(renamed / "trees", renamed / "coffee")
+    state, out = init("renamed", SHIPPED_FAR, renamed)
+    assert "class table: 2 of 3 classes from the file by name (brick, coffee), the others afresh" in out
+    table = state["model"][TABLE]
+    close(table[0], rows[names.index("brick")])
+    close(table[1], fresh[1])                                           # cats: this run's own initialisation
+    close(table[2], rows[names.index("coffee")])
+    close(table[3], rows[11])
+    # a released file (no class names) of as many classes as the data: its table as it is
+    torch.save({"model": far_ours_to_official(state["model"]), "args": argparse.Namespace(image_size=64,
+               downsample_size=4)}, released)
+    state, out = init("released3", str(released), own_images)
+    assert "its class table as it is: the file names no classes" in out
+    close(state["model"][TABLE], table)
 
 
 def test_the_readme_commands_on_your_own_images(own_images, tmp_path, monkeypatch, capsys):
