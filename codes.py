@@ -78,11 +78,12 @@ class Shards:
 
 
 @torch.no_grad()
-def extract_codes(tok, root, out_dir, augment, batch_size, device, rank, world):
+def extract_codes(tok, root, out_dir, augment, batch_size, device, rank, world, workers=2):
     """Encode every image of root once into out_dir; returns (codes (N, A, k, h, w) as Shards, labels (N,)). Rank r
     encodes images r, r + W, ... into its own files codes.r.npy / labels.r.npy: no file is written by two processes,
     so any shared filesystem works across nodes. meta.json, written last (rank 0, after a barrier), marks a complete
-    extraction and records W; an interrupted one starts over. Unreadable images get label -1: left out of training."""
+    extraction and records W; an interrupted one starts over. Unreadable images get label -1: left out of training.
+    `workers` processes per rank decode and crop the images while the tokenizer encodes."""
     # NOTE(paper≠code): batches into memory-mapped arrays, not one image per GPU step into one file per image and
     # branch; the same crops, in fp32 (# parity: §7.1)
     tcfg, size, views = tok.cfg, tok.cfg.image_shape, Views(root, tok.cfg.image_shape, augment)   # files listed
@@ -114,7 +115,7 @@ def extract_codes(tok, root, out_dir, augment, batch_size, device, rank, world):
     tmp = [shard(n, rank) + ".tmp.npy" for n in ("codes", "labels")]   # renamed into place once complete
     codes = memmap(tmp[0], dtype, (len(mine), A, k, *tcfg.grid))        # a full disk: one line now, not a bus error
     labels = memmap(tmp[1], np.int64, (len(mine),))
-    loader = DataLoader(torch.utils.data.Subset(views, mine), batch_size=batch_size, num_workers=2)   # in order
+    loader = DataLoader(torch.utils.data.Subset(views, mine), batch_size=batch_size, num_workers=workers)   # in order
     row = 0                                                           # rows of this shard written so far
     bar = tqdm(loader, desc=f"extract {os.path.basename(out_dir)}", disable=rank != 0, dynamic_ncols=True)
     for x, y in bar:

@@ -155,7 +155,8 @@ def parse_args(argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global gradient norm (%(default)s)")
     # runtime
     p.add_argument("--seed", type=int, default=0, help="base seed; rank r uses seed + r (%(default)s)")
-    p.add_argument("--num-workers", type=int, help=recipe("num_workers", "loader workers per rank"))
+    p.add_argument("--num-workers", type=int, help=recipe("num_workers", "loader workers per rank (the code "
+                                                                     "extraction's: at least 2)"))
     p.add_argument("--precision", choices=["fp32", "bf16", "auto"], help="autocast dtype; auto: bf16 on GPUs with bf16 "
                    "(Ampere on) and CPUs with AVX512-BF16 or AMX, else fp32 (default: the recipe's, tiny auto; paper "
                    "presets: bf16 on CUDA, else fp32)")
@@ -234,7 +235,8 @@ def load_codes(args, parser, device, rank, world):
             with torch.device("meta"):                                # shapes and names only: no weight is read
                 init_from(args, FAR(far_config(args, tok, folder.classes)), "meta", folder.classes)
         extract = lambda root, name, aug: extract_codes(tok, root, os.path.join(args.out_dir, "codes", name), aug,
-                                                        args.extract_batch_size, device, rank, world)
+                                                        args.extract_batch_size, device, rank, world,
+                                                        max(2, args.num_workers))   # images: always in workers
         dataset = Codes(*extract(args.data_path, "train", args.augment), seed=args.seed)
         val_set = None
         if val_folder:                                                # one centre view per held-out image

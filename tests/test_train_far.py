@@ -71,6 +71,19 @@ def test_extraction_views_codes_and_unreadable_images(tok_ckpt, data, tmp_path):
         codes_module.extract_codes(other, data, str(tmp_path / "c"), "tencrop", 4, torch.device("cpu"), 0, 1)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")   # 3 > this machine's 2 cores
+def test_extraction_loads_images_with_num_workers_but_at_least_2(tok_ckpt, data, tmp_path, monkeypatch):
+    """--num-workers sets the extraction's image loader too (the paper recipe's 4 decode JPEGs for the GPU's encoder);
+    the tiny recipe's 0 (its codes are read in the main process) still decodes its images in 2 workers."""
+    seen, real = [], codes_module.DataLoader
+    monkeypatch.setattr(codes_module, "DataLoader", lambda *a, **kw: seen.append(kw["num_workers"]) or real(*a, **kw))
+    run(tok_ckpt, data, tmp_path / "zero", "--max-steps", "1", "--num-workers", "0")
+    assert seen and set(seen) == {2}
+    seen.clear()
+    run(tok_ckpt, data, tmp_path / "three", "--max-steps", "1", "--num-workers", "3")
+    assert seen and set(seen) == {3}
+
+
 def test_resume_equals_uninterrupted_bit_for_bit(tok_ckpt, data, tmp_path, killed_after):
     cosine = ["--max-steps", "4", "--ckpt-every", "2", "--lr-decay", "cosine", "--warmup-steps", "1"]   # lr by step
     ctrl_c = signal.getsignal(signal.SIGINT)                              # Python's: raise KeyboardInterrupt
