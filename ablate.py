@@ -342,7 +342,7 @@ def parse_args(argv=None):
                 if name == "teacher" else ""))
     if args.figure:                                 # drawn at the end: its folder must be there now
         try:
-            check_writable(args.figure, "--figure")
+            check_writable(args.figure, "--figure", ".png")
         except CheckpointError as e:
             p.error(str(e))
     tab3, tokenizers = args.table == "3", args.table in ("3", "ibq")

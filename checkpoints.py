@@ -229,12 +229,15 @@ def remove_stale_temps(folder):
     return [os.path.basename(f) for f in stale]
 
 
-def check_writable(path, flag):
-    """Raise CheckpointError naming `flag` unless `path` is a file that can be created or replaced: checked when the
-    arguments are parsed, so a bad output path fails before hours of work, not after."""
+def check_writable(path, flag, suffix=None):
+    """Raise CheckpointError naming `flag` unless `path` is a file that can be created or replaced (and its name ends
+    in `suffix`, the format it is written in): checked when the arguments are parsed, so a bad output path fails
+    before hours of work, not after."""
     folder = os.path.dirname(os.path.abspath(path))                   # a bare name: the working directory
     if os.path.isdir(path) or path.endswith(os.sep):                  # "out/" names a folder, not a file
         raise CheckpointError(f"{flag} {path} is a directory; give a file name, e.g. {os.path.join(path, 'out.png')}")
+    if suffix and not path.lower().endswith(suffix):                  # e.g. PNG bytes in a file named .jpg
+        raise CheckpointError(f"{flag} {path}: it is written as {suffix[1:].upper()}; the file name must end in {suffix}")
     if not os.path.isdir(folder):
         raise CheckpointError(f"{flag} {path}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
@@ -381,8 +384,11 @@ def own_out_dir(args):
     """Rank 0 takes OUT for this run, or returns why not: an exclusive lock on OUT/.lock held until the process ends
     (the kernel drops it however the process ends, so a crashed run leaves no stale lock), which refuses a second run
     on the same folder, so no run ever deletes another live run's temp files; and without --resume, an existing
-    OUT/checkpoints/last.pt (a new run would overwrite it)."""
-    os.makedirs(args.out_dir, exist_ok=True)
+    OUT/checkpoints/last.pt (a new run would overwrite it). A path that cannot be a folder is refused too."""
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)                      # a file there, or in its path: FileExistsError
+    except OSError as e:
+        return f"--out-dir {args.out_dir}: cannot be made a folder ({e.strerror}); give a folder's path"
     if args.out_dir in _LOCKS:                                        # an earlier main() of this process: it is over
         _LOCKS.pop(args.out_dir).close()
     lock = open(os.path.join(args.out_dir, ".lock"), "a+")

@@ -194,7 +194,10 @@ def main(argv=None):
     rows = [dataset.first_readable(i) for i in spread]        # (image, label, index, skipped) or None
     if rows[0] is None:                                       # not even the first spread position has one after it
         p.error(f"--data-path {args.data_path}: none of its {len(dataset)} images could be read")
-    os.makedirs(args.out_dir, exist_ok=True)
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+    except OSError as e:                                      # a file there, or in its path
+        p.error(f"--out-dir {args.out_dir}: cannot be made a folder ({e.strerror})")
     try:                                                      # first: no Fig. 3 is written without its Fig. 4
         figure4(tok, dataset, os.path.join(args.out_dir, "fig4.png"), args.fig4_classes, args.fig4_method,
                 args.batch_size)

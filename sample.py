@@ -57,8 +57,6 @@ def parse_args(argv=None):
         p.error(f"--out-npz needs --num-samples N, an integer >= 1 (got {args.num_samples})")
     if npz and args.out_npz is None:
         p.error("--num-samples N needs --out-npz FILE")
-    if npz and not args.out_npz.endswith(".npz"):                      # evaluate.py reads an npz by its extension
-        p.error(f"--out-npz {args.out_npz}: the file name must end in .npz")
     if npz and args.class_id is not None:                              # the npz holds every class, balanced
         p.error("--class-id (a PNG grid of those classes) and --num-samples / --out-npz (an npz of all classes) are "
                 "two modes: give one")
@@ -73,8 +71,8 @@ def parse_args(argv=None):
                             ("top_p", 0 < args.top_p <= 1, "in (0, 1]")):          # 1 = off (far.filter_logits)
         if not ok:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
-    try:   # the output first: a bad path fails now, not after hours of sampling
-        check_writable(*((args.out_npz, "--out-npz") if args.out_npz else (args.out, "--out")))
+    try:   # the output first (a bad path fails now, not after hours of sampling); evaluate.py reads an npz by its name
+        check_writable(*((args.out_npz, "--out-npz", ".npz") if npz else (args.out, "--out", ".png")))
     except CheckpointError as e:
         p.error(str(e))
     return args, p

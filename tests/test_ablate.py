@@ -195,6 +195,7 @@ def test_two_processes_fill_one_table(tmp_path, monkeypatch):
     (["--table", "4", "--teacher", "nope.pt"], "no such file (make it with `python train_teacher.py --out nope.pt`"),
     (["--table", "ar", "--tokenizer-ckpt", "nope.pt"], "--tokenizer-ckpt nope.pt: no such file"),
     (["--table", "cfg", "--figure", "no/such/folder/f.png"], "the folder"),
+    (["--table", "ibq", "--figure", "f.jpg"], "--figure f.jpg: it is written as PNG; the file name must end in .png"),
 ])
 def test_bad_arguments_exit_2_before_any_run(argv, message, tmp_path, monkeypatch, capsys):
     """A value that a run would trip over minutes or hours later (or never check: --steps 0 once meant the default) is

@@ -365,7 +365,8 @@ def test_figures_are_written_with_the_expected_size(tok_ckpt, tmp_path):
 
 def test_figures_skip_unreadable_images(tok_ckpt, tmp_path, capsys):
     """An unreadable file where a Fig. 3 row would start gives way to the next readable image (no black row, no
-    zeros among Fig. 4's tokens); a folder of unreadable files only is one line and exit 2."""
+    zeros among Fig. 4's tokens); a folder of unreadable files only is one line and exit 2, as is an --out-dir that is
+    a file."""
     x = photos(2)
     for c in "ab":
         os.makedirs(tmp_path / "data" / c)
@@ -394,6 +395,10 @@ def test_figures_skip_unreadable_images(tok_ckpt, tmp_path, capsys):
         figures.main([*flags, "--out-dir", str(tmp_path / "a"), "--fig4-classes", "1"])
     assert e.value.code == 2 and "no readable image in the Fig. 4 classes a" in capsys.readouterr().err
     assert os.listdir(tmp_path / "a") == []
+    (tmp_path / "a_file").write_text("mine")                     # --out-dir a file: one line, the file kept
+    with pytest.raises(SystemExit) as e:
+        figures.main([*flags, "--out-dir", str(tmp_path / "a_file")])
+    assert e.value.code == 2 and "--out-dir" in capsys.readouterr().err and (tmp_path / "a_file").read_text() == "mine"
     figures.main([*flags, "--out-dir", str(tmp_path / "ab"), "--fig4-classes", "2"])
     colours = {tuple(c) for c in np.asarray(Image.open(tmp_path / "ab" / "fig4.png")).reshape(-1, 3).tolist()}
     assert figures.PALETTE[0] in colours and figures.PALETTE[1] not in colours

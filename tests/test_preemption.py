@@ -179,6 +179,13 @@ def test_a_run_owns_its_out_dir(tmp_path, capsys):
     err = capsys.readouterr().err
     assert e.value.code == 2 and "holds a run already" in err and "add --resume" in err
     assert (tmp_path / "checkpoints" / "last.pt").read_bytes() == before  # untouched
+    (tmp_path / "a_file").write_text("mine")
+    for out in ("a_file", os.path.join("a_file", "run")):               # a file, or a file in the path
+        with pytest.raises(SystemExit) as e:
+            train_tokenizer.main(TOKENIZER[1:] + ["--out-dir", str(tmp_path / out), "--max-steps", "1"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--out-dir {tmp_path / out}: cannot be made a folder (" in err
+    assert (tmp_path / "a_file").read_text() == "mine"
 
 
 def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys):
