@@ -11,6 +11,8 @@ The models (quantizer, tokenizer, losses, far) never import this file; the scrip
   image_batches   uint8 batches streamed from an ADM npz or a folder (evaluate.py's generation mode); write_npz
   save_png        atomic PNG writer (temp file + os.replace); save_grid draws a batch as one grid
 """
+import atexit
+import multiprocessing
 import os
 import signal
 import zipfile
@@ -197,6 +199,9 @@ def stream(dataset, batch, seed, rank, world, step, num_workers, pin_memory=Fals
     The loader draws its worker seeds from its own generator, not from the global RNG that dropout uses."""
     sampler = StreamSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
     sampler.start = step * batch                                      # the exact data position on resume
+    if num_workers > 0:                                               # registered once, after multiprocessing's
+        atexit.unregister(kill_loader_workers)
+        atexit.register(kill_loader_workers)
     return iter(DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
                            persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed + rank),
                            worker_init_fn=ignore_stop_signals))
@@ -206,6 +211,15 @@ def ignore_stop_signals(_worker_id):
     """Loader workers leave SIGTERM / SIGINT to the main process, which saves and then shuts them down."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def kill_loader_workers():
+    """At exit, kill the loader workers still alive. An uncaught exception (a bug, CUDA out of memory) leaves its
+    DataLoader open: the traceback keeps the training loop's frame, and so the loader, alive. multiprocessing's own
+    exit handler then stops the workers with SIGTERM, which they ignore (above), and waits for them: forever, and the
+    job would hold its GPUs. SIGKILL cannot be ignored; registered after multiprocessing's handler, this runs first."""
+    for worker in multiprocessing.active_children():
+        worker.kill()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -195,6 +195,10 @@ def load_data(args, cfg, parser):
         parser.error(str(e))
     if val_set is not None and val_set.first_readable() is None:     # every held-out file unreadable
         parser.error(f"--val-path {args.val_path}: none of its {len(val_set)} images could be read")
+    try:
+        dataset[0]                                                    # one read; the next readable file stands in
+    except RuntimeError:                                              # none of them: the loader would fail mid-run
+        parser.error(f"--data-path {args.data_path}: none of its {len(dataset)} images could be read")
     if args.global_batch_size > len(dataset):                         # every batch would repeat images
         parser.error(f"--global-batch-size {args.global_batch_size} is larger than the data: {len(dataset)} images "
                      f"under --data-path {args.data_path}")

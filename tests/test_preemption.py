@@ -90,6 +90,23 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tok_ckpt, tmp_
     assert_same(weights(tmp_path / "split"), weights(tmp_path / "full"))
 
 
+def test_a_crash_with_loader_workers_exits_instead_of_hanging():
+    """An uncaught exception while the loader's workers live (a bug, CUDA out of memory) ends the process with its
+    traceback. The workers ignore SIGTERM (preemption is the main process's to handle), and multiprocessing's exit
+    handler stops them with SIGTERM and then waits for them: the process hung there, holding its GPUs, until
+    images.kill_loader_workers."""
+    code = ("import sys, torch; sys.path.insert(0, sys.argv[1]); from images import stream\n"
+            "class Items(torch.utils.data.Dataset):\n"
+            "    __len__, __getitem__ = lambda self: 8, lambda self, item: torch.tensor(item[0])\n"
+            "def main():\n"
+            "    batches = stream(Items(), 2, 0, 0, 1, 0, num_workers=2)\n"
+            "    next(batches)\n"
+            "    raise ValueError('a bug after the first batch')\n"
+            "main()\n")
+    proc = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=60)   # ~2 s
+    assert proc.returncode == 1 and "ValueError: a bug after the first batch" in proc.stderr
+
+
 @pytest.fixture
 def ctrl_c():
     """Python's own Ctrl-C handler (KeyboardInterrupt) for the test, as an interactive shell starts python; pytest
