@@ -108,7 +108,8 @@ def device_flag(text):
     except RuntimeError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a device; use cpu, cuda or cuda:N") from None
     n = torch.cuda.device_count() if device.type == "cuda" else 0
-    if device.type not in ("cpu", "cuda") or (device.type == "cuda" and (device.index or 0) >= n):
+    limit = n if device.type == "cuda" else 1                         # one CPU device: cpu:1 is none
+    if device.type not in ("cpu", "cuda") or (device.index or 0) >= limit:
         raise argparse.ArgumentTypeError(f"{text!r}: use cpu" + (f", cuda or cuda:0..{n - 1}" if n else
                                          " (this machine has no CUDA device)"))
     return text

@@ -116,8 +116,8 @@ def test_init_distributed_sets_the_documented_numerics(monkeypatch):
 
 
 def test_device_flag_names_the_valid_choices():
-    assert checkpoints.device_flag("cpu") == "cpu"
-    for bad in ("gpu", "cuda:7" if not torch.cuda.is_available() else "cuda:99", "meta"):
+    assert checkpoints.device_flag("cpu") == "cpu" and checkpoints.device_flag("cpu:0") == "cpu:0"
+    for bad in ("gpu", "cuda:7" if not torch.cuda.is_available() else "cuda:99", "meta", "cpu:1"):   # one CPU device
         with pytest.raises(argparse.ArgumentTypeError, match="use cpu"):
             checkpoints.device_flag(bad)
 
