@@ -134,7 +134,7 @@ def test_far_init_from_shipped_and_released_files_with_other_classes(own_images,
     torch.save({"model": far_ours_to_official(shipped.state_dict()), "args": argparse.Namespace(image_size=64,
                downsample_size=4)}, released)
 
-    def init(name, source, data):                                       # -> the class table after one step, the output
+    def init(name, source, data):                                       # -> the checkpoint after one step, the output
         train_far.main(QUICK + ["--init-from", source, "--data-path", str(data), "--augment", "none", "--global-batch-"
                                 "size", "4", "--max-steps", "1", "--lr", "1e-12", "--out-dir", str(tmp_path / name)])
         state = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
