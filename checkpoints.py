@@ -238,7 +238,8 @@ def check_writable(path, flag, suffix=None):
     if os.path.isdir(path) or path.endswith(os.sep):                  # "out/" names a folder, not a file
         raise CheckpointError(f"{flag} {path} is a directory; give a file name, e.g. {os.path.join(path, 'out.png')}")
     if suffix and not path.lower().endswith(suffix):                  # e.g. PNG bytes in a file named .jpg
-        raise CheckpointError(f"{flag} {path}: it is written as {suffix[1:].upper()}; the file name must end in {suffix}")
+        raise CheckpointError(f"{flag} {path}: it is written as {suffix[1:].upper()}; the file name must end in "
+                              f"{suffix}")
     if not os.path.isdir(folder):
         raise CheckpointError(f"{flag} {path}: the folder {folder} does not exist; create it first")
     if not os.access(folder, os.W_OK):
@@ -495,6 +496,9 @@ def open_run(args, master, summary, step):
     print(summary + (f"; removed stale {', '.join(stale)}" if stale else ""))
     if args.resume and step == 0:
         print(f"--resume: no {os.path.join(folder, 'last.pt')} yet, starting from scratch")
+    if step >= args.max_steps:                                        # a finished run resumed: the loop never runs
+        print(f"--resume: {os.path.join(folder, 'last.pt')} is at step {step}, --max-steps is {args.max_steps}: "
+              f"nothing to train (a larger --max-steps trains on)")
 
     def log(record):
         with open(os.path.join(args.out_dir, "log.jsonl"), "a") as f:   # appended to on --resume

@@ -108,11 +108,14 @@ def test_resume_equals_uninterrupted_bit_for_bit(tok_ckpt, data, tmp_path, kille
 
 def test_resume_of_another_run_exits_2_and_without_a_checkpoint_starts_fresh(tok_ckpt, data, tmp_path, capsys):
     """--resume refuses a last.pt of another --global-batch-size, --seed or model (its data position and weights would
-    mean something else) with exit 2 and leaves it as it was; with no last.pt yet it says so and trains from step 0. And
+    mean something else) with exit 2 and leaves it as it was; with no last.pt yet it says so and trains from step 0, and
+    a finished run resumed says that there is nothing to train. And
     the global batch must split over the ranks (checkpoints.start_training, for both training scripts)."""
     run(tok_ckpt, data, tmp_path / "a", "--max-steps", "1")
     last = tmp_path / "a" / "checkpoints" / "last.pt"
     before = last.read_bytes()
+    run(tok_ckpt, data, tmp_path / "a", "--max-steps", "1", "--resume")  # a finished run: said, nothing trained
+    assert "is at step 1, --max-steps is 1: nothing to train" in capsys.readouterr().out and last.read_bytes() == before
     for other, what in ((["--global-batch-size", "4"], "global_batch_size 4 (the checkpoint's: 8)"),
                         (["--head", "mlp"], "head mlp (the checkpoint's: ar)"),
                         (["--seed", "3"], "seed 3 (the checkpoint's: 0)")):
