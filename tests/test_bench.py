@@ -21,7 +21,8 @@ def test_quick_runs_every_section_and_prints_one_table(capsys):
     # models' commands and logs are checked in test_recipes_run_each_seed_and_report_the_means
     rows = bench.main(["--quick", "--recipe", "tokenizer"])
     assert {section for section, *_ in rows} == set(bench.SECTIONS)
-    assert [what.split(":")[0] for section, what, *_ in rows if section == "recipes"] == ["tiny tokenizer, recipe today"]
+    recipes = [what.split(":")[0] for section, what, *_ in rows if section == "recipes"]
+    assert recipes == ["tiny tokenizer, recipe today"]
     out = capsys.readouterr().out
     assert "| section | measurement | median | result | peak MiB |" in out and "torch" in out
     # the lookup's invariant holds at any size: the fast path returns the full-matrix indices

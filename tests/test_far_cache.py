@@ -46,8 +46,9 @@ def tiny(k=2, head="ar", seed=0):
 
 def like_sample_py(seed):
     """A one-block FAR of the tiny preset's widths on a 4 x 4 grid: the shapes of test_sample's `sample.py --compile`
-    run. With SAMPLE_PY_LABELS (its batch), the compiled-decode tests here compile the C++ kernels that run needs, so
-    a cold run (a fresh clone) compiles them once for both files: inductor keys them by their source, shapes included."""
+    run. With SAMPLE_PY_LABELS (its batch), the compiled-decode tests here compile the C++ kernels that run needs,
+    so a cold run (a fresh clone) compiles them once for both files: inductor keys them by their source, shapes
+    included."""
     torch.manual_seed(seed)
     model = FAR(FARConfig(**{**PRESETS["tiny"], "n_layer": 1, "ar_head_layers": 1, "grid": (4, 4), "num_classes": 5}))
     for out in model.output:

@@ -146,7 +146,8 @@ def test_far_init_from_shipped_and_released_files_with_other_classes(own_images,
     close = lambda a, b: torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     for name, source in (("shipped", SHIPPED_FAR), ("released", str(released))):
         state, out = init(name, source, own_images)
-        assert "class table: 0 of 3 classes from the file by name, the others afresh, CFG's null row from the file" in out
+        assert "class table: 0 of 3 classes from the file by name, the others afresh, CFG's null row from the " \
+            "file" in out
         assert state["config"]["num_classes"] == 3 and state["classes"] == ["boats", "cats", "trees"]
         table = state["model"][TABLE]
         assert table.shape == (4, 128)                                  # 3 classes + the null row
