@@ -212,23 +212,37 @@ def test_copy_distance_finds_a_copied_training_view():
     assert train_far.copy_distance(samples, codes, labels)[1][[0, 3]].tolist() == [0.0, 0.0]
 
 
+# A sitecustomize.py that makes aot_eager torch.compile's default backend in every process started with it on
+# PYTHONPATH: dynamo's graphs, AOT autograd's backward and DDP's split of them, without inductor's C++ code generation
+# (two ranks compiling it cold took 55-60 s of g++; test_far.py checks inductor's kernels against eager).
+AOT_EAGER_SITE = """import functools, torch
+compile_ = torch.compile
+torch.compile = functools.wraps(compile_)(lambda *a, **kw: compile_(*a, **{"backend": "aot_eager", **kw}))
+"""
+
+
 def test_compiled_after_ddp_on_two_processes(tok_ckpt, data, tmp_path):
-    """What a GPU run does by default, with gloo on this CPU: torch.compile of the DDP-wrapped FAR (the compiled
-    backward split at DDP's buckets). It trains, its checkpoint holds the raw module's names (no module. / _orig_mod.
-    prefix), it is compiled once (no recompilation at a later step: each doubles the wait for the first steps), and
-    it samples (the raw module) at the end."""
+    """What a GPU run does by default, with gloo on this CPU: torch.compile of the DDP-wrapped FAR, the compiled
+    backward split at DDP's buckets (dynamo's DDP optimizer; the backend here is aot_eager, AOT_EAGER_SITE). It trains,
+    its checkpoint holds the raw module's names (no module. / _orig_mod. prefix), it is compiled once (no recompilation
+    at a later step: each doubles the wait for the first steps), and it samples (the raw module) at the end."""
+    run, site = tmp_path / "run", tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(AOT_EAGER_SITE)
+    env = {**os.environ, "TORCH_LOGS": "recompiles,ddp_graphs", "PYTHONPATH": str(site)}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                            "train_far.py", *FAST, "--tokenizer-ckpt", tok_ckpt, "--data-path", data, "--compile",
-                           "--max-steps", "3", "--sample-every", "3", "--out-dir", str(tmp_path)],
-                          cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TORCH_LOGS": "recompiles"})
+                           "--max-steps", "3", "--sample-every", "3", "--out-dir", str(run)],
+                          cwd=ROOT, capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "__recompiles" not in proc.stderr, proc.stderr[-3000:]       # dynamo's log of each recompilation
-    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
+    assert "---submod_1 graph---" in proc.stderr                        # the graph split in two at DDP's buckets
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 3 and list(state["model"]) == list(train_far.FAR(train_far.FARConfig(**state["config"]))
                                                                   .state_dict())
-    losses = [r["loss"] for r in map(json.loads, open(tmp_path / "log.jsonl")) if "loss" in r]
+    losses = [r["loss"] for r in map(json.loads, open(run / "log.jsonl")) if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
-    assert os.path.exists(tmp_path / "samples" / "0000003.png")
+    assert os.path.exists(run / "samples" / "0000003.png")
 
 
 def test_copy_distance_is_bounded_by_the_limits_not_the_data(monkeypatch):
