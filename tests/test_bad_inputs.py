@@ -230,12 +230,38 @@ def test_stale_temp_files_of_a_killed_run_are_removed(tmp_path, capsys):
     assert "removed stale 0000100.pt.tmp4242, last.pt.tmp4242" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("script", ["quantizer.py", "fast.py", "losses.py", "teachers.py", "far.py", "tokenizer.py",
-                                    "codes.py", "sample.py", "evaluate.py", "figures.py", "train_tokenizer.py",
-                                    "train_far.py"])
-def test_help_of_every_file(script):
+HELP_FILES = ["quantizer.py", "fast.py", "losses.py", "teachers.py", "far.py", "tokenizer.py", "codes.py", "sample.py",
+              "evaluate.py", "figures.py", "train_tokenizer.py", "train_far.py"]
+# `python FILE --help` for each file in turn, in one fresh process (one import of torch, not twelve): FILE runs as
+# __main__ with sys.argv as python gives it -> {file: [exit code, stdout, traceback]} as JSON.
+RUN_EACH_HELP = """import contextlib, io, json, runpy, sys, traceback
+result = {}
+for script in sys.argv[1:]:
+    out, sys.argv, code, error = io.StringIO(), [script, "--help"], None, ""
+    with contextlib.redirect_stdout(out):
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as e:
+            code = e.code
+        except BaseException:
+            error = traceback.format_exc()
+    result[script] = [code, out.getvalue(), error]
+print(json.dumps(result))
+"""
+
+
+@pytest.fixture(scope="module")
+def helps():
+    proc = subprocess.run([sys.executable, "-c", RUN_EACH_HELP, *HELP_FILES], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("script", HELP_FILES)
+def test_help_of_every_file(script, helps):
     """--help prints a description (and exits 0) for the model files too; the torchrun examples keep their line
     breaks (a backslash in a docstring must be written twice)."""
-    out = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "usage:" in out.stdout and "arXiv" in out.stdout, out.stderr[-2000:]
-    assert not re.search(r"\S {4,}--\w", out.stdout), out.stdout                  # no two lines joined into one
+    code, out, error = helps[script]
+    assert code == 0 and "usage:" in out and "arXiv" in out, error[-2000:] or out[-2000:]
+    assert not re.search(r"\S {4,}--\w", out), out                  # no two lines joined into one
