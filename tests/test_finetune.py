@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 from dataclasses import asdict
 
@@ -175,24 +174,21 @@ def test_far_init_from_shipped_and_released_files_with_other_classes(own_images,
 
 def test_the_readme_commands_on_your_own_images(own_images, tmp_path, monkeypatch, capsys):
     """README "Train on your own images": a tokenizer fine-tuned from the shipped one, FAR on its codes from the
-    shipped FAR, samples of the user's class 1; as a user runs them (processes, default flags but the step counts).
+    shipped FAR, samples of the user's class 1; the commands as written but for the step counts, each script's
+    main(argv) run from the user's folder (what `python SCRIPT` runs; test_scale.py starts each script as a process).
     Then weights/README.md's fp16 exports of the two runs, and samples from the exported pair."""
-    run = lambda *argv: subprocess.run([sys.executable, *argv], cwd=tmp_path, capture_output=True, text=True)
-    steps = ["--max-steps", "2", "--eval-every", "1000", "--sample-every", "1000"]
-    tok = run(os.path.join(ROOT, "train_tokenizer.py"), "--preset", "tiny64", "--data-path", str(own_images),
-              "--init-from", SHIPPED_TOKENIZER, "--global-batch-size", "4", "--out-dir", "runs/my-tokenizer", *steps)
-    assert tok.returncode == 0, tok.stderr[-2000:]
-    far = run(os.path.join(ROOT, "train_far.py"), "--data-path", str(own_images), "--tokenizer-ckpt",
-              "runs/my-tokenizer/checkpoints/last.pt", "--init-from", SHIPPED_FAR, "--global-batch-size", "8",
-              "--out-dir", "runs/my-far", *steps)
-    assert far.returncode == 0, far.stderr[-2000:]
-    png = run(os.path.join(ROOT, "sample.py"), "--far-ckpt", "runs/my-far/checkpoints/last.pt", "--class-id", "1",
-              "--per-class", "2")
-    assert png.returncode == 0 and "samples of class 1 (cats)" in png.stdout, png.stderr[-2000:]
-    assert Image.open(tmp_path / "samples.png").size == (2 + 2 * 66, 2 + 66)
-    # weights/README.md's fp16 exports of the two runs, their code as written there but for the run folders (run in
-    # this process, from the same folder); sample.py then finds the tokenizer beside the exported FAR by its bare name
     monkeypatch.chdir(tmp_path)
+    steps = ["--max-steps", "2", "--eval-every", "1000", "--sample-every", "1000"]
+    train_tokenizer.main(["--preset", "tiny64", "--data-path", str(own_images), "--init-from", SHIPPED_TOKENIZER,
+                          "--global-batch-size", "4", "--out-dir", "runs/my-tokenizer", *steps])
+    train_far.main(["--data-path", str(own_images), "--tokenizer-ckpt", "runs/my-tokenizer/checkpoints/last.pt",
+                    "--init-from", SHIPPED_FAR, "--global-batch-size", "8", "--out-dir", "runs/my-far", *steps])
+    capsys.readouterr()
+    sample.main(["--far-ckpt", "runs/my-far/checkpoints/last.pt", "--class-id", "1", "--per-class", "2"])
+    assert "samples of class 1 (cats)" in capsys.readouterr().out
+    assert Image.open(tmp_path / "samples.png").size == (2 + 2 * 66, 2 + 66)
+    # weights/README.md's fp16 exports of the two runs, their code as written there but for the run folders (from the
+    # same folder); sample.py then finds the tokenizer beside the exported FAR by its bare name
     os.makedirs("weights")
     exports = weights_readme_exports()
     for out in ("weights/tiny_tokenizer.pt", "weights/tiny_far.pt"):

@@ -88,8 +88,7 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     # discriminator's BatchNorm also normalises per rank. Everything else must agree on the same global batch.
     # Each at its default thread count: all cores for one process, 1 per process under torchrun (its own default).
     common = FAST + ["--max-steps", "3", "--entropy-weight", "0", "--gan-start", "1000"]
-    subprocess.run([sys.executable, "train_tokenizer.py", *common, "--out-dir", str(tmp_path / "one")],
-                   cwd=ROOT, check=True, capture_output=True)
+    train_tokenizer.main([*common, "--out-dir", str(tmp_path / "one")])    # this process: the same code, no imports
     torchrun("train_tokenizer.py", *common, "--out-dir", str(tmp_path / "two"))
     one, two = ([r for r in read_log(tmp_path / d) if "g/total" in r] for d in ("one", "two"))
     assert len(one) == len(two) == 3
