@@ -83,11 +83,14 @@ def test_low_res_steps_train_on_half_size_crops_then_full_and_resume_across_the_
     assert sizes[0][0] < sizes[1][0] and sizes[0][1] < sizes[1][1]
 
 
-def test_two_process_gloo_equals_one_process(tmp_path):
+def test_two_process_gloo_equals_one_process_with_an_untrained_feature_head(tmp_path):
     # entropy off: its codebook-entropy term uses each rank's own batch (as the official code); GAN off: the
     # discriminator's BatchNorm also normalises per rank. Everything else must agree on the same global batch.
     # Each at its default thread count: all cores for one process, 1 per process under torchrun (its own default).
-    common = FAST + ["--max-steps", "3", "--entropy-weight", "0", "--gan-start", "1000"]
+    # tiny-dual at --rep-weight 0: its feature head, without a teacher, is neither run nor trained, so DDP (which waits
+    # for every trained parameter's gradient) gets through step 2 and beyond.
+    common = FAST + ["--preset", "tiny-dual", "--rep-weight", "0", "--max-steps", "3", "--entropy-weight", "0",
+                     "--gan-start", "1000"]
     train_tokenizer.main([*common, "--out-dir", str(tmp_path / "one")])    # this process: the same code, no imports
     torchrun("train_tokenizer.py", *common, "--out-dir", str(tmp_path / "two"))
     one, two = ([r for r in read_log(tmp_path / d) if "g/total" in r] for d in ("one", "two"))
@@ -101,16 +104,10 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     for a, b in zip(one, two):
         for key in ("val_psnr", "val_psnr_ema"):
             assert abs(a.get(key, 0) - b.get(key, 0)) < 1e-4, (a["step"], key)
-
-
-def test_rep_weight_0_on_a_feature_head_preset_under_torchrun(tmp_path):
-    """tiny-dual has a feature head; without a teacher it is neither run nor trained, so DDP (which waits for every
-    trained parameter's gradient) gets through step 2 and beyond."""
-    torchrun("train_tokenizer.py", *FAST, "--preset", "tiny-dual", "--rep-weight", "0", "--max-steps", "3",
-             "--out-dir", str(tmp_path))
-    state = torch.load(tmp_path / "checkpoints" / "last.pt", weights_only=True)
-    assert state["step"] == 3 and not any(k.startswith("g/rep") for r in read_log(tmp_path) for k in r)
-    torch.manual_seed(0)                                               # build()'s initial weights: the head kept them
+    # the feature head kept build()'s initial weights (seed 0), the decoder trained, no representation term logged
+    state = torch.load(tmp_path / "two" / "checkpoints" / "last.pt", weights_only=True)
+    assert state["step"] == 3 and not any(k.startswith("g/rep") for r in read_log(tmp_path / "two") for k in r)
+    torch.manual_seed(0)
     fresh = Tokenizer(TokenizerConfig(**{**PRESETS["tiny-dual"], "image_size": 32})).state_dict()
     head = [k for k in fresh if ".feat_head." in k]
     assert head and all(torch.equal(state["model"][k], fresh[k]) for k in head)
