@@ -145,7 +145,8 @@ def tokenizer_run(preset, extra, seed, args, out):
             # every tiny-* preset trains with the tiny recipe (train_tokenizer.RECIPES); a row adds one term at a time
             "--disentangle-weight", "0", "--rep-weight", "0", "--eval-every", str(args.steps),
             "--sample-every", str(args.steps), "--ckpt-every", str(args.steps), "--log-every", str(args.log_every),
-            *(["--precision", args.precision] if args.precision else [])] + extra
+            *(["--precision", args.precision] if args.precision else []),
+            *(["--val-path", ""] if args.quick else [])] + extra   # --quick: no held-out PSNR while training (below)
     # what train_tokenizer's set-up does on a CPU (FQGAN_KEEP_FREED_MEMORY=0: glibc's default); the time per step
     # and the peak depend on it, so each run records it
     allocator = "freed memory kept" if keep_freed_memory() else "glibc default"
