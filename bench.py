@@ -722,7 +722,7 @@ def far_step(cfg, batch):
 def bench_memory(args):
     """Estimated peak GPU memory per GPU of every paper preset's training step (see the section comment)."""
     batch = 2 if args.quick else BATCH_PER_GPU
-    tok_presets = ["tiny", "tiny-dual"] if args.quick else [p for p in TOKENIZER_PRESETS if not p.startswith("tiny")]
+    tok_presets = ["tiny-dual"] if args.quick else [p for p in TOKENIZER_PRESETS if not p.startswith("tiny")]
     far_presets = [("tiny", 11)] if args.quick else [("far-b", 1000), ("far-l", 1000)]
     print(f"memory: training step per GPU at batch {batch}, bf16 autocast, fake tensors (estimate, no GPU used)")
     quantizer.FAST = False                                         # a compiled run takes the paper's forms
