@@ -164,7 +164,8 @@ def parse_args(argv=None):
                    "(default: on with CUDA)")
     p.add_argument("--extract-batch-size", type=int, default=16, help="images per encode in stage 1 (%(default)s)")
     p.add_argument("--log-every", type=int, default=50, help="steps between JSONL log lines (%(default)s)")
-    p.add_argument("--sample-every", type=int, default=500, help="steps between PNG grids of samples (%(default)s)")
+    p.add_argument("--sample-every", type=int, default=500, help="steps between PNG grids of samples, and one at the "
+                   "end; 0: none (%(default)s)")
     p.add_argument("--eval-every", type=int, default=500, help="steps between held-out NLLs (%(default)s)")
     add_checkpoint_flags(p)                                           # --ckpt-every, --resume, ...
     args = p.parse_args(argv)
@@ -178,11 +179,10 @@ def parse_args(argv=None):
             ("weight_decay", math.isfinite(args.weight_decay) and args.weight_decay >= 0, "a finite number >= 0"),
             ("grad_clip", args.grad_clip > 0, "> 0"),
             *((b, 0 <= getattr(args, b) < 1, "in [0, 1)") for b in ("beta1", "beta2")),    # Adam's betas
-            ("num_workers", args.num_workers >= 0, "an integer >= 0"),
-            ("warmup_steps", args.warmup_steps >= 0, "an integer >= 0"),
+            *((n, getattr(args, n) >= 0, "an integer >= 0") for n in ("num_workers", "warmup_steps", "sample_every")),
             ("ckpt_minutes", args.ckpt_minutes > 0, "> 0"), ("keep_checkpoints", args.keep_checkpoints >= 0, ">= 0"),
             *((n, getattr(args, n) >= 1, "an integer >= 1") for n in ("global_batch_size", "max_steps", "log_every",
-              "sample_every", "eval_every", "ckpt_every", "extract_batch_size"))):
+              "eval_every", "ckpt_every", "extract_batch_size"))):
         if not ok:                                                    # argparse's error: usage line, exit 2
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
     for flag in ("data_path", "tokenizer_ckpt"):                      # paper presets: no defaults for these
@@ -360,7 +360,7 @@ def main(argv=None):
             bar.set_postfix(loss=f"{terms['loss']:.3f}")
         if val_set is not None and (step % args.eval_every == 0 or end):   # every rank
             log({"step": step, **nll_bits(far, val_set, device, rank, world)})
-        if master and (step % args.sample_every == 0 or end):           # rank 0, bounded (SAMPLE_CLASSES)
+        if master and args.sample_every and (step % args.sample_every == 0 or end):   # rank 0, SAMPLE_CLASSES
             log({"step": step, **samples_and_copies(far, tok, dataset, args.seed, os.path.join(
                 args.out_dir, "samples", f"{step:07d}.png"))})
         # a stop signal or --ckpt-minutes: last.pt now (numbered at --ckpt-every and the end only); then stop if asked

@@ -116,6 +116,8 @@ CASES = [
     ("train_far --beta2 -0.1", "train_far", lambda d, p: ["--beta2", "-0.1"], 2,
      "--beta2 -0.1 is out of range: must be in [0, 1)"),
     ("train_far --lr nan", "train_far", lambda d, p: ["--lr", "nan"], 2, "--lr nan is out of range"),
+    ("train_far --sample-every -1", "train_far", lambda d, p: ["--sample-every", "-1"], 2,
+     "--sample-every -1 is out of range: must be an integer >= 0"),       # 0: no sample grids
     ("train_tokenizer on a folder without images", "train_tokenizer",
      lambda d, p: ["--data-path", str(d / "no_images"), "--out-dir", str(d / "tok_run")], 2,
      "no images under {d}/no_images/<class>/"),

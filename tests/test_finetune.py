@@ -135,7 +135,9 @@ def test_far_init_from_shipped_and_released_files_with_other_classes(own_images,
 
     def init(name, source, data):                                       # -> the checkpoint after one step, the output
         train_far.main(QUICK + ["--init-from", source, "--data-path", str(data), "--augment", "none", "--global-batch-"
-                                "size", "4", "--max-steps", "1", "--lr", "1e-12", "--out-dir", str(tmp_path / name)])
+                                "size", "4", "--max-steps", "1", "--lr", "1e-12", "--sample-every", "0",   # no PNGs
+                                "--out-dir", str(tmp_path / name)])
+        assert not os.listdir(tmp_path / name / "samples")
         state = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
         for k, v in shipped.state_dict().items():
             if k != TABLE:
