@@ -19,6 +19,7 @@ Nothing pickled is ever executed: weights_only=True, with argparse.Namespace as 
 files store their training arguments that way).
 """
 import argparse
+import atexit
 import ctypes
 import datetime
 import fcntl
@@ -380,6 +381,18 @@ def lr_at(args, step):
 
 
 _LOCKS = {}                                                           # out_dir -> open file holding its lock
+_MADE = set()                                                         # out_dirs own_out_dir made in this process
+
+
+@atexit.register
+def remove_unused_out_dirs():
+    """At exit: a folder own_out_dir made for a run that was refused after it (a bad flag, file or data found later)
+    holds no file but its .lock, perhaps in empty subfolders: removed, so a refused run leaves nothing behind."""
+    for out in list(_MADE):
+        _MADE.discard(out)
+        files = [os.path.relpath(os.path.join(d, f), out) for d, _, names in os.walk(out) for f in names]
+        if files == [".lock"]:
+            shutil.rmtree(out, ignore_errors=True)
 
 
 def own_out_dir(args):
@@ -387,10 +400,13 @@ def own_out_dir(args):
     (the kernel drops it however the process ends, so a crashed run leaves no stale lock), which refuses a second run
     on the same folder, so no run ever deletes another live run's temp files; and without --resume, an existing
     OUT/checkpoints/last.pt (a new run would overwrite it). A path that cannot be a folder is refused too."""
+    made = not os.path.isdir(args.out_dir)
     try:
         os.makedirs(args.out_dir, exist_ok=True)                      # a file there, or in its path: FileExistsError
     except OSError as e:
         return f"--out-dir {args.out_dir}: cannot be made a folder ({e.strerror}); give a folder's path"
+    if made:                                                          # a refused run: removed at exit, if unused
+        _MADE.add(args.out_dir)
     if args.out_dir in _LOCKS:                                        # an earlier main() of this process: it is over
         _LOCKS.pop(args.out_dir).close()
     lock = open(os.path.join(args.out_dir, ".lock"), "a+")

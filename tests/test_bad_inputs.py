@@ -15,6 +15,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import checkpoints  # noqa: E402
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 import train_far  # noqa: E402
@@ -218,6 +219,24 @@ def test_unreadable_evaluation_images_are_skipped_and_counted(files, pair, tmp_p
     res = json.load(open(tmp_path / "r.json"))
     assert res["images"] == 11 and res["unreadable"] == 3
     assert "unreadable            3" in text
+
+
+def test_a_refused_run_removes_the_out_dir_it_made(tmp_path, capsys):
+    """A run refused after it made its --out-dir (here: no images under --data-path) removes that folder when the
+    process ends, so a typo leaves nothing behind; a folder that was there before stays, and so does one with files."""
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    argv = ["--data-path", str(tmp_path / "empty"), "--max-steps", "1", "--out-dir"]
+    proc = subprocess.run([sys.executable, "train_tokenizer.py", *argv, str(tmp_path / "new")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no images under" in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "new").exists()                              # at exit (atexit), as a user's process ends
+    (tmp_path / "old").mkdir()
+    for out in ("old", "new2"):                                         # in this process: the exit handler called
+        with pytest.raises(SystemExit):
+            train_tokenizer.main(argv + [str(tmp_path / out)])
+    checkpoints.remove_unused_out_dirs()
+    assert (tmp_path / "old").is_dir() and not (tmp_path / "new2").exists()
+    capsys.readouterr()
 
 
 def test_stale_temp_files_of_a_killed_run_are_removed(tmp_path, capsys):
