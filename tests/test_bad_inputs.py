@@ -223,7 +223,7 @@ def test_unreadable_evaluation_images_are_skipped_and_counted(files, pair, tmp_p
 
 def test_a_refused_run_removes_the_out_dir_it_made(tmp_path, capsys):
     """A run refused after it made its --out-dir (here: no images under --data-path) removes that folder when the
-    process ends, so a typo leaves nothing behind; a folder that was there before stays, and so does one with files."""
+    process ends, so a typo leaves nothing behind; a folder that was there before stays."""
     (tmp_path / "empty" / "a").mkdir(parents=True)
     argv = ["--data-path", str(tmp_path / "empty"), "--max-steps", "1", "--out-dir"]
     proc = subprocess.run([sys.executable, "train_tokenizer.py", *argv, str(tmp_path / "new")], cwd=ROOT,
