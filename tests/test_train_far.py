@@ -214,7 +214,8 @@ def test_copy_distance_finds_a_copied_training_view():
 
 # A sitecustomize.py that makes aot_eager torch.compile's default backend in every process started with it on
 # PYTHONPATH: dynamo's graphs, AOT autograd's backward and DDP's split of them, without inductor's C++ code generation
-# (two ranks compiling it cold took 55-60 s of g++; test_far.py checks inductor's kernels against eager).
+# (with inductor, both ranks compiling its kernels cold made this test 55-60 s, 18 s without; test_far.py checks
+# inductor's kernels against eager).
 AOT_EAGER_SITE = """import functools, torch
 compile_ = torch.compile
 torch.compile = functools.wraps(compile_)(lambda *a, **kw: compile_(*a, **{"backend": "aot_eager", **kw}))
