@@ -381,18 +381,27 @@ def lr_at(args, step):
 
 
 _LOCKS = {}                                                           # out_dir -> open file holding its lock
-_MADE = set()                                                         # out_dirs own_out_dir made in this process
+_MADE = {}                                                            # {out_dir own_out_dir made: its first new folder}
 
 
 @atexit.register
 def remove_unused_out_dirs():
     """At exit: a folder own_out_dir made for a run that was refused after it (a bad flag, file or data found later)
-    holds no file but its .lock, perhaps in empty subfolders: removed, so a refused run leaves nothing behind."""
-    for out in list(_MADE):
-        _MADE.discard(out)
+    holds no file but its .lock, perhaps in empty subfolders: removed, and so are the parents the run made for it
+    (--out-dir a/b/c where only a existed: b too) while they are empty, so a refused run leaves nothing behind."""
+    for out, first in list(_MADE.items()):
+        del _MADE[out]
         files = [os.path.relpath(os.path.join(d, f), out) for d, _, names in os.walk(out) for f in names]
-        if files == [".lock"]:
-            shutil.rmtree(out, ignore_errors=True)
+        if files != [".lock"]:
+            continue
+        shutil.rmtree(out, ignore_errors=True)
+        parent = os.path.dirname(os.path.abspath(out))
+        while parent != os.path.dirname(first):                       # up to `first`, stopping at one not empty
+            try:
+                os.rmdir(parent)
+            except OSError:
+                break
+            parent = os.path.dirname(parent)
 
 
 def own_out_dir(args):
@@ -400,13 +409,15 @@ def own_out_dir(args):
     (the kernel drops it however the process ends, so a crashed run leaves no stale lock), which refuses a second run
     on the same folder, so no run ever deletes another live run's temp files; and without --resume, an existing
     OUT/checkpoints/last.pt (a new run would overwrite it). A path that cannot be a folder is refused too."""
-    made = not os.path.isdir(args.out_dir)
+    first, path = None, os.path.abspath(args.out_dir)                 # the outermost folder makedirs will make
+    while not os.path.isdir(path) and path != os.path.dirname(path):
+        first, path = path, os.path.dirname(path)
     try:
         os.makedirs(args.out_dir, exist_ok=True)                      # a file there, or in its path: FileExistsError
     except OSError as e:
         return f"--out-dir {args.out_dir}: cannot be made a folder ({e.strerror}); give a folder's path"
-    if made:                                                          # a refused run: removed at exit, if unused
-        _MADE.add(args.out_dir)
+    if first:                                                         # a refused run: removed at exit, if unused
+        _MADE[args.out_dir] = first
     if args.out_dir in _LOCKS:                                        # an earlier main() of this process: it is over
         _LOCKS.pop(args.out_dir).close()
     lock = open(os.path.join(args.out_dir, ".lock"), "a+")
@@ -501,12 +512,14 @@ def resume(args, parser, cfg, state, rank):
 
 
 def open_run(args, master, summary, step):
-    """Rank 0 prepares OUT (checkpoints/, samples/, the temp files of a killed write removed) and prints the summary.
-    Returns log(record), which appends one JSON line to OUT/log.jsonl on rank 0 (and does nothing elsewhere)."""
+    """Rank 0 prepares OUT (checkpoints/, samples/ unless --sample-every is 0, the temp files of a killed write removed)
+    and prints the summary. Returns log(record), which appends one JSON line to OUT/log.jsonl on rank 0 (and does
+    nothing elsewhere)."""
     if not master:
         return lambda record: None
     folder = os.path.join(args.out_dir, "checkpoints")
-    os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
+    if args.sample_every:                                               # 0 (train_far.py): no sample grids, no folder
+        os.makedirs(os.path.join(args.out_dir, "samples"), exist_ok=True)
     os.makedirs(folder, exist_ok=True)
     stale = remove_stale_temps(folder)
     print(summary + (f"; removed stale {', '.join(stale)}" if stale else ""))

@@ -223,7 +223,8 @@ def test_unreadable_evaluation_images_are_skipped_and_counted(files, pair, tmp_p
 
 def test_a_refused_run_removes_the_out_dir_it_made(tmp_path, capsys):
     """A run refused after it made its --out-dir (here: no images under --data-path) removes that folder when the
-    process ends, so a typo leaves nothing behind; a folder that was there before stays."""
+    process ends, and the parents it made for it, so a typo leaves nothing behind; a folder that was there before
+    stays."""
     (tmp_path / "empty" / "a").mkdir(parents=True)
     argv = ["--data-path", str(tmp_path / "empty"), "--max-steps", "1", "--out-dir"]
     proc = subprocess.run([sys.executable, "train_tokenizer.py", *argv, str(tmp_path / "new")], cwd=ROOT,
@@ -231,11 +232,11 @@ def test_a_refused_run_removes_the_out_dir_it_made(tmp_path, capsys):
     assert proc.returncode == 2 and "no images under" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "new").exists()                              # at exit (atexit), as a user's process ends
     (tmp_path / "old").mkdir()
-    for out in ("old", "new2"):                                         # in this process: the exit handler called
+    for out in ("old", "new2", "old/new3/a/b"):                         # in this process: the exit handler called
         with pytest.raises(SystemExit):
             train_tokenizer.main(argv + [str(tmp_path / out)])
     checkpoints.remove_unused_out_dirs()
-    assert (tmp_path / "old").is_dir() and not (tmp_path / "new2").exists()
+    assert sorted(os.listdir(tmp_path)) == ["empty", "old"] and os.listdir(tmp_path / "old") == [".lock"]
     capsys.readouterr()
 
 

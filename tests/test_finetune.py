@@ -137,7 +137,7 @@ def test_far_init_from_shipped_and_released_files_with_other_classes(own_images,
         train_far.main(QUICK + ["--init-from", source, "--data-path", str(data), "--augment", "none", "--global-batch-"
                                 "size", "4", "--max-steps", "1", "--lr", "1e-12", "--sample-every", "0",   # no PNGs
                                 "--out-dir", str(tmp_path / name)])
-        assert not os.listdir(tmp_path / name / "samples")
+        assert not os.path.exists(tmp_path / name / "samples")          # not even an empty folder
         state = torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)
         for k, v in shipped.state_dict().items():
             if k != TABLE:
