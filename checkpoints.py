@@ -508,7 +508,15 @@ def resume(args, parser, cfg, state, rank):
     for name, obj in state.items():
         obj.load_state_dict(ckpt[name])                               # strict: the same config (read_resume)
     set_rng_states(ckpt["rng"], rank)                                 # after the reseed above, which it replaces
-    return ckpt["step"]                                               # the loop continues at step + 1
+    step, flags = ckpt["step"], ("lr", "lr_decay", "warmup_steps", "max_steps")   # what lr_at reads
+    theirs = {k: ckpt.get("args", {}).get(k, getattr(args, k)) for k in flags}
+    own = argparse.Namespace(**{**vars(args), **theirs})             # this run on the checkpoint's schedule
+    if rank == 0 and step < args.max_steps and lr_at(own, step) != lr_at(args, step):   # e.g. cosine, new --max-steps
+        changed = ", ".join(f"--{k.replace('_', '-')} {theirs[k]} -> {getattr(args, k)}" for k in flags
+                            if theirs[k] != getattr(args, k))
+        print(f"--resume: the lr schedule is not the checkpoint's ({changed}): the next step's lr is "
+              f"{lr_at(args, step):.3g}, {lr_at(own, step):.3g} on the schedule it was trained with")
+    return step                                                       # the loop continues at step + 1
 
 
 def open_run(args, master, summary, step):

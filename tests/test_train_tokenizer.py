@@ -55,11 +55,13 @@ def assert_same_state(a, b):
                 assert torch.equal(value, b[key]["state"][i][name]), f"{key} state {i}.{name} differs"
 
 
-def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, killed_after):
+def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, killed_after, capsys):
     cosine = ["--max-steps", "4", "--ckpt-every", "2", "--lr-decay", "cosine", "--warmup-steps", "2"]
     full = run(tmp_path / "full", *cosine)
     killed_after(train_tokenizer, FAST + ["--out-dir", str(tmp_path / "split"), *cosine], 2)   # last.pt at 2
+    capsys.readouterr()
     resumed = run(tmp_path / "split", *cosine, "--resume")
+    assert "lr schedule" not in capsys.readouterr().out                 # the same flags: the same schedule
     assert full["step"] == resumed["step"] == 4
     assert_same_state(full, resumed)                                   # the GAN starts at step 2: D is exercised
     logs = read_log(tmp_path / "full"), read_log(tmp_path / "split")
@@ -69,6 +71,10 @@ def test_resume_equals_uninterrupted_bit_for_bit(tmp_path, killed_after):
     # the numbered checkpoint is the same file as last.pt under a second name (written once, not twice)
     folder = tmp_path / "full" / "checkpoints"
     assert os.path.samefile(folder / "0000004.pt", folder / "last.pt")
+    # resumed to train on with a larger --max-steps, the cosine stretches: said, with the lr it jumps to
+    run(tmp_path / "full", *cosine, "--max-steps", "5", "--resume")
+    assert ("--resume: the lr schedule is not the checkpoint's (--max-steps 4 -> 5): the next step's lr is 9.55e-05, "
+            "0 on the schedule it was trained with") in capsys.readouterr().out
 
 
 def test_low_res_steps_train_on_half_size_crops_then_full_and_resume_across_the_switch(tmp_path, killed_after):
