@@ -52,7 +52,7 @@ import evaluate
 import train_far
 import train_tokenizer
 from checkpoints import (CheckpointError, check_pair, check_writable, keep_freed_memory, load_far, load_tokenizer,
-                         peak_mib, read_checkpoint)
+                         one_process_only, peak_mib, read_checkpoint)
 from far import generate
 from figures import line_plot
 from images import BUNDLED, ImageFolder, to_uint8
@@ -327,6 +327,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: 1 seed, 2 steps, tiny sizes, random tokenizer "
                    "for Tab. 4 when --tokenizer-ckpt is absent")
     args = p.parse_args(argv)
+    one_process_only(p)
     # Every value is checked before any work: one line naming the flag, the value and the valid range, exit 2.
     for name, ok, valid in (*((n, getattr(args, n) is None or getattr(args, n) >= 1, "an integer >= 1")
                               for n in ("steps", "batch_size", "usage_crops", "log_every")),   # None: the default

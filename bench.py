@@ -39,7 +39,7 @@ import far
 import fast
 import quantizer
 import tokenizer
-from checkpoints import keep_freed_memory, native_bf16, peak_mib
+from checkpoints import keep_freed_memory, native_bf16, one_process_only, peak_mib
 from fast import code_softmax, nearest_code
 from losses import LPIPS, LossConfig, PatchGAN, generator_loss, info_nce
 from quantizer import VectorQuantizer, distances, entropy_reference, ibq_reference, lookup_reference
@@ -765,6 +765,7 @@ def parse_args(argv=None):
                    help="the recipes section times only this model (default: both)")
     p.add_argument("--dual-child", metavar="JSON", help=argparse.SUPPRESS)   # bench_train_dual's child: times -> JSON
     args = p.parse_args(argv)
+    one_process_only(p)
     # --quick: one run of each path, no compile, no busy loops (CI checks the code runs, not its speed)
     args.repeats = (1 if args.quick else 5) if args.repeats is None else args.repeats
     args.compile = (not args.quick) if args.compile is None else args.compile

@@ -102,6 +102,14 @@ def init_distributed(device=None):
     return ddp, rank, world, local_rank, device
 
 
+def one_process_only(parser):
+    """ablate.py, figures.py, train_teacher.py and bench.py run in one process (ablate starts its own training runs):
+    started by torchrun with more than one process, each would do all of the work, writing the same files. Exit 2."""
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world != "1":
+        parser.error(f"runs in one process, and torchrun started {world}: start it with python, not torchrun")
+
+
 def device_flag(text):
     """argparse type of --device: "cpu", "cuda" or "cuda:N" -> the string, checked against this machine."""
     try:
@@ -231,11 +239,14 @@ def remove_stale_temps(folder):
     return [os.path.basename(f) for f in stale]
 
 
-def check_writable(path, flag, suffix=None):
+def check_writable(path, flag, suffix=None, default=False):
     """Raise CheckpointError naming `flag` unless `path` is a file that can be created or replaced (and its name ends
     in `suffix`, the format it is written in): checked when the arguments are parsed, so a bad output path fails
-    before hours of work, not after."""
+    before hours of work, not after. `default`: the script's own default path (runs/...), whose folders it makes
+    when it writes the file (so a refused run leaves none): the nearest folder above it that exists must be writable."""
     folder = os.path.dirname(os.path.abspath(path))                   # a bare name: the working directory
+    while default and not os.path.exists(folder):
+        folder = os.path.dirname(folder)
     if os.path.isdir(path) or path.endswith(os.sep):                  # "out/" names a folder, not a file
         raise CheckpointError(f"{flag} {path} is a directory; give a file name, e.g. {os.path.join(path, 'out.png')}")
     if suffix and not path.lower().endswith(suffix):                  # e.g. PNG bytes in a file named .jpg

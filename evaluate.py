@@ -394,11 +394,11 @@ def parse_args(argv=None):
             p.error(f"--{name} {path}: no images (extensions {', '.join(IMAGE_EXTS)})")
     if args.classes and not args.samples and not set(args.classes) <= set(os.listdir(args.data_path)):
         p.error(f"--classes {' '.join(args.classes)}: not all are class folders of --data-path {args.data_path}")
-    if args.out_json is None:                                         # the default folder is ours to create
-        args.out_json = os.path.join("runs", "eval", "generation.json" if args.samples else "tokenizer.json")
-        os.makedirs(os.path.dirname(args.out_json), exist_ok=True)
+    default = args.out_json is None                                   # its folder is ours to make, when written
+    args.out_json = args.out_json or os.path.join("runs", "eval", "generation.json" if args.samples else
+                                                  "tokenizer.json")
     try:                                                              # fail before any work, not after it
-        check_writable(args.out_json, "--out-json")
+        check_writable(args.out_json, "--out-json", default=default)
     except CheckpointError as e:
         p.error(str(e))
     return args, p
@@ -439,6 +439,7 @@ def main(argv=None):
     if res:
         for key, value in res.items():                        # the table: one line per metric, null when missing
             print(f"{key:<22}{'null' if value is None else f'{value:.4f}' if isinstance(value, float) else value}")
+        os.makedirs(os.path.dirname(os.path.abspath(args.out_json)), exist_ok=True)   # the default runs/eval
         with open(f"{args.out_json}.tmp", "w") as f:                   # None -> null in the JSON
             json.dump(res, f, indent=1)
         os.replace(f"{args.out_json}.tmp", args.out_json)     # atomic: a crash never leaves half a file

@@ -17,7 +17,7 @@ import os
 import torch
 from PIL import Image, ImageDraw
 
-from checkpoints import CheckpointError, load_tokenizer
+from checkpoints import CheckpointError, load_tokenizer, one_process_only
 from images import BUNDLED, ImageFolder, save_png, to_uint8
 
 ROOT = os.path.dirname(os.path.abspath(__file__))                     # for the shipped weights/ default
@@ -179,6 +179,7 @@ def main(argv=None):
     p.add_argument("--fig4-method", default="tsne", choices=["tsne", "pca"], help="2-D embedding (the paper: t-SNE)")
     p.add_argument("--batch-size", type=int, default=32, help="images per encode (32)")
     args = p.parse_args(argv)
+    one_process_only(p)
     # every value checked before any work: one line naming the flag and its range, exit 2
     for name, lo, hi in (("fig3_images", 1, 64), ("fig4_classes", 1, len(PALETTE)), ("batch_size", 1, math.inf)):
         if not lo <= getattr(args, name) <= hi:

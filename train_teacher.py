@@ -20,7 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, check_writable
+from checkpoints import CheckpointError, check_writable, one_process_only
 from images import BUNDLED, ImageFolder, open_rgb, random_crop, to_tensor
 from teachers import PhotoCNN
 
@@ -50,9 +50,9 @@ def main(argv=None):
     p.add_argument("--out", help="output file (default: runs/teacher/tiny_teacher.pt; the shipped file, which the "
                    "tiny-dual preset and evaluate.py use, is weights/tiny_teacher.pt: a run never replaces it unasked)")
     args = p.parse_args(argv)
-    if args.out is None:                                              # the default folder is ours to create
-        args.out = os.path.join("runs", "teacher", "tiny_teacher.pt")
-        os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    one_process_only(p)
+    default = args.out is None                                        # its folder is ours to make, when written
+    args.out = args.out or os.path.join("runs", "teacher", "tiny_teacher.pt")
     for name in ("image_size", "width", "steps", "batch_size"):       # checked before any work: one line, exit 2
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be an integer >= 1")
@@ -60,7 +60,7 @@ def main(argv=None):
         p.error(f"--lr {args.lr} is out of range: must be finite and > 0")
     size = (args.image_size, args.image_size)                         # square crops, the tiny tokenizer's input
     try:   # the output and both folders before any training: a bad path fails now, not after it
-        check_writable(args.out, "--out")
+        check_writable(args.out, "--out", default=default)
         # the training folder is only listed here (photos are decoded below); val gives centre crops for accuracy()
         train, val = (ImageFolder(args.data_path, size, train=True, seed=args.seed),
                       ImageFolder(args.val_path, size, train=False))
@@ -99,6 +99,7 @@ def main(argv=None):
              "val_accuracy": accuracy(net, val),
              "command": shlex.join(["python", "train_teacher.py", *(sys.argv[1:] if argv is None else argv)])}
     tmp = args.out + ".tmp"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)   # the default runs/teacher
     torch.save(state, tmp)
     os.replace(tmp, args.out)                                         # atomic: never a half-written teacher
     print(f"wrote {args.out}: held-out accuracy {state['val_accuracy']:.3f} on {len(val)} photos "

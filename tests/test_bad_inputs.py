@@ -240,6 +240,40 @@ def test_a_refused_run_removes_the_out_dir_it_made(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_refused_runs_leave_no_default_output_folder(tmp_path, monkeypatch, capsys):
+    """evaluate.py and train_teacher.py write to runs/eval and runs/teacher by default, folders they make when they
+    write the file: refused (a FAR file as the tokenizer, a folder without images), they leave nothing in the working
+    directory, and where the folder cannot be made the run is refused before any work."""
+    import train_teacher
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    for main, argv, says in ((evaluate.main, ["--tokenizer-ckpt", os.path.join(ROOT, "weights", "tiny_far.pt")],
+                              "it holds a FAR"),
+                             (train_teacher.main, ["--data-path", str(tmp_path / "empty")], "no images")):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 2 and says in capsys.readouterr().err
+        assert os.listdir(tmp_path) == ["empty"]
+    (tmp_path / "runs").write_text("a file where the default folder goes")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main([])
+    assert e.value.code == 2 and "--out-json runs/eval/tokenizer.json: the folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script,argv", [("ablate", ["--table", "3", "--out", "r.json"]), ("figures", []),
+                                         ("train_teacher", []), ("bench", ["--quick"])])
+def test_one_process_scripts_refuse_torchrun(script, argv, tmp_path, monkeypatch, capsys):
+    """A script that runs in one process, started by torchrun with 2 processes (WORLD_SIZE=2, as torchrun sets it):
+    exit 2 before any work, saying to start it with python; under torchrun with 1 process it runs (not done here)."""
+    monkeypatch.chdir(tmp_path)                                         # anything it made would show up here
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as e:
+        __import__(script).main(argv)
+    assert e.value.code == 2
+    assert "runs in one process, and torchrun started 2: start it with python, not torchrun" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
 def test_stale_temp_files_of_a_killed_run_are_removed(tmp_path, capsys):
     """A kill -9 during a checkpoint write leaves last.pt.tmp<pid>; the next start removes it."""
     ckpts = tmp_path / "run" / "checkpoints"
