@@ -337,11 +337,17 @@ def parse_args(argv=None):
         if not ok:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
     far_files = ["teacher"] + ["tokenizer_ckpt"] * (not args.quick)    # --quick: a random tokenizer if absent
-    for name in {"4": far_files, "ar": far_files, "cfg": ["teacher", "tokenizer_ckpt", "far_ckpt"]}.get(args.table, []):
+    files = {"4": far_files, "ar": far_files, "cfg": ["teacher", "tokenizer_ckpt", "far_ckpt"]}.get(args.table, [])
+    for name in files:
         if not os.path.isfile(getattr(args, name)):
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)}: no such file" + (
                 f" (make it with `python train_teacher.py --out {args.teacher}`, a minute on a CPU)"
                 if name == "teacher" else ""))
+    try:                         # and what they hold, before any training (--table ar trains a tokenizer first)
+        load_tokenizer(args.tokenizer_ckpt) if "tokenizer_ckpt" in files else None   # e.g. a FAR file given here
+        evaluate.stand_in_teacher(args.teacher, "cpu") if "teacher" in files else None
+    except (CheckpointError, ValueError) as e:
+        p.error(str(e))
     if args.figure:                                 # drawn at the end: its folder must be there now
         try:
             check_writable(args.figure, "--figure", ".png")

@@ -15,6 +15,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import ablate  # noqa: E402
 import checkpoints  # noqa: E402
 import evaluate  # noqa: E402
 import sample  # noqa: E402
@@ -22,7 +23,7 @@ import train_far  # noqa: E402
 import train_tokenizer  # noqa: E402
 
 SCRIPTS = {"sample": sample.main, "evaluate": evaluate.main, "train_far": train_far.main,
-           "train_tokenizer": train_tokenizer.main}
+           "train_tokenizer": train_tokenizer.main, "ablate": ablate.main}
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +171,13 @@ CASES = [
      "x.txt: it is written as NPZ; the file name must end in .npz"),
     ("sample --out not .png", "sample", lambda d, p: ["--class-id", "0", "--out", str(d / "grid.jpg")], 2,
      "grid.jpg: it is written as PNG; the file name must end in .png"),
+    # ablate.py: the files' kinds before any training (--table ar trains its VQ tokenizer before it reads the FQ one)
+    ("ablate --table ar --tokenizer-ckpt a FAR file", "ablate", lambda d, p: ["--table", "ar", "--tokenizer-ckpt",
+     os.path.join(ROOT, "weights", "tiny_far.pt"), "--work-dir", str(d / "ablate"), "--out", str(d / "r.json")], 2,
+     "tiny_far.pt is not a tokenizer of this project or the official FQGAN: it holds a FAR"),
+    ("ablate --table 4 --teacher a FAR file", "ablate", lambda d, p: ["--table", "4", "--teacher", os.path.join(
+     ROOT, "weights", "tiny_far.pt"), "--work-dir", str(d / "ablate"), "--out", str(d / "r.json")], 2,
+     "tiny_far.pt is not a stand-in teacher of train_teacher.py"),
     ("evaluate --teacher a FAR file", "evaluate", lambda d, p: ["--samples", str(d / "two.npz"), "--teacher",
                                                                 os.path.join(ROOT, "weights", "tiny_far.pt")], 2,
      "tiny_far.pt is not a stand-in teacher of train_teacher.py"),
