@@ -14,6 +14,7 @@ that names the file to download and where to put it.
 Tests: python -m pytest tests/test_losses.py -q
 """
 import os
+import zipfile
 
 import torch
 import torch.nn as nn
@@ -104,7 +105,16 @@ def load_teacher(spec, weights_path=None, pretrained=True, interpolation="neares
         if pretrained and path is None:
             raise FileNotFoundError(f"Weights of teacher {spec!r} not found at {local}; make them with "
                                     f"`python train_teacher.py --out {local}` (about a minute on a CPU)")
-        ckpt = torch.load(path, map_location="cpu", weights_only=True) if pretrained else {"config": {}}
+        if pretrained and not zipfile.is_zipfile(path):              # torch.save writes a zip: truncated, other bytes
+            raise ValueError(f"{path} is not a stand-in teacher of train_teacher.py: it is not a complete PyTorch "
+                             f"checkpoint (no zip directory); make it with `python train_teacher.py --out {path}`")
+        try:                                                          # pickled code, a damaged zip
+            ckpt = torch.load(path, map_location="cpu", weights_only=True) if pretrained else {"config": {}}
+        except Exception as e:                                        # noqa: BLE001 - every torch.load failure
+            raise ValueError(f"{path} is not a stand-in teacher of train_teacher.py: it cannot be read as a "
+                             f"checkpoint ({type(e).__name__}: {' '.join(str(e).split())[:160]})") from None
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("config"), dict):
+            raise ValueError(f"{path} is not a stand-in teacher of train_teacher.py (no config in it)")
         try:                                                          # a tokenizer or FAR file given in its place
             net = PhotoCNN(**ckpt["config"])
             net.load_state_dict(ckpt["model"]) if pretrained else None

@@ -287,7 +287,7 @@ def main(argv=None):
     # The models, the losses' frozen networks, the optimizers; resume; the run's folder and log
     try:   # LPIPS' or a teacher's weight files missing: the message says which, where from, where to put them
         tok, ema, disc, lpips, teachers = build_models(args, cfg, device)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:                      # ValueError: a teacher file of another kind
         parser.error(str(e))
     model = distribute(tok, ddp, device, args.compile)                 # DDP (all-reduce in backward), then compiled
     # D's BatchNorm normalises with each rank's batch statistics, not synced (# parity: §2.3); never compiled

@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,6 +35,7 @@ def files(tmp_path_factory, pair):
     (d / "empty.pt").write_bytes(b"")
     (d / "truncated.pt").write_bytes(good[: len(good) // 2])
     (d / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    torch.save(torch.zeros(3), d / "tensor.pt")                         # a checkpoint, but a bare tensor
     # a run folder whose last.pt was cut short, with numbered checkpoints to fall back on
     ckpts = d / "run" / "checkpoints"
     ckpts.mkdir(parents=True)
@@ -175,9 +177,15 @@ CASES = [
     ("ablate --table ar --tokenizer-ckpt a FAR file", "ablate", lambda d, p: ["--table", "ar", "--tokenizer-ckpt",
      os.path.join(ROOT, "weights", "tiny_far.pt"), "--work-dir", str(d / "ablate"), "--out", str(d / "r.json")], 2,
      "tiny_far.pt is not a tokenizer of this project or the official FQGAN: it holds a FAR"),
+    ("ablate --table 4 --teacher random bytes", "ablate", lambda d, p: ["--table", "4", "--teacher", str(
+     d / "random.pt"), "--work-dir", str(d / "ablate"), "--out", str(d / "r.json")], 2,
+     "random.pt is not a stand-in teacher of train_teacher.py: it is not a complete PyTorch checkpoint"),
     ("ablate --table 4 --teacher a FAR file", "ablate", lambda d, p: ["--table", "4", "--teacher", os.path.join(
      ROOT, "weights", "tiny_far.pt"), "--work-dir", str(d / "ablate"), "--out", str(d / "r.json")], 2,
      "tiny_far.pt is not a stand-in teacher of train_teacher.py"),
+    ("evaluate --teacher a tensor file", "evaluate", lambda d, p: ["--samples", str(d / "two.npz"), "--teacher",
+                                                                  str(d / "tensor.pt")], 2,
+     "tensor.pt is not a stand-in teacher of train_teacher.py (no config in it)"),
     ("evaluate --teacher a FAR file", "evaluate", lambda d, p: ["--samples", str(d / "two.npz"), "--teacher",
                                                                 os.path.join(ROOT, "weights", "tiny_far.pt")], 2,
      "tiny_far.pt is not a stand-in teacher of train_teacher.py"),
@@ -246,6 +254,19 @@ def test_a_refused_run_removes_the_out_dir_it_made(tmp_path, capsys):
     checkpoints.remove_unused_out_dirs()
     assert sorted(os.listdir(tmp_path)) == ["empty", "old"] and os.listdir(tmp_path / "old") == [".lock"]
     capsys.readouterr()
+
+
+def test_a_teacher_file_of_another_kind_stops_tokenizer_training(files, tmp_path, monkeypatch, capsys):
+    """tiny-dual's stand-in teacher is found as ./tiny_teacher.pt before weights/tiny_teacher.pt: a file there that is
+    no teacher (random bytes) stops train_tokenizer.py with one line, exit 2, before any step."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny_teacher.pt").write_bytes((files / "random.pt").read_bytes())
+    code, text = run("train_tokenizer", ["--preset", "tiny-dual", "--max-steps", "1", "--num-workers", "0",
+                                         "--out-dir", str(tmp_path / "run")], capsys)
+    assert code == 2 and "tiny_teacher.pt is not a stand-in teacher of train_teacher.py: it is not a complete" in text
+    assert "Traceback" not in text
+    checkpoints.remove_unused_out_dirs()                                # at exit, as in a user's process
+    assert os.listdir(tmp_path) == ["tiny_teacher.pt"]
 
 
 def test_refused_runs_leave_no_default_output_folder(tmp_path, monkeypatch, capsys):
