@@ -195,6 +195,7 @@ def main(argv=None):
     rows = [dataset.first_readable(i) for i in spread]        # (image, label, index, skipped) or None
     if rows[0] is None:                                       # not even the first spread position has one after it
         p.error(f"--data-path {args.data_path}: none of its {len(dataset)} images could be read")
+    made = not os.path.isdir(args.out_dir)
     try:
         os.makedirs(args.out_dir, exist_ok=True)
     except OSError as e:                                      # a file there, or in its path
@@ -203,6 +204,7 @@ def main(argv=None):
         figure4(tok, dataset, os.path.join(args.out_dir, "fig4.png"), args.fig4_classes, args.fig4_method,
                 args.batch_size)
     except ValueError as e:                                   # every image of the chosen classes unreadable
+        os.rmdir(args.out_dir) if made else None             # refused: the folder it made goes (it is empty)
         p.error(f"--data-path {args.data_path}: {e}")
     figure3(tok, torch.stack([r[0] for r in rows if r is not None]), os.path.join(args.out_dir, "fig3.png"))
 
