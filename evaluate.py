@@ -444,7 +444,8 @@ def main(argv=None):
             json.dump(res, f, indent=1)
         os.replace(f"{args.out_json}.tmp", args.out_json)     # atomic: a crash never leaves half a file
         print(f"wrote {args.out_json}")
-    if ddp:
+    if ddp:                                 # rank 0 wrote its files just now: every rank leaves the group together
+        dist.barrier()
         dist.destroy_process_group()
     return res
 

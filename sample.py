@@ -168,7 +168,8 @@ def main(argv=None):
         parser.error(str(e))
     finally:                                                           # an error exit too: a caller (the tests) keeps
         torch.set_num_threads(threads)                                 # its thread count
-    if ddp:
+    if ddp:                                 # rank 0 wrote its files just now: every rank leaves the group together
+        dist.barrier()
         dist.destroy_process_group()
 
 
