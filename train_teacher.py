@@ -77,8 +77,9 @@ def main(argv=None):
     g = torch.Generator().manual_seed(args.seed)                      # every crop's randomness: reproducible
     photos = [open_rgb(path) for path, _ in train.samples]             # 44 photos: decode once, crop every step
     if any(img is None for img in photos):                            # a teacher needs every class: no skipping
-        bad = [s for s, i in zip(train.samples, photos) if i is None]
-        p.error(f"--data-path {args.data_path}: unreadable images {bad}")
+        bad = [path for (path, _), img in zip(train.samples, photos) if img is None]
+        p.error(f"--data-path {args.data_path}: {len(bad)} unreadable image{'s' * (len(bad) > 1)}, "
+                f"{', '.join(bad)}; fix or remove them")
     for step in range(1, args.steps + 1):
         # random crops (images.random_crop: scale + position + flip) of random photos, a fresh draw each step
         idx = torch.randint(len(photos), (args.batch_size,), generator=g).tolist()

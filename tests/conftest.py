@@ -43,6 +43,23 @@ def pair(tmp_path_factory, tok_ckpt):
     return d, tok, far
 
 
+@pytest.fixture(scope="session")
+def lpips_files(tmp_path_factory):
+    """LPIPS' two weight files with random weights (seed 0) in their official formats, in one folder: torchvision's
+    VGG16 file (features.* and a classifier to skip) and LPIPS v0.1's lin{0..4}. -> (folder, vgg dict, lin dict)."""
+    import torchvision                                                  # here: 1-2 s to import, for LPIPS only
+    from losses import LPIPS
+    folder = tmp_path_factory.mktemp("weights")
+    torch.manual_seed(0)
+    trunk = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
+    sd = {f"features.{k}": v for k, v in trunk.state_dict().items()}      # torchvision layout ...
+    sd["classifier.0.weight"] = torch.zeros(2, 2)                          # ... including a classifier to skip
+    torch.save(sd, folder / "vgg16-397923af.pth")
+    lins = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(LPIPS.channels)}
+    torch.save(lins, folder / "weights-vgg16-lpips.pth")
+    return folder, sd, lins
+
+
 @pytest.fixture
 def killed_after(monkeypatch):
     """killed_after(main, argv, step): run a training script's main(argv) and "kill" it right after its checkpoint of

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -19,12 +20,15 @@ sys.path.insert(0, ROOT)
 import ablate  # noqa: E402
 import checkpoints  # noqa: E402
 import evaluate  # noqa: E402
+import figures  # noqa: E402
 import sample  # noqa: E402
 import train_far  # noqa: E402
+import train_teacher  # noqa: E402
 import train_tokenizer  # noqa: E402
 
 SCRIPTS = {"sample": sample.main, "evaluate": evaluate.main, "train_far": train_far.main,
-           "train_tokenizer": train_tokenizer.main, "ablate": ablate.main}
+           "train_tokenizer": train_tokenizer.main, "ablate": ablate.main, "figures": figures.main,
+           "train_teacher": train_teacher.main}
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +40,10 @@ def files(tmp_path_factory, pair):
     (d / "truncated.pt").write_bytes(good[: len(good) // 2])
     (d / "random.pt").write_bytes(np.random.default_rng(0).bytes(4096))
     torch.save(torch.zeros(3), d / "tensor.pt")                         # a checkpoint, but a bare tensor
+    with zipfile.ZipFile(pair[0] / "tok.pt") as src, zipfile.ZipFile(d / "damaged.pt", "w") as dst:
+        for info in src.infolist():                                     # a whole zip, one tensor's record cut short
+            data = src.read(info)
+            dst.writestr(info, data[: len(data) // 2] if info.filename.endswith("/data/0") else data)
     # a run folder whose last.pt was cut short, with numbered checkpoints to fall back on
     ckpts = d / "run" / "checkpoints"
     ckpts.mkdir(parents=True)
@@ -54,6 +62,8 @@ def files(tmp_path_factory, pair):
             else:
                 Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(path)
     (d / "no_images" / "a").mkdir(parents=True)                      # a class folder, no image in it
+    (d / "zebra" / "zebra").mkdir(parents=True)                        # samples of a class the teacher does not know
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(d / "zebra" / "zebra" / "0.png")
     # generation mode inputs: an npz without images, one without arr_0, a file that is not a zip
     np.savez(d / "zero.npz", arr_0=np.zeros((0, 32, 32, 3), np.uint8))
     np.savez(d / "no_arr0.npz", images=np.zeros((2, 32, 32, 3), np.uint8))
@@ -83,7 +93,8 @@ CASES = [
                                           str(d / "x.png")] if script == "sample" else [])),
        2, message)
       for kind, message in (("empty", "is empty (0 bytes)"), ("truncated", "is not a complete PyTorch checkpoint"),
-                            ("random", "is not a complete PyTorch checkpoint"))
+                            ("random", "is not a complete PyTorch checkpoint"),
+                            ("damaged", "damaged.pt cannot be read (RuntimeError: record size"))
       for script, flag in (("sample", "--tokenizer-ckpt"), ("evaluate", "--tokenizer-ckpt"),
                            ("train_far", "--tokenizer-ckpt"))],
     ("empty FAR to sample", "sample", lambda d, p: ["--far-ckpt", str(d / "empty.pt"), "--class-id", "0"], 2,
@@ -197,6 +208,22 @@ CASES = [
      lambda d, p: ["--class-id", "3", "--num-samples", "4", "--out-npz", str(d / "x.npz")], 2, "two modes: give one"),
     ("evaluate --out-json in a missing folder", "evaluate", lambda d, p: ["--out-json", str(d / "no/r.json")], 2,
      "does not exist; create it first"),
+    ("sample without a mode", "sample", lambda d, p: [], 2, "give --class-id N (or --num-samples N --out-npz FILE)"),
+    ("evaluate --samples of classes the teacher does not know", "evaluate", lambda d, p: ["--samples", str(d / "zebra")],
+     2, "zebra: needs class folders named as the teacher's classes (astronaut, brick"),
+    ("evaluate --samples a folder without images", "evaluate", lambda d, p: ["--samples", str(d / "no_images")], 2,
+     "--samples {d}/no_images: no images (extensions .png"),
+    ("evaluate --data-path of other classes than the teacher's", "evaluate",
+     lambda d, p: ["--samples", str(d / "two.npz"), "--data-path", str(d / "mixed")], 2,
+     "--data-path {d}/mixed has classes a, b; the teacher knows astronaut, brick"),
+    ("ablate --rows a typo", "ablate", lambda d, p: ["--table", "3", "--rows", "FQ(Kx3)", "--out", str(d / "r.json")],
+     2, "--rows must be among ['VQ(K)'"),
+    ("figures --fig3-images 0", "figures", lambda d, p: ["--fig3-images", "0"], 2, "--fig3-images must be in [1, 64]"),
+    ("figures --tokenizer-ckpt damaged", "figures", lambda d, p: ["--tokenizer-ckpt", str(d / "damaged.pt")], 2,
+     "damaged.pt cannot be read"),
+    ("train_teacher on a folder with an unreadable image", "train_teacher",
+     lambda d, p: ["--data-path", str(d / "mixed"), "--val-path", str(d / "mixed"), "--out", str(d / "t.pt")], 2,
+     "--data-path {d}/mixed: 3 unreadable images, {d}/mixed/a/00.png"),
 ]
 
 

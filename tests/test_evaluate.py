@@ -295,6 +295,22 @@ def test_tokenizer_mode_metrics_equal_a_direct_computation(tok_ckpt, inception, 
         assert math.isclose(res[f"perplexity/{i}"], np.exp(-(p * np.log(p)).sum()), rel_tol=1e-5)
 
 
+def test_tokenizer_mode_lpips_with_its_weights_equals_lpips_of_the_uint8_images(tok_ckpt, lpips_files, tmp_path,
+                                                                                 monkeypatch):
+    # the weights found in $FQGAN_WEIGHTS (random here, the official file formats): LPIPS is measured, not null, and
+    # is the mean over images of LPIPS on what the other metrics see, the uint8 originals and reconstructions
+    monkeypatch.setenv("FQGAN_WEIGHTS", str(lpips_files[0]))
+    res = run_main(tmp_path, "--tokenizer-ckpt", tok_ckpt, "--num-images", "5", "--batch-size", "2",
+                   "--num-workers", "0", "--no-fid")
+    tok, lpips = load_tokenizer(tok_ckpt), evaluate.LPIPS()
+    x = torch.stack([ImageFolder(VAL, (32, 32), train=False)[i][0] for i in range(5)])
+    with torch.no_grad():
+        rec, real = to_uint8(tok.decode_codes(tok.encode(x))), to_uint8(x)
+        d = lpips(rec / 127.5 - 1, real / 127.5 - 1)                  # (5,) one distance per image
+    assert d.shape == (5,) and torch.all(d > 0)
+    assert math.isclose(res["lpips"], d.mean().item(), rel_tol=1e-5)
+
+
 def test_class_probe_equals_a_leave_one_out_loop():
     g = torch.Generator().manual_seed(0)
     labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])                  # class 3 has one image: left out

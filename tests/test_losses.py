@@ -75,20 +75,7 @@ def test_patchgan_matches_official_size_and_init():
 
 
 # --------------------------------------------------------------------------------------------------------------
-# LPIPS with random weights saved in the official file formats
-
-@pytest.fixture(scope="module")
-def lpips_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("weights")
-    torch.manual_seed(0)
-    trunk = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs["D"])
-    sd = {f"features.{k}": v for k, v in trunk.state_dict().items()}      # torchvision layout ...
-    sd["classifier.0.weight"] = torch.zeros(2, 2)                          # ... including a classifier to skip
-    torch.save(sd, folder / "vgg16-397923af.pth")
-    lins = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(losses.LPIPS.channels)}
-    torch.save(lins, folder / "weights-vgg16-lpips.pth")
-    return folder, sd, lins
-
+# LPIPS with random weights saved in the official file formats (conftest's lpips_files)
 
 @pytest.fixture(scope="module")
 def lpips(lpips_files):
