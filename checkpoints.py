@@ -261,9 +261,10 @@ def check_writable(path, flag, suffix=None, default=False):
 # --------------------------------------------------------------------------------------------------------------
 # Reading: one clear line per problem
 
-def read_checkpoint(path, what="checkpoint", map_location="cpu"):
+def read_checkpoint(path, what="checkpoint", map_location="cpu", mmap=False):
     """torch.load(path, weights_only=True), allowing argparse.Namespace; every failure is a CheckpointError that says
-    which file, what is wrong with it (missing / empty / truncated or not a checkpoint / pickled code), what to do."""
+    which file, what is wrong with it (missing / empty / truncated or not a checkpoint / pickled code), what to do.
+    mmap=True maps the tensors instead of reading them (a look at the entries costs no I/O)."""
     if not os.path.isfile(path):                                      # cheap checks first, each its own message
         raise CheckpointError(f"{what} {path}: no such file")
     if os.path.getsize(path) == 0:                                    # e.g. a full disk during a copy
@@ -273,7 +274,7 @@ def read_checkpoint(path, what="checkpoint", map_location="cpu"):
                               f"file: {os.path.getsize(path)} bytes without a zip directory). Copy or train it again")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):   # official files' "args" (§3.3)
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as e:                                            # noqa: BLE001 - every torch.load failure
         text = " ".join(str(e).split())
         if "weights_only" in text or "Unsupported global" in text:
@@ -283,11 +284,12 @@ def read_checkpoint(path, what="checkpoint", map_location="cpu"):
                               f"damaged. Copy or train it again") from None
 
 
-def read_resume(out_dir, cfg, args):
+def read_resume(out_dir, cfg, args, mmap=False):
     """The checkpoint that --resume continues from, OUT/checkpoints/last.pt, or None when there is none yet. A damaged
-    last.pt, or one of another model config, --global-batch-size or --seed (its data position would mean something
-    else: the data order is drawn from the seed), is a CheckpointError that names the numbered checkpoints to fall
-    back on."""
+    last.pt, one of another kind (a FAR run's in a tokenizer's --out-dir, weights without a training state), or one of
+    another model config, --global-batch-size or --seed (its data position would mean something else: the data order is
+    drawn from the seed), is a CheckpointError that names the numbered checkpoints to fall back on. mmap=True: checked
+    without reading the weights (train_far.py, before its extraction)."""
     folder = os.path.join(out_dir, "checkpoints")
     last = os.path.join(folder, "last.pt")
     if not os.path.exists(last):                                      # a fresh run: --resume starts from scratch
@@ -296,9 +298,16 @@ def read_resume(out_dir, cfg, args):
     fallback = (f"; to resume from an earlier step, copy one of {', '.join(os.path.basename(n) for n in numbered)} "
                 f"over last.pt" if numbered else "; there is no numbered checkpoint to fall back on")
     try:
-        ckpt = read_checkpoint(last, "--resume: checkpoint")
+        ckpt = read_checkpoint(last, "--resume: checkpoint", mmap=mmap)
     except CheckpointError as e:
         raise CheckpointError(f"{e}{fallback}") from None
+    wanted, kind = _holds({"config": asdict(cfg)}), _holds(ckpt)       # "a tokenizer" or "a FAR"
+    if kind != wanted:                                                # e.g. a FAR run's folder given to train_tokenizer
+        raise CheckpointError(f"--resume: {last} holds {kind or 'no model of this project'}, not {wanted}'s training "
+                              f"state; use another --out-dir{fallback}")
+    if not {"step", "rng"} <= set(ckpt):                             # e.g. weights/tiny_tokenizer.pt copied there
+        raise CheckpointError(f"--resume: {last} holds {wanted}'s weights without a training state (step, RNG states); "
+                              f"fine-tune from it with --init-from instead{fallback}")
     run = ("global_batch_size", "seed")                               # the flags that place the run in its data
     stored = {**(ckpt.get("config") or {}), **{k: ckpt.get("args", {}).get(k) for k in run}}
     ours = {**asdict(cfg), **{k: getattr(args, k) for k in run}}

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from checkpoints import (CheckpointError, add_checkpoint_flags, codebook_fingerprint, distribute, exit_stopped,
                          init_weights, load_far, load_tokenizer, lr_at, mean_over_ranks_or_stop, open_run,
-                         read_checkpoint, release_stop_signals, resume, save_checkpoint, start_training,
+                         read_checkpoint, read_resume, release_stop_signals, resume, save_checkpoint, start_training,
                          stop_requested)
 from codes import VIEWS, Codes, extract_codes
 from far import FAR, PRESETS, FARConfig, far_loss, generate
@@ -224,13 +224,16 @@ def load_codes(args, parser, device, rank, world):
         if resuming:                                                  # a label must keep its class across a resume
             try:                                                      # memory-mapped: no weight is read
                 trained_on = torch.load(last, map_location="cpu", weights_only=True, mmap=True).get("classes")
-            except Exception:                                         # a damaged file: read_resume names it later
+            except Exception:                                         # a damaged file: read_resume names it below
                 trained_on = None
             if trained_on is not None and trained_on != folder.classes:
                 gone, new = sorted(set(trained_on) - set(folder.classes)), sorted(set(folder.classes) - set(trained_on))
                 parser.error(f"--resume: {last} was trained on other classes than --data-path {args.data_path} has "
                              f"(missing: {', '.join(gone[:5]) or 'none'}; new: {', '.join(new[:5]) or 'none'}); resume "
                              f"on the same class folders or use another --out-dir")
+            # a damaged last.pt, another kind, config, --seed or --global-batch-size: refused now, not after the
+            # extraction (resume() reads it again, whole)
+            read_resume(args.out_dir, far_config(args, tok, folder.classes), args, mmap=True)
         if args.init_from and not resuming:                           # a wrong file is named now, not after extraction
             with torch.device("meta"):                                # shapes and names only: no weight is read
                 init_from(args, FAR(far_config(args, tok, folder.classes)), "meta", folder.classes)

@@ -50,6 +50,11 @@ def files(tmp_path_factory, pair):
     (ckpts / "last.pt").write_bytes(good[: len(good) // 3])
     for step in (100, 200):
         (ckpts / f"{step:07d}.pt").write_bytes(good)
+    # run folders whose last.pt is a whole file of another kind
+    for name, source in (("tensor", d / "tensor.pt"), ("far", os.path.join(ROOT, "weights", "tiny_far.pt")),
+                         ("weights", os.path.join(ROOT, "weights", "tiny_tokenizer.pt"))):
+        (d / f"run_{name}" / "checkpoints").mkdir(parents=True)
+        (d / f"run_{name}" / "checkpoints" / "last.pt").write_bytes(open(source, "rb").read())
     # image folders: 14 val images of which 3 unreadable; one where every file is unreadable
     rng = np.random.default_rng(0)
     for name, broken in (("mixed", 3), ("all_broken", 4)):
@@ -102,6 +107,14 @@ CASES = [
     ("resume from a truncated last.pt", "train_tokenizer",
      lambda d, p: ["--out-dir", str(d / "run"), "--resume", "--image-size", "32"], 2,
      "copy one of 0000100.pt, 0000200.pt over last.pt"),
+    ("resume from a tensor file", "train_tokenizer", lambda d, p: ["--out-dir", str(d / "run_tensor"), "--resume"], 2,
+     "last.pt holds no model of this project, not a tokenizer's training state; use another --out-dir"),
+    ("resume a tokenizer from a FAR run's last.pt", "train_tokenizer",
+     lambda d, p: ["--out-dir", str(d / "run_far"), "--resume"], 2, "last.pt holds a FAR, not a tokenizer's training"),
+    ("resume from weights without a training state", "train_tokenizer",
+     lambda d, p: ["--out-dir", str(d / "run_weights"), "--resume"], 2,
+     "last.pt holds a tokenizer's weights without a training state (step, RNG states); fine-tune from it with "
+     "--init-from instead"),
     # values checked at parse time
     ("sample --cfg-scale nan", "sample", lambda d, p: ["--class-id", "0", "--cfg-scale", "nan"], 2,
      "--cfg-scale nan is out of range: must be a finite number"),

@@ -124,6 +124,14 @@ def test_resume_of_another_run_exits_2_and_without_a_checkpoint_starts_fresh(tok
         assert e.value.code == 2 and f"another model config, --global-batch-size or --seed: {what}; " in \
             capsys.readouterr().err
         assert last.read_bytes() == before
+    shutil.copytree(tmp_path / "a" / "checkpoints", tmp_path / "e" / "checkpoints")   # a run folder without its codes
+    for damage, what in ((lambda: None, "seed 3 (the checkpoint's: 0)"),
+                         (lambda: (tmp_path / "e" / "checkpoints" / "last.pt").write_bytes(before[:1000]),
+                          "is not a complete PyTorch checkpoint")):
+        damage()
+        with pytest.raises(SystemExit) as e:                            # refused before minutes of extraction
+            run(tok_ckpt, data, tmp_path / "e", "--max-steps", "2", "--resume", "--seed", "3")
+        assert e.value.code == 2 and what in capsys.readouterr().err and not (tmp_path / "e" / "codes").exists()
     other = tmp_path / "other"                                          # the same photos, a class renamed
     shutil.copytree(data, other)
     os.rename(other / "c", other / "d")
