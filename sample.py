@@ -12,14 +12,17 @@ Each batch has its own generator, seeded by (--seed, batch index): the npz is th
 import argparse
 import math
 import os
+import signal
+import sys
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, check_free_space, check_pair, check_writable, device_flag, init_distributed,
-                         load_far, load_tokenizer, memmap, read_checkpoint)
+from checkpoints import (STOP, CheckpointError, catch_stop_signals, check_free_space, check_pair, check_writable,
+                         device_flag, init_distributed, load_far, load_tokenizer, memmap, read_checkpoint,
+                         release_stop_signals)
 from far import generate
 from images import save_grid, to_uint8, write_npz
 
@@ -133,20 +136,32 @@ def npz(model, tok, classes, args, device, rank, world):
     mine = range(rank, -(-n // B), world)                              # this rank's global batches, of ceil(n / B)
     if rank == 0:                                                      # the npz needs n images more: now, not later
         check_free_space(os.path.dirname(os.path.abspath(args.out_npz)), 2 * n * H * W * 3, "the samples")
-    part = memmap(f"{args.out_npz}.part{rank}.npy", np.uint8, (sum(len(labels[b * B:(b + 1) * B]) for b in mine), H,
-                                                                W, 3))   # its blocks allocated: no bus error later
-    for i, b in enumerate(tqdm(mine, desc="sample", disable=rank != 0, dynamic_ncols=True)):
-        x = sample(model, tok, labels[b * B:(b + 1) * B], args, b, device)   # the last batch may be short
-        part[i * B:i * B + len(x)] = x.permute(0, 2, 3, 1).numpy()    # (B, 3, H, W) -> (B, H, W, 3), ADM layout
-    part.flush()                                                       # then the map closes when part is deleted
-    del part
-    if dist.is_initialized():
-        dist.barrier()                                                 # every rank's part is written
-    if rank == 0:
-        files = [f"{args.out_npz}.part{r}.npy" for r in range(world)]
-        write_npz(args.out_npz, files, B, labels.numpy(), classes)     # atomic; the parts are removed
-        print(f"wrote {args.out_npz}: {n} samples ({H}x{W}), {model.cfg.num_classes} classes balanced, "
-              f"cfg {args.cfg_scale}")
+    path = f"{args.out_npz}.part{rank}.npy"
+    part = memmap(path, np.uint8, (sum(len(labels[b * B:(b + 1) * B]) for b in mine), H, W, 3))   # blocks allocated
+    catch_stop_signals()                     # SIGTERM / Ctrl-C: noted, acted on after the batch (a second: at once)
+    try:
+        for i, b in enumerate(bar := tqdm(mine, desc="sample", disable=rank != 0, dynamic_ncols=True)):
+            x = sample(model, tok, labels[b * B:(b + 1) * B], args, b, device)   # the last batch may be short
+            part[i * B:i * B + len(x)] = x.permute(0, 2, 3, 1).numpy()   # (B, 3, H, W) -> (B, H, W, 3), ADM layout
+            if STOP:                                                   # nothing to resume from: nothing is kept
+                bar.close()
+                print(f"stopped by {signal.Signals(STOP['signal']).name}; no {args.out_npz} written", flush=True) \
+                    if rank == 0 else None
+                sys.exit(128 + STOP["signal"])
+        part.flush()                                                   # in the file for write_npz (and any rank)
+        if dist.is_initialized():
+            dist.barrier()                                             # every rank's part is written
+        if rank == 0:                            # a signal now is noted and the npz finished: the work is done
+            files = [f"{args.out_npz}.part{r}.npy" for r in range(world)]
+            write_npz(args.out_npz, files, B, labels.numpy(), classes)   # atomic; the parts are removed
+            print(f"wrote {args.out_npz}: {n} samples ({H}x{W}), {model.cfg.num_classes} classes balanced, "
+                  f"cfg {args.cfg_scale}")
+    except BaseException:                    # stopped, an error, a second signal: no part file (GBs) left behind
+        del part                                                       # the map closes
+        os.remove(path) if os.path.exists(path) else None              # (write_npz may have removed it)
+        raise
+    finally:
+        release_stop_signals()
 
 
 def main(argv=None):
