@@ -221,17 +221,32 @@ def evaluate_tokenizer(args, tok, dataset, device, rank, world):
 @torch.no_grad()
 def evaluate_generation(args, device, rank, world):
     """Tab. 2 metrics of --samples against --reference: FID, IS, precision / recall, image counts."""
+    first = next(image_batches(args.samples, 1), None)               # the reference is cropped to the samples' size
+    if first is None:
+        raise ValueError(f"none of the images in {args.samples} could be read")
+    size = tuple(first[1].shape[-2:])
     inception = load_inception(device, args.inception_weights)      # required here: no metric without it
-    size = tuple(next(image_batches(args.samples, 1)).shape[-2:])   # the reference is cropped to the samples' size
-    unreadable = {args.samples: [], args.reference: []}             # files skipped, per input
-    def features(path):     # every rank reads every batch (cheap) and embeds its own share
-        local = {}                                                    # {LAYERS value: [(b, width)]}
-        for i, x in enumerate(tqdm(image_batches(path, args.batch_size, size, unreadable[path]),
-                                   desc=os.path.basename(path), disable=rank > 0, dynamic_ncols=True)):
-            if i % world == rank:                                     # batch i belongs to rank i % world
-                for k, v in inception.convert_features_tuple_to_dict(inception(x.to(device))).items():
-                    local.setdefault(k, []).append(v.cpu())
-        return gather(local)
+    unreadable = {}                                                   # files skipped, per input (rank 0: all ranks')
+
+    def features(path):     # each rank decodes and embeds its own share; rank 0 gets all, in the one-process order
+        local, skipped = {}, []                                       # {"index" or LAYERS value: [(b,) or (b, width)]}
+        for index, x in tqdm(image_batches(path, args.batch_size, size, skipped, shard=(rank, world)),
+                             desc=os.path.basename(path), disable=rank > 0, dynamic_ncols=True):
+            local.setdefault("index", []).append(index)
+            for k, v in inception.convert_features_tuple_to_dict(inception(x.to(device))).items():
+                local.setdefault(k, []).append(v.cpu())
+        if dist.is_initialized():                                     # every rank's unreadable files, on rank 0
+            parts = [None] * world if rank == 0 else None
+            dist.gather_object(skipped, parts, dst=0)
+            skipped = sorted(sum(parts, [])) if rank == 0 else skipped
+        unreadable[path] = skipped
+        feats = gather(local)
+        if feats is None:                                             # ranks > 0
+            return None
+        if "index" not in feats:
+            raise ValueError(f"none of the images in {path} could be read")
+        order = feats.pop("index").argsort()   # the file order (IS splits the images in their order; FID, P / R: no)
+        return {k: v[order] for k, v in feats.items()}
     feats, ref = features(args.samples), features(args.reference)   # rank 0 gets all features, the others None
     if rank > 0:
         return None
@@ -291,13 +306,14 @@ def labelled_samples(path, classes):
                 raise ValueError(f"{path}: the FAR's classes {', '.join(sorted(set(names) - set(classes))[:10])} are "
                                  f"not among the teacher's ({', '.join(classes)})")
             labels = torch.tensor([classes.index(n) for n in names])[labels]   # e.g. a FAR of 3 of the 11 photos
-        x = torch.cat(list(image_batches(path, 1024)))                # (N, 3, H, W) uint8: sample sets are small here
+        x = torch.cat([x for _, x in image_batches(path, 1024)])      # (N, 3, H, W) uint8: sample sets are small here
     else:
         folders = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
         if not folders or set(folders) - set(classes):
             raise ValueError(f"{path}: needs class folders named as the teacher's classes ({', '.join(classes)}), "
                              f"found {', '.join(folders) or 'none'}")
-        parts = [(torch.cat(list(image_batches(os.path.join(path, c), 1024, unreadable=unreadable))), classes.index(c))
+        parts = [(torch.cat([x for _, x in image_batches(os.path.join(path, c), 1024, unreadable=unreadable)]),
+                  classes.index(c))
                  for c in folders if list_images(os.path.join(path, c))]
         x, labels = torch.cat([p for p, _ in parts]), torch.cat([torch.full((len(p),), c) for p, c in parts])
     if len(x) != len(labels) or labels.min() < 0 or labels.max() >= len(classes):

@@ -8,7 +8,8 @@ The models (quantizer, tokenizer, losses, far) never import this file; the scrip
   ImageFolder     root/<class>/<image> -> (image (3, H, W) in [-1, 1], class, ...); unreadable files skipped, counted
   StreamSampler   an endless, rank-sharded stream of epochs that resumes at an exact sample; stream: its batches
   to_uint8        [-1, 1] -> uint8 exactly as the official sampler writes its PNGs
-  image_batches   uint8 batches streamed from an ADM npz or a folder (evaluate.py's generation mode); write_npz
+  image_batches   uint8 batches (with their indices) streamed from an ADM npz or a folder, or a rank's share of
+                  them (evaluate.py's generation mode); write_npz
   save_png        atomic PNG writer (temp file + os.replace); save_grid draws a batch as one grid
 """
 import atexit
@@ -242,10 +243,14 @@ def npz_header(path):
     return shape[:3]
 
 
-def image_batches(path, batch_size, size=None, unreadable=None):
-    """uint8 (B, 3, H, W) batches from an npz (arr_0: N x H x W x 3 uint8, the ADM layout sample.py writes; streamed
-    from the zip, never loaded whole) or from the images of a folder at any depth (center crop to `size`, default the
-    first readable image's size; unreadable files are skipped and appended to the list `unreadable`)."""
+def image_batches(path, batch_size, size=None, unreadable=None, shard=(0, 1)):
+    """(index (B,), uint8 (B, 3, H, W)) batches from an npz (arr_0: N x H x W x 3 uint8, the ADM layout sample.py writes;
+    streamed from the zip, never loaded whole) or from the images of a folder at any depth (center crop to `size`,
+    default the first readable image's size; unreadable files are skipped and appended to the list `unreadable`).
+    index: each image's position in the npz, or in the folder's sorted listing (list_images). shard=(r, W): rank r's
+    share of W: a folder's files r, r + W, ... (decoding them is the cost: each rank decodes only its own), an npz's
+    batches r, r + W, ... (the others are read past)."""
+    rank, world = shard
     if path.endswith(".npz"):
         n, h, w = npz_header(path)
         if size is not None and (h, w) != tuple(size):
@@ -253,24 +258,27 @@ def image_batches(path, batch_size, size=None, unreadable=None):
         with zipfile.ZipFile(path) as zf, zf.open("arr_0.npy") as f:
             version = np.lib.format.read_magic(f)
             getattr(np.lib.format, f"read_array_header_{version[0]}_0")(f)   # skip the header
-            for start in range(0, n, batch_size):
+            for b, start in enumerate(range(0, n, batch_size)):
                 m = min(batch_size, n - start)
-                arr = np.frombuffer(f.read(m * h * w * 3), np.uint8).reshape(m, h, w, 3)
-                yield torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)     # (B, H, W, 3) -> (B, 3, H, W)
+                data = f.read(m * h * w * 3)                          # read past the batches of other ranks
+                if b % world == rank:
+                    arr = np.frombuffer(data, np.uint8).reshape(m, h, w, 3)
+                    yield torch.arange(start, start + m), torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)   # NHWC->NCHW
         return
-    batch = []
-    for file in list_images(path):
-        img = open_rgb(file)
+    files, batch, index = list_images(path), [], []
+    for i in range(rank, len(files), world):
+        img = open_rgb(files[i])
         if img is None:
-            unreadable.append(file) if unreadable is not None else None
+            unreadable.append(files[i]) if unreadable is not None else None
             continue
         size = size or (img.size[1], img.size[0])
         batch.append(torch.from_numpy(np.array(center_crop(img, size))).permute(2, 0, 1))   # (H, W, 3) -> (3, H, W)
+        index.append(i)
         if len(batch) == batch_size:
-            yield torch.stack(batch)
-            batch = []
+            yield torch.tensor(index), torch.stack(batch)
+            batch, index = [], []
     if batch:
-        yield torch.stack(batch)
+        yield torch.tensor(index), torch.stack(batch)
 
 
 def write_npz(path, files, batch, labels, classes=None):
