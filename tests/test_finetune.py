@@ -55,7 +55,7 @@ def test_init_from_the_shipped_tokenizer_starts_at_its_weights(own_images, tmp_p
     first = next(r for r in map(json.loads, open(out / "log.jsonl")) if "val_psnr" in r)
     shipped = load_tokenizer(SHIPPED_TOKENIZER)
     val = ImageFolder(str(own_images), shipped.cfg.image_shape, train=False)
-    assert first["step"] == 0 and first["val_psnr"] == pytest.approx(train_tokenizer.psnr_on(shipped, val, "cpu"),
+    assert first["step"] == 0 and first["val_psnr"] == pytest.approx(train_tokenizer.psnr_on([shipped], val, "cpu")[0],
                                                                      abs=1e-9)
     assert torch.load(out / "checkpoints" / "last.pt", weights_only=True)["step"] == 1   # the count starts at 0
 

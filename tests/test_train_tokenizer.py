@@ -345,3 +345,23 @@ def test_every_paper_preset_trains_one_step(preset):
     assert torch.isfinite(loss) and not torch.equal(before, tok.decoder.conv_out.weight)
     assert aux["codes"].shape == (2, cfg.num_codebooks, 2, 2)
     assert len(aux["features"]) == sum(d > 0 for d in cfg.head_dims)
+
+
+def test_held_out_psnr_of_two_models_in_one_pass_equals_each_alone(tok_ckpt):
+    # psnr_on reads each held-out image once for the raw and the EMA weights: the same numbers as one pass per model,
+    # each the mean over images of 10 log10(1 / mse) on [0, 1] images, from the codes; the models are left in train mode
+    from checkpoints import load_tokenizer
+    from images import BUNDLED, ImageFolder
+    a, b = load_tokenizer(tok_ckpt), load_tokenizer(tok_ckpt)
+    with torch.no_grad():
+        for p in b.parameters():
+            p.add_(0.01 * torch.randn_like(p))                          # another model
+    val = ImageFolder(os.path.join(BUNDLED, "val"), (32, 32), train=False)
+    both = train_tokenizer.psnr_on([a, b], val, "cpu", batch_size=7)
+    assert both == [train_tokenizer.psnr_on([m], val, "cpu", batch_size=7)[0] for m in (a, b)] and both[0] != both[1]
+    assert a.training and b.training
+    x = torch.stack([val[i][0] for i in range(len(val))])
+    with torch.no_grad():
+        a.eval()
+        mse = ((a.decode_codes(a.encode(x)).clamp(-1, 1) - x) / 2).pow(2).flatten(1).mean(1)
+    assert math.isclose(both[0], (10 * torch.log10(1 / mse)).mean().item(), rel_tol=1e-5)
