@@ -129,8 +129,9 @@ def gather(local):
 def class_probe(features, labels, rows=1024):
     """Fig. 4 as one number: leave-one-out nearest-centroid accuracy of images from their feature (N, d), labels (N,).
     Each image is classified by the most cosine-similar class centroid, its own class's centroid computed without it;
-    images whose class has no other image are left out. Chance is 1 / number of classes. Memory: (rows, C) at a time,
-    never (N, C, d): for a unit f, (s_c - f).f = s_c.f - 1 and |s_c - f|^2 = |s_c|^2 - 2 s_c.f + 1."""
+    images whose class has no other image are left out (None if that is every image). Chance is 1 / number of classes.
+    Memory: (rows, C) at a time, never (N, C, d): for a unit f, (s_c - f).f = s_c.f - 1 and |s_c - f|^2 = |s_c|^2 -
+    2 s_c.f + 1."""
     f = F.normalize(features.double(), dim=1)                         # (N, d) unit rows: dot = cosine
     classes, own = labels.unique(return_inverse=True)                 # (C,) sorted ids; (N,) each image's class
     counts = torch.bincount(own, minlength=len(classes)).double()     # (C,) class sizes
@@ -145,7 +146,7 @@ def class_probe(features, labels, rows=1024):
         scores = (dot / sq.clamp(min=0).sqrt().clamp(min=1e-12)).masked_fill(sizes == 0, -math.inf)
         keep = sizes[r, o] > 0                                        # the image's class has another image
         hits, kept = hits + (scores.argmax(1) == o)[keep].sum().item(), kept + keep.sum().item()
-    return hits / kept if kept else float("nan")                      # accuracy over kept images
+    return hits / kept if kept else None      # accuracy over kept images; None (null in the JSON): no class had two
 
 
 def optional(flag, build, what):

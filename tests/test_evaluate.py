@@ -336,6 +336,7 @@ def test_class_probe_equals_a_leave_one_out_loop():
         hits.append(max(scores, key=scores.get) == labels[n].item())
     assert len(hits) == 8 and evaluate.class_probe(features, labels) == pytest.approx(sum(hits) / len(hits))
     assert evaluate.class_probe(F.one_hot(labels, 5).float(), labels) == 1.0   # separable classes: every hit
+    assert evaluate.class_probe(features[[0, 3, 5]], labels[[0, 3, 5]]) is None   # one image per class: no probe
 
 
 def test_usage_counts_the_whole_set_not_each_batch(tok_ckpt, tmp_path, monkeypatch):
