@@ -409,6 +409,8 @@ def parse_args(argv=None):
             p.error(f"--{name} {e}")
         if name in ("samples", "reference") and os.path.isdir(path) and not list_images(path):
             p.error(f"--{name} {path}: no images (extensions {', '.join(IMAGE_EXTS)})")
+    if args.inception_weights and not os.path.isfile(args.inception_weights):   # given: wanted, never skipped
+        p.error(f"--inception-weights {args.inception_weights}: no such file")
     if args.classes and not args.samples and not set(args.classes) <= set(os.listdir(args.data_path)):
         p.error(f"--classes {' '.join(args.classes)}: not all are class folders of --data-path {args.data_path}")
     default = args.out_json is None                                   # its folder is ours to make, when written
