@@ -122,11 +122,20 @@ class OfficialVQ(torch.nn.Module):
         return official_vq_forward(self.vq, z)                        # (z_q, losses, codes), as VectorQuantizer
 
 
+SPIN = """import ctypes
+try:
+    ctypes.CDLL(None).prctl(1, 9)   # PR_SET_PDEATHSIG = 1, SIGKILL = 9: killed with bench.py, however it ends
+except AttributeError:              # no prctl (not Linux)
+    pass
+while True: pass"""
+
+
 @contextlib.contextmanager
 def busy_loops(n):
     """n other processes spinning `while True: pass`, as other jobs on a shared machine would: each in its own session,
-    so that where the kernel shares CPU time per session (Linux autogroup) they take it from this one as jobs do."""
-    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"], start_new_session=True) for _ in range(n)]
+    so that where the kernel shares CPU time per session (Linux autogroup) they take it from this one as jobs do.
+    They end with the block, and on Linux with bench.py too, even when it is killed (SIGTERM, SIGKILL, a timeout)."""
+    procs = [subprocess.Popen([sys.executable, "-c", SPIN], start_new_session=True) for _ in range(n)]
     try:
         time.sleep(2.0 if n else 0.0)                                 # let them start and take the cores
         yield

@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_bench.py -q
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -67,10 +68,37 @@ def test_threads_list_runs_the_lookup_on_each_count():
 
 def test_busy_loops_run_only_inside_the_block():
     with bench.busy_loops(1):
-        procs = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        procs = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
         assert "while True: pass" in procs
-    procs = subprocess.run(["ps", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()
+    procs = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()
     assert not [line for line in procs if "while True: pass" in line and f" {os.getpid()} " in f" {line} "]
+
+
+def test_busy_loops_end_with_a_killed_bench():
+    # bench.py killed inside the block (a timeout's SIGKILL, a SIGTERM: no finally runs) takes its busy loops along
+    def state(pid):                                                     # "R", "S", "Z" (zombie) or None (gone)
+        try:
+            return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            return None
+
+    def parent_of(pid):
+        try:
+            return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
+        except FileNotFoundError:
+            return None
+    bench_proc = subprocess.Popen([sys.executable, "-c", "import bench, time\nwith bench.busy_loops(2):\n    "
+                                   "print('in', flush=True)\n    time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE,
+                                  text=True)
+    assert bench_proc.stdout.readline() == "in\n"
+    loops = [int(p) for p in os.listdir("/proc") if p.isdigit() and parent_of(p) == bench_proc.pid]
+    assert len(loops) == 2 and all(state(p) == "R" for p in loops)
+    bench_proc.kill()
+    bench_proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(state(p) not in (None, "Z") for p in loops):
+        time.sleep(0.1)
+    assert all(state(p) in (None, "Z") for p in loops)                  # gone (a zombie until init reaps it)
 
 
 @pytest.mark.parametrize("paper_ste", [True, False])
