@@ -185,6 +185,8 @@ def save_last(state, folder, numbered, keep=0):
             except OSError:                                           # a filesystem without hard links: copy
                 shutil.copyfile(last, tmp)
             os.replace(tmp, path)
+        except OSError as e:                                          # the copy on a full disk: last.pt is written
+            raise CheckpointError(f"wrote {last}, but not its copy {path} ({e.strerror or e})") from None
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)

@@ -218,6 +218,30 @@ def test_a_full_disk_stops_with_one_line_and_keeps_the_last_checkpoint(tmp_path,
     assert not [f for f in os.listdir(tmp_path / "checkpoints") if ".tmp" in f]
 
 
+def test_numbered_checkpoints_without_hard_links_are_copies_and_a_failed_copy_is_one_line(tmp_path, monkeypatch,
+                                                                                             capsys):
+    import errno
+    def no_links(src, dst):
+        raise OSError(errno.EPERM, "Operation not permitted")          # e.g. some network and FAT filesystems
+    monkeypatch.setattr(checkpoints.os, "link", no_links)
+    argv = TOKENIZER[1:] + ["--out-dir", str(tmp_path), "--ckpt-every", "1"]
+    train_tokenizer.main(argv + ["--max-steps", "1"])
+    folder = tmp_path / "checkpoints"
+    assert (folder / "0000001.pt").read_bytes() == (folder / "last.pt").read_bytes()
+    assert os.stat(folder / "0000001.pt").st_ino != os.stat(folder / "last.pt").st_ino   # a copy, not a link
+
+    def full(src, dst):
+        open(dst, "wb").write(b"half")                                  # a partial copy, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(checkpoints.shutil, "copyfile", full)
+    with pytest.raises(SystemExit) as e:
+        train_tokenizer.main(argv + ["--max-steps", "2", "--resume"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"step 2: wrote {folder / 'last.pt'}, but not its copy {folder / '0000002.pt'} " \
+        "(No space left on device)" in err and "Traceback" not in err
+    assert sorted(os.listdir(folder)) == ["0000001.pt", "last.pt"]      # no temp file, no half copy
+
+
 def test_npz_on_a_full_disk_is_one_line_and_leaves_nothing(pair, tmp_path, monkeypatch, capsys):
     """sample.py's npz: the space is checked and the part files' blocks allocated before sampling, so a full disk is
     one line (exit 2), not a bus error with a .parts file left behind; a failing allocation removes its file. The PNG
