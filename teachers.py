@@ -14,11 +14,13 @@ that names the file to download and where to put it.
 Tests: python -m pytest tests/test_losses.py -q
 """
 import os
+import pickle
 import zipfile
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError   # a cut .safetensors download (safetensors comes with timm)
 
 from losses import weights_dir
 
@@ -159,8 +161,8 @@ def load_teacher(spec, weights_path=None, pretrained=True, interpolation="neares
                                 pretrained_cfg_overlay={"file": path} if path else None)
         cfg = net.pretrained_cfg
         return Teacher(net, net.embed_dim, net.patch_embed.img_size, cfg["mean"], cfg["std"], CLS[kind], interpolation)
-    except (OSError, RuntimeError) as e:  # no internet / not cached / not a weight file
-        raise FileNotFoundError(message + f" ({type(e).__name__}: {e})") from e
+    except (OSError, RuntimeError, pickle.UnpicklingError, SafetensorError) as e:   # no internet, not cached, a cut
+        raise FileNotFoundError(message + f" ({type(e).__name__}: {e})") from e     # download, not a weight file
 
 
 def build_teachers(specs, weights_paths=None, device=None, pretrained=True, interpolation="nearest"):

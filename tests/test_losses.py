@@ -205,6 +205,13 @@ def test_teacher_weights_load_from_local_file_and_fail_clearly(tmp_path, monkeyp
         msg = str(e.value)
         assert url in msg and str(tmp_path / (spec.replace(":", "-") + ".safetensors")) in msg
         assert "weights_paths" in msg and str(tmp_path / "missing.safetensors") in msg
+    (tmp_path / "cut.safetensors").write_bytes(open(tmp_path / "dino.pth", "rb").read()[:4096])   # cut downloads
+    (tmp_path / "cut.bin").write_bytes(open(tmp_path / "dino.pth", "rb").read()[:4096])
+    for spec in ("timm:vit_small_patch14_dinov2.lvd142m", "openclip:ViT-B-32:openai"):
+        for name in ("cut.safetensors", "cut.bin"):
+            with pytest.raises(FileNotFoundError, match="not found or not loadable") as e:
+                teachers.load_teacher(spec, weights_path=str(tmp_path / name))
+            assert "Error" in str(e.value).rsplit("(", 1)[1]            # the cause: SafetensorError, UnpicklingError
 
 
 # --------------------------------------------------------------------------------------------------------------
