@@ -40,7 +40,7 @@ from tqdm import tqdm
 from checkpoints import CheckpointError, check_writable, device_flag, init_distributed, load_tokenizer
 from images import (BUNDLED, IMAGE_EXTS, ImageFolder, image_batches, list_images, npz_header, open_rgb, random_crop,
                     to_tensor, to_uint8)
-from losses import LPIPS, weights_dir
+from losses import LPIPS, read_weights, weights_dir
 from quantizer import codebook_usage
 from teachers import load_teacher
 
@@ -87,7 +87,7 @@ def load_inception(device, path=None):
         raise FileNotFoundError(f"Inception weights not found: {path} (download: {URL_INCEPTION_V3}); put the file "
                                 "there ($FQGAN_WEIGHTS, default torch.hub.get_dir()/checkpoints) or pass "
                                 "--inception-weights PATH")
-    torch.load(path, map_location="cpu", weights_only=True)   # refuse pickled code: torch-fidelity unpickles it fully
+    read_weights(path, URL_INCEPTION_V3)    # a damaged file, pickled code: refused (torch-fidelity unpickles it fully)
     return create_feature_extractor("inception-v3-compat", sorted(set(LAYERS.values())), cuda=False,
                                     feature_extractor_weights_path=path, verbose=False).to(device)   # eval mode
 

@@ -40,6 +40,16 @@ def weights_dir():
     return os.environ.get("FQGAN_WEIGHTS", os.path.join(torch.hub.get_dir(), "checkpoints"))
 
 
+def read_weights(path, url):
+    """torch.load(path, weights_only=True) of a downloaded weight file; one that cannot be read (a cut download, other
+    bytes) is a ValueError that names it and where to download it again."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:                                            # noqa: BLE001 - every torch.load failure
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {' '.join(str(e).split())[:120]}): a damaged or "
+                         f"incomplete download? Download {url} again") from None
+
+
 # --------------------------------------------------------------------------------------------------------------
 # LPIPS perceptual loss, L_P of Eq. (2) (Zhang et al. 2018, VGG16 v0.1, as taming/LlamaGen; # parity: §2.2)
 
@@ -77,10 +87,10 @@ class LPIPS(nn.Module):
         # one 1x1 conv per tap, no bias: the learned per-channel weights of LPIPS ("lin0".."lin4")
         self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in self.channels)
         if pretrained:
-            sd = torch.load(vgg_path, map_location="cpu", weights_only=True)
+            sd = read_weights(vgg_path, VGG_URL)
             sd = {k.removeprefix("features."): v for k, v in sd.items() if not k.startswith("classifier.")}
             self.net.load_state_dict({k: v for k, v in sd.items() if int(k.split(".")[0]) <= self.taps[-1]})
-            sd = torch.load(lin_path, map_location="cpu", weights_only=True)
+            sd = read_weights(lin_path, LIN_URL)
             for i, lin in enumerate(self.lins):   # LPIPS' keys: lin{i}.model.1.weight (model = [Dropout, Conv])
                 lin.weight.data.copy_(sd.get(f"lin{i}.model.1.weight", sd.get(f"lins.{i}.weight")))
         self.requires_grad_(False).eval()

@@ -259,7 +259,8 @@ def test_bad_input_gives_one_line_and_exit_2(name, script, argv, code, message, 
 def test_missing_pretrained_weights_name_each_file_and_exit_2(files, pair, tmp_path, monkeypatch, capsys):
     """LPIPS' files (tokenizer training with a perceptual weight, evaluate.py --lpips): exit 2 with the files to
     download and where they go, no traceback, before any training step. (A paper preset's missing CLIP / DINOv2 file
-    takes the same way out of train_tokenizer.build_models; tests/test_losses.py checks its message.)"""
+    takes the same way out of train_tokenizer.build_models; tests/test_losses.py checks its message.) LPIPS' and
+    Inception's files cut short: exit 2 naming the file and its URL."""
     monkeypatch.setenv("FQGAN_WEIGHTS", str(tmp_path / "weights"))    # empty: whatever this machine has cached
     quick = ["--global-batch-size", "4", "--max-steps", "1", "--low-res-steps", "0", "--num-workers", "0"]
     for script, argv, message in (
@@ -270,6 +271,22 @@ def test_missing_pretrained_weights_name_each_file_and_exit_2(files, pair, tmp_p
         code, text = run(script, argv, capsys)
         assert code == 2 and message in text and "Traceback" not in text, text[-2000:]
         assert not os.path.exists(tmp_path / "a" / "log.jsonl") and not os.path.exists(tmp_path / "r.json")
+    # the files there, but cut short (an interrupted download): named, with the URL to download again
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in ("vgg16-397923af.pth", "weights-vgg16-lpips.pth", "weights-inception-2015-12-05-6726825d.pth"):
+        torch.save({"w": torch.zeros(1000)}, weights / name)
+        (weights / name).write_bytes((weights / name).read_bytes()[:1000])
+    for script, argv, file in (
+            ("train_tokenizer", [*quick, "--perceptual-weight", "0.1", "--out-dir", str(tmp_path / "a")],
+             "vgg16-397923af.pth"),
+            ("evaluate", ["--tokenizer-ckpt", str(pair[0] / "tok.pt"), "--data-path", str(files / "mixed"),  # no flags:
+                          "--out-json", str(tmp_path / "r.json")], "vgg16-397923af.pth"),   # a damaged file is no
+            ("evaluate", ["--tokenizer-ckpt", str(pair[0] / "tok.pt"), "--data-path", str(files / "mixed"),  # absent one
+                          "--no-lpips", "--out-json", str(tmp_path / "r.json")], "weights-inception-2015-12-05")):
+        code, text = run(script, argv, capsys)
+        assert code == 2 and f"{weights / file}" in text and "cannot be read" in text and "again" in text, text[-2000:]
+        assert "Traceback" not in text and not os.path.exists(tmp_path / "r.json")
 
 
 def test_unreadable_evaluation_images_are_skipped_and_counted(files, pair, tmp_path, capsys):
