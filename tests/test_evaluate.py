@@ -374,12 +374,12 @@ def test_generation_mode_two_processes_equal_one(inception, tmp_path):
     # rank r decodes and embeds only the files r, r + 2, ... of a folder (batches r, r + 2, ... of an npz); rank 0 gets
     # every rank's features, back in file order (image_batches' indices: test above; with random weights IS is 1 in
     # any order), and every rank's unreadable files: the one here is rank 1's
-    x = photos(13).permute(0, 2, 3, 1).numpy()                 # (N, H, W, 3)
-    np.savez(tmp_path / "samples.npz", arr_0=x)                # > 10 images: IS's 10 splits hold 2 images each
+    x = photos(7).permute(0, 2, 3, 1).numpy()                  # (N, H, W, 3)
+    np.savez(tmp_path / "samples.npz", arr_0=x)
     os.makedirs(tmp_path / "ref")
-    for i, img in enumerate(x[:9]):
+    for i, img in enumerate(x[:5]):
         Image.fromarray(img).save(tmp_path / "ref" / f"{i:03d}.png")
-    (tmp_path / "ref" / "004b.png").write_bytes(b"not a png")   # listed 6th: a file of rank 1 of 2
+    (tmp_path / "ref" / "002b.png").write_bytes(b"not a png")   # listed 4th: a file of rank 1 of 2
     flags = ["--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "ref"), "--inception-weights",
              inception, "--batch-size", "2"]
     one = run_main(tmp_path, *flags)
@@ -387,7 +387,7 @@ def test_generation_mode_two_processes_equal_one(inception, tmp_path):
                     "evaluate.py", *flags, "--out-json", str(tmp_path / "two.json")], cwd=ROOT,
                    env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
     two = json.loads((tmp_path / "two.json").read_text())
-    assert (one["images"], one["reference_images"], one["reference_unreadable"]) == (13, 9, 1)
+    assert (one["images"], one["reference_images"], one["reference_unreadable"]) == (7, 5, 1)
     for key in ("images", "unreadable", "reference_images", "reference_unreadable", "fid", "inception_score",
                 "inception_score_std", "precision", "recall"):
         # ssim: float32 convolutions over other batches round differently (measured: 1.3e-6 apart at 0.0297)
