@@ -14,6 +14,7 @@ import math
 import os
 import signal
 import sys
+import time
 
 import numpy as np
 import torch
@@ -149,8 +150,12 @@ def npz(model, tok, classes, args, device, rank, world):
                     if rank == 0 else None
                 sys.exit(128 + STOP["signal"])
         part.flush()                                                   # in the file for write_npz (and any rank)
-        if dist.is_initialized():
-            dist.barrier()                                             # every rank's part is written
+        if dist.is_initialized():                                      # every rank's part is written: wait, and
+            done = dist.barrier(async_op=True)                         # stop if a signal comes (torchrun's SIGTERM
+            while not done.is_completed():                             # when another rank failed) instead of
+                if STOP:                                               # blocking until its SIGKILL
+                    sys.exit(128 + STOP["signal"])
+                time.sleep(0.05)
         if rank == 0:                            # a signal now is noted and the npz finished: the work is done
             files = [f"{args.out_npz}.part{r}.npy" for r in range(world)]
             write_npz(args.out_npz, files, B, labels.numpy(), classes)   # atomic; the parts are removed
