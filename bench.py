@@ -131,13 +131,13 @@ while True: pass"""
 
 
 @contextlib.contextmanager
-def busy_loops(n):
+def busy_loops(n, settle=2.0):
     """n other processes spinning `while True: pass`, as other jobs on a shared machine would: each in its own session,
     so that where the kernel shares CPU time per session (Linux autogroup) they take it from this one as jobs do.
     They end with the block, and on Linux with bench.py too, even when it is killed (SIGTERM, SIGKILL, a timeout)."""
     procs = [subprocess.Popen([sys.executable, "-c", SPIN], start_new_session=True) for _ in range(n)]
     try:
-        time.sleep(2.0 if n else 0.0)                                 # let them start and take the cores
+        time.sleep(settle if n else 0.0)                              # let them start and take the cores
         yield
     finally:
         for proc in procs:                                            # never leave a spinning process behind
@@ -161,7 +161,7 @@ def bench_lookup(args):
         for threads in args.threads:
             torch.set_num_threads(threads)
             for busy in sorted({0, args.busy}):                       # quiet first, then against busy loops
-                with busy_loops(busy):
+                with busy_loops(busy, settle=0.2 if args.quick else 2.0):   # --quick: the code path, no timings
                     peak_full, full_codes = peak_mib(lambda: lookup_reference(flat, codebook))
                     peak_nc, _ = peak_mib(lambda: nearest_code(flat, codebook))
                     t_full, t_nc = interleaved_medians([lambda: lookup_reference(flat, codebook),

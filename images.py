@@ -244,9 +244,9 @@ def npz_header(path):
 
 
 def image_batches(path, batch_size, size=None, unreadable=None, shard=(0, 1)):
-    """(index (B,), uint8 (B, 3, H, W)) batches from an npz (arr_0: N x H x W x 3 uint8, the ADM layout sample.py writes;
-    streamed from the zip, never loaded whole) or from the images of a folder at any depth (center crop to `size`,
-    default the first readable image's size; unreadable files are skipped and appended to the list `unreadable`).
+    """(index (B,), uint8 (B, 3, H, W)) batches from an npz (arr_0: N x H x W x 3 uint8, the ADM layout sample.py
+    writes; streamed from the zip, never loaded whole) or from the images of a folder at any depth (center crop to
+    `size`, default the first readable image's size; unreadable files are skipped and appended to `unreadable`).
     index: each image's position in the npz, or in the folder's sorted listing (list_images). shard=(r, W): rank r's
     share of W: a folder's files r, r + W, ... (decoding them is the cost: each rank decodes only its own), an npz's
     batches r, r + W, ... (the others are read past)."""
@@ -263,7 +263,8 @@ def image_batches(path, batch_size, size=None, unreadable=None, shard=(0, 1)):
                 data = f.read(m * h * w * 3)                          # read past the batches of other ranks
                 if b % world == rank:
                     arr = np.frombuffer(data, np.uint8).reshape(m, h, w, 3)
-                    yield torch.arange(start, start + m), torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)   # NHWC->NCHW
+                    x = torch.from_numpy(arr.copy()).permute(0, 3, 1, 2)   # (B, H, W, 3) -> (B, 3, H, W)
+                    yield torch.arange(start, start + m), x
         return
     files, batch, index = list_images(path), [], []
     for i in range(rank, len(files), world):

@@ -228,8 +228,9 @@ CASES = [
      lambda d, p: ["--inception-weights", str(d / "no.pth"), "--out-json", str(d / "r.json")], 2,
      "--inception-weights {d}/no.pth: no such file"),
     ("sample without a mode", "sample", lambda d, p: [], 2, "give --class-id N (or --num-samples N --out-npz FILE)"),
-    ("evaluate --samples of classes the teacher does not know", "evaluate", lambda d, p: ["--samples", str(d / "zebra")],
-     2, "zebra: needs class folders named as the teacher's classes (astronaut, brick"),
+    ("evaluate --samples of classes the teacher does not know", "evaluate",
+     lambda d, p: ["--samples", str(d / "zebra")], 2,
+     "zebra: needs class folders named as the teacher's classes (astronaut, brick"),
     ("evaluate --samples a folder without images", "evaluate", lambda d, p: ["--samples", str(d / "no_images")], 2,
      "--samples {d}/no_images: no images (extensions .png"),
     ("evaluate --data-path of other classes than the teacher's", "evaluate",
@@ -280,9 +281,10 @@ def test_missing_pretrained_weights_name_each_file_and_exit_2(files, pair, tmp_p
     for script, argv, file in (
             ("train_tokenizer", [*quick, "--perceptual-weight", "0.1", "--out-dir", str(tmp_path / "a")],
              "vgg16-397923af.pth"),
-            ("evaluate", ["--tokenizer-ckpt", str(pair[0] / "tok.pt"), "--data-path", str(files / "mixed"),  # no flags:
-                          "--out-json", str(tmp_path / "r.json")], "vgg16-397923af.pth"),   # a damaged file is no
-            ("evaluate", ["--tokenizer-ckpt", str(pair[0] / "tok.pt"), "--data-path", str(files / "mixed"),  # absent one
+            # evaluate.py without --lpips / --fid: a damaged file is an error, not the null of an absent one
+            ("evaluate", ["--tokenizer-ckpt", str(pair[0] / "tok.pt"), "--data-path", str(files / "mixed"),
+                          "--out-json", str(tmp_path / "r.json")], "vgg16-397923af.pth"),
+            ("evaluate", ["--tokenizer-ckpt", str(pair[0] / "tok.pt"), "--data-path", str(files / "mixed"),
                           "--no-lpips", "--out-json", str(tmp_path / "r.json")], "weights-inception-2015-12-05")):
         code, text = run(script, argv, capsys)
         assert code == 2 and f"{weights / file}" in text and "cannot be read" in text and "again" in text, text[-2000:]

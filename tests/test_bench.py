@@ -67,7 +67,7 @@ def test_threads_list_runs_the_lookup_on_each_count():
 
 
 def test_busy_loops_run_only_inside_the_block():
-    with bench.busy_loops(1):
+    with bench.busy_loops(1, settle=0.2):
         procs = subprocess.run(["ps", "-ww", "-eo", "args"], capture_output=True, text=True).stdout
         assert "while True: pass" in procs
     procs = subprocess.run(["ps", "-ww", "-eo", "pid,ppid,args"], capture_output=True, text=True).stdout.splitlines()
@@ -87,9 +87,8 @@ def test_busy_loops_end_with_a_killed_bench():
             return int(open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[1])
         except FileNotFoundError:
             return None
-    bench_proc = subprocess.Popen([sys.executable, "-c", "import bench, time\nwith bench.busy_loops(2):\n    "
-                                   "print('in', flush=True)\n    time.sleep(60)"], cwd=ROOT, stdout=subprocess.PIPE,
-                                  text=True)
+    code = "import bench, time\nwith bench.busy_loops(2, settle=0.2):\n    print('in', flush=True)\n    time.sleep(60)"
+    bench_proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert bench_proc.stdout.readline() == "in\n"
     loops = [int(p) for p in os.listdir("/proc") if p.isdigit() and parent_of(p) == bench_proc.pid]
     assert len(loops) == 2 and all(state(p) == "R" for p in loops)
