@@ -92,7 +92,7 @@ sys.path.insert(0, {ROOT!r})
 import sample, torch.distributed as dist
 real_sample, real_barrier = sample.sample, dist.barrier
 def slow(*a, **kw):                                   # rank 0: its two batches take a while
-    time.sleep(2 if os.environ["RANK"] == "0" else 0)
+    time.sleep(0.5 if os.environ["RANK"] == "0" else 0)
     return real_sample(*a, **kw)
 def signalled(*a, **kw):                              # rank 1: SIGTERM on arrival at the wait for the others' parts
     if os.environ["RANK"] == "1" and kw.get("async_op"):
