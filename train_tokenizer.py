@@ -30,7 +30,7 @@ from tqdm import tqdm
 from checkpoints import (CheckpointError, add_checkpoint_flags, distribute, exit_stopped, init_weights,
                          load_tokenizer, lr_at, mean_over_ranks_or_stop, open_run, release_stop_signals, resume,
                          save_checkpoint, start_training, stop_requested)
-from images import BUNDLED, ImageFolder, ignore_stop_signals, save_grid, stream, unreadable_files
+from images import BUNDLED, ImageFolder, save_grid, stream, unreadable_files
 from losses import LPIPS, LossConfig, PatchGAN, discriminator_loss, generator_loss
 from quantizer import usage_of_counts
 from teachers import build_teachers
@@ -223,14 +223,13 @@ def build_models(args, cfg, device):
 
 
 @torch.no_grad()
-def psnr_on(models, dataset, device, rank=0, world=1, batch_size=16, workers=0):
+def psnr_on(models, dataset, device, rank=0, world=1, batch_size=16):
     """Mean PSNR (dB) of decode(encode(x)) on [0, 1] images, per image, over a held-out dataset -> one value per model
-    (the raw and the EMA weights: each image is read and decoded from its file once for both, by `workers` loader
-    processes). Every rank takes part (each its share of the images, summed over ranks), so no rank idles into a
-    collective timeout on a large set."""
+    (the raw and the EMA weights: each image is read and decoded from its file once for both). Every rank takes part
+    (each its share of the images, summed over ranks), so no rank idles into a collective timeout on a large set.
+    Decoded in this process: loader workers forked mid-run (gloo's and OpenMP's threads alive) deadlocked once."""
     total = torch.zeros(len(models) + 1, dtype=torch.float64, device=device)   # PSNR sums per model, image count
-    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size,   # strided share:
-                        num_workers=workers, worker_init_fn=ignore_stop_signals)   # every image counted once
+    loader = DataLoader(Subset(dataset, range(rank, len(dataset), world)), batch_size=batch_size)   # strided: each once
     for model in models:
         model.eval()                                                   # eval mode, as evaluate.py
     for x, label, _, _ in loader:
@@ -316,7 +315,7 @@ def main(argv=None):
                    f"{device}, {args.precision}" + "".join(f"; {n}" for n in notes if n), step)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.precision == "bf16")   # weights fp32
     if val_set is not None and step == 0:                              # the "before" of the held-out PSNR
-        log({"step": 0, "val_psnr": psnr_on([tok], val_set, device, rank, world, workers=args.num_workers)[0]})
+        log({"step": 0, "val_psnr": psnr_on([tok], val_set, device, rank, world)[0]})
 
     # The loop, Eq. (8): a G step, a D step on the same images, the EMA
     # the stream of training crops from `step` on: half-size windows before --low-res-steps
@@ -369,9 +368,9 @@ def main(argv=None):
             save_grid(torch.cat([x[:8], x_rec[:8].detach()]),
                       os.path.join(args.out_dir, "samples", f"{step:07d}.png"), nrow=len(x[:8]))
         if val_set is not None and (step % args.eval_every == 0 or end):   # raw and EMA weights, every rank
-            raw, smooth = psnr_on([tok, ema], val_set, device, rank, world, workers=args.num_workers)
-            log({"step": step, "val_psnr": raw, "val_psnr_ema": smooth, **({"held_out_psnr_ema": psnr_on(
-                [ema], held_out, device, rank, world, workers=args.num_workers)[0]} if held_out else {})})
+            raw, smooth = psnr_on([tok, ema], val_set, device, rank, world)
+            log({"step": step, "val_psnr": raw, "val_psnr_ema": smooth,
+                 **({"held_out_psnr_ema": psnr_on([ema], held_out, device, rank, world)[0]} if held_out else {})})
         # a stop signal or --ckpt-minutes: last.pt now (numbered at --ckpt-every and the end only); then stop if asked
         stop, save_due = stop_requested(device, master and time.time() - saved_at > 60 * args.ckpt_minutes)
         if step % args.ckpt_every == 0 or end or stop or save_due:

@@ -348,9 +348,8 @@ def test_every_paper_preset_trains_one_step(preset):
 
 
 def test_held_out_psnr_of_two_models_in_one_pass_equals_each_alone(tok_ckpt):
-    # psnr_on reads each held-out image once (here in 2 loader workers) for the raw and the EMA weights: the same
-    # numbers as one pass per model (in this process), each the mean over images of 10 log10(1 / mse) on [0, 1]
-    # images, from the codes; the models are left in train mode
+    # psnr_on reads each held-out image once for the raw and the EMA weights: the same numbers as one pass per model,
+    # each the mean over images of 10 log10(1 / mse) on [0, 1] images, from the codes; models left in train mode
     from checkpoints import load_tokenizer
     from images import BUNDLED, ImageFolder
     a, b = load_tokenizer(tok_ckpt), load_tokenizer(tok_ckpt)
@@ -358,7 +357,7 @@ def test_held_out_psnr_of_two_models_in_one_pass_equals_each_alone(tok_ckpt):
         for p in b.parameters():
             p.add_(0.01 * torch.randn_like(p))                          # another model
     val = ImageFolder(os.path.join(BUNDLED, "val"), (32, 32), train=False)
-    both = train_tokenizer.psnr_on([a, b], val, "cpu", batch_size=7, workers=2)   # images decoded by 2 workers
+    both = train_tokenizer.psnr_on([a, b], val, "cpu", batch_size=7)
     assert both == [train_tokenizer.psnr_on([m], val, "cpu", batch_size=7)[0] for m in (a, b)] and both[0] != both[1]
     assert a.training and b.training
     x = torch.stack([val[i][0] for i in range(len(val))])
