@@ -246,7 +246,8 @@ def npz_header(path):
 def image_batches(path, batch_size, size=None, unreadable=None, shard=(0, 1)):
     """(index (B,), uint8 (B, 3, H, W)) batches from an npz (arr_0: N x H x W x 3 uint8, the ADM layout sample.py
     writes; streamed from the zip, never loaded whole) or from the images of a folder at any depth (center crop to
-    `size`, default the first readable image's size; unreadable files are skipped and appended to `unreadable`).
+    `size`, default the first readable image's size, of this share; unreadable files are skipped and appended to
+    `unreadable`).
     index: each image's position in the npz, or in the folder's sorted listing (list_images). shard=(r, W): rank r's
     share of W: a folder's files r, r + W, ... (decoding them is the cost: each rank decodes only its own), an npz's
     batches r, r + W, ... (the others are read past)."""
