@@ -436,7 +436,8 @@ def bench_train(args):
 # Tokenizer generator step of FQGAN-Dual f16 (Tab. 1) at batch 2, 256 px: ours against the official formulation on the
 # same model and weights, i.e. the official quantizer (official_vq_forward) swapped into each branch, swish as two
 # ops, x * sigmoid(x) (official_code.md §1.3; tokenizer.swish is the fused F.silu) and the decoder's up-sampling as
-# nearest 2x then the 3x3 conv (tokenizer.upsample_conv: four 2x2 convs of the input on a CPU). Losses: MSE +
+# nearest 2x then the 3x3 conv (tokenizer.upsample_conv: four 2x2 convs of the input on a CPU), every activation in
+# the layout it comes in (tokenizer.conv_layout: channels-last under bf16 on a CPU with AMX). Losses: MSE +
 # quantizer terms + Eq. (7) (no LPIPS, D or teacher: their weights are not available offline); forward + backward,
 # no optimizer step.
 # Precision: the official scripts' autocast is torch.cuda.amp's, which does nothing on a CPU, so the official step runs
@@ -444,19 +445,28 @@ def bench_train(args):
 # on a CPU with bf16 instructions), and the official formulation under the same bf16 autocast is timed too, for the
 # like-for-like ratio.
 # Allocator: our scripts keep freed memory on a CPU (checkpoints.keep_freed_memory), the official ones run on glibc's
-# default; the four variants are timed in one child process per allocator, the ratios against the official
+# default; the variants are timed in one child process per allocator, the ratios against the official
 # formulation on glibc's default, as it runs.
 
 # With --compile (the default), the kept-memory child also times ours under torch.compile of the tokenizer (what
 # train_tokenizer.py --compile does), interleaved with the eager steps; its first call (the compile) is reported apart.
+# The decoder's up-sampling convs are also timed alone, plain against regrouped (fast.upsample_conv), on NCHW input.
+# "ours, bf16 autocast, without conv_layout": ours as before 2026-12-07, every activation in the layout it comes in
+# (NCHW, but for the decoder's 16-px blocks, channels-last from the quantizer's permute) and the up-sampling always
+# regrouped: what tokenizer.conv_layout's channels-last activations (on a CPU with AMX) give under bf16.
 DUAL_VARIANTS = ("official formulation, fp32", "ours, fp32", "official formulation, bf16 autocast",
-                 "ours, bf16 autocast")
+                 "ours, bf16 autocast", "ours, bf16 autocast, without conv_layout")
 DUAL_COMPILED = ("ours, fp32, torch.compile", "ours, bf16 autocast, torch.compile")
 
 
 def plain_upsample_conv(x, conv):
     """The decoder's up-sampling as the official code writes it: nearest 2x, then the 3x3 conv on the 4x tensor."""
     return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def regrouped_upsample_conv(x, conv):
+    """The same as four 2x2 convs of the input (fast.upsample_conv), on any device and in any layout."""
+    return fast.upsample_conv(x, conv.weight, conv.bias)
 
 
 def dual_times(args):
@@ -467,15 +477,19 @@ def dual_times(args):
     tok = Tokenizer(cfg).train()
     x = torch.rand(batch, 3, size, size) * 2 - 1
     ours = [branch.quantize for branch in tok.branches]
-    official = ([OfficialVQ(q) for q in ours], lambda t: t * torch.sigmoid(t), plain_upsample_conv)  # (quantizers,
-    mine = (ours, tokenizer.swish, tokenizer.upsample_conv)                               # swish, upsample conv)
-    variants = dict(zip(DUAL_VARIANTS, [(official, False), (mine, False), (official, True), (mine, True)]))
+    as_is = lambda t: t                                                                    # (quantizers, swish,
+    official = ([OfficialVQ(q) for q in ours], lambda t: t * torch.sigmoid(t), plain_upsample_conv, as_is)
+    mine = (ours, tokenizer.swish, tokenizer.upsample_conv, tokenizer.conv_layout)      # upsample conv, layout)
+    variants = dict(zip(DUAL_VARIANTS, [(official, False), (mine, False), (official, True), (mine, True),
+                                        ((ours, tokenizer.swish, regrouped_upsample_conv, as_is), True)]))
 
     def step(parts, bf16, model=tok):
-        (quantizers, swish, upsample), fast_forms = parts, (tokenizer.swish, tokenizer.upsample_conv)
+        forms = ("swish", "upsample_conv", "conv_layout")            # the blocks look the names up at every call
+        quantizers, fast_forms = parts[0], [getattr(tokenizer, name) for name in forms]
         for branch, q in zip(tok.branches, quantizers):              # swap the quantizers, keep every weight
             branch.quantize = q
-        tokenizer.swish, tokenizer.upsample_conv = swish, upsample    # the blocks look the names up at every call
+        for name, form in zip(forms, parts[1:]):
+            setattr(tokenizer, name, form)
         try:
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                 x_rec, aux = model(x)
@@ -483,7 +497,8 @@ def dual_times(args):
             tok.zero_grad(set_to_none=True)
             loss.backward()
         finally:
-            tokenizer.swish, tokenizer.upsample_conv = fast_forms
+            for name, form in zip(forms, fast_forms):
+                setattr(tokenizer, name, form)
     first_calls = {}
     if args.compile:                 # the compiled module shares tok's weights and only ever runs ours (mine)
         compiled = torch.compile(tok)
@@ -504,8 +519,8 @@ def dual_times(args):
 
 
 def upsample_times(tok, x, repeats):
-    """{precision: [(C, side in, plain s, tokenizer.upsample_conv s)]}: forward + backward of each up-sampling conv of
-    tok's decoder alone, at the input it gets from x (caught by a forward hook), the plain form against ours."""
+    """{precision: [(C, side in, plain s, regrouped s)]}: forward + backward of each up-sampling conv of tok's decoder
+    alone, at the input it gets from x (caught by a forward hook), the plain form against the regrouped one."""
     shapes, hooks = [], [m.register_forward_hook(lambda m, inputs, out: shapes.append((m, inputs[0].shape)))
                          for m in tok.modules() if isinstance(m, tokenizer.Resample) and m.kind == "upsample"]
     with torch.no_grad():
@@ -523,7 +538,7 @@ def upsample_times(tok, x, repeats):
         for resample, shape in shapes:
             t = torch.randn(shape, requires_grad=True)
             pair = interleaved_medians([lambda up=up: run(up, resample, t, bf16)
-                                        for up in (plain_upsample_conv, tokenizer.upsample_conv)], repeats)
+                                        for up in (plain_upsample_conv, regrouped_upsample_conv)], repeats)
             res[precision].append((shape[1], shape[2], *pair))
     tok.zero_grad(set_to_none=True)
     return res
@@ -551,7 +566,7 @@ def bench_train_dual(args):
         for name in DUAL_VARIANTS:
             same = ""
             if name.startswith("ours"):                               # like for like: the same precision and allocator
-                other = t[name.replace("ours", "official formulation")]
+                other = t["official formulation, " + ("bf16 autocast" if "bf16" in name else "fp32")]
                 same = f", {other / t[name]:.2f}x official at the same precision and allocator"
             row("train-dual", f"{info['preset']} G step, {name}, {label}", t[name],
                 f"{base['official formulation, fp32'] / t[name]:.2f}x official fp32 on glibc's default{same}")
@@ -561,7 +576,7 @@ def bench_train_dual(args):
         row("train-dual", f"{info['preset']} decoder's {len(convs)} up-sampling convs (fwd + bwd), nearest 2x + 3x3 "
             f"conv, {precision}", plain, "1.00x")
         row("train-dual", f"{info['preset']} decoder's {len(convs)} up-sampling convs (fwd + bwd), "
-            f"tokenizer.upsample_conv, {precision}", ours, f"{plain / ours:.2f}x ({per})")
+            f"four 2x2 convs (fast.upsample_conv), {precision}", ours, f"{plain / ours:.2f}x ({per})")
     t = res["1"]["times"]
     for name, first in res["1"]["first_calls"].items():              # with --compile: ours compiled, kept memory
         eager = t[name.replace(", torch.compile", "")]

@@ -11,6 +11,8 @@ Each function here equals a paper form of the model files, and a test checks it:
   max_inner_product   IBQ's codes at evaluation: the argmax of the logits, no softmax
   upsample_conv       the decoder's nearest 2x + 3x3 conv as four 2x2 convs of the input (tokenizer.upsample_conv,
                       on a CPU; tests/test_tokenizer.py)
+  conv_layout         channels-last activations for oneDNN's bf16 convolutions on a CPU with AMX (tokenizer.py;
+                      tests/test_tokenizer.py)
   sdpa_backend        the math attention kernel for the AR head's short training sequences on a CPU (far.py)
   decode              far.generate with static KV caches, one position per step, optionally compiled (with the
                       weights as graph inputs, or folded in as constants for sampling a fixed model); eager on a CPU,
@@ -234,6 +236,39 @@ def upsample_conv(x, weight, bias):
         for b in (0, 1):
             out[:, :, :, a, :, b] = y[:, a, b, :, a:a + H, b:b + W]
     return out.view(B, co, 2 * H, 2 * W)                             # (B, Co, H, 2, W, 2) -> (B, Co, 2H, 2W)
+
+
+CHANNELS_LAST_MIN_SIDE = 32     # conv_layout: channels-last from 32 x 32 px on (at 16 px NCHW is the faster one)
+
+
+@functools.cache
+def _amx():
+    return bool(torch.cpu.get_capabilities().get("amx_bf16"))       # cpuinfo's flags
+
+
+def _amx_bf16(x):
+    """x is on a CPU with AMX, under bf16 autocast, in eager mode (torch.compile picks layouts itself)."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and _amx()
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling())
+
+
+def channels_last_at(x, side):
+    """Whether conv_layout keeps activations like x at side x side px channels-last."""
+    return _amx_bf16(x) and side >= CHANNELS_LAST_MIN_SIDE
+
+
+def conv_layout(x):
+    """x (B, C, H, W) in the memory layout that the convolutions reading it run fastest in. On a CPU with AMX,
+    oneDNN's bf16 convolutions run far faster on channels-last (NHWC) data than on NCHW (an NCHW call copies its
+    operands inside, in the profile), so there, under bf16 autocast, activations are channels-last from
+    CHANNELS_LAST_MIN_SIDE px on, and NCHW below, where channels-last is the slower layout for 256-512 channels.
+    Elsewhere x as it is: fp32 and CPUs without AMX (no faster channels-last there, docs/results.md), a GPU (not yet
+    timed), torch.compile. Same values up to rounding (the order of the convolutions' sums). Its effect on
+    FQGAN-Dual's step: python bench.py --only train-dual."""
+    if not _amx_bf16(x):
+        return x
+    return x.contiguous(memory_format=torch.channels_last if min(x.shape[-2:]) >= CHANNELS_LAST_MIN_SIDE
+                        else torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fast  # noqa: E402
+import tokenizer  # noqa: E402
 from tokenizer import (PRESETS, AttnBlock, Tokenizer, TokenizerConfig, _grid_pos, swish,  # noqa: E402
                        upsample_conv)
 
@@ -67,6 +68,51 @@ def test_upsample_conv_equals_nearest_then_conv_with_its_gradients(bias, monkeyp
     monkeypatch.setattr(fast, "upsample_conv", None)                  # off the CPU it must not be called
     meta = upsample_conv(torch.empty(2, 16, 7, 5, device="meta"), torch.nn.Conv2d(16, 8, 3, 1, 1, device="meta"))
     assert meta.shape == (2, 8, 14, 10)
+
+
+def test_conv_layout_channels_last_from_32_px_under_bf16_on_a_cpu_with_amx(monkeypatch):
+    """Under bf16 autocast on a CPU with AMX (forced here: any CPU runs both layouts) every convolution of the encoder
+    and decoder reads channels-last activations from 32 px on and NCHW ones below (fast.conv_layout), and the
+    up-sampling takes the plain form; the decoder's output and the gradients equal those of the same weights in the
+    layouts as they come, up to bf16 rounding. In fp32, on a CPU without AMX, on another device and under
+    torch.compile, activations are left as they are."""
+    torch.manual_seed(0)
+    tok = Tokenizer(small_config(2, image_size=64)).train()           # levels at 64, 32 and 16 px
+    seen = []
+    for m in [*tok.encoder.modules(), *tok.decoder.modules()]:
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (3, 3):
+            m.register_forward_pre_hook(lambda m, inputs: seen.append(inputs[0]))
+    x, z_q = torch.rand(2, 3, 64, 64) * 2 - 1, torch.randn(2, 8, 16, 16)
+
+    def run(layout):
+        monkeypatch.setattr(tokenizer, "conv_layout", layout)
+        seen.clear()
+        tok.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tok.encoder(x)
+            out = tok.decode(z_q)
+        out.float().square().mean().backward()
+        return out.float(), [p.grad.clone() for p in tok.decoder.parameters()]
+    monkeypatch.setattr(fast, "_amx", lambda: True)
+    monkeypatch.setattr(fast, "upsample_conv", None)                  # the plain up-sampling on channels-last data
+    out, grads = run(fast.conv_layout)
+    formats = {(t.shape[-1], t.is_contiguous(memory_format=torch.channels_last), t.is_contiguous()) for t in seen}
+    assert formats == {(65, True, False), (64, True, False), (33, True, False), (32, True, False),
+                       (16, False, True), (32, False, True)}, formats  # 65, 33: the down-sampling convs' padded input
+    assert [t.is_contiguous() for t in seen if t.shape[-1] == 32].count(True) == 1   # up-sampling 16 -> 32 (NCHW in)
+    ref, ref_grads = run(lambda t: t)                                 # as the activations come (mostly NCHW)
+    assert any(t.shape[-1] >= 32 and t.is_contiguous() for t in seen)
+    torch.testing.assert_close(out, ref, rtol=0, atol=2e-2 * ref.abs().max().item())
+    got, want = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in ref_grads])
+    torch.testing.assert_close(got, want, rtol=0, atol=5e-2 * want.abs().max().item())   # on the gradient's scale
+    assert F.cosine_similarity(got, want, dim=0) > 0.999
+    t = torch.randn(2, 8, 32, 32)
+    assert fast.conv_layout(t) is t                                   # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast.conv_layout(torch.empty(2, 8, 32, 32, device="meta")).is_contiguous()   # another device: as is
+        assert torch.compile(fast.conv_layout, backend="eager", fullgraph=True)(t).is_contiguous()
+        monkeypatch.setattr(fast, "_amx", lambda: False)
+        assert fast.conv_layout(t) is t                               # bf16 on a CPU without AMX
 
 
 def test_other_input_size_interpolates_positions():
