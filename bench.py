@@ -465,7 +465,8 @@ def plain_upsample_conv(x, conv):
 
 
 def regrouped_upsample_conv(x, conv):
-    """The same as four 2x2 convs of the input (fast.upsample_conv), on any device and in any layout."""
+    """The decoder's up-sampling as four 2x2 convs of the input (fast.upsample_conv) in any layout: ours before
+    2026-12-07, and the form tokenizer.upsample_conv takes on a CPU but for channels-last bf16 on AMX."""
     return fast.upsample_conv(x, conv.weight, conv.bias)
 
 
