@@ -248,8 +248,8 @@ def _amx():
 
 def _amx_bf16(x):
     """x is on a CPU with AMX, under bf16 autocast, in eager mode (torch.compile picks layouts itself)."""
-    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and _amx()
-            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.compiler.is_compiling())
+    return (x.device.type == "cpu" and not torch.compiler.is_compiling() and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and _amx())
 
 
 def channels_last_at(x, side):
