@@ -199,8 +199,8 @@ class Resample(nn.Module):
 
 def upsample_conv(x, conv):
     """conv(nearest2x(x)) for x (B, C, H, W) -> (B, Co, 2H, 2W). On a CPU as four 2x2 convs of x (fast.upsample_conv:
-    4/9 of the multiply-adds, equal up to rounding), except where the output is channels-last (conv_layout): there
-    the plain form on channels-last data is the faster one. Elsewhere the plain form (not yet timed on a GPU)."""
+    4/9 of the multiply-adds, equal up to rounding), except where conv_layout makes the output's level channels-last:
+    there the plain form is the faster one. Elsewhere the plain form (not yet timed on a GPU)."""
     if x.device.type == "cpu" and not fast.channels_last_at(x, 2 * min(x.shape[-2:])):
         return fast.upsample_conv(x, conv.weight, conv.bias)
     return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
