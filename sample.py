@@ -139,22 +139,25 @@ def npz(model, tok, classes, args, device, rank, world):
         check_free_space(os.path.dirname(os.path.abspath(args.out_npz)), 2 * n * H * W * 3, "the samples")
     path = f"{args.out_npz}.part{rank}.npy"
     part = memmap(path, np.uint8, (sum(len(labels[b * B:(b + 1) * B]) for b in mine), H, W, 3))   # blocks allocated
+    def stop():                                                        # nothing to resume from: nothing is kept
+        print(f"stopped by {signal.Signals(STOP['signal']).name}; no {args.out_npz} written", flush=True) \
+            if rank == 0 else None
+        sys.exit(128 + STOP["signal"])
+
     catch_stop_signals()                     # SIGTERM / Ctrl-C: noted, acted on after the batch (a second: at once)
     try:
         for i, b in enumerate(bar := tqdm(mine, desc="sample", disable=rank != 0, dynamic_ncols=True)):
             x = sample(model, tok, labels[b * B:(b + 1) * B], args, b, device)   # the last batch may be short
             part[i * B:i * B + len(x)] = x.permute(0, 2, 3, 1).numpy()   # (B, 3, H, W) -> (B, H, W, 3), ADM layout
-            if STOP:                                                   # nothing to resume from: nothing is kept
+            if STOP:
                 bar.close()
-                print(f"stopped by {signal.Signals(STOP['signal']).name}; no {args.out_npz} written", flush=True) \
-                    if rank == 0 else None
-                sys.exit(128 + STOP["signal"])
+                stop()
         part.flush()                                                   # in the file for write_npz (and any rank)
         if dist.is_initialized():                                      # every rank's part is written: wait, and
             done = dist.barrier(async_op=True)                         # stop if a signal comes (torchrun's SIGTERM
             while not done.is_completed():                             # when another rank failed) instead of
                 if STOP:                                               # blocking until its SIGKILL
-                    sys.exit(128 + STOP["signal"])
+                    stop()
                 time.sleep(0.05)
         if rank == 0:                            # a signal now is noted and the npz finished: the work is done
             files = [f"{args.out_npz}.part{r}.npy" for r in range(world)]

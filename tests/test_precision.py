@@ -119,7 +119,8 @@ def test_far_bf16_steps_resume_and_fp32_loss(tok_ckpt, tmp_path):
         loss = far_loss(logits, codes)
     assert logits.dtype == torch.float32 and loss["loss"].dtype == torch.float32   # logits and CE in fp32
     flags = ["--precision", "bf16", "--tokenizer-ckpt", tok_ckpt, "--global-batch-size", "8", "--log-every", "1",
-             "--eval-every", "100", "--sample-every", "100", "--ckpt-every", "100", "--extract-batch-size", "8"]
+             "--eval-every", "100", "--sample-every", "100", "--ckpt-every", "100", "--extract-batch-size", "8",
+             "--augment", "flip"]                                          # 88 views to encode, not 40 x 44
     train_far.main(flags + ["--out-dir", str(tmp_path / "full"), "--max-steps", "3"])
     os.symlink(tmp_path / "full" / "codes", tmp_path / "codes")               # the same extracted codes
     (tmp_path / "split").mkdir()

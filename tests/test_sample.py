@@ -84,18 +84,19 @@ def test_a_stopped_npz_run_leaves_no_part_file(stop, pair, tmp_path, monkeypatch
 
 
 def test_a_signal_to_a_rank_waiting_for_the_others_stops_the_run(pair, tmp_path):
-    # rank 1 has its one batch done and waits for rank 0's two when its SIGTERM comes (as torchrun sends it when
-    # another rank failed; with NCCL a blocking barrier would hold it until torchrun's SIGKILL): it stops there, exit
-    # 143, torchrun stops rank 0, and no part file or npz is left. The wait is polled so the signal is acted on.
+    # rank 0 has its batches done and waits for rank 1's when its SIGTERM comes (as torchrun sends it when another
+    # rank failed; with NCCL a blocking barrier would hold it until torchrun's SIGKILL): it stops there with its one
+    # line, exit 143, torchrun stops rank 1, and no part file or npz is left. The wait is polled so the signal is acted
+    # on. (Rank 1 has 1 of the 3 batches: it is made the slow one.)
     (tmp_path / "run.py").write_text(f"""import os, signal, sys, time
 sys.path.insert(0, {ROOT!r})
 import sample, torch.distributed as dist
 real_sample, real_barrier = sample.sample, dist.barrier
-def slow(*a, **kw):                                   # rank 0: its two batches take a while
-    time.sleep(0.5 if os.environ["RANK"] == "0" else 0)
+def slow(*a, **kw):                                   # rank 1: its batch takes a while
+    time.sleep(1.0 if os.environ["RANK"] == "1" else 0)
     return real_sample(*a, **kw)
-def signalled(*a, **kw):                              # rank 1: SIGTERM on arrival at the wait for the others' parts
-    if os.environ["RANK"] == "1" and kw.get("async_op"):
+def signalled(*a, **kw):                              # rank 0: SIGTERM on arrival at the wait for the others' parts
+    if os.environ["RANK"] == "0" and kw.get("async_op"):
         os.kill(os.getpid(), signal.SIGTERM)
     return real_barrier(*a, **kw)
 sample.sample, dist.barrier = slow, signalled
@@ -106,6 +107,7 @@ sample.main(sys.argv[1:])
                           "--batch-size", "2", "--out-npz", str(tmp_path / "s.npz")],
                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, capture_output=True, text=True)
     assert run.returncode != 0 and "exitcode  : 143" in run.stderr, run.stderr[-3000:]
+    assert run.stdout.count("stopped by SIGTERM; no ") == 1, run.stdout[-3000:]   # rank 0's line, from the wait
     assert sorted(os.listdir(tmp_path)) == ["run.py"]                   # no part file, no npz
 
 
