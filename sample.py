@@ -137,7 +137,8 @@ def npz(model, tok, classes, args, device, rank, world):
     mine = range(rank, -(-n // B), world)                              # this rank's global batches, of ceil(n / B)
     if rank == 0:                                                      # the npz needs n images more: now, not later
         check_free_space(os.path.dirname(os.path.abspath(args.out_npz)), 2 * n * H * W * 3, "the samples")
-    path = f"{args.out_npz}.part{rank}.npy"
+    parts = [f"{args.out_npz}.part{r}.npy" for r in range(world)]     # one per rank
+    path = parts[rank]
     part = memmap(path, np.uint8, (sum(len(labels[b * B:(b + 1) * B]) for b in mine), H, W, 3))   # blocks allocated
     def stop():                                                        # nothing to resume from: nothing is kept
         print(f"stopped by {signal.Signals(STOP['signal']).name}; no {args.out_npz} written", flush=True) \
@@ -160,13 +161,13 @@ def npz(model, tok, classes, args, device, rank, world):
                     stop()
                 time.sleep(0.05)
         if rank == 0:                            # a signal now is noted and the npz finished: the work is done
-            files = [f"{args.out_npz}.part{r}.npy" for r in range(world)]
-            write_npz(args.out_npz, files, B, labels.numpy(), classes)   # atomic; the parts are removed
+            write_npz(args.out_npz, parts, B, labels.numpy(), classes)   # atomic; the parts are removed
             print(f"wrote {args.out_npz}: {n} samples ({H}x{W}), {model.cfg.num_classes} classes balanced, "
                   f"cfg {args.cfg_scale}")
     except BaseException:                    # stopped, an error, a second signal: no part file (GBs) left behind
         del part                                                       # the map closes
-        os.remove(path) if os.path.exists(path) else None              # (write_npz may have removed it)
+        for p in parts if rank == 0 else [path]:                       # rank 0 the others' too: they may have passed
+            os.remove(p) if os.path.exists(p) else None                # the wait (write_npz may have removed them)
         raise
     finally:
         release_stop_signals()
