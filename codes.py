@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from checkpoints import STOP, CheckpointError, codebook_fingerprint, memmap
-from images import ImageFolder, center_crop, open_rgb, random_crop, to_tensor
+from images import ImageFolder, center_crop, open_rgb, random_crop, release_free_memory, to_tensor
 
 VIEWS = {"tencrop": 10, "flip": 2, "none": 1, "random": 40}   # views stored per image
 
@@ -117,6 +117,7 @@ def extract_codes(tok, root, out_dir, augment, batch_size, device, rank, world, 
     labels = memmap(tmp[1], np.int64, (len(mine),))
     loader = DataLoader(torch.utils.data.Subset(views, mine), batch_size=batch_size, num_workers=workers)   # in order
     row = 0                                                           # rows of this shard written so far
+    release_free_memory() if workers > 0 else None                    # its workers are forked at the loop's start
     bar = tqdm(loader, desc=f"extract {os.path.basename(out_dir)}", disable=rank != 0, dynamic_ncols=True)
     for x, y in bar:
         b = x.shape[0]

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from checkpoints import CheckpointError, check_writable, device_flag, init_distributed, load_tokenizer
 from images import (BUNDLED, IMAGE_EXTS, ImageFolder, image_batches, list_images, npz_header, open_rgb, random_crop,
-                    to_tensor, to_uint8)
+                    release_free_memory, to_tensor, to_uint8)
 from losses import LPIPS, read_weights, weights_dir
 from quantizer import codebook_usage
 from teachers import load_teacher
@@ -174,6 +174,7 @@ def evaluate_tokenizer(args, tok, dataset, device, rank, world):
     lpips = optional(args.lpips, lambda: LPIPS().to(device), "LPIPS")
     inception = optional(args.fid, lambda: load_inception(device, args.inception_weights), "rFID and IS")
     local = {"unreadable": []}                                        # {name: [per-batch CPU tensors]}
+    release_free_memory() if args.num_workers > 0 else None           # its workers are forked at the loop's start
     for x, label, _, _ in tqdm(loader, desc="reconstruct", disable=rank > 0, dynamic_ncols=True):
         local["unreadable"].append((label < 0).sum().view(1))          # dropped and counted, never replaced
         x = x[label >= 0].to(device)

@@ -17,6 +17,7 @@ import torch.nn as nn
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TESTS))
 sys.path.insert(0, TESTS)
+import images  # noqa: E402
 import parity_weights  # noqa: E402
 from checkpoints import (CheckpointError, config_from_official, far_official_to_ours, far_ours_to_official,  # noqa
                          load_far, load_tokenizer, read_checkpoint, tokenizer_official_to_ours,
@@ -267,3 +268,37 @@ def test_keep_freed_memory_removes_the_page_faults_of_reused_activations():
         runs[keep] = (out[0] == "True", int(out[1]))
     assert runs["0"] == (False, runs["0"][1]) and runs["0"][1] > 8 * 16384 * 0.9   # every round faults afresh
     assert runs["1"][0] and runs["1"][1] < 16384                                   # reused: not one round's pages
+
+
+RELEASE = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from checkpoints import keep_freed_memory
+from images import release_free_memory
+resident = lambda: int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20   # MiB
+keep_freed_memory()
+x, y = torch.ones(2**26), torch.ones(2**10)             # 256 MiB written, then a small block after it in the heap
+del x                                                   # freed: kept in the heap, resident
+kept = resident()
+release_free_memory()
+print(kept, resident())
+"""
+
+
+def test_release_free_memory_hands_the_kept_heap_back_before_loader_workers_fork(monkeypatch):
+    """images.release_free_memory (called where a DataLoader forks its workers) returns the pages that
+    keep_freed_memory keeps resident: the workers then share none of them copy-on-write. images.stream calls it when
+    it starts workers, not without them (codes.py and evaluate.py: tests/test_train_far.py, tests/test_evaluate.py)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    kept, released = map(float, subprocess.run([sys.executable, "-c", RELEASE, root], capture_output=True, text=True,
+                                               check=True).stdout.split())
+    assert kept - released > 200, (kept, released)                     # of the 256 MiB freed
+    calls = []
+    monkeypatch.setattr(images, "release_free_memory", lambda: calls.append(len(calls)))
+    items = [torch.tensor(i) for i in range(8)]
+
+    class Items(torch.utils.data.Dataset):                              # stream's sampler yields (index, epoch)
+        __len__, __getitem__ = lambda self: 8, lambda self, item: items[item[0]]
+    for workers in (0, 1):
+        next(images.stream(Items(), 2, 0, 0, 1, 0, num_workers=workers))
+        assert len(calls) == workers

@@ -355,6 +355,18 @@ def test_usage_counts_the_whole_set_not_each_batch(tok_ckpt, tmp_path, monkeypat
     assert math.isclose(res["perplexity/1"], np.exp(-(p * np.log(p)).sum()), rel_tol=1e-6)
 
 
+def test_loader_workers_give_the_same_metrics_and_start_after_the_heap_is_released(tok_ckpt, tmp_path, monkeypatch):
+    """--num-workers 1 decodes the images in a worker: the metrics are those of the main process's own loading, and
+    the heap's free pages go back to the kernel before the worker is forked (images.release_free_memory)."""
+    calls = []
+    monkeypatch.setattr(evaluate, "release_free_memory", lambda: calls.append(1))
+    flags = ["--tokenizer-ckpt", tok_ckpt, "--num-images", "4", "--batch-size", "2", "--no-fid", "--no-lpips"]
+    zero = run_main(tmp_path, *flags, "--num-workers", "0")
+    assert calls == []
+    one = run_main(tmp_path, *flags, "--num-workers", "1")
+    assert calls == [1] and one == zero, (one, zero)
+
+
 def test_two_processes_equal_one(tok_ckpt, tmp_path):
     flags = ["--tokenizer-ckpt", tok_ckpt, "--num-images", "7", "--batch-size", "2", "--num-workers", "0", "--no-fid",
              "--no-lpips"]

@@ -77,14 +77,16 @@ def test_extraction_views_codes_and_unreadable_images(tok_ckpt, data, tmp_path):
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")   # 3 > this machine's 2 cores
 def test_extraction_loads_images_with_num_workers_but_at_least_2(tok_ckpt, data, tmp_path, monkeypatch):
     """--num-workers sets the extraction's image loader too (the paper recipe's 4 decode JPEGs for the GPU's encoder);
-    the tiny recipe's 0 (its codes are read in the main process) still decodes its images in 2 workers."""
+    the tiny recipe's 0 (its codes are read in the main process) still decodes its images in 2 workers. Before they
+    are forked, the heap's free pages go back to the kernel (images.release_free_memory), once per extraction."""
     seen, real = [], codes_module.DataLoader
     monkeypatch.setattr(codes_module, "DataLoader", lambda *a, **kw: seen.append(kw["num_workers"]) or real(*a, **kw))
+    monkeypatch.setattr(codes_module, "release_free_memory", lambda: seen.append("released"))
     run(tok_ckpt, data, tmp_path / "zero", "--max-steps", "1", "--num-workers", "0")
-    assert seen and set(seen) == {2}
+    assert seen == [2, "released"]
     seen.clear()
     run(tok_ckpt, data, tmp_path / "three", "--max-steps", "1", "--num-workers", "3")
-    assert seen and set(seen) == {3}
+    assert seen == [3, "released"]
 
 
 def test_resume_equals_uninterrupted_bit_for_bit(tok_ckpt, data, tmp_path, killed_after):
