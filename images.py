@@ -200,9 +200,9 @@ def release_free_memory():
     """Call right before a DataLoader forks its workers. On a CPU the scripts keep freed memory in the heap
     (checkpoints.keep_freed_memory), resident; a forked worker shares those pages copy-on-write, so each one the main
     process then reuses for an activation is copied at a page fault while the workers live. glibc's malloc_trim(0)
-    hands the free pages back first, and the main process faults fresh zero pages in as on its first use. Measured on
-    2 cores: FAR's code extraction (2 workers) took 2x as long the second time in one process (3.7 s, then 5.9-7.6 s;
-    with this, 3.8 s each time; docs/results.md). No-op where the libc has no malloc_trim (musl, macOS)."""
+    hands the free pages back first, and the main process faults fresh zero pages in as on its first use: without it
+    a second code extraction (2 workers) in one process took about twice the first (docs/results.md, "The test suite").
+    No-op where the libc has no malloc_trim (musl, macOS)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
