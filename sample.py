@@ -140,6 +140,7 @@ def npz(model, tok, classes, args, device, rank, world):
     parts = [f"{args.out_npz}.part{r}.npy" for r in range(world)]     # one per rank
     path = parts[rank]
     part = memmap(path, np.uint8, (sum(len(labels[b * B:(b + 1) * B]) for b in mine), H, W, 3))   # blocks allocated
+
     def stop():                                                        # nothing to resume from: nothing is kept
         print(f"stopped by {signal.Signals(STOP['signal']).name}; no {args.out_npz} written", flush=True) \
             if rank == 0 else None
