@@ -103,19 +103,23 @@ def nearest_code(z, codebook, block_elems=None):
     cols = min(K + pad, max(1, elems // GROUP) * GROUP)               # codes per block, whole groups
     rows = min(n, max(1, elems // cols))                              # tokens per block
     codes, best = torch.empty(n, dtype=torch.long, device=z.device), z.new_empty(n)   # best: distance of codes[i]
+    tokens = torch.arange(rows, device=z.device)                     # a block's token positions, for the gather
 
     def shard(blocks):
         block = z.new_empty(cols * rows)
-        for c0 in range(0, K + pad, cols):
-            c_blk, c_sq_blk = codebook[c0:c0 + cols], c_sq[c0:c0 + cols]
-            for o in blocks:
-                r = o.stop - o.start
-                dist_ = torch.add(c_sq_blk, z_sq[:, o], out=block[:c_blk.shape[0] * r].view(-1, r))   # (kb, r)
-                groups = dist_.addmm_(c_blk, z_t[:, o], alpha=-2).view(-1, GROUP, r)   # (kb / GROUP, GROUP, r)
+        for o in blocks:                                              # tokens o against every block of codes
+            r = o.stop - o.start
+            for c0 in range(0, K + pad, cols):                        # one block unless K > elems (2^20 codes at d 8)
+                c_blk = codebook[c0:c0 + cols]
+                dist_ = torch.add(c_sq[c0:c0 + cols], z_sq[:, o], out=block[:c_blk.shape[0] * r].view(-1, r))
+                groups = dist_.addmm_(c_blk, z_t[:, o], alpha=-2).view(-1, GROUP, r)  # (kb, r) -> (kb/GROUP, GROUP, r)
                 d_min, g = groups.amin(1).min(0)                      # (r,) block minimum and its first group
-                idx = c0 + g * GROUP + groups[g, :, torch.arange(r, device=z.device)].argmin(1)   # (r, GROUP) -> (r,)
-                better = d_min < best[o] if c0 else torch.ones_like(g, dtype=torch.bool)   # earlier blocks win ties
-                codes[o], best[o] = torch.where(better, idx, codes[o]), torch.where(better, d_min, best[o])
+                idx = groups[g, :, tokens[:r]].argmin(1).add_(g, alpha=GROUP).add_(c0)   # (r, GROUP) -> (r,) code
+                if c0 == 0:
+                    codes[o], best[o] = idx, d_min
+                else:                                                 # earlier blocks win ties
+                    better = d_min < best[o]
+                    codes[o], best[o] = torch.where(better, idx, codes[o]), torch.where(better, d_min, best[o])
     _in_shards(shard, n, rows, z.device)
     return codes
 
