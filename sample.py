@@ -68,7 +68,8 @@ def parse_args(argv=None):
         p.error("give --class-id N (or --num-samples N --out-npz FILE)")
     # Every value is checked here, before loading or sampling: one line naming the flag, value and range, exit 2.
     for name, ok, valid in (*((n, getattr(args, n) >= 1, "an integer >= 1") for n in ("per_class", "batch_size")),
-                            ("threads", args.threads is None or args.threads >= 1, "an integer >= 1"),
+                            ("threads", args.threads is None or 1 <= args.threads <= os.cpu_count(),
+                             f"an integer in 1..{os.cpu_count()}, this machine's CPUs"),
                             ("cfg_scale", math.isfinite(args.cfg_scale), "a finite number"),   # s < 0 or > 1 is ok
                             ("temperature", math.isfinite(args.temperature) and args.temperature > 0, "finite, > 0"),
                             ("top_k", args.top_k >= 0, "an integer >= 0"),         # 0 = off (far.filter_logits)

@@ -134,6 +134,8 @@ def test_bad_arguments_exit_2(pair, tmp_path, capsys):
     assert "classes 0..4 (0 v, 1 w" in fails("--class-id", "5")
     assert "no such file" in fails("--class-id", "0", "--tokenizer-ckpt", str(tmp_path / "missing.pt"))
     assert "--top-p 1.5 is out of range" in fails("--class-id", "0", "--top-p", "1.5")
+    assert f"--threads {os.cpu_count() + 1} is out of range: must be an integer in 1..{os.cpu_count()}" in fails(
+        "--class-id", "0", "--threads", str(os.cpu_count() + 1))
     # a tokenizer of another shape, and one of the same shape with other codebooks
     cfg = TokenizerConfig(**{**PRESETS["tiny"], "image_size": 32, "codebook_size": 256})
     torch.save({"model": Tokenizer(cfg).state_dict(), "config": asdict(cfg)}, tmp_path / "other.pt")
