@@ -10,13 +10,15 @@ The models (quantizer, tokenizer, losses, far) never import this file; the scrip
   release_free_memory  the heap's free pages back to the kernel before a DataLoader forks its workers
   to_uint8        [-1, 1] -> uint8 exactly as the official sampler writes its PNGs
   image_batches   uint8 batches (with their indices) streamed from an ADM npz or a folder, or a rank's share of
-                  them (evaluate.py's generation mode); write_npz
+                  them (evaluate.py's generation mode); write_npz, remove_left_parts (what a killed sample.py left)
   save_png        atomic PNG writer (temp file + os.replace); save_grid draws a batch as one grid
 """
 import atexit
 import ctypes
+import glob
 import multiprocessing
 import os
+import re
 import signal
 import zipfile
 
@@ -325,6 +327,17 @@ def write_npz(path, files, batch, labels, classes=None):
     finally:
         for f in [tmp, *files]:
             os.remove(f) if os.path.exists(f) else None
+
+
+def remove_left_parts(path, keep):
+    """Remove the files beside path that a killed sample.py run left (SIGKILL: no handler runs; GBs each): its part
+    files path.part<rank>.npy and write_npz's temp file path.tmp<pid>, but for keep (this run's parts, which each rank
+    rewrites and may have opened already). Returns their names."""
+    left = sorted(f for f in glob.glob(glob.escape(path) + ".*")
+                  if re.fullmatch(r"\.(part\d+\.npy|tmp\d+)", f[len(path):]) and f not in keep)
+    for f in left:
+        os.remove(f)
+    return left
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,8 @@ def test_npz_is_class_balanced_and_the_same_for_two_processes(pair, tmp_path):
     # at 1 and 2 threads, which can move a pixel by one step of the uint8 truncation). One process: sample.main in
     # this one, where a model this small samples on 1 thread anyway (sample.py's --threads default)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for left in ("one.npz.part0.npy", "one.npz.part1.npy", "one.npz.tmp123", "two.npz.part3.npy"):   # by killed runs
+        (tmp_path / left).write_bytes(b"x" * 100)
     sample.main(flags[1:] + ["--out-npz", str(tmp_path / "one.npz")])
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                     *flags, "--out-npz", str(tmp_path / "two.npz")],
@@ -56,7 +58,7 @@ def test_npz_is_class_balanced_and_the_same_for_two_processes(pair, tmp_path):
     assert one["arr_0"].shape == (7, 32, 32, 3) and one["arr_0"].dtype == np.uint8
     assert sorted(np.bincount(one["labels"], minlength=5)) == [1, 1, 1, 2, 2] and list(one["classes"]) == list("vwxyz")
     assert np.array_equal(one["arr_0"], two["arr_0"]) and np.array_equal(one["labels"], two["labels"])
-    assert sorted(os.listdir(tmp_path)) == ["one.npz", "two.npz"]      # no parts or temp files left
+    assert sorted(os.listdir(tmp_path)) == ["one.npz", "two.npz"]      # no parts or temp files left, old ones gone
 
 
 class NeverDone:
