@@ -10,7 +10,7 @@ The models (quantizer, tokenizer, losses, far) never import this file; the scrip
   release_free_memory  the heap's free pages back to the kernel before a DataLoader forks its workers
   to_uint8        [-1, 1] -> uint8 exactly as the official sampler writes its PNGs
   image_batches   uint8 batches (with their indices) streamed from an ADM npz or a folder, or a rank's share of
-                  them (evaluate.py's generation mode); write_npz, remove_left_parts (what a killed sample.py left)
+                  them (evaluate.py's generation mode); write_npz of npz_parts; remove_left_parts (a killed run's)
   save_png        atomic PNG writer (temp file + os.replace); save_grid draws a batch as one grid
 """
 import atexit
@@ -329,10 +329,17 @@ def write_npz(path, files, batch, labels, classes=None):
             os.remove(f) if os.path.exists(f) else None
 
 
-def remove_left_parts(path, keep):
+def npz_parts(path, world):
+    """The part files of sample.py's ranks for the npz at path, one per rank: path.part<rank>.npy (write_npz's
+    input)."""
+    return [f"{path}.part{r}.npy" for r in range(world)]
+
+
+def remove_left_parts(path, world):
     """Remove the files beside path that a killed sample.py run left (SIGKILL: no handler runs; GBs each): its part
-    files path.part<rank>.npy and write_npz's temp file path.tmp<pid>, but for keep (this run's parts, which each rank
-    rewrites and may have opened already). Returns their names."""
+    files (npz_parts) and write_npz's temp file path.tmp<pid>, but for this run's world parts (each rank rewrites its
+    own, and may have opened it already). Returns their names."""
+    keep = npz_parts(path, world)
     left = sorted(f for f in glob.glob(glob.escape(path) + ".*")
                   if re.fullmatch(r"\.(part\d+\.npy|tmp\d+)", f[len(path):]) and f not in keep)
     for f in left:

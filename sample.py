@@ -25,7 +25,7 @@ from checkpoints import (STOP, CheckpointError, catch_stop_signals, check_free_s
                          device_flag, init_distributed, load_far, load_tokenizer, memmap, read_checkpoint,
                          release_stop_signals)
 from far import generate
-from images import remove_left_parts, save_grid, to_uint8, write_npz
+from images import npz_parts, remove_left_parts, save_grid, to_uint8, write_npz
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")   # the shipped tiny FAR + tokenizer
 
@@ -136,9 +136,9 @@ def npz(model, tok, classes, args, device, rank, world):
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
     labels = (torch.arange(n) % model.cfg.num_classes)[order]
     mine = range(rank, -(-n // B), world)                              # this rank's global batches, of ceil(n / B)
-    parts = [f"{args.out_npz}.part{r}.npy" for r in range(world)]     # one per rank
-    if rank == 0:                            # first the GBs that runs killed by SIGKILL left (no handler ran), then
-        for f in remove_left_parts(args.out_npz, keep=parts):         # is there room for n images more: now, not later
+    parts = npz_parts(args.out_npz, world)                             # one file per rank
+    if rank == 0:            # first what runs killed by SIGKILL left (GBs), then room for n images more: now, not later
+        for f in remove_left_parts(args.out_npz, world):
             print(f"removed {f}, left by a run of sample.py that was killed")
         check_free_space(os.path.dirname(os.path.abspath(args.out_npz)), 2 * n * H * W * 3, "the samples")
     path = parts[rank]
