@@ -1,13 +1,20 @@
 """Fixtures shared by the test files. Run the tests from the repo root: python -m pytest -q tests"""
 import os
 import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
+from collections import namedtuple
 from dataclasses import asdict
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from checkpoints import codebook_fingerprint, load_tokenizer, release_stop_signals  # noqa: E402
 from far import FAR, PRESETS as FAR_PRESETS, FARConfig  # noqa: E402
 from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
@@ -58,6 +65,46 @@ def lpips_files(tmp_path_factory):
     lins = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate(LPIPS.channels)}
     torch.save(lins, folder / "weights-vgg16-lpips.pth")
     return folder, sd, lins
+
+
+Ranks = namedtuple("Ranks", "codes out")                            # exit codes and output of rank 0, rank 1
+
+
+@pytest.fixture(scope="session")
+def two_ranks():
+    """two_ranks(argv, cwd=ROOT, env=None) -> Ranks([code 0, code 1], [output 0, output 1]): what `torchrun
+    --standalone --nproc_per_node=2 argv` starts, without torchrun's agent. Each rank gets the environment torchrun
+    gives it (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR / MASTER_PORT, and OMP_NUM_THREADS=1 unless
+    set), and when one rank fails the other gets SIGTERM, as torchrun sends it. The agent costs seconds per launch
+    on 2 cores (its imports, the rendezvous, its shutdown: docs/results.md, "The test suite"); the tests of torchrun
+    itself (it passes SIGTERM on to every rank: test_preemption.py) and gpu_check.sh start the real one."""
+    def run(argv, cwd=ROOT, env=None, timeout=300):
+        with socket.socket() as s:                                      # a free port for the rendezvous
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        env = {"OMP_NUM_THREADS": "1", **(os.environ if env is None else env), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        logs = [tempfile.TemporaryFile("w+") for _ in range(2)]      # files, not pipes: no full-pipe stall
+        procs = [subprocess.Popen([sys.executable, *argv], cwd=cwd, stdout=logs[r], stderr=subprocess.STDOUT,
+                                  text=True, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+        deadline, stopped = time.time() + timeout, None
+        while any(p.poll() is None for p in procs):
+            if stopped is None and (any(p.poll() for p in procs) or time.time() > deadline):
+                stopped = time.time()                                   # a rank failed (or time is up): stop the rest
+                for p in procs:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+            if stopped is not None and time.time() > stopped + 30:
+                for p in procs:
+                    p.kill()
+            time.sleep(0.05)
+        out = []
+        for log in logs:
+            log.seek(0)
+            out.append(log.read())
+            log.close()
+        return Ranks([p.returncode for p in procs], out)
+    return run
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ Run: python -m pytest tests/test_evaluate.py -q
 import json
 import math
 import os
-import subprocess
 import sys
 from unittest import mock
 
@@ -367,13 +366,12 @@ def test_loader_workers_give_the_same_metrics_and_start_after_the_heap_is_releas
     assert calls == [1] and one == zero, (one, zero)
 
 
-def test_two_processes_equal_one(tok_ckpt, tmp_path):
+def test_two_processes_equal_one(tok_ckpt, tmp_path, two_ranks):
     flags = ["--tokenizer-ckpt", tok_ckpt, "--num-images", "7", "--batch-size", "2", "--num-workers", "0", "--no-fid",
              "--no-lpips"]
     one = run_main(tmp_path, *flags)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "evaluate.py", *flags, "--out-json", str(tmp_path / "two.json")], cwd=ROOT,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
+    ranks = two_ranks(["evaluate.py", *flags, "--out-json", str(tmp_path / "two.json")])   # 1 thread each
+    assert ranks.codes == [0, 0], ranks.out[0][-3000:]
     two = json.loads((tmp_path / "two.json").read_text())      # rank 0 gets images 0, 2, 4, 6; rank 1 the rest
     assert one["images"] == two["images"] == 7
     for key in ("psnr", "ssim", "usage/0", "usage/1", "perplexity/0", "perplexity/1"):
@@ -382,7 +380,7 @@ def test_two_processes_equal_one(tok_ckpt, tmp_path):
             (key, one[key], two[key])
 
 
-def test_generation_mode_two_processes_equal_one(inception, tmp_path):
+def test_generation_mode_two_processes_equal_one(inception, tmp_path, two_ranks):
     # rank r decodes and embeds only the files r, r + 2, ... of a folder (batches r, r + 2, ... of an npz); rank 0 gets
     # every rank's features, back in file order (image_batches' indices: test above; with random weights IS is 1 in
     # any order), and every rank's unreadable files: the one here is rank 1's
@@ -395,9 +393,8 @@ def test_generation_mode_two_processes_equal_one(inception, tmp_path):
     flags = ["--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "ref"), "--inception-weights",
              inception, "--batch-size", "2"]
     one = run_main(tmp_path, *flags)
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    "evaluate.py", *flags, "--out-json", str(tmp_path / "two.json")], cwd=ROOT,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True, capture_output=True)
+    ranks = two_ranks(["evaluate.py", *flags, "--out-json", str(tmp_path / "two.json")])   # 1 thread each
+    assert ranks.codes == [0, 0], ranks.out[0][-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
     assert (one["images"], one["reference_images"], one["reference_unreadable"]) == (7, 5, 1)
     for key in ("images", "unreadable", "reference_images", "reference_unreadable", "fid", "inception_score",

@@ -23,7 +23,7 @@ import train_tokenizer  # noqa: E402
 
 TOKENIZER = ["train_tokenizer.py", "--preset", "tiny8", "--image-size", "32", "--global-batch-size", "4",
              "--num-workers", "0", "--log-every", "1", "--eval-every", "1000", "--sample-every", "1000",
-             "--ckpt-every", "1000", "--max-steps", "20", "--val-path", ""]   # '': no held-out PSNR
+             "--ckpt-every", "1000", "--max-steps", "10", "--val-path", ""]   # '': no held-out PSNR
 
 
 def start(argv, out, torchrun=False):
@@ -61,31 +61,32 @@ def test_sigterm_saves_the_current_step_and_resume_equals_uninterrupted(tmp_path
     assert proc.returncode == 128 + signal.SIGTERM, output[-2000:]
     line = next(x for x in output.splitlines() if x.startswith("stopped by SIGTERM after step"))
     stopped = int(line.split("after step ")[1].split(";")[0])
-    assert 3 <= stopped < 20 and weights(tmp_path / "split")["step"] == stopped and "--resume" in line
+    assert 3 <= stopped < 10 and weights(tmp_path / "split")["step"] == stopped and "--resume" in line
     assert not (tmp_path / "split" / "checkpoints" / f"{stopped:07d}.pt").exists()   # numbered: --ckpt-every only
     rest = start(TOKENIZER + ["--resume"], tmp_path / "split")
     assert rest.wait(timeout=300) == 0, rest.communicate()[0][-2000:]
     train_tokenizer.main(TOKENIZER[1:] + ["--out-dir", str(tmp_path / "full")])   # uninterrupted, in this process
-    assert_same(weights(tmp_path / "split"), weights(tmp_path / "full"))    # the same 20 steps, bit for bit
+    assert_same(weights(tmp_path / "split"), weights(tmp_path / "full"))    # the same 10 steps, bit for bit
 
 
-def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tok_ckpt, tmp_path):
-    """torchrun passes SIGTERM on to both ranks; they agree on the step, rank 0 saves, both exit; --resume under
-    torchrun then ends where an uninterrupted run does (FAR, 2 gloo processes)."""
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tok_ckpt, tmp_path, two_ranks):
+    """torchrun passes SIGTERM on to both ranks; they agree on the step, rank 0 saves, both exit; --resume on 2 ranks
+    then ends where an uninterrupted run does (FAR, 2 gloo processes; those two runs without torchrun's agent, which
+    the signal needs and they do not: conftest.two_ranks)."""
     far = ["train_far.py", "--tokenizer-ckpt", tok_ckpt, "--augment", "none", "--global-batch-size", "8",
            "--log-every", "1", "--eval-every", "1000", "--sample-every", "1000", "--ckpt-every", "1000", "--max-steps",
-           "30", "--val-path", ""]                                     # '': no held-out set, extracted or measured
+           "12", "--val-path", ""]                                     # '': no held-out set, extracted or measured
     proc = start(far, tmp_path / "split", torchrun=True)
     output = signal_after_step(proc, tmp_path / "split", 3)
     assert output.count("stopped by SIGTERM after step") == 1, output[-3000:]   # one line, from rank 0
     stopped = weights(tmp_path / "split")["step"]
-    assert 3 <= stopped < 30 and not (tmp_path / "split" / "codes" / "val").exists()   # --val-path ''
-    rest = start(far + ["--resume"], tmp_path / "split", torchrun=True)
-    assert rest.wait(timeout=300) == 0, rest.communicate()[0][-3000:]
+    assert 3 <= stopped < 12 and not (tmp_path / "split" / "codes" / "val").exists()   # --val-path ''
+    rest = two_ranks(far + ["--resume", "--out-dir", str(tmp_path / "split")])
+    assert rest.codes == [0, 0], rest.out[0][-3000:]
     (tmp_path / "full").mkdir()
     os.symlink(tmp_path / "split" / "codes", tmp_path / "full" / "codes")   # the same codes, extracted once
-    full = start(far, tmp_path / "full", torchrun=True)
-    assert full.wait(timeout=300) == 0
+    full = two_ranks(far + ["--out-dir", str(tmp_path / "full")])
+    assert full.codes == [0, 0], full.out[0][-3000:]
     assert_same(weights(tmp_path / "split"), weights(tmp_path / "full"))
 
 

@@ -4,7 +4,6 @@ Run: python -m pytest tests/test_sample.py -q
 """
 import os
 import signal
-import subprocess
 import sys
 from dataclasses import asdict
 
@@ -40,20 +39,18 @@ def test_to_uint8_is_the_official_truncation():
     assert to_uint8(x)[0, 0, 0].tolist() == [0, 0, 128, 191, 255, 255, 255]   # 127.5 x + 128, floor
 
 
-def test_npz_is_class_balanced_and_the_same_for_two_processes(pair, tmp_path):
+def test_npz_is_class_balanced_and_the_same_for_two_processes(pair, tmp_path, two_ranks):
     d = pair[0]
     flags = [os.path.join(ROOT, "sample.py"), "--far-ckpt", str(d / "far.pt"), "--num-samples", "7",
              "--batch-size", "2"]
     # both runs at one thread per process: only the number of processes differs (the CPU kernels round differently
     # at 1 and 2 threads, which can move a pixel by one step of the uint8 truncation). One process: sample.main in
-    # this one, where a model this small samples on 1 thread anyway (sample.py's --threads default)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # this one, where a model this small samples on 1 thread anyway (sample.py's --threads default); two: 1 thread each
     for left in ("one.npz.part0.npy", "one.npz.part1.npy", "one.npz.tmp123", "two.npz.part3.npy"):   # by killed runs
         (tmp_path / left).write_bytes(b"x" * 100)
     sample.main(flags[1:] + ["--out-npz", str(tmp_path / "one.npz")])
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    *flags, "--out-npz", str(tmp_path / "two.npz")],
-                   check=True, env=env, cwd=tmp_path, capture_output=True)
+    ranks = two_ranks([*flags, "--out-npz", str(tmp_path / "two.npz")], cwd=tmp_path)
+    assert ranks.codes == [0, 0], ranks.out[0][-3000:]
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert one["arr_0"].shape == (7, 32, 32, 3) and one["arr_0"].dtype == np.uint8
     assert sorted(np.bincount(one["labels"], minlength=5)) == [1, 1, 1, 2, 2] and list(one["classes"]) == list("vwxyz")
@@ -100,10 +97,11 @@ def test_a_stopped_npz_run_leaves_no_part_file(stop, pair, tmp_path, monkeypatch
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL            # sample.py's handler is gone again
 
 
-def test_a_signal_to_a_rank_waiting_for_the_others_stops_the_run(pair, tmp_path):
+def test_a_signal_to_a_rank_waiting_for_the_others_stops_the_run(pair, tmp_path, two_ranks):
     # rank 1 has its one batch done and waits for rank 0's two when its SIGTERM comes (as torchrun sends it when
     # another rank failed; with NCCL a blocking barrier would hold it until torchrun's SIGKILL): it stops there, exit
-    # 143, torchrun stops rank 0, and no part file or npz is left. The wait is polled so the signal is acted on.
+    # 143, rank 0 is stopped in turn (SIGTERM, as torchrun does), and no part file or npz is left. The wait is polled
+    # so the signal is acted on.
     (tmp_path / "run.py").write_text(f"""import os, signal, sys, time
 sys.path.insert(0, {ROOT!r})
 import sample, torch.distributed as dist
@@ -118,11 +116,9 @@ def signalled(*a, **kw):                              # rank 1: SIGTERM on arriv
 sample.sample, dist.barrier = slow, signalled
 sample.main(sys.argv[1:])
 """)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(tmp_path / "run.py"), "--far-ckpt", str(pair[0] / "far.pt"), "--num-samples", "6",
-                          "--batch-size", "2", "--out-npz", str(tmp_path / "s.npz")],
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path, capture_output=True, text=True)
-    assert run.returncode != 0 and "exitcode  : 143" in run.stderr, run.stderr[-3000:]
+    ranks = two_ranks([str(tmp_path / "run.py"), "--far-ckpt", str(pair[0] / "far.pt"), "--num-samples", "6",
+                       "--batch-size", "2", "--out-npz", str(tmp_path / "s.npz")], cwd=tmp_path)
+    assert ranks.codes[1] == 143 and ranks.codes[0] != 0, ranks.out
     assert sorted(os.listdir(tmp_path)) == ["run.py"]                   # no part file, no npz
 
 
@@ -189,15 +185,12 @@ def test_compile_and_no_compile_give_identical_pngs(pair, tmp_path):
     assert np.array_equal(compiled, eager) and eager.std() > 10
 
 
-def test_png_mode_under_torchrun_is_written_once(pair, tmp_path):
+def test_png_mode_under_torchrun_is_written_once(pair, tmp_path, two_ranks):
     """The PNG grid is one file: under torchrun rank 0 alone samples and writes it; the other ranks only join."""
-    d = pair[0]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           os.path.join(ROOT, "sample.py"), "--far-ckpt", str(d / "far.pt"), "--class-id", "1",
-                           "--per-class", "2", "--out", str(tmp_path / "grid.png")], cwd=tmp_path, capture_output=True,
-                          text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("wrote") == 1 and sorted(os.listdir(tmp_path)) == ["grid.png"]
+    ranks = two_ranks([os.path.join(ROOT, "sample.py"), "--far-ckpt", str(pair[0] / "far.pt"), "--class-id", "1",
+                       "--per-class", "2", "--out", str(tmp_path / "grid.png")], cwd=tmp_path)
+    assert ranks.codes == [0, 0], ranks.out[0][-3000:]
+    assert [out.count("wrote") for out in ranks.out] == [1, 0] and sorted(os.listdir(tmp_path)) == ["grid.png"]
 
 
 def test_small_models_sample_on_one_thread_and_the_count_is_restored(pair, tmp_path, monkeypatch):

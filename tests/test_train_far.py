@@ -7,7 +7,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 
 import numpy as np
@@ -235,7 +234,7 @@ torch.compile = functools.wraps(compile_)(lambda *a, **kw: compile_(*a, **{"back
 """
 
 
-def test_compiled_after_ddp_on_two_processes(tok_ckpt, data, tmp_path):
+def test_compiled_after_ddp_on_two_processes(tok_ckpt, data, tmp_path, two_ranks):
     """What a GPU run does by default, with gloo on this CPU: torch.compile of the DDP-wrapped FAR, the compiled
     backward split at DDP's buckets (dynamo's DDP optimizer; the backend here is aot_eager, AOT_EAGER_SITE). It trains,
     its checkpoint holds the raw module's names (no module. / _orig_mod. prefix), it is compiled once (no recompilation
@@ -244,13 +243,11 @@ def test_compiled_after_ddp_on_two_processes(tok_ckpt, data, tmp_path):
     site.mkdir()
     (site / "sitecustomize.py").write_text(AOT_EAGER_SITE)
     env = {**os.environ, "TORCH_LOGS": "recompiles,ddp_graphs", "PYTHONPATH": str(site)}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train_far.py", *FAST, "--tokenizer-ckpt", tok_ckpt, "--data-path", data, "--compile",
-                           "--max-steps", "3", "--sample-every", "3", "--out-dir", str(run)],
-                          cwd=ROOT, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "__recompiles" not in proc.stderr, proc.stderr[-3000:]       # dynamo's log of each recompilation
-    assert "---submod_1 graph---" in proc.stderr                        # the graph split in two at DDP's buckets
+    ranks = two_ranks(["train_far.py", *FAST, "--tokenizer-ckpt", tok_ckpt, "--data-path", data, "--compile",
+                       "--max-steps", "3", "--sample-every", "3", "--out-dir", str(run)], env=env)
+    assert ranks.codes == [0, 0], ranks.out[0][-3000:]
+    assert not any("__recompiles" in out for out in ranks.out), ranks.out[0][-3000:]   # dynamo's log of a recompile
+    assert all("---submod_1 graph---" in out for out in ranks.out)     # the graph split in two at DDP's buckets
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
     assert state["step"] == 3 and list(state["model"]) == list(train_far.FAR(train_far.FARConfig(**state["config"]))
                                                                   .state_dict())

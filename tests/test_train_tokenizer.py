@@ -5,7 +5,6 @@ Run: python -m pytest tests/test_train_tokenizer.py -q
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -26,13 +25,6 @@ from tokenizer import PRESETS, Tokenizer, TokenizerConfig  # noqa: E402
 FAST = ["--preset", "tiny", "--image-size", "32", "--global-batch-size", "4", "--num-workers", "0",
         "--log-every", "1", "--sample-every", "2", "--eval-every", "100", "--ckpt-every", "100", "--gan-start", "2",
         "--gan-weight", "0.5", "--low-res-steps", "0", "--precision", "fp32"]   # bf16 runs: test_precision
-
-
-def torchrun(*argv):
-    """Two processes on this CPU (gloo), as a user starts them: torchrun --standalone --nproc_per_node=2 ..."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *argv],
-                          cwd=ROOT, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def run(out, *extra):
@@ -89,7 +81,7 @@ def test_low_res_steps_train_on_half_size_crops_then_full_and_resume_across_the_
     assert sizes[0][0] < sizes[1][0] and sizes[0][1] < sizes[1][1]
 
 
-def test_two_process_gloo_equals_one_process_with_an_untrained_feature_head(tmp_path):
+def test_two_process_gloo_equals_one_process_with_an_untrained_feature_head(tmp_path, two_ranks):
     # entropy off: its codebook-entropy term uses each rank's own batch (as the official code); GAN off: the
     # discriminator's BatchNorm also normalises per rank. Everything else must agree on the same global batch.
     # Each at its default thread count: all cores for one process, 1 per process under torchrun (its own default).
@@ -98,7 +90,8 @@ def test_two_process_gloo_equals_one_process_with_an_untrained_feature_head(tmp_
     common = FAST + ["--preset", "tiny-dual", "--rep-weight", "0", "--max-steps", "3", "--entropy-weight", "0",
                      "--gan-start", "1000"]
     train_tokenizer.main([*common, "--out-dir", str(tmp_path / "one")])    # this process: the same code, no imports
-    torchrun("train_tokenizer.py", *common, "--out-dir", str(tmp_path / "two"))
+    ranks = two_ranks(["train_tokenizer.py", *common, "--out-dir", str(tmp_path / "two")])   # as torchrun starts them
+    assert ranks.codes == [0, 0], ranks.out[0][-3000:]
     one, two = ([r for r in read_log(tmp_path / d) if "g/total" in r] for d in ("one", "two"))
     assert len(one) == len(two) == 3
     for a, b in zip(one, two):
