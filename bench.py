@@ -397,7 +397,7 @@ def bench_train(args):
     print(f"train: tiny tokenizer, batch {batch} at {cfg.image_size} px, G step (D forward inside the G loss)")
     torch.manual_seed(0)
     raw, disc = Tokenizer(cfg), PatchGAN()
-    opt = torch.optim.Adam(raw.parameters(), lr=2e-4, betas=(0.9, 0.95))
+    opt = torch.optim.Adam(raw.parameters(), lr=2e-4, betas=(0.9, 0.95), fused=True)   # as train_tokenizer.py
     loss_cfg = LossConfig(perceptual_weight=0.0, gan_start=400)      # train_tokenizer.py's tiny defaults
     x = torch.rand(batch, 3, cfg.image_size, cfg.image_size) * 2 - 1   # random images in [-1, 1]
 
@@ -411,8 +411,16 @@ def bench_train(args):
         optimizer.step()
     t_eager = median_time(lambda: step(raw), args.repeats)
     row("train", "tiny tokenizer step, eager", t_eager, f"{batch / t_eager:.1f} images/s")
+    # the optimizer step alone (the gradients of the last step): torch's default on a CPU updates one tensor at a time
+    # (foreach and fused are its CUDA defaults); the training scripts ask for fused, one kernel over all tensors
+    opts = [torch.optim.Adam(raw.parameters(), lr=0.0, betas=(0.9, 0.95), **kw) for kw in ({}, {"fused": True})]
+    t_loop, t_fused = interleaved_medians([o.step for o in opts], max(args.repeats, 21))   # lr 0: weights stay
+    row("train", f"tiny tokenizer Adam step alone ({len(opts[0].param_groups[0]['params'])} tensors), torch's CPU "
+        "default (one tensor at a time)", t_loop, "1.00x")
+    row("train", "tiny tokenizer Adam step alone, fused=True (train_tokenizer.py)", t_fused,
+        f"{t_loop / t_fused:.2f}x the default, {t_fused / t_eager:.1%} of the step")
     old = Tokenizer(TokenizerConfig(**TOKENIZER_PRESETS["tiny64"]))  # 64 channels: the shipped weights' trunk
-    old_opt = torch.optim.Adam(old.parameters(), lr=2e-4, betas=(0.9, 0.95))
+    old_opt = torch.optim.Adam(old.parameters(), lr=2e-4, betas=(0.9, 0.95), fused=True)
     t_old = median_time(lambda: step(old, optimizer=old_opt), args.repeats)
     row("train", "tiny64 tokenizer step, eager", t_old, f"{batch / t_old:.1f} images/s; tiny takes "
         f"{t_eager / t_old:.2f}x its time")
@@ -593,7 +601,8 @@ def bench_train_dual(args):
 # start to exit (the wait of a user), and the final held-out number from log.jsonl, the tokenizer's val_psnr_ema (dB,
 # bundled val strips) and FAR's held-out NLL in bits per sub-code. With --seeds each command runs once per seed (its
 # --seed) and the row gives the means, every seed's number beside them. Code speed-ups that no flag can undo
-# (tokenizer.swish as one fused op, tokenizer.upsample_conv, fast.sdpa_backend) are in both rows.
+# (tokenizer.swish as one fused op, tokenizer.upsample_conv, fast.sdpa_backend, the scripts' fused Adam) are in both
+# rows.
 
 RECIPES = {  # model -> (script, flags that restore the recipe before 2026-12-05)
     "tiny tokenizer": ("train_tokenizer.py", ["--preset", "tiny64", "--precision", "bf16", "--max-steps", "600",
