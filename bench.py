@@ -412,7 +412,7 @@ def bench_train(args):
     t_eager = median_time(lambda: step(raw), args.repeats)
     row("train", "tiny tokenizer step, eager", t_eager, f"{batch / t_eager:.1f} images/s")
     # the optimizer step alone (the gradients of the last step): torch's default on a CPU updates one tensor at a time
-    # (foreach and fused are its CUDA defaults); the training scripts ask for fused, one kernel over all tensors
+    # (foreach and fused are its CUDA defaults); train_tokenizer.py asks for fused, one kernel over all tensors
     opts = [torch.optim.Adam(raw.parameters(), lr=0.0, betas=(0.9, 0.95), **kw) for kw in ({}, {"fused": True})]
     t_loop, t_fused = interleaved_medians([o.step for o in opts], max(args.repeats, 21))   # lr 0: weights stay
     row("train", f"tiny tokenizer Adam step alone ({len(opts[0].param_groups[0]['params'])} tensors), torch's CPU "
@@ -601,7 +601,7 @@ def bench_train_dual(args):
 # start to exit (the wait of a user), and the final held-out number from log.jsonl, the tokenizer's val_psnr_ema (dB,
 # bundled val strips) and FAR's held-out NLL in bits per sub-code. With --seeds each command runs once per seed (its
 # --seed) and the row gives the means, every seed's number beside them. Code speed-ups that no flag can undo
-# (tokenizer.swish as one fused op, tokenizer.upsample_conv, fast.sdpa_backend, the scripts' fused Adam) are in both
+# (tokenizer.swish as one fused op, tokenizer.upsample_conv, fast.sdpa_backend, the tokenizer's fused Adam) are in both
 # rows.
 
 RECIPES = {  # model -> (script, flags that restore the recipe before 2026-12-05)

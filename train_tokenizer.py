@@ -295,8 +295,8 @@ def main(argv=None):
     model = distribute(tok, ddp, device, args.compile)                 # DDP (all-reduce in backward), then compiled
     # D's BatchNorm normalises with each rank's batch statistics, not synced (# parity: §2.3); never compiled
     d_model = distribute(disc, ddp, device, compile_=False) if args.gan_weight > 0 else None   # 0: D never runs
-    # no weight decay; fused: one kernel for all tensors (CPU and CUDA; on a CPU 4-6x faster than the per-tensor loop
-    # that is torch's default there, docs/results.md "Fused Adam"), the same update up to rounding
+    # no weight decay; fused: one kernel for all tensors (CPU and CUDA; on a CPU several times faster than the
+    # per-tensor loop that is torch's default there, docs/results.md "Fused Adam"), the same update up to rounding
     opt_g = torch.optim.Adam(tok.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), fused=True)
     opt_d = torch.optim.Adam(disc.parameters(), lr=args.lr, betas=(args.beta1, args.beta2), fused=True)
     loss_cfg = LossConfig(perceptual_weight=args.perceptual_weight, gan_weight=args.gan_weight,
