@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,12 +108,12 @@ def test_quick_cfg_sweep_with_its_figure(tmp_path):
     assert fig.stat().st_size > 1000 and fig.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_quick_far_vs_plain_ar_reuses_tab4_runs(tmp_path):
+def test_quick_far_vs_plain_ar_reuses_tab4_runs(table4, tmp_path):
     """--table ar: the plain-AR row trains its own VQ tokenizer (tiny-vq) and a k = 1 FAR with a linear head; the FAR
     row is taken from a Tab. 4 JSON of the same budget and tokenizer instead of being trained again."""
-    work, tab4, out = tmp_path / "runs", tmp_path / "tab4.json", tmp_path / "ar.json"
-    common = ["--quick", "--tokenizer-ckpt", str(tmp_path / "absent.pt"), "--work-dir", str(work)]
-    ablate.main(["--table", "4", "--rows", "ar", *common, "--out", str(tab4)])
+    argv, tab4 = table4
+    out, work = tmp_path / "ar.json", Path(argv[argv.index("--work-dir") + 1])
+    common = ["--quick", *argv[argv.index("--tokenizer-ckpt"):argv.index("--out")]]   # Tab. 4's tokenizer, work dir
     ablate.main(["--table", "ar", *common, "--out", str(out), "--tab4", str(tab4)])
     data, t4 = json.loads(out.read_text()), json.loads(tab4.read_text())
     check_common(data, "ar")
@@ -145,11 +146,19 @@ def test_quick_table3(tmp_path):
         assert run["usage_tokens"] == 40 * 4 * 4        # 40 held-out images x 1 crop x (32 px / 8)^2 tokens
 
 
-def test_quick_table4_and_resume(tmp_path):
-    out = tmp_path / "tab4.json"
-    argv = ["--table", "4", "--quick", "--tokenizer-ckpt", str(tmp_path / "absent.pt"),
-            "--work-dir", str(tmp_path / "runs"), "--out", str(out)]
+@pytest.fixture(scope="module")
+def table4(tmp_path_factory):
+    """`ablate.py --table 4 --quick` run once (a random tokenizer written to its work dir): (its argv, its JSON)."""
+    tmp = tmp_path_factory.mktemp("tab4")
+    out = tmp / "tab4.json"
+    argv = ["--table", "4", "--quick", "--tokenizer-ckpt", str(tmp / "absent.pt"), "--work-dir", str(tmp / "runs"),
+            "--out", str(out)]
     ablate.main(argv)
+    return argv, out
+
+
+def test_quick_table4_and_resume(table4):
+    argv, out = table4
     data = json.loads(out.read_text())
     check_common(data, "4")
     assert list(data["rows"]) == ["linear", "mlp", "ar"]

@@ -214,9 +214,11 @@ def test_frechet_equals_the_formula_through_symmetric_square_roots():
 
 @pytest.fixture(scope="module")
 def crops():
-    """300 random 32-px crops of the held-out photos (not the seeds 0 / 1 evaluate.py draws its reference and floor
-    from) and their labels: real images as a sample set."""
-    x, labels, classes = evaluate.real_crops(VAL, (32, 32), 300, seed=7)
+    """150 random 32-px crops of the held-out photos (not the seeds 0 / 1 evaluate.py draws its reference and floor
+    from) and their labels: real images as a sample set. The margins of the two tests below at 150 crops, for crop
+    seeds 7-10 and 12: |acc - acc_real| <= 0.045 (bound 0.1), shuffled acc <= 0.133 (0.25), fd <= 0.28 of its bound,
+    the grey set's fd 3.3x its bound (at 300 crops the test took twice as long, the floor's reconstructions)."""
+    x, labels, classes = evaluate.real_crops(VAL, (32, 32), 150, seed=7)
     return x, labels, classes
 
 
@@ -230,7 +232,7 @@ def test_teacher_metrics_of_real_crops_equal_the_floor_shuffled_labels_give_chan
         os.makedirs(tmp_path / "real" / classes[label], exist_ok=True)
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp_path / "real" / classes[label] / f"{i:03d}.png")
     real = teacher_run(tmp_path, tok_ckpt, tmp_path / "real")
-    assert real["images"] == 300 and real["real_crops"] == 600 and math.isclose(real["teacher_chance"], 1 / 11)
+    assert real["images"] == 150 and real["real_crops"] == 600 and math.isclose(real["teacher_chance"], 1 / 11)
     # real crops are real: as far from the reference as other real crops, classified as often as the reference
     assert real["fd_teacher"] < 3 * real["fd_teacher_floor"] + 0.05, real
     assert abs(real["acc_teacher"] - real["acc_teacher_real"]) < 0.1 and real["acc_teacher"] > 0.4, real
