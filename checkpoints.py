@@ -685,6 +685,25 @@ def _holds(ckpt):
     return None
 
 
+# The meta device builds a model without initialising the weights a state dict then replaces, but its first use in a
+# process imports torch's Python meta kernels (torch._meta_registrations, sympy): about a second, more than an ordinary
+# build of the tiny models costs. So models under META_ABOVE stored numbers are built as usual, larger ones (FQGAN-Dual
+# 150 M, FAR-B 417 M) on the meta device, which spares seconds of init and a second copy of the weights in memory
+# (docs/results.md, "Loading a model").
+META_ABOVE = 100_000_000
+
+
+def empty_model(build, sd):
+    """build() -> the module whose weights are the state dict sd (loaded with assign=True next): on the meta device for
+    large sd, as usual for small ones, then without drawing from torch's random generator (loading a model leaves
+    the random numbers of what follows, e.g. sample.py's seeded codes, as the meta device left them)."""
+    if sum(t.numel() for t in sd.values() if torch.is_tensor(t)) >= META_ABOVE:
+        with torch.device("meta"):
+            return build()
+    with torch.random.fork_rng(devices=[]):                           # the CPU generator's state, restored after
+        return build()
+
+
 def load_tokenizer(path, device="cpu"):
     """Our checkpoint or an official FQGAN one (detected by its keys) -> Tokenizer on `device` in eval mode, loaded
     strictly. Ours prefers the EMA weights; fp16 exports (weights/) come back as fp32. CheckpointError otherwise."""
@@ -697,8 +716,7 @@ def load_tokenizer(path, device="cpu"):
             sd = next((ckpt[k] for k in ("ema", "model", "state_dict") if isinstance(ckpt, dict) and k in ckpt), ckpt)
             cfg = config_from_official(sd)
             sd, official = tokenizer_official_to_ours(sd, cfg), True
-        with torch.device("meta"):                                    # no init of weights that are overwritten
-            tok = Tokenizer(cfg)
+        tok = empty_model(lambda: Tokenizer(cfg), sd)                 # no init of large weights that are overwritten
         # assign=True: the module takes the loaded tensors (on device); fp16 / bf16 exports back to fp32 first
         tok.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in sd.items()}, strict=True,
                             assign=True)
@@ -765,8 +783,7 @@ def load_far(path_or_ckpt, device="cpu", name=None):
         else:                 # official: find the state dict, infer the config, rename
             sd = next((ckpt[n] for n in ("model", "module", "state_dict") if n in ckpt), ckpt)
             cfg, sd = far_official_config(sd, ckpt.get("args")), far_official_to_ours(sd)
-        with torch.device("meta"):  # no init of ~1e9 weights that are overwritten anyway
-            model = FAR(cfg)
+        model = empty_model(lambda: FAR(cfg), sd)  # no init of ~1e9 weights that are overwritten anyway
         # assign=True takes the stored tensors as they are, so bring fp16 / bf16 exports back to fp32 first
         model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in sd.items()}, strict=True,
                               assign=True)

@@ -17,6 +17,7 @@ import torch.nn as nn
 TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(TESTS))
 sys.path.insert(0, TESTS)
+import checkpoints  # noqa: E402
 import images  # noqa: E402
 import parity_weights  # noqa: E402
 from checkpoints import (CheckpointError, config_from_official, far_official_to_ours, far_ours_to_official,  # noqa
@@ -302,3 +303,16 @@ def test_release_free_memory_hands_the_kept_heap_back_before_loader_workers_fork
     for workers in (0, 1):
         next(images.stream(Items(), 2, 0, 0, 1, 0, num_workers=workers))
         assert len(calls) == workers
+
+
+def test_small_models_load_without_the_meta_device_and_leave_the_random_generator(pair, monkeypatch):
+    """Models under checkpoints.META_ABOVE numbers are built as usual, larger ones on the meta device (empty_model):
+    both ways give the file's weights, and loading draws nothing from torch's random generator."""
+    d, _, _ = pair
+    state = torch.random.get_rng_state()
+    small = [load_tokenizer(d / "tok.pt"), load_far(d / "far.pt")]
+    assert torch.equal(torch.random.get_rng_state(), state)          # sample.py seeds before it loads
+    monkeypatch.setattr(checkpoints, "META_ABOVE", 0)                # these files, as a large one is built
+    large = [load_tokenizer(d / "tok.pt"), load_far(d / "far.pt")]
+    for a, b in zip(small, large):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
