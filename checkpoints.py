@@ -693,7 +693,7 @@ def _holds(ckpt):
 META_ABOVE = 100_000_000
 
 
-def empty_model(build, sd):
+def model_to_load(build, sd):
     """build() -> the module whose weights are the state dict sd (loaded with assign=True next): on the meta device for
     large sd, as usual for small ones, then without drawing from torch's random generator (loading a model leaves
     the random numbers of what follows, e.g. sample.py's seeded codes, as the meta device left them)."""
@@ -716,7 +716,7 @@ def load_tokenizer(path, device="cpu"):
             sd = next((ckpt[k] for k in ("ema", "model", "state_dict") if isinstance(ckpt, dict) and k in ckpt), ckpt)
             cfg = config_from_official(sd)
             sd, official = tokenizer_official_to_ours(sd, cfg), True
-        tok = empty_model(lambda: Tokenizer(cfg), sd)                 # no init of large weights that are overwritten
+        tok = model_to_load(lambda: Tokenizer(cfg), sd)               # no init of large weights that are overwritten
         # assign=True: the module takes the loaded tensors (on device); fp16 / bf16 exports back to fp32 first
         tok.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in sd.items()}, strict=True,
                             assign=True)
@@ -783,7 +783,7 @@ def load_far(path_or_ckpt, device="cpu", name=None):
         else:                 # official: find the state dict, infer the config, rename
             sd = next((ckpt[n] for n in ("model", "module", "state_dict") if n in ckpt), ckpt)
             cfg, sd = far_official_config(sd, ckpt.get("args")), far_official_to_ours(sd)
-        model = empty_model(lambda: FAR(cfg), sd)  # no init of ~1e9 weights that are overwritten anyway
+        model = model_to_load(lambda: FAR(cfg), sd)  # no init of large weights (up to ~1e9) overwritten anyway
         # assign=True takes the stored tensors as they are, so bring fp16 / bf16 exports back to fp32 first
         model.load_state_dict({n: t.float() if t.is_floating_point() else t for n, t in sd.items()}, strict=True,
                               assign=True)

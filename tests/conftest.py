@@ -72,13 +72,14 @@ Ranks = namedtuple("Ranks", "codes out")                            # exit codes
 
 @pytest.fixture(scope="session")
 def two_ranks():
-    """two_ranks(argv, cwd=ROOT, env=None) -> Ranks([code 0, code 1], [output 0, output 1]): what `torchrun
+    """two_ranks(argv, cwd=ROOT, env=None, check=True) -> Ranks([code 0, code 1], [output 0, output 1]): what `torchrun
     --standalone --nproc_per_node=2 argv` starts, without torchrun's agent. Each rank gets the environment torchrun
     gives it (RANK, LOCAL_RANK, WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR / MASTER_PORT, and OMP_NUM_THREADS=1 unless
     set), and when one rank fails the other gets SIGTERM, as torchrun sends it. The agent costs seconds per launch
     on 2 cores (its imports, the rendezvous, its shutdown: docs/results.md, "The test suite"); the tests of torchrun
-    itself (it passes SIGTERM on to every rank: test_preemption.py) and gpu_check.sh start the real one."""
-    def run(argv, cwd=ROOT, env=None, timeout=300):
+    itself (it passes SIGTERM on to every rank: test_preemption.py) and gpu_check.sh start the real one. check: both
+    ranks must exit 0 (the first failed rank's output is the assertion's message)."""
+    def run(argv, cwd=ROOT, env=None, timeout=300, check=True):
         with socket.socket() as s:                                      # a free port for the rendezvous
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -103,7 +104,9 @@ def two_ranks():
             log.seek(0)
             out.append(log.read())
             log.close()
-        return Ranks([p.returncode for p in procs], out)
+        codes = [p.returncode for p in procs]
+        assert not check or codes == [0, 0], (codes, out[[c != 0 for c in codes].index(True)][-3000:])
+        return Ranks(codes, out)
     return run
 
 

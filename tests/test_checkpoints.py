@@ -306,7 +306,7 @@ def test_release_free_memory_hands_the_kept_heap_back_before_loader_workers_fork
 
 
 def test_small_models_load_without_the_meta_device_and_leave_the_random_generator(pair, monkeypatch):
-    """Models under checkpoints.META_ABOVE numbers are built as usual, larger ones on the meta device (empty_model):
+    """Models under checkpoints.META_ABOVE numbers are built as usual, larger ones on the meta device (model_to_load):
     both ways give the file's weights, and loading draws nothing from torch's random generator."""
     d, _, _ = pair
     state = torch.random.get_rng_state()

@@ -372,8 +372,7 @@ def test_two_processes_equal_one(tok_ckpt, tmp_path, two_ranks):
     flags = ["--tokenizer-ckpt", tok_ckpt, "--num-images", "7", "--batch-size", "2", "--num-workers", "0", "--no-fid",
              "--no-lpips"]
     one = run_main(tmp_path, *flags)
-    ranks = two_ranks(["evaluate.py", *flags, "--out-json", str(tmp_path / "two.json")])   # 1 thread each
-    assert ranks.codes == [0, 0], ranks.out[0][-3000:]
+    two_ranks(["evaluate.py", *flags, "--out-json", str(tmp_path / "two.json")])   # 1 thread each
     two = json.loads((tmp_path / "two.json").read_text())      # rank 0 gets images 0, 2, 4, 6; rank 1 the rest
     assert one["images"] == two["images"] == 7
     for key in ("psnr", "ssim", "usage/0", "usage/1", "perplexity/0", "perplexity/1"):
@@ -395,15 +394,12 @@ def test_generation_mode_two_processes_equal_one(inception, tmp_path, two_ranks)
     flags = ["--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "ref"), "--inception-weights",
              inception, "--batch-size", "2"]
     one = run_main(tmp_path, *flags)
-    ranks = two_ranks(["evaluate.py", *flags, "--out-json", str(tmp_path / "two.json")])   # 1 thread each
-    assert ranks.codes == [0, 0], ranks.out[0][-3000:]
+    two_ranks(["evaluate.py", *flags, "--out-json", str(tmp_path / "two.json")])   # 1 thread each
     two = json.loads((tmp_path / "two.json").read_text())
     assert (one["images"], one["reference_images"], one["reference_unreadable"]) == (7, 5, 1)
     for key in ("images", "unreadable", "reference_images", "reference_unreadable", "fid", "inception_score",
                 "inception_score_std", "precision", "recall"):
-        # ssim: float32 convolutions over other batches round differently (measured: 1.3e-6 apart at 0.0297)
-        assert math.isclose(one[key], two[key], rel_tol=1e-4 if key == "ssim" else 1e-6, abs_tol=1e-6), \
-            (key, one[key], two[key])
+        assert math.isclose(one[key], two[key], rel_tol=1e-6, abs_tol=1e-6), (key, one[key], two[key])
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -80,12 +80,10 @@ def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tok_ckpt, tmp_
     assert output.count("stopped by SIGTERM after step") == 1, output[-3000:]   # one line, from rank 0
     stopped = weights(tmp_path / "split")["step"]
     assert 3 <= stopped < 12 and not (tmp_path / "split" / "codes" / "val").exists()   # --val-path ''
-    rest = two_ranks(far + ["--resume", "--out-dir", str(tmp_path / "split")])
-    assert rest.codes == [0, 0], rest.out[0][-3000:]
+    two_ranks(far + ["--resume", "--out-dir", str(tmp_path / "split")])
     (tmp_path / "full").mkdir()
     os.symlink(tmp_path / "split" / "codes", tmp_path / "full" / "codes")   # the same codes, extracted once
-    full = two_ranks(far + ["--out-dir", str(tmp_path / "full")])
-    assert full.codes == [0, 0], full.out[0][-3000:]
+    two_ranks(far + ["--out-dir", str(tmp_path / "full")])
     assert_same(weights(tmp_path / "split"), weights(tmp_path / "full"))
 
 

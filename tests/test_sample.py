@@ -49,8 +49,7 @@ def test_npz_is_class_balanced_and_the_same_for_two_processes(pair, tmp_path, tw
     for left in ("one.npz.part0.npy", "one.npz.part1.npy", "one.npz.tmp123", "two.npz.part3.npy"):   # by killed runs
         (tmp_path / left).write_bytes(b"x" * 100)
     sample.main(flags[1:] + ["--out-npz", str(tmp_path / "one.npz")])
-    ranks = two_ranks([*flags, "--out-npz", str(tmp_path / "two.npz")], cwd=tmp_path)
-    assert ranks.codes == [0, 0], ranks.out[0][-3000:]
+    two_ranks([*flags, "--out-npz", str(tmp_path / "two.npz")], cwd=tmp_path)
     one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
     assert one["arr_0"].shape == (7, 32, 32, 3) and one["arr_0"].dtype == np.uint8
     assert sorted(np.bincount(one["labels"], minlength=5)) == [1, 1, 1, 2, 2] and list(one["classes"]) == list("vwxyz")
@@ -117,7 +116,7 @@ sample.sample, dist.barrier = slow, signalled
 sample.main(sys.argv[1:])
 """)
     ranks = two_ranks([str(tmp_path / "run.py"), "--far-ckpt", str(pair[0] / "far.pt"), "--num-samples", "6",
-                       "--batch-size", "2", "--out-npz", str(tmp_path / "s.npz")], cwd=tmp_path)
+                       "--batch-size", "2", "--out-npz", str(tmp_path / "s.npz")], cwd=tmp_path, check=False)
     assert ranks.codes[1] == 143 and ranks.codes[0] != 0, ranks.out
     assert sorted(os.listdir(tmp_path)) == ["run.py"]                   # no part file, no npz
 
@@ -189,7 +188,6 @@ def test_png_mode_under_torchrun_is_written_once(pair, tmp_path, two_ranks):
     """The PNG grid is one file: under torchrun rank 0 alone samples and writes it; the other ranks only join."""
     ranks = two_ranks([os.path.join(ROOT, "sample.py"), "--far-ckpt", str(pair[0] / "far.pt"), "--class-id", "1",
                        "--per-class", "2", "--out", str(tmp_path / "grid.png")], cwd=tmp_path)
-    assert ranks.codes == [0, 0], ranks.out[0][-3000:]
     assert [out.count("wrote") for out in ranks.out] == [1, 0] and sorted(os.listdir(tmp_path)) == ["grid.png"]
 
 
