@@ -56,8 +56,9 @@ from checkpoints import (CheckpointError, check_pair, check_writable, keep_freed
 from far import generate
 from figures import line_plot
 from images import BUNDLED, ImageFolder, to_uint8
+from metrics import teacher_metrics
 from quantizer import codebook_usage
-from teachers import teacher_file
+from teachers import stand_in_teacher, teacher_file
 from tokenizer import PRESETS, Tokenizer, TokenizerConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -187,7 +188,7 @@ def tokenizer_run(preset, extra, seed, args, out):
 def teacher_judge(tok, args, n_samples):
     """The stand-in teacher, its features of real held-out crops (the reference) and the levels to read its numbers
     on (evaluate.teacher_levels: real crops, real against real, the tokenizer's reconstructions)."""
-    teacher, classes = evaluate.stand_in_teacher(args.teacher, "cpu")
+    teacher, classes = stand_in_teacher(args.teacher, "cpu")
     ref, levels = evaluate.teacher_levels(teacher, classes, os.path.join(BUNDLED, "val"), tok.cfg.image_shape,
                                           args.real_crops, n_samples, tok, "cpu")
     return teacher, ref, levels
@@ -200,7 +201,7 @@ def sample_metrics(model, tok, judge, scale, seed, per_class):
     labels = torch.arange(model.cfg.num_classes).repeat_interleave(per_class)   # (C * per_class,) every class
     g = torch.Generator().manual_seed(seed)                             # samples reproducible per seed
     images = to_uint8(tok.decode_codes(generate(model, labels, cfg_scale=scale, generator=g)))   # (N, 3, H, W)
-    acc, fd, _ = evaluate.teacher_metrics(teacher, images, labels, ref)
+    acc, fd, _ = teacher_metrics(teacher, images, labels, ref)
     return {"acc_teacher": acc, "fd_teacher": fd, "samples": len(labels)}
 
 
@@ -345,7 +346,7 @@ def parse_args(argv=None):
                 if name == "teacher" else ""))
     try:                         # and what they hold, before any training (--table ar trains a tokenizer first)
         load_tokenizer(args.tokenizer_ckpt) if "tokenizer_ckpt" in files else None   # e.g. a FAR file given here
-        evaluate.stand_in_teacher(args.teacher, "cpu") if "teacher" in files else None
+        stand_in_teacher(args.teacher, "cpu") if "teacher" in files else None
     except (CheckpointError, ValueError) as e:
         p.error(str(e))
     if args.figure:                                 # drawn at the end: its folder must be there now

@@ -4,7 +4,7 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
 Every file the project reads or writes that holds weights passes through here:
   init_distributed        torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> process group (NCCL on CUDA, gloo on CPU),
                           the CUDA numerics, the CPU allocator (keep_freed_memory); distribute: DDP, then
-                          torch.compile; device_flag: --device
+                          torch.compile; device_flag: --device; gather_on_rank0: any object of every rank
   start_training, native_bf16, lr_at, resume, init_weights, open_run, save_checkpoint, mean_over_ranks_or_stop
                           a training run as both training scripts use it: set-up, the lr schedule, exact resume
                           (weights, optimizers, RNG of every rank, data position), the JSONL log, atomic checkpoints
@@ -100,6 +100,16 @@ def init_distributed(device=None):
     else:
         rank, world = 0, 1                                            # plain python: one process
     return ddp, rank, world, local_rank, device
+
+
+def gather_on_rank0(obj):
+    """[rank 0's obj, rank 1's obj, ...] on rank 0 (pickled: any sizes, any types), None on the others; [obj] in a
+    plain one-process run. evaluate.py's features and unreadable files: the metrics are computed once, on rank 0."""
+    if not dist.is_initialized():
+        return [obj]
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(obj, parts, dst=0)
+    return parts
 
 
 def one_process_only(parser):

@@ -30,123 +30,31 @@ import json
 import math
 import os
 
-import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, check_writable, device_flag, init_distributed, load_tokenizer
-from images import (BUNDLED, IMAGE_EXTS, ImageFolder, image_batches, list_images, npz_header, open_rgb, random_crop,
-                    release_free_memory, to_tensor, to_uint8)
-from losses import LPIPS, read_weights, weights_dir
+from checkpoints import (CheckpointError, check_writable, device_flag, gather_on_rank0, init_distributed,
+                         load_tokenizer)
+from images import (BUNDLED, ImageFolder, check_sample_set, image_batches, labelled_samples, real_crops,
+                    release_free_memory, to_uint8)
+from losses import LPIPS
+from metrics import INCEPTION_FILE, LAYERS, class_probe, fidelity, load_inception, psnr, ssim, teacher_metrics
 from quantizer import codebook_usage
-from teachers import load_teacher
+from teachers import stand_in_teacher
 
 ROOT = os.path.dirname(os.path.abspath(__file__))                     # for the shipped weights/ default
 
-# Inception features per metric, as ADM's evaluator (the paper's Tab. 2): pool_3 (2048) for FID and precision /
-# recall, logits for IS. NOTE(paper≠code): torch-fidelity's own precision / recall default is VGG16 fc2.
-LAYERS = {"fid": "2048", "isc": "logits_unbiased", "prc": "2048"}     # torch-fidelity's feature names
-INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"   # the file name of torch-fidelity's URL_INCEPTION_V3
-
 
 # --------------------------------------------------------------------------------------------------------------
-# Metrics
-
-def psnr(a, b):
-    """PSNR (dB) per image of a, b (B, C, H, W) on [0, 1] -> (B,); identical images give 100 dB instead of inf."""
-    mse = (a.double() - b.double()).pow(2).flatten(1).mean(1)         # (B, C, H, W) -> (B, C*H*W) -> (B,)
-    return 10 * torch.log10(1 / mse.clamp(min=1e-10))                 # peak 1: images on [0, 1]; 1e-10 caps at 100
-
-
-def ssim(a, b, window=11, sigma=1.5, k1=0.01, k2=0.03, data_range=1.0):
-    """SSIM (Wang et al. 2004) per image of a, b (B, C, H, W) on [0, data_range] -> (B,): Gaussian window 11x11,
-    sigma 1.5, at every valid position, C1 = (k1 L)^2, C2 = (k2 L)^2, mean over positions and channels (= skimage's,
-    gaussian_weights=True, data_range=1). NOTE(paper≠code): L = 1; the released script's data_range=2 inflates it."""
-    if min(a.shape[-2:]) < window:                                    # no valid window position at all
-        raise ValueError(f"SSIM needs images of at least {window}x{window} pixels, got {tuple(a.shape[-2:])}")
-    a, b, c = a.double(), b.double(), a.shape[1]                      # float64: the variances are differences
-    g = torch.exp(-(torch.arange(window, dtype=a.dtype, device=a.device) - window // 2) ** 2 / (2 * sigma**2))
-    w = (torch.outer(g, g) / g.sum() ** 2).expand(c, 1, window, window)   # a normalised 2-D Gaussian per channel
-    blur = lambda x: F.conv2d(x, w, groups=c)   # local mean, depthwise: (B, C, H, W) -> (B, C, H-window+1, W-window+1)
-    mu_a, mu_b = blur(a), blur(b)                                     # local means
-    var_a, var_b, cov = blur(a * a) - mu_a**2, blur(b * b) - mu_b**2, blur(a * b) - mu_a * mu_b   # E[xy] - E[x]E[y]
-    c1, c2 = (k1 * data_range) ** 2, (k2 * data_range) ** 2           # the stabilisers; data_range = L
-    s = (2 * mu_a * mu_b + c1) * (2 * cov + c2) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))   # SSIM map
-    return s.mean((1, 2, 3))                                          # (B, C, H', W') -> (B,)
-
-
-def load_inception(device, path=None):
-    """torch-fidelity's Inception (the TF-Inception port that FID and ADM use) from a local file; never downloads."""
-    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3   # torch-fidelity's imports (torchvision,
-    from torch_fidelity.utils import create_feature_extractor   # torch._dynamo) cost 1.4 s: only where they are used
-    path = path or os.path.join(weights_dir(), INCEPTION_FILE)
-    if not os.path.isfile(path):                                      # offline by design: say where to put it
-        raise FileNotFoundError(f"Inception weights not found: {path} (download: {URL_INCEPTION_V3}); put the file "
-                                "there ($FQGAN_WEIGHTS, default torch.hub.get_dir()/checkpoints) or pass "
-                                "--inception-weights PATH")
-    read_weights(path, URL_INCEPTION_V3)    # a damaged file, pickled code: refused (torch-fidelity unpickles it fully)
-    return create_feature_extractor("inception-v3-compat", sorted(set(LAYERS.values())), cuda=False,
-                                    feature_extractor_weights_path=path, verbose=False).to(device)   # eval mode
-
-
-def fidelity(feats, ref=None, prc=True, device="cpu"):
-    """From the Inception features of the evaluated images and of the reference: IS (10 splits, or one per image below
-    10), FID (Sec. 4.1), precision / recall (Tab. 2, k = 3 as ADM); torch-fidelity's formulas, run by one process:
-    IS and precision / recall on `device` (the N x N neighbour distances), FID in numpy."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_isc import isc_features_to_metric
-    from torch_fidelity.metric_prc import prc_features_to_metric
-    sizes = [len(f[LAYERS["fid"]]) for f in (feats, ref) if f is not None]
-    if ref is not None and min(sizes) < (4 if prc else 2):         # a covariance needs 2 images, k = 3 neighbours 4
-        raise ValueError(f"{'FID and precision / recall need 4' if prc else 'rFID needs 2'} or more images in each "
-                         f"set, got {' and '.join(map(str, sizes))}")
-    isc = isc_features_to_metric(feats[LAYERS["isc"]].to(device), splits=min(10, len(feats[LAYERS["isc"]])))
-    out = {"inception_score": isc["inception_score_mean"], "inception_score_std": isc["inception_score_std"]}
-    if ref is not None:                                               # FID: Frechet distance of two Gaussians
-        stats = [fid_features_to_statistics(f[LAYERS["fid"]]) for f in (feats, ref)]   # (mu, sigma) of each set
-        out["fid"] = fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
-    if ref is not None and prc:     # batched k-NN balls (save_cpu_ram): never the whole N x N distance matrix
-        pr = prc_features_to_metric(*(f[LAYERS["prc"]].to(device) for f in (feats, ref)), save_cpu_ram=True,
-                                    verbose=False)
-        out["precision"], out["recall"] = pr["precision"], pr["recall"]
-    return out
-
+# Shared by the modes
 
 def gather(local):
     """A dict of lists of CPU tensors (a row per image), concatenated over all ranks in rank order on rank 0; None on
     the others (the metrics are computed once)."""
-    local = {k: torch.cat(v) for k, v in local.items() if v}          # [(b_i, ...)] -> (sum b_i, ...)
-    if not dist.is_initialized():                                     # one process: nothing to gather
-        return local
-    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(local, parts, dst=0)                           # pickled: ranks may hold different sizes
+    parts = gather_on_rank0({k: torch.cat(v) for k, v in local.items() if v})   # [(b_i, ...)] -> (sum b_i, ...)
     return parts and {k: torch.cat([p[k] for p in parts if k in p]) for k in set().union(*parts)}   # some have none
-
-
-def class_probe(features, labels, rows=1024):
-    """Fig. 4 as one number: leave-one-out nearest-centroid accuracy of images from their feature (N, d), labels (N,).
-    Each image is classified by the most cosine-similar class centroid, its own class's centroid computed without it;
-    images whose class has no other image are left out (None if that is every image). Chance is 1 / number of classes.
-    Memory: (rows, C) at a time, never (N, C, d): for a unit f, (s_c - f).f = s_c.f - 1 and |s_c - f|^2 = |s_c|^2 -
-    2 s_c.f + 1."""
-    f = F.normalize(features.double(), dim=1)                         # (N, d) unit rows: dot = cosine
-    classes, own = labels.unique(return_inverse=True)                 # (C,) sorted ids; (N,) each image's class
-    counts = torch.bincount(own, minlength=len(classes)).double()     # (C,) class sizes
-    sums = torch.zeros(len(classes), f.shape[1], dtype=f.dtype).index_add_(0, own, f)   # (C, d) per-class sums
-    hits, kept = 0, 0
-    for i in range(0, len(f), rows):
-        o, r = own[i:i + rows], torch.arange(len(f[i:i + rows]))       # (n,) own classes, row numbers
-        dot = f[i:i + rows] @ sums.T                                  # (n, C) s_c . f
-        sq, sizes = sums.pow(2).sum(1).expand_as(dot).clone(), counts.expand_as(dot).clone()   # (n, C) |s_c|^2, sizes
-        sq[r, o], sizes[r, o] = sq[r, o] - 2 * dot[r, o] + 1, sizes[r, o] - 1   # own class without the image
-        dot[r, o] -= 1
-        scores = (dot / sq.clamp(min=0).sqrt().clamp(min=1e-12)).masked_fill(sizes == 0, -math.inf)
-        keep = sizes[r, o] > 0                                        # the image's class has another image
-        hits, kept = hits + (scores.argmax(1) == o)[keep].sum().item(), kept + keep.sum().item()
-    return hits / kept if kept else None      # accuracy over kept images; None (null in the JSON): no class had two
 
 
 def optional(flag, build, what):
@@ -237,11 +145,8 @@ def evaluate_generation(args, device, rank, world):
             local.setdefault("index", []).append(index)
             for k, v in inception.convert_features_tuple_to_dict(inception(x.to(device))).items():
                 local.setdefault(k, []).append(v.cpu())
-        if dist.is_initialized():                                     # every rank's unreadable files, on rank 0
-            parts = [None] * world if rank == 0 else None
-            dist.gather_object(skipped, parts, dst=0)
-            skipped = sorted(sum(parts, [])) if rank == 0 else skipped
-        unreadable[path] = skipped
+        parts = gather_on_rank0(skipped)                              # every rank's unreadable files, on rank 0
+        unreadable[path] = sorted(sum(parts, [])) if parts else skipped
         feats = gather(local)
         if feats is None:                                             # ranks > 0
             return None
@@ -262,73 +167,6 @@ def evaluate_generation(args, device, rank, world):
 
 # --------------------------------------------------------------------------------------------------------------
 # Generation mode without a download: the stand-in teacher in Inception's place (acc_teacher, fd_teacher)
-
-def frechet(a, b):
-    """The FID formula (Heusel et al. 2017) on any features a (N, d), b (M, d): torch-fidelity's implementation."""
-    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
-    stats = [fid_features_to_statistics(f.double().cpu()) for f in (a, b)]   # (mean, covariance) of each set
-    return fid_statistics_to_metric(*stats, verbose=False)["frechet_inception_distance"]
-
-
-def real_crops(root, size, n, seed):
-    """n random crops (uint8 (n, 3, H, W), labels (n,)) of the photos under root, cycling through them: the crops FAR's
-    tiny recipe trains on (images.random_crop, scale up to 1.25, flips), drawn from one seeded generator."""
-    folder = ImageFolder(root, size, train=False)                     # lists root/<class>/<image>
-    photos = [(open_rgb(path), label) for path, label in folder.samples]
-    photos = [(img, label) for img, label in photos if img is not None]   # unreadable files: left out
-    g = torch.Generator().manual_seed(seed)
-    x = torch.stack([to_uint8(to_tensor(random_crop(photos[i % len(photos)][0], size, g))) for i in range(n)])
-    return x, torch.tensor([photos[i % len(photos)][1] for i in range(n)]), folder.classes
-
-
-@torch.no_grad()
-def teacher_metrics(teacher, x, labels, reference, batch=256):
-    """acc (top-1 of the teacher on uint8 images x (N, 3, H, W) against labels (N,)) and fd (Frechet distance of
-    their pooled features to the features `reference` (M, width)); returns (acc, fd, features)."""
-    feats = torch.cat([teacher(x[i:i + batch].float() / 127.5 - 1) for i in range(0, len(x), batch)])   # (N, width)
-    acc = (teacher.net.classifier(feats).argmax(1) == labels).double().mean().item()   # PhotoCNN's own classifier
-    return acc, None if reference is None else frechet(feats, reference), feats
-
-
-def labelled_samples(path, classes):
-    """Samples with the teacher's class ids: an npz with `labels` (sample.py's: the FAR's ids, and their names in
-    `classes` when the FAR has them) or a folder root/<class name>/<image> whose class names are the teacher's ->
-    (uint8 (N, 3, H, W), labels (N,), unreadable files)."""
-    unreadable = []
-    if path.endswith(".npz"):
-        with np.load(path) as f:
-            if "labels" not in f:
-                raise ValueError(f"{path} has no labels array (sample.py --out-npz writes one)")
-            labels = torch.from_numpy(f["labels"]).long()             # (N,) the FAR's class ids
-            names = list(f["classes"]) if "classes" in f else None    # (C,) the FAR's class names, id = index
-        if names is not None:                                         # FAR's id -> the teacher's id of that name
-            if len(labels) and not 0 <= labels.min() <= labels.max() < len(names):
-                raise ValueError(f"{path}: labels in [{labels.min()}, {labels.max()}] for {len(names)} class names")
-            if set(names) - set(classes):                             # a FAR of other classes than the teacher's
-                raise ValueError(f"{path}: the FAR's classes {', '.join(sorted(set(names) - set(classes))[:10])} are "
-                                 f"not among the teacher's ({', '.join(classes)})")
-            labels = torch.tensor([classes.index(n) for n in names])[labels]   # e.g. a FAR of 3 of the 11 photos
-        x = torch.cat([x for _, x in image_batches(path, 1024)])      # (N, 3, H, W) uint8: sample sets are small here
-    else:
-        folders = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
-        if not folders or set(folders) - set(classes):
-            raise ValueError(f"{path}: needs class folders named as the teacher's classes ({', '.join(classes)}), "
-                             f"found {', '.join(folders) or 'none'}")
-        parts = [(torch.cat([x for _, x in image_batches(os.path.join(path, c), 1024, unreadable=unreadable)]),
-                  classes.index(c))
-                 for c in folders if list_images(os.path.join(path, c))]
-        x, labels = torch.cat([p for p, _ in parts]), torch.cat([torch.full((len(p),), c) for p, c in parts])
-    if len(x) != len(labels) or labels.min() < 0 or labels.max() >= len(classes):
-        raise ValueError(f"{path}: {len(labels)} labels in [{labels.min()}, {labels.max()}] for {len(x)} images; the "
-                         f"teacher knows {len(classes)} classes (ids 0..{len(classes) - 1})")
-    return x, labels, unreadable
-
-
-def stand_in_teacher(path, device):
-    """The stand-in teacher (train_teacher.py's PhotoCNN) on device, frozen, and its class names (index = class id)."""
-    return (load_teacher(f"cnn:{path}").to(device),
-            torch.load(path, map_location="cpu", weights_only=True)["classes"])
-
 
 def teacher_levels(teacher, classes, root, size, n_real, n_floor, tok, device):
     """The scale to read acc_teacher / fd_teacher on -> (reference features (n_real, width), levels): the teacher on
@@ -401,15 +239,10 @@ def parse_args(argv=None):
         if not os.path.exists(path):
             p.error(f"--{name.replace('_', '-')} {path} does not exist" + (" (train one with train_tokenizer.py, or "
                     "pass a checkpoint)" if name == "tokenizer_ckpt" else ""))
-        if name in ("samples", "reference") and os.path.isfile(path) and not path.endswith(".npz"):
-            p.error(f"--{name} {path}: a file that is not an .npz; give an npz (arr_0: N x H x W x 3 uint8, what "
-                    f"sample.py --out-npz writes) or a folder of images")
         try:                                                          # reads the npz header only, not the images
-            npz_header(path) if name in ("samples", "reference") and path.endswith(".npz") else None
+            check_sample_set(path) if name in ("samples", "reference") else None
         except ValueError as e:
             p.error(f"--{name} {e}")
-        if name in ("samples", "reference") and os.path.isdir(path) and not list_images(path):
-            p.error(f"--{name} {path}: no images (extensions {', '.join(IMAGE_EXTS)})")
     if args.inception_weights and not os.path.isfile(args.inception_weights):   # given: wanted, never skipped
         p.error(f"--inception-weights {args.inception_weights}: no such file")
     if args.classes and not args.samples and not set(args.classes) <= set(os.listdir(args.data_path)):
@@ -428,33 +261,24 @@ def main(argv=None):
     args, parser = parse_args(argv)
     ddp, rank, world, _, device = init_distributed(args.device)       # torchrun: shard the images over ranks
     torch.backends.cudnn.allow_tf32 = False                           # metrics: true fp32 convolutions (Inception)
+    # One line and exit 2 for: a file that is no checkpoint, a folder without images, every image unreadable, weights
+    # (Inception, LPIPS) asked for and missing (the line names the file and where from), sets of other image sizes
     try:
         tok = None if args.reference else load_tokenizer(args.tokenizer_ckpt, device)   # ours or official, eval mode
-    except CheckpointError as e:
-        parser.error(str(e))
-    if args.reference:
-        inputs = {"samples": args.samples, "reference": args.reference}
-        try:   # no Inception weights (which file, where from), samples and reference of other sizes: exit 2
+        if args.reference:
+            inputs = {"samples": args.samples, "reference": args.reference}
             metrics = evaluate_generation(args, device, rank, world)
-        except (FileNotFoundError, ValueError) as e:
-            parser.error(str(e))
-    elif args.samples:                                                # small sets: rank 0 does it all
-        inputs = {"samples": args.samples, "teacher": args.teacher, "real": args.data_path,
-                  "tokenizer": args.tokenizer_ckpt}
-        try:
+        elif args.samples:                                            # small sets: rank 0 does it all
+            inputs = {"samples": args.samples, "teacher": args.teacher, "real": args.data_path,
+                      "tokenizer": args.tokenizer_ckpt}
             metrics = evaluate_with_teacher(args, tok, device) if rank == 0 else None
-        except ValueError as e:
-            parser.error(str(e))
-    else:
-        try:   # a folder without images: one line, exit 2
+        else:
             dataset = ImageFolder(args.data_path, tok.cfg.image_shape, train=False, only=args.classes)   # ADM crop
-        except FileNotFoundError as e:
-            parser.error(str(e))
-        inputs = {"checkpoint": args.tokenizer_ckpt, "data_path": args.data_path, "image_size": "%dx%d" % dataset.size}
-        try:   # every image unreadable; LPIPS' or Inception's weights asked for and missing: exit 2
+            inputs = {"checkpoint": args.tokenizer_ckpt, "data_path": args.data_path,
+                      "image_size": "%dx%d" % dataset.size}
             metrics = evaluate_tokenizer(args, tok, dataset, device, rank, world)
-        except (FileNotFoundError, ValueError) as e:
-            parser.error(str(e))
+    except (FileNotFoundError, ValueError) as e:                      # CheckpointError is a ValueError
+        parser.error(str(e))
     res = metrics and {**inputs, **metrics}                           # None on ranks > 0: rank 0 reports
     if res:
         for key, value in res.items():                        # the table: one line per metric, null when missing

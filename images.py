@@ -11,6 +11,7 @@ The models (quantizer, tokenizer, losses, far) never import this file; the scrip
   to_uint8        [-1, 1] -> uint8 exactly as the official sampler writes its PNGs
   image_batches   uint8 batches (with their indices) streamed from an ADM npz or a folder, or a rank's share of
                   them (evaluate.py's generation mode); write_npz of npz_parts; remove_left_parts (a killed run's)
+  labelled_samples  a sample set with its class ids (npz labels or class folders); real_crops: seeded random crops
   save_png        atomic PNG writer (temp file + os.replace); save_grid draws a batch as one grid
 """
 import atexit
@@ -261,6 +262,18 @@ def npz_header(path):
     return shape[:3]
 
 
+def check_sample_set(path):
+    """ValueError naming the file and the fault unless path is a sample set image_batches can read: an npz in ADM's
+    layout (only its header is read) or a folder with images."""
+    if os.path.isfile(path) and not path.endswith(".npz"):
+        raise ValueError(f"{path}: a file that is not an .npz; give an npz (arr_0: N x H x W x 3 uint8, what "
+                         "sample.py --out-npz writes) or a folder of images")
+    if path.endswith(".npz"):
+        npz_header(path)
+    elif not list_images(path):
+        raise ValueError(f"{path}: no images (extensions {', '.join(IMAGE_EXTS)})")
+
+
 def image_batches(path, batch_size, size=None, unreadable=None, shard=(0, 1)):
     """(index (B,), uint8 (B, 3, H, W)) batches from an npz (arr_0: N x H x W x 3 uint8, the ADM layout sample.py
     writes; streamed from the zip, never loaded whole) or from the images of a folder at any depth (center crop to
@@ -299,6 +312,52 @@ def image_batches(path, batch_size, size=None, unreadable=None, shard=(0, 1)):
             batch, index = [], []
     if batch:
         yield torch.tensor(index), torch.stack(batch)
+
+
+def labelled_samples(path, classes):
+    """A labelled sample set, its labels as ids into `classes` (the stand-in teacher's, evaluate.py): an npz with
+    `labels` (sample.py's: the FAR's ids, and their names in `classes` when the FAR has them) or a folder
+    root/<class name>/<image> of names in `classes` -> (uint8 (N, 3, H, W), labels (N,), unreadable files)."""
+    unreadable = []
+    if path.endswith(".npz"):
+        with np.load(path) as f:
+            if "labels" not in f:
+                raise ValueError(f"{path} has no labels array (sample.py --out-npz writes one)")
+            labels = torch.from_numpy(f["labels"]).long()             # (N,) the FAR's class ids
+            names = list(f["classes"]) if "classes" in f else None    # (C,) the FAR's class names, id = index
+        if names is not None:                                         # FAR's id -> the teacher's id of that name
+            if len(labels) and not 0 <= labels.min() <= labels.max() < len(names):
+                raise ValueError(f"{path}: labels in [{labels.min()}, {labels.max()}] for {len(names)} class names")
+            if set(names) - set(classes):                             # a FAR of other classes than the teacher's
+                raise ValueError(f"{path}: the FAR's classes {', '.join(sorted(set(names) - set(classes))[:10])} are "
+                                 f"not among the teacher's ({', '.join(classes)})")
+            labels = torch.tensor([classes.index(n) for n in names])[labels]   # e.g. a FAR of 3 of the 11 photos
+        x = torch.cat([x for _, x in image_batches(path, 1024)])      # (N, 3, H, W) uint8: sample sets are small here
+    else:
+        folders = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d)))
+        if not folders or set(folders) - set(classes):
+            raise ValueError(f"{path}: needs class folders named as the teacher's classes ({', '.join(classes)}), "
+                             f"found {', '.join(folders) or 'none'}")
+        parts = [(torch.cat([x for _, x in image_batches(os.path.join(path, c), 1024, unreadable=unreadable)]),
+                  classes.index(c))
+                 for c in folders if list_images(os.path.join(path, c))]
+        x, labels = torch.cat([p for p, _ in parts]), torch.cat([torch.full((len(p),), c) for p, c in parts])
+    if len(x) != len(labels) or labels.min() < 0 or labels.max() >= len(classes):
+        raise ValueError(f"{path}: {len(labels)} labels in [{labels.min()}, {labels.max()}] for {len(x)} images; the "
+                         f"teacher knows {len(classes)} classes (ids 0..{len(classes) - 1})")
+    return x, labels, unreadable
+
+
+def real_crops(root, size, n, seed):
+    """n random crops (uint8 (n, 3, H, W), labels (n,)) of the photos under root, cycling through them: the crops FAR's
+    tiny recipe trains on (images.random_crop, scale up to 1.25, flips), drawn from one seeded generator."""
+    folder = ImageFolder(root, size, train=False)                     # lists root/<class>/<image>
+    photos = [(open_rgb(path), label) for path, label in folder.samples]
+    photos = [(img, label) for img, label in photos if img is not None]   # unreadable files: left out
+    g = torch.Generator().manual_seed(seed)
+    x = torch.stack([to_uint8(to_tensor(random_crop(photos[i % len(photos)][0], size, g))) for i in range(n)])
+    return x, torch.tensor([photos[i % len(photos)][1] for i in range(n)]), folder.classes
+
 
 
 def write_npz(path, files, batch, labels, classes=None):

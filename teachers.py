@@ -165,6 +165,12 @@ def load_teacher(spec, weights_path=None, pretrained=True, interpolation="neares
         raise FileNotFoundError(message + f" ({type(e).__name__}: {e})") from e     # download, not a weight file
 
 
+def stand_in_teacher(path, device):
+    """The stand-in teacher (train_teacher.py's PhotoCNN) on device, frozen, and its class names (index = class id)."""
+    return (load_teacher(f"cnn:{path}").to(device),
+            torch.load(path, map_location="cpu", weights_only=True)["classes"])
+
+
 def build_teachers(specs, weights_paths=None, device=None, pretrained=True, interpolation="nearest"):
     """{branch i: Teacher} for every non-None entry of `specs` (TokenizerConfig.teachers).
 

@@ -1,4 +1,4 @@
-"""evaluate.py: PSNR / SSIM against hand computations, FID with a random Inception, code usage over a whole set,
+"""evaluate.py and metrics.py: PSNR / SSIM against hand computations, FID with a random Inception, code usage over a whole set,
 2 processes equal 1, figures, npz streaming, missing weights and bad flags.
 
 No network: torch-fidelity's Inception is built with random weights and saved to a temp file; the Inception metrics
@@ -22,8 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import evaluate  # noqa: E402
 import figures  # noqa: E402
+import images  # noqa: E402
+import metrics  # noqa: E402
 from checkpoints import load_tokenizer  # noqa: E402
 from images import BUNDLED, ImageFolder, center_crop, image_batches, to_uint8  # noqa: E402
+from losses import LPIPS  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 VAL = os.path.join(BUNDLED, "val")
@@ -53,7 +56,7 @@ def inception(tmp_path_factory):
 def small_layers(monkeypatch):
     """Inception metrics on the first pooled layer of a 75 px input: about 100x cheaper than "2048" at 299 px."""
     for metric in ("fid", "isc", "prc"):
-        monkeypatch.setitem(evaluate.LAYERS, metric, "64")
+        monkeypatch.setitem(metrics.LAYERS, metric, "64")
     monkeypatch.setattr(FeatureExtractorInceptionV3, "INPUT_IMAGE_SIZE", 75)
 
 
@@ -82,15 +85,15 @@ def test_to_uint8_gives_back_the_crop_pixels():
 def test_psnr_hand_values():
     a = torch.zeros(3, 3, 8, 8)
     b = torch.stack([torch.full((3, 8, 8), v) for v in (0.1, 0.01, 0.0)])
-    assert torch.allclose(evaluate.psnr(b, a), torch.tensor([20.0, 40.0, 100.0], dtype=torch.float64))
+    assert torch.allclose(metrics.psnr(b, a), torch.tensor([20.0, 40.0, 100.0], dtype=torch.float64))
 
 
 def test_ssim_of_constant_images_is_the_luminance_term():
     # sigma = cov = 0: SSIM = (2ab + C1) / (a^2 + b^2 + C1) * C2 / C2
     a, b = torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 16, 16), 0.7)
     c1 = 0.01**2
-    assert math.isclose(evaluate.ssim(a, b).item(), (2 * 0.2 * 0.7 + c1) / (0.2**2 + 0.7**2 + c1), rel_tol=1e-6)
-    assert math.isclose(evaluate.ssim(a, a).item(), 1.0, rel_tol=1e-12)
+    assert math.isclose(metrics.ssim(a, b).item(), (2 * 0.2 * 0.7 + c1) / (0.2**2 + 0.7**2 + c1), rel_tol=1e-6)
+    assert math.isclose(metrics.ssim(a, a).item(), 1.0, rel_tol=1e-12)
 
 
 def test_ssim_equals_a_loop_over_windows():
@@ -111,17 +114,17 @@ def test_ssim_equals_a_loop_over_windows():
                     vx, vy, cxy = (w * (x - mx) ** 2).sum(), (w * (y - my) ** 2).sum(), (w * (x - mx) * (y - my)).sum()
                     values.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
         expected[n] = np.mean(values)
-    got = evaluate.ssim(a, b).numpy()
+    got = metrics.ssim(a, b).numpy()
     assert np.allclose(got, expected, atol=1e-10) and (got < 0.99).all()
     # the official data_range=2 on [0, 1] images (official_code.md §4.2) inflates the score
-    assert (evaluate.ssim(a, b, data_range=2.0).numpy() > got).all()
+    assert (metrics.ssim(a, b, data_range=2.0).numpy() > got).all()
 
 
 # --------------------------------------------------------------------------------------------------------------
 # torch-fidelity metrics
 
 def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(inception, small_layers):
-    fe = evaluate.load_inception("cpu", inception)
+    fe = metrics.load_inception("cpu", inception)
     x = photos(16)
     g = torch.Generator().manual_seed(0)
 
@@ -129,7 +132,7 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_with_noise(inception, small_
         noisy = (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 255).to(torch.uint8)
         return fe.convert_features_tuple_to_dict(fe(noisy))
     ref = feats(0)
-    fids = [evaluate.fidelity(feats(sigma), ref)["fid"] for sigma in (0, 8, 32, 96)]
+    fids = [metrics.fidelity(feats(sigma), ref)["fid"] for sigma in (0, 8, 32, 96)]
     assert abs(fids[0]) < 1e-3 * fids[1] and fids[1] < fids[2] < fids[3], fids
 
 
@@ -193,10 +196,10 @@ def test_fid_and_precision_recall_refuse_too_few_images():
     says 'Array must not contain infs or NaNs' / 'kthvalue(): selected number k out of range')."""
     feats = lambda n: {v: torch.randn(n, 16) for v in evaluate.LAYERS.values()}
     with pytest.raises(ValueError, match="FID and precision / recall need 4 or more images in each set, got 3 and 9"):
-        evaluate.fidelity(feats(3), feats(9))
+        metrics.fidelity(feats(3), feats(9))
     with pytest.raises(ValueError, match="rFID needs 2 or more images in each set, got 1 and 1"):
-        evaluate.fidelity(feats(1), feats(1), prc=False)
-    assert set(evaluate.fidelity(feats(4), feats(4))) >= {"fid", "precision", "recall"}
+        metrics.fidelity(feats(1), feats(1), prc=False)
+    assert set(metrics.fidelity(feats(4), feats(4))) >= {"fid", "precision", "recall"}
 
 
 def test_frechet_equals_the_formula_through_symmetric_square_roots():
@@ -208,8 +211,8 @@ def test_frechet_equals_the_formula_through_symmetric_square_roots():
     s1, s2 = torch.cov(a.double().T), torch.cov(b.double().T)
     expected = (a.double().mean(0) - b.double().mean(0)).pow(2).sum() + torch.trace(s1 + s2 - 2 * sqrtm(
         sqrtm(s1) @ s2 @ sqrtm(s1)))                          # |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^.5 S2 S1^.5)^.5)
-    assert math.isclose(evaluate.frechet(a, b), expected.item(), rel_tol=1e-6)
-    assert abs(evaluate.frechet(a, a)) < 1e-6
+    assert math.isclose(metrics.frechet(a, b), expected.item(), rel_tol=1e-6)
+    assert abs(metrics.frechet(a, a)) < 1e-6
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +221,7 @@ def crops():
     from) and their labels: real images as a sample set. The margins of the two tests below at 150 crops, for crop
     seeds 7-10 and 12: |acc - acc_real| <= 0.045 (bound 0.1), shuffled acc <= 0.133 (0.25), fd <= 0.28 of its bound,
     the grey set's fd 3.3x its bound (at 300 crops the test took twice as long, the floor's reconstructions)."""
-    x, labels, classes = evaluate.real_crops(VAL, (32, 32), 150, seed=7)
+    x, labels, classes = images.real_crops(VAL, (32, 32), 150, seed=7)
     return x, labels, classes
 
 
@@ -310,7 +313,7 @@ def test_tokenizer_mode_lpips_with_its_weights_equals_lpips_of_the_uint8_images(
     monkeypatch.setenv("FQGAN_WEIGHTS", str(lpips_files[0]))
     res = run_main(tmp_path, "--tokenizer-ckpt", tok_ckpt, "--num-images", "5", "--batch-size", "2",
                    "--num-workers", "0", "--no-fid")
-    tok, lpips = load_tokenizer(tok_ckpt), evaluate.LPIPS()
+    tok, lpips = load_tokenizer(tok_ckpt), LPIPS()
     x = torch.stack([ImageFolder(VAL, (32, 32), train=False)[i][0] for i in range(5)])
     with torch.no_grad():
         rec, real = to_uint8(tok.decode_codes(tok.encode(x))), to_uint8(x)
@@ -335,9 +338,9 @@ def test_class_probe_equals_a_leave_one_out_loop():
                 centroid = torch.stack([F.normalize(features[m], dim=0) for m in members]).sum(0)
                 scores[c] = F.cosine_similarity(centroid, features[n], dim=0).item()
         hits.append(max(scores, key=scores.get) == labels[n].item())
-    assert len(hits) == 8 and evaluate.class_probe(features, labels) == pytest.approx(sum(hits) / len(hits))
-    assert evaluate.class_probe(F.one_hot(labels, 5).float(), labels) == 1.0   # separable classes: every hit
-    assert evaluate.class_probe(features[[0, 3, 5]], labels[[0, 3, 5]]) is None   # one image per class: no probe
+    assert len(hits) == 8 and metrics.class_probe(features, labels) == pytest.approx(sum(hits) / len(hits))
+    assert metrics.class_probe(F.one_hot(labels, 5).float(), labels) == 1.0   # separable classes: every hit
+    assert metrics.class_probe(features[[0, 3, 5]], labels[[0, 3, 5]]) is None   # one image per class: no probe
 
 
 def test_usage_counts_the_whole_set_not_each_batch(tok_ckpt, tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from PIL import Image
 ROOT = str(Path(__file__).resolve().parents[1])
 sys.path.insert(0, ROOT)
 import train_teacher  # noqa: E402
-from evaluate import stand_in_teacher  # noqa: E402
+from teachers import stand_in_teacher  # noqa: E402
 from teachers import load_teacher  # noqa: E402
 
 COLOURS = {"blue": (20, 40, 220), "green": (30, 200, 40), "red": (220, 30, 30)}   # one class per colour
