@@ -51,8 +51,8 @@ import torch
 import evaluate
 import train_far
 import train_tokenizer
-from checkpoints import (CheckpointError, check_pair, check_writable, keep_freed_memory, load_far, load_tokenizer,
-                         one_process_only, peak_mib, read_checkpoint)
+from checkpoints import (CheckpointError, check_flags, check_writable, keep_freed_memory, load_far, load_pair,
+                         load_tokenizer, one_process_only, peak_mib)
 from far import generate
 from figures import line_plot
 from images import BUNDLED, ImageFolder, to_uint8
@@ -330,13 +330,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     one_process_only(p)
     # Every value is checked before any work: one line naming the flag, the value and the valid range, exit 2.
-    for name, ok, valid in (*((n, getattr(args, n) is None or getattr(args, n) >= 1, "an integer >= 1")
-                              for n in ("steps", "batch_size", "usage_crops", "log_every")),   # None: the default
-                            *((n, getattr(args, n) >= 2, "an integer >= 2")
-                              for n in ("samples_per_class", "real_crops")),
-                            ("scales", all(math.isfinite(s) and s >= 0 for s in args.scales), "finite numbers >= 0")):
-        if not ok:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
+    check_flags(p, args, *((n, getattr(args, n) is None or getattr(args, n) >= 1, "an integer >= 1")
+                           for n in ("steps", "batch_size", "usage_crops", "log_every")),   # None: the default
+                *((n, getattr(args, n) >= 2, "an integer >= 2") for n in ("samples_per_class", "real_crops")),
+                ("scales", all(math.isfinite(s) and s >= 0 for s in args.scales), "finite numbers >= 0"))
     far_files = ["teacher"] + ["tokenizer_ckpt"] * (not args.quick)    # --quick: a random tokenizer if absent
     files = {"4": far_files, "ar": far_files, "cfg": ["teacher", "tokenizer_ckpt", "far_ckpt"]}.get(args.table, [])
     for name in files:
@@ -408,16 +405,14 @@ def main(argv=None):
                         "bits_per_token": k * math.log2(K), "flags": " ".join(["--preset", preset, *extra])}
     elif args.table == "cfg":                       # nothing trained: one FAR, sampled at every scale
         try:
-            ckpt = read_checkpoint(args.far_ckpt, "--far-ckpt")
-            model, tok = load_far(ckpt, name=args.far_ckpt), load_tokenizer(args.tokenizer_ckpt)
-            check_pair(model.cfg, tok, ckpt.get("tokenizer", {}), args.far_ckpt, args.tokenizer_ckpt)   # its codes
+            model, tok, _, info = load_pair(args.far_ckpt, args.tokenizer_ckpt)   # checked: it decodes FAR's codes
         except CheckpointError as e:
             parser.error(str(e))
         judge = teacher_judge(tok, args, model.cfg.num_classes * args.samples_per_class)
         results["levels"] = judge[2]                                # real crops, real vs real, reconstructions
         del results["budget"]["global_batch_size"]                  # nothing trained
-        results["budget"].update(far=os.path.abspath(args.far_ckpt).removeprefix(ROOT + os.sep), far_step=ckpt.get(
-            "step"), tokenizer=os.path.abspath(args.tokenizer_ckpt).removeprefix(ROOT + os.sep),
+        results["budget"].update(far=os.path.abspath(args.far_ckpt).removeprefix(ROOT + os.sep), far_step=info[
+            "step"], tokenizer=os.path.abspath(args.tokenizer_ckpt).removeprefix(ROOT + os.sep),
             samples_per_class=args.samples_per_class, real_crops=args.real_crops)
         run = lambda name, seed, out: cfg_run(float(name), seed, args, model, tok, judge)
     elif args.table == "ar":                        # two tokenizers, one FAR head each

@@ -4,7 +4,8 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
 Every file the project reads or writes that holds weights passes through here:
   init_distributed        torchrun's RANK / WORLD_SIZE / LOCAL_RANK -> process group (NCCL on CUDA, gloo on CPU),
                           the CUDA numerics, the CPU allocator (keep_freed_memory); distribute: DDP, then
-                          torch.compile; device_flag: --device; gather_on_rank0: any object of every rank
+                          torch.compile; device_flag: --device; check_flags: the scripts' value checks;
+                          gather_on_rank0: any object of every rank, on rank 0
   start_training, native_bf16, lr_at, resume, init_weights, open_run, save_checkpoint, mean_over_ranks_or_stop
                           a training run as both training scripts use it: set-up, the lr schedule, exact resume
                           (weights, optimizers, RNG of every rank, data position), the JSONL log, atomic checkpoints
@@ -12,8 +13,8 @@ Every file the project reads or writes that holds weights passes through here:
   read_checkpoint         torch.load(weights_only=True) with one clear line for every way a file can be wrong
   load_tokenizer, load_far
                           our checkpoints and the official FQGAN / FAR ones (renamed, config inferred from shapes)
-  codebook_fingerprint, check_pair
-                          which tokenizer a FAR was trained on, and the refusal of a mismatched pair
+  codebook_fingerprint, check_pair, load_pair
+                          which tokenizer a FAR was trained on, the refusal of a mismatched pair, a checked pair
   peak_mib                the extra peak resident memory of one call (bench.py, ablate.py's runs)
 Nothing pickled is ever executed: weights_only=True, with argparse.Namespace as the one allowed class (the official
 files store their training arguments that way).
@@ -33,6 +34,7 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 import zipfile
 from dataclasses import asdict
 
@@ -118,6 +120,14 @@ def one_process_only(parser):
     world = os.environ.get("WORLD_SIZE", "1")
     if world != "1":
         parser.error(f"runs in one process, and torchrun started {world}: start it with python, not torchrun")
+
+
+def check_flags(parser, args, *rules):
+    """Every script's value checks, before any work: rules are (flag's dest, ok, the valid range in words); the first
+    that is not ok is one line naming the flag, its value and the range, exit 2 (argparse's error)."""
+    for name, ok, valid in rules:
+        if not ok:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
 
 
 def device_flag(text):
@@ -513,6 +523,18 @@ def stop_requested(device, save_due):
     return bool(flags[0]), bool(flags[1])
 
 
+def wait_for_ranks():
+    """dist.barrier() that a stop signal ends: True once every rank got here (at once in one process), False as soon
+    as a signal is noted in STOP, e.g. torchrun's SIGTERM when another rank failed, instead of blocking until its
+    SIGKILL (sample.py's ranks waiting for each other's part files)."""
+    done = dist.barrier(async_op=True) if dist.is_initialized() else None
+    while done is not None and not done.is_completed():
+        if STOP:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 def exit_stopped(args, step, argv, script):
     """After the checkpoint of a stopped run: one line naming the step and the resume command, exit 128 + signal."""
     signum = STOP.get("signal", signal.SIGTERM)
@@ -816,6 +838,25 @@ def check_pair(far_cfg, tok, recorded, far_path, tok_path):
     if recorded.get("fingerprint") and recorded["fingerprint"] != codebook_fingerprint(tok):   # official: none
         raise CheckpointError(f"mismatched pair: {far_path} was trained on the codes of the tokenizer with codebook "
                               f"fingerprint {recorded['fingerprint']}, but {tok_path} has {codebook_fingerprint(tok)}")
+
+
+def load_pair(far_path, tok_path=None, device="cpu"):
+    """(FAR, tokenizer, the tokenizer's path, {"classes": the FAR's class names, "step": its training step}, None where
+    the file has none) on device, in eval mode, checked against each other (check_pair), or a CheckpointError of one
+    line (sample.py, ablate.py --table cfg). Without
+    tok_path: the tokenizer our FAR checkpoint records, at its recorded path or beside the FAR file (a released FAR
+    file records none)."""
+    ckpt = read_checkpoint(far_path, "--far-ckpt")                    # weights_only=True: no pickled code runs
+    model, recorded = load_far(ckpt, device, far_path), ckpt.get("tokenizer", {})   # ours or released
+    if tok_path is None:
+        rec = recorded.get("path")                                    # absolute path at training time
+        near = rec and os.path.join(os.path.dirname(os.path.abspath(far_path)), os.path.basename(rec))
+        tok_path = next((f for f in (rec, near) if f and os.path.isfile(f)), None)
+        if tok_path is None:
+            raise CheckpointError(f"--tokenizer-ckpt is needed: {far_path} names no tokenizer file found here")
+    tok = load_tokenizer(tok_path, device)
+    check_pair(model.cfg, tok, recorded, far_path, tok_path)          # same (k, K, grid), same codebooks
+    return model, tok, tok_path, {k: ckpt.get(k) for k in ("classes", "step")}   # classes: train_far.py's folders
 
 
 def _status_mib(field):

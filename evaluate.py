@@ -27,7 +27,6 @@ its metric null with a one-line note naming the file (--fid / --lpips: an error 
 """
 import argparse
 import json
-import math
 import os
 
 import torch
@@ -35,8 +34,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, check_writable, device_flag, gather_on_rank0, init_distributed,
-                         load_tokenizer)
+from checkpoints import (CheckpointError, check_flags, check_writable, device_flag, gather_on_rank0,
+                         init_distributed, load_tokenizer)
 from images import (BUNDLED, ImageFolder, check_sample_set, image_batches, labelled_samples, real_crops,
                     release_free_memory, to_uint8)
 from losses import LPIPS
@@ -226,10 +225,8 @@ def parse_args(argv=None):
     p.add_argument("--num-workers", type=int, default=2, help="data loader workers per process (tokenizer mode)")
     p.add_argument("--out-json", help="results file (default: runs/eval/{tokenizer,generation}.json)")
     args = p.parse_args(argv)                                         # every value checked below: exit 2, one line
-    for name, lo, hi in (("num_images", 0, math.inf), ("batch_size", 1, math.inf), ("num_workers", 0, math.inf),
-                         ("real_crops", 2, math.inf)):
-        if not lo <= getattr(args, name) <= hi:
-            p.error(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(args, name)}")
+    check_flags(p, args, *((n, getattr(args, n) >= lo, f"an integer >= {lo}") for n, lo in
+                           (("num_images", 0), ("batch_size", 1), ("num_workers", 0), ("real_crops", 2))))
     if args.reference and not args.samples:                           # FID needs both sets
         p.error("--reference needs --samples (generation mode)")
     inputs = ("samples", "reference") if args.reference else ("samples", "teacher", "tokenizer_ckpt", "data_path") \

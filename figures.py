@@ -17,7 +17,7 @@ import os
 import torch
 from PIL import Image, ImageDraw
 
-from checkpoints import CheckpointError, load_tokenizer, one_process_only
+from checkpoints import CheckpointError, check_flags, load_tokenizer, one_process_only
 from images import BUNDLED, ImageFolder, save_png, to_uint8
 
 ROOT = os.path.dirname(os.path.abspath(__file__))                     # for the shipped weights/ default
@@ -181,9 +181,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     one_process_only(p)
     # every value checked before any work: one line naming the flag and its range, exit 2
-    for name, lo, hi in (("fig3_images", 1, 64), ("fig4_classes", 1, len(PALETTE)), ("batch_size", 1, math.inf)):
-        if not lo <= getattr(args, name) <= hi:
-            p.error(f"--{name.replace('_', '-')} must be in [{lo}, {hi}], got {getattr(args, name)}")
+    check_flags(p, args, ("fig3_images", 1 <= args.fig3_images <= 64, "an integer in 1..64"),
+                ("fig4_classes", 1 <= args.fig4_classes <= len(PALETTE), f"an integer in 1..{len(PALETTE)}"),
+                ("batch_size", args.batch_size >= 1, "an integer >= 1"))
     try:                                                      # a bad file or folder: one line, exit 2
         tok = load_tokenizer(args.tokenizer_ckpt)             # ours or official FQGAN, eval mode
         dataset = ImageFolder(args.data_path, tok.cfg.image_shape, train=False)

@@ -15,8 +15,10 @@ The models (quantizer, tokenizer, losses, far) never import this file; the scrip
   save_png        atomic PNG writer (temp file + os.replace); save_grid draws a batch as one grid
 """
 import atexit
+import contextlib
 import ctypes
 import glob
+import math
 import multiprocessing
 import os
 import re
@@ -27,6 +29,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from checkpoints import check_free_space, memmap
 
 # The bundled photo set (data/README.md): 11 classes, train tiles and a held-out strip; the tiny presets' data.
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "photos")
@@ -359,7 +363,6 @@ def real_crops(root, size, n, seed):
     return x, torch.tensor([photos[i % len(photos)][1] for i in range(n)]), folder.classes
 
 
-
 def write_npz(path, files, batch, labels, classes=None):
     """The ADM npz (arr_0 uint8 (N, H, W, 3), labels (N,), and the class names of the ids when known: classes (C,)
     str, so that a reader maps them by name, evaluate.py) at path, atomically, from the per-rank part files of
@@ -404,6 +407,29 @@ def remove_left_parts(path, world):
     for f in left:
         os.remove(f)
     return left
+
+
+@contextlib.contextmanager
+def npz_part(path, rank, world, rows, image_shape, n):
+    """This rank's part of the npz of n images at path, which sample.py's ranks write (one file each: never two writers
+    of a file): a uint8 memory map (rows, H, W, 3), its blocks allocated now (a full disk: one line, not a bus error).
+    Rank 0 first removes what killed runs left (GBs) and checks room for the n images twice (the parts, the npz).
+    Yields (the map, every rank's part file). Whatever ends the block early (an error, a stop signal, a second Ctrl-C)
+    leaves no part file behind: rank 0 removes every rank's (the others may be past their wait, or write_npz may
+    have removed them), the others their own."""
+    parts = npz_parts(path, world)
+    if rank == 0:
+        for f in remove_left_parts(path, world):
+            print(f"removed {f}, left by a run of sample.py that was killed")
+        check_free_space(os.path.dirname(os.path.abspath(path)), 2 * n * 3 * math.prod(image_shape), "the samples")
+    part = memmap(parts[rank], np.uint8, (rows, *image_shape, 3))
+    try:
+        yield part, parts
+    except BaseException:
+        del part                                                      # our reference to the map
+        for f in parts if rank == 0 else parts[rank:rank + 1]:
+            os.remove(f) if os.path.exists(f) else None
+        raise
 
 
 # --------------------------------------------------------------------------------------------------------------

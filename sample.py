@@ -14,18 +14,15 @@ import math
 import os
 import signal
 import sys
-import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoints import (STOP, CheckpointError, catch_stop_signals, check_free_space, check_pair, check_writable,
-                         device_flag, init_distributed, load_far, load_tokenizer, memmap, read_checkpoint,
-                         release_stop_signals)
+from checkpoints import (STOP, CheckpointError, catch_stop_signals, check_flags, check_writable, device_flag,
+                         init_distributed, load_pair, release_stop_signals, wait_for_ranks)
 from far import generate
-from images import npz_parts, remove_left_parts, save_grid, to_uint8, write_npz
+from images import npz_part, save_grid, to_uint8, write_npz
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")   # the shipped tiny FAR + tokenizer
 
@@ -66,16 +63,13 @@ def parse_args(argv=None):
                 "two modes: give one")
     if not npz and args.class_id is None:                              # PNG mode: the rows must be named
         p.error("give --class-id N (or --num-samples N --out-npz FILE)")
-    # Every value is checked here, before loading or sampling: one line naming the flag, value and range, exit 2.
-    for name, ok, valid in (*((n, getattr(args, n) >= 1, "an integer >= 1") for n in ("per_class", "batch_size")),
-                            ("threads", args.threads is None or 1 <= args.threads <= os.cpu_count(),
-                             f"an integer in 1..{os.cpu_count()}, this machine's CPUs"),
-                            ("cfg_scale", math.isfinite(args.cfg_scale), "a finite number"),   # s < 0 or > 1 is ok
-                            ("temperature", math.isfinite(args.temperature) and args.temperature > 0, "finite, > 0"),
-                            ("top_k", args.top_k >= 0, "an integer >= 0"),         # 0 = off (far.filter_logits)
-                            ("top_p", 0 < args.top_p <= 1, "in (0, 1]")):          # 1 = off (far.filter_logits)
-        if not ok:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
+    check_flags(p, args, *((n, getattr(args, n) >= 1, "an integer >= 1") for n in ("per_class", "batch_size")),
+                ("threads", args.threads is None or 1 <= args.threads <= os.cpu_count(),
+                 f"an integer in 1..{os.cpu_count()}, this machine's CPUs"),
+                ("cfg_scale", math.isfinite(args.cfg_scale), "a finite number"),   # s < 0 or > 1 is ok
+                ("temperature", math.isfinite(args.temperature) and args.temperature > 0, "finite, > 0"),
+                ("top_k", args.top_k >= 0, "an integer >= 0"),                     # 0 = off (far.filter_logits)
+                ("top_p", 0 < args.top_p <= 1, "in (0, 1]"))                       # 1 = off (far.filter_logits)
     try:   # the output first (a bad path fails now, not after hours of sampling); evaluate.py reads an npz by its name
         check_writable(*((args.out_npz, "--out-npz", ".npz") if npz else (args.out, "--out", ".png")))
     except CheckpointError as e:
@@ -83,23 +77,14 @@ def parse_args(argv=None):
     return args, p
 
 
-def load_pair(args, parser, device):
-    """(FAR, tokenizer, class names or None) on device, checked against each other (checkpoints.check_pair), or exit 2
+def load_models(args, parser, device):
+    """(FAR, tokenizer, class names or None) on device, checked against each other (checkpoints.load_pair), or exit 2
     with one line. Without --tokenizer-ckpt: the tokenizer recorded in our FAR checkpoint, at its path or beside FAR."""
     try:
-        ckpt = read_checkpoint(args.far_ckpt, "--far-ckpt")            # weights_only=True: no pickled code runs
-        model, recorded = load_far(ckpt, device, args.far_ckpt), ckpt.get("tokenizer", {})   # ours or released
-        if args.tokenizer_ckpt is None:                                # a released FAR file records none: {}
-            rec = recorded.get("path")                                 # absolute path at training time
-            near = rec and os.path.join(os.path.dirname(os.path.abspath(args.far_ckpt)), os.path.basename(rec))
-            args.tokenizer_ckpt = next((f for f in (rec, near) if f and os.path.isfile(f)), None)
-            if args.tokenizer_ckpt is None:
-                raise CheckpointError(f"--tokenizer-ckpt is needed: {args.far_ckpt} names no tokenizer file found here")
-        tok = load_tokenizer(args.tokenizer_ckpt, device)
-        check_pair(model.cfg, tok, recorded, args.far_ckpt, args.tokenizer_ckpt)   # same (k, K, grid), codebooks
+        model, tok, args.tokenizer_ckpt, info = load_pair(args.far_ckpt, args.tokenizer_ckpt, device)
     except CheckpointError as e:
         parser.error(str(e))
-    classes = ckpt.get("classes")                                      # folder names, recorded by train_far.py
+    classes = info["classes"]                                          # folder names, recorded by train_far.py
     for c in args.class_id or []:                                      # id num_classes is CFG's null class
         if not 0 <= c < model.cfg.num_classes:
             parser.error(f"--class-id {c} is out of range: this FAR has classes 0..{model.cfg.num_classes - 1}"
@@ -130,49 +115,35 @@ def png(model, tok, classes, args, device):
 
 def npz(model, tok, classes, args, device, rank, world):
     """The ADM npz for FID: class-balanced labels in a seeded order; global batch b is made by rank b % world into its
-    own part file (no file written by two processes), and rank 0 streams the parts into --out-npz in order."""
+    own part file (images.npz_part), and rank 0 streams the parts into --out-npz in order."""
     # NOTE(paper≠code): exactly class-balanced labels (the released sampler draws them at random per batch, §6.4)
     n, B, (H, W) = args.num_samples, args.batch_size, tok.cfg.image_shape
     order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
     labels = (torch.arange(n) % model.cfg.num_classes)[order]
     mine = range(rank, -(-n // B), world)                              # this rank's global batches, of ceil(n / B)
-    parts = npz_parts(args.out_npz, world)                             # one file per rank
-    if rank == 0:            # first what runs killed by SIGKILL left (GBs), then room for n images more: now, not later
-        for f in remove_left_parts(args.out_npz, world):
-            print(f"removed {f}, left by a run of sample.py that was killed")
-        check_free_space(os.path.dirname(os.path.abspath(args.out_npz)), 2 * n * H * W * 3, "the samples")
-    path = parts[rank]
-    part = memmap(path, np.uint8, (sum(len(labels[b * B:(b + 1) * B]) for b in mine), H, W, 3))   # blocks allocated
+    rows = sum(len(labels[b * B:(b + 1) * B]) for b in mine)           # its images: the last batch may be short
 
     def stop():                                                        # nothing to resume from: nothing is kept
         print(f"stopped by {signal.Signals(STOP['signal']).name}; no {args.out_npz} written", flush=True) \
             if rank == 0 else None
-        sys.exit(128 + STOP["signal"])
+        sys.exit(128 + STOP["signal"])                                 # npz_part removes the part files
 
     catch_stop_signals()                     # SIGTERM / Ctrl-C: noted, acted on after the batch (a second: at once)
     try:
-        for i, b in enumerate(bar := tqdm(mine, desc="sample", disable=rank != 0, dynamic_ncols=True)):
-            x = sample(model, tok, labels[b * B:(b + 1) * B], args, b, device)   # the last batch may be short
-            part[i * B:i * B + len(x)] = x.permute(0, 2, 3, 1).numpy()   # (B, 3, H, W) -> (B, H, W, 3), ADM layout
-            if STOP:
-                bar.close()
-                stop()
-        part.flush()                                                   # in the file for write_npz (and any rank)
-        if dist.is_initialized():                                      # every rank's part is written: wait, and
-            done = dist.barrier(async_op=True)                         # stop if a signal comes (torchrun's SIGTERM
-            while not done.is_completed():                             # when another rank failed) instead of
-                if STOP:                                               # blocking until its SIGKILL
+        with npz_part(args.out_npz, rank, world, rows, (H, W), n) as (part, parts):   # no part left by a failure
+            for i, b in enumerate(bar := tqdm(mine, desc="sample", disable=rank != 0, dynamic_ncols=True)):
+                x = sample(model, tok, labels[b * B:(b + 1) * B], args, b, device)   # the last batch may be short
+                part[i * B:i * B + len(x)] = x.permute(0, 2, 3, 1).numpy()   # (B, 3, H, W) -> (B, H, W, 3), ADM
+                if STOP:
+                    bar.close()
                     stop()
-                time.sleep(0.05)
-        if rank == 0:                            # a signal now is noted and the npz finished: the work is done
-            write_npz(args.out_npz, parts, B, labels.numpy(), classes)   # atomic; the parts are removed
-            print(f"wrote {args.out_npz}: {n} samples ({H}x{W}), {model.cfg.num_classes} classes balanced, "
-                  f"cfg {args.cfg_scale}")
-    except BaseException:                    # stopped, an error, a second signal: no part file (GBs) left behind
-        del part                                                       # the map closes
-        for p in parts if rank == 0 else [path]:                       # rank 0 the others' too: they may have passed
-            os.remove(p) if os.path.exists(p) else None                # the wait (write_npz may have removed them)
-        raise
+            part.flush()                                               # in the file for write_npz (and any rank)
+            if not wait_for_ranks():                                   # every rank's part written, or a signal
+                stop()
+            if rank == 0:                        # a signal now is noted and the npz finished: the work is done
+                write_npz(args.out_npz, parts, B, labels.numpy(), classes)   # atomic; the parts are removed
+                print(f"wrote {args.out_npz}: {n} samples ({H}x{W}), {model.cfg.num_classes} classes balanced, "
+                      f"cfg {args.cfg_scale}")
     finally:
         release_stop_signals()
 
@@ -180,7 +151,7 @@ def npz(model, tok, classes, args, device, rank, world):
 def main(argv=None):
     args, parser = parse_args(argv)
     ddp, rank, world, _, device = init_distributed(args.device)       # torchrun: NCCL / gloo; else rank 0 of 1
-    model, tok, classes = load_pair(args, parser, device)              # both in eval mode, on device
+    model, tok, classes = load_models(args, parser, device)            # both in eval mode, on device
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     args.compile = device.type == "cuda" if args.compile is None else args.compile
     if args.compile and device.type == "cpu":                          # the weights stay fixed: fold them in (fast.py)

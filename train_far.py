@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, add_checkpoint_flags, codebook_fingerprint, distribute, exit_stopped,
+from checkpoints import (CheckpointError, add_checkpoint_flags, check_flags, codebook_fingerprint, distribute, exit_stopped,
                          init_weights, load_far, load_tokenizer, lr_at, mean_over_ranks_or_stop, open_run,
                          read_checkpoint, read_resume, release_stop_signals, resume, save_checkpoint, start_training,
                          stop_requested)
@@ -174,7 +174,8 @@ def parse_args(argv=None):
     if args.val_path is None and args.data_path == os.path.join(BUNDLED, "train"):
         args.val_path = os.path.join(BUNDLED, "val")                  # the bundled photos' held-out strip
     # Every value is checked here, before any work: one line naming the flag, the value and the valid range, exit 2.
-    for name, ok, valid in (
+    check_flags(
+            p, args,
             ("lr", math.isfinite(args.lr) and args.lr > 0, "a finite number > 0"),
             ("weight_decay", math.isfinite(args.weight_decay) and args.weight_decay >= 0, "a finite number >= 0"),
             ("grad_clip", args.grad_clip > 0, "> 0"),
@@ -182,9 +183,7 @@ def parse_args(argv=None):
             *((n, getattr(args, n) >= 0, "an integer >= 0") for n in ("num_workers", "warmup_steps", "sample_every")),
             ("ckpt_minutes", args.ckpt_minutes > 0, "> 0"), ("keep_checkpoints", args.keep_checkpoints >= 0, ">= 0"),
             *((n, getattr(args, n) >= 1, "an integer >= 1") for n in ("global_batch_size", "max_steps", "log_every",
-              "eval_every", "ckpt_every", "extract_batch_size"))):
-        if not ok:                                                    # argparse's error: usage line, exit 2
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
+              "eval_every", "ckpt_every", "extract_batch_size")))
     for flag in ("data_path", "tokenizer_ckpt"):                      # paper presets: no defaults for these
         if getattr(args, flag) is None:
             p.error(f"--{flag.replace('_', '-')} is required for preset {args.preset} (the bundled photos and the "

@@ -20,7 +20,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, check_writable, one_process_only
+from checkpoints import CheckpointError, check_flags, check_writable, one_process_only
 from images import BUNDLED, ImageFolder, open_rgb, random_crop, to_tensor
 from teachers import PhotoCNN
 
@@ -53,11 +53,9 @@ def main(argv=None):
     one_process_only(p)
     default = args.out is None                                        # its folder is ours to make, when written
     args.out = args.out or os.path.join("runs", "teacher", "tiny_teacher.pt")
-    for name in ("image_size", "width", "steps", "batch_size"):       # checked before any work: one line, exit 2
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be an integer >= 1")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        p.error(f"--lr {args.lr} is out of range: must be finite and > 0")
+    check_flags(p, args, *((n, getattr(args, n) >= 1, "an integer >= 1") for n in ("image_size", "width", "steps",
+                                                                             "batch_size")),   # before any work
+                ("lr", math.isfinite(args.lr) and args.lr > 0, "finite and > 0"))
     size = (args.image_size, args.image_size)                         # square crops, the tiny tokenizer's input
     try:   # the output and both folders before any training: a bad path fails now, not after it
         check_writable(args.out, "--out", default=default)

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, add_checkpoint_flags, distribute, exit_stopped, init_weights,
+from checkpoints import (CheckpointError, add_checkpoint_flags, check_flags, distribute, exit_stopped, init_weights,
                          load_tokenizer, lr_at, mean_over_ranks_or_stop, open_run, release_stop_signals, resume,
                          save_checkpoint, start_training, stop_requested)
 from images import BUNDLED, ImageFolder, save_grid, stream, unreadable_files
@@ -133,7 +133,8 @@ def check_args(p, args):
     (argparse's p.error). Fills in the bundled val strips as --val-path for the bundled train photos."""
     if args.val_path is None and args.data_path == os.path.join(BUNDLED, "train"):
         args.val_path = os.path.join(BUNDLED, "val")                  # the bundled photos' held-out strip
-    for name, ok, valid in (
+    check_flags(                                                      # one line naming flag, value and range, exit 2
+            p, args,
             ("global_batch_size", args.global_batch_size >= 1, "an integer >= 1"),
             ("max_steps", args.max_steps >= 1, "an integer >= 1"),
             ("warmup_steps", args.warmup_steps >= 0, "an integer >= 0"),
@@ -152,9 +153,7 @@ def check_args(p, args):
               ("perceptual_weight", "gan_weight", "disentangle_weight", "rep_weight")),
             ("entropy_weight", args.entropy_weight is None or args.entropy_weight >= 0, "a number >= 0"),
             *((n, getattr(args, n) >= 1, "an integer >= 1") for n in
-              ("log_every", "sample_every", "eval_every", "ckpt_every"))):
-        if not ok:                                                    # argparse's error: usage line, exit 2
-            p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is out of range: must be {valid}")
+              ("log_every", "sample_every", "eval_every", "ckpt_every")))
     if args.l2_norm and PRESETS[args.preset].get("quantizer") == "ibq":
         p.error(f"--l2-norm is out of range for preset {args.preset}: its IBQ quantizer never normalises (VQ only)")
     if args.data_path is None:                                        # paper presets: no default data

@@ -238,7 +238,7 @@ CASES = [
      "--data-path {d}/mixed has classes a, b; the teacher knows astronaut, brick"),
     ("ablate --rows a typo", "ablate", lambda d, p: ["--table", "3", "--rows", "FQ(Kx3)", "--out", str(d / "r.json")],
      2, "--rows must be among ['VQ(K)'"),
-    ("figures --fig3-images 0", "figures", lambda d, p: ["--fig3-images", "0"], 2, "--fig3-images must be in [1, 64]"),
+    ("figures --fig3-images 0", "figures", lambda d, p: ["--fig3-images", "0"], 2, "--fig3-images 0 is out of range: must be an integer in 1..64"),
     ("figures --tokenizer-ckpt damaged", "figures", lambda d, p: ["--tokenizer-ckpt", str(d / "damaged.pt")], 2,
      "damaged.pt cannot be read"),
     ("train_teacher on a folder with an unreadable image", "train_teacher",

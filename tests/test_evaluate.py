@@ -476,7 +476,7 @@ def test_tsne_separates_two_clusters():
 # --------------------------------------------------------------------------------------------------------------
 # Flags
 
-@pytest.mark.parametrize("flags,message", [(["--batch-size", "0"], "--batch-size must be in [1, inf], got 0"),
+@pytest.mark.parametrize("flags,message", [(["--batch-size", "0"], "--batch-size 0 is out of range: must be an integer >= 1"),
                                            (["--reference", "x.npz"], "--reference needs --samples"),
                                            (["--tokenizer-ckpt", "nope.pt"], "--tokenizer-ckpt nope.pt does not exist"),
                                            (["--lpips", "maybe"], "unrecognized arguments")])

@@ -34,9 +34,9 @@ def test_loaders_put_every_tensor_on_the_device(pair, monkeypatch):
     d = pair[0]
     assert devices(checkpoints.load_tokenizer(str(d / "tok.pt"), META)) == {"meta"}
     assert devices(checkpoints.load_far(str(d / "far.pt"), META)) == {"meta"}
-    monkeypatch.setattr(sample, "check_pair", lambda *args: None)     # it reads the codebooks' values: none on meta
+    monkeypatch.setattr(checkpoints, "check_pair", lambda *args: None)   # it reads the codebooks' values: none on meta
     args = argparse.Namespace(far_ckpt=str(d / "far.pt"), tokenizer_ckpt=None, class_id=[4])   # the recorded tokenizer
-    far, tok, classes = sample.load_pair(args, None, META)
+    far, tok, classes = sample.load_models(args, None, META)
     assert devices(far, tok) == {"meta"} and classes == list("vwxyz")
 
 
