@@ -25,10 +25,10 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from checkpoints import (CheckpointError, add_checkpoint_flags, check_flags, codebook_fingerprint, distribute, exit_stopped,
-                         init_weights, load_far, load_tokenizer, lr_at, mean_over_ranks_or_stop, open_run,
-                         read_checkpoint, read_resume, release_stop_signals, resume, save_checkpoint, start_training,
-                         stop_requested)
+from checkpoints import (CheckpointError, add_checkpoint_flags, check_flags, codebook_fingerprint, distribute,
+                         exit_stopped, init_weights, load_far, load_tokenizer, lr_at, mean_over_ranks_or_stop,
+                         open_run, read_checkpoint, read_resume, release_stop_signals, resume, save_checkpoint,
+                         start_training, stop_requested)
 from codes import VIEWS, Codes, extract_codes
 from far import FAR, PRESETS, FARConfig, far_loss, generate
 from images import BUNDLED, ImageFolder, save_grid, stream

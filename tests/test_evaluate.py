@@ -1,5 +1,5 @@
-"""evaluate.py and metrics.py: PSNR / SSIM against hand computations, FID with a random Inception, code usage over a whole set,
-2 processes equal 1, figures, npz streaming, missing weights and bad flags.
+"""evaluate.py and metrics.py: PSNR / SSIM against hand computations, FID with a random Inception, code usage over a
+whole set, 2 processes equal 1, figures, npz streaming, missing weights and bad flags.
 
 No network: torch-fidelity's Inception is built with random weights and saved to a temp file; the Inception metrics
 run on its first pooled layer ("64", three convolutions) of 75 px inputs so that they take a fraction of a second.
@@ -476,10 +476,11 @@ def test_tsne_separates_two_clusters():
 # --------------------------------------------------------------------------------------------------------------
 # Flags
 
-@pytest.mark.parametrize("flags,message", [(["--batch-size", "0"], "--batch-size 0 is out of range: must be an integer >= 1"),
-                                           (["--reference", "x.npz"], "--reference needs --samples"),
-                                           (["--tokenizer-ckpt", "nope.pt"], "--tokenizer-ckpt nope.pt does not exist"),
-                                           (["--lpips", "maybe"], "unrecognized arguments")])
+@pytest.mark.parametrize("flags,message", [
+    (["--batch-size", "0"], "--batch-size 0 is out of range: must be an integer >= 1"),
+    (["--reference", "x.npz"], "--reference needs --samples"),
+    (["--tokenizer-ckpt", "nope.pt"], "--tokenizer-ckpt nope.pt does not exist"),
+    (["--lpips", "maybe"], "unrecognized arguments")])
 def test_invalid_flags_exit_2(flags, message, tok_ckpt, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.parse_args(["--tokenizer-ckpt", tok_ckpt, *flags])
