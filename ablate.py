@@ -411,9 +411,9 @@ def main(argv=None):
         judge = teacher_judge(tok, args, model.cfg.num_classes * args.samples_per_class)
         results["levels"] = judge[2]                                # real crops, real vs real, reconstructions
         del results["budget"]["global_batch_size"]                  # nothing trained
-        results["budget"].update(far=os.path.abspath(args.far_ckpt).removeprefix(ROOT + os.sep), far_step=info[
-            "step"], tokenizer=os.path.abspath(args.tokenizer_ckpt).removeprefix(ROOT + os.sep),
-            samples_per_class=args.samples_per_class, real_crops=args.real_crops)
+        results["budget"].update(far=os.path.abspath(args.far_ckpt).removeprefix(ROOT + os.sep), far_step=info["step"],
+                                 tokenizer=os.path.abspath(args.tokenizer_ckpt).removeprefix(ROOT + os.sep),
+                                 samples_per_class=args.samples_per_class, real_crops=args.real_crops)
         run = lambda name, seed, out: cfg_run(float(name), seed, args, model, tok, judge)
     elif args.table == "ar":                        # two tokenizers, one FAR head each
         paths = {"fq": far_tokenizer(args), "vq": vq_tokenizer(args)}

@@ -843,9 +843,8 @@ def check_pair(far_cfg, tok, recorded, far_path, tok_path):
 def load_pair(far_path, tok_path=None, device="cpu"):
     """(FAR, tokenizer, the tokenizer's path, {"classes": the FAR's class names, "step": its training step}, None where
     the file has none) on device, in eval mode, checked against each other (check_pair), or a CheckpointError of one
-    line (sample.py, ablate.py --table cfg). Without
-    tok_path: the tokenizer our FAR checkpoint records, at its recorded path or beside the FAR file (a released FAR
-    file records none)."""
+    line (sample.py, ablate.py --table cfg). Without tok_path: the tokenizer our FAR checkpoint records, at its
+    recorded path or beside the FAR file (a released FAR file records none)."""
     ckpt = read_checkpoint(far_path, "--far-ckpt")                    # weights_only=True: no pickled code runs
     model, recorded = load_far(ckpt, device, far_path), ckpt.get("tokenizer", {})   # ours or released
     if tok_path is None:

@@ -5,7 +5,8 @@ Paper: "Factorized Visual Tokenization and Generation", Bai et al., arXiv 2411.1
                      generation: FID, IS, precision and recall under the ADM protocol (Tab. 2)
   Tab. 3             usage of each sub-codebook (we add its perplexity)
 The protocol is the official script's (docs/official_code.md §4): center crop at the model's resolution, encode ->
-codes -> decode, uint8 images, every metric against the cropped originals. Fig. 3 and Fig. 4 are in figures.py.
+codes -> decode, uint8 images, every metric against the cropped originals. The formulas are in metrics.py (this file
+runs them over the images, sharded over torchrun's ranks); Fig. 3 and Fig. 4 are in figures.py.
 
 Tokenizer mode (no argument: the shipped tiny tokenizer on the bundled held-out photos); prints a table, writes JSON:
   python evaluate.py [--tokenizer-ckpt weights/tiny_tokenizer.pt] [--data-path data/photos/val] [--out-json F]

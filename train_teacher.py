@@ -53,8 +53,8 @@ def main(argv=None):
     one_process_only(p)
     default = args.out is None                                        # its folder is ours to make, when written
     args.out = args.out or os.path.join("runs", "teacher", "tiny_teacher.pt")
-    check_flags(p, args, *((n, getattr(args, n) >= 1, "an integer >= 1") for n in ("image_size", "width", "steps",
-                                                                             "batch_size")),   # before any work
+    check_flags(p, args, *((n, getattr(args, n) >= 1, "an integer >= 1")          # before any work: exit 2
+                           for n in ("image_size", "width", "steps", "batch_size")),
                 ("lr", math.isfinite(args.lr) and args.lr > 0, "finite and > 0"))
     size = (args.image_size, args.image_size)                         # square crops, the tiny tokenizer's input
     try:   # the output and both folders before any training: a bad path fails now, not after it
