@@ -89,9 +89,9 @@ class TokenizerConfig:
 
 
 # Every preset (the TokenizerConfig defaults above fill the rest). TINY, the CPU-sized trunk of the default tiny:
-# 64 px, 48 channels, 8 per GroupNorm group (one per group is an instance norm, where a decoder grew a spike:
-# docs/results.md). TINY64, the same at 64 channels, was the tiny trunk until 2026-12-06: the shipped weights' and
-# the 16x16 ablation presets'; 48 channels take 0.7x its step time and reach more in the same minutes (docs/results.md).
+# 64 px, 48 channels, 8 per GroupNorm group (one per group is an instance norm, where a decoder grew a spike).
+# TINY64, the same at 64 channels: the shipped weights' and the 16x16 ablation presets' trunk. Why 48 channels and
+# 8 per group: docs/results.md.
 DUAL_CLIP = ("openclip:ViT-L-14:openai",)                          # Tab. 1: Dual's semantic teacher, CLIP ViT-L/14
 TRIPLE_TEACHERS = ("timm:vit_small_patch14_dinov2.lvd142m", "openclip:ViT-B-16:openai")   # DINOv2 S/14, CLIP B/16
 TINY = dict(image_size=64, ch=48, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=6)   # 16x16 tokens
