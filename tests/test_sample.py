@@ -151,7 +151,7 @@ def test_shipped_tiny_weights_sample_with_no_arguments(tmp_path):
     assert img.shape == (2 + 66, 2 + 2 * 66, 3) and img.std() > 10     # 2 images of 64 px, not a flat colour
 
 
-def test_official_far_file_samples_with_a_tokenizer(pair, tmp_path):
+def test_official_far_file_samples_with_a_tokenizer(pair, tmp_path, capsys):
     # an official-layout FAR file (tok_embeddings_1, output_1, ..., a pickled argparse.Namespace, no tokenizer
     # record): sample.py loads it safely, needs --tokenizer-ckpt, and draws the same images as our layout
     import argparse
@@ -160,7 +160,7 @@ def test_official_far_file_samples_with_a_tokenizer(pair, tmp_path):
     torch.save({"model": far_ours_to_official(far.state_dict()), "args": args, "steps": 10}, tmp_path / "official.pt")
     with pytest.raises(SystemExit) as e:
         sample.main(["--far-ckpt", str(tmp_path / "official.pt"), "--class-id", "0"])
-    assert e.value.code == 2
+    assert e.value.code == 2 and "--tokenizer-ckpt is needed: " in capsys.readouterr().err
     flags = ["--class-id", "2", "--per-class", "2", "--tokenizer-ckpt", str(d / "tok.pt")]
     sample.main(["--far-ckpt", str(tmp_path / "official.pt"), "--out", str(tmp_path / "a.png"), *flags])
     sample.main(["--far-ckpt", str(d / "far.pt"), "--out", str(tmp_path / "b.png"), *flags])
