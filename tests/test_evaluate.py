@@ -1,5 +1,6 @@
-"""evaluate.py and metrics.py: PSNR / SSIM against hand computations, FID with a random Inception, code usage over a
-whole set, 2 processes equal 1, figures, npz streaming, missing weights and bad flags.
+"""evaluate.py: the uint8 protocol, FID with a random Inception, every metric equal to a direct computation over the
+images, code usage over a whole set, 2 processes equal 1, figures, npz streaming, missing weights and bad flags
+(the formulas alone: tests/test_metrics.py).
 
 No network: torch-fidelity's Inception is built with random weights and saved to a temp file; the Inception metrics
 run on its first pooled layer ("64", three convolutions) of 75 px inputs so that they take a fraction of a second.
@@ -14,7 +15,6 @@ from unittest import mock
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
@@ -73,51 +73,13 @@ def run_main(tmp_path, *flags):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# PSNR, SSIM, the uint8 protocol
+# The uint8 protocol
 
 def test_to_uint8_gives_back_the_crop_pixels():
     ds = ImageFolder(VAL, (32, 32), train=False)
     path = ds.samples[5][0]
     expected = np.asarray(center_crop(Image.open(path).convert("RGB"), (32, 32)))
     assert np.array_equal(to_uint8(ds[5][0]).permute(1, 2, 0).numpy(), expected)
-
-
-def test_psnr_hand_values():
-    a = torch.zeros(3, 3, 8, 8)
-    b = torch.stack([torch.full((3, 8, 8), v) for v in (0.1, 0.01, 0.0)])
-    assert torch.allclose(metrics.psnr(b, a), torch.tensor([20.0, 40.0, 100.0], dtype=torch.float64))
-
-
-def test_ssim_of_constant_images_is_the_luminance_term():
-    # sigma = cov = 0: SSIM = (2ab + C1) / (a^2 + b^2 + C1) * C2 / C2
-    a, b = torch.full((1, 3, 16, 16), 0.2), torch.full((1, 3, 16, 16), 0.7)
-    c1 = 0.01**2
-    assert math.isclose(metrics.ssim(a, b).item(), (2 * 0.2 * 0.7 + c1) / (0.2**2 + 0.7**2 + c1), rel_tol=1e-6)
-    assert math.isclose(metrics.ssim(a, a).item(), 1.0, rel_tol=1e-12)
-
-
-def test_ssim_equals_a_loop_over_windows():
-    g = torch.Generator().manual_seed(0)
-    a = torch.rand(2, 2, 14, 13, generator=g)
-    b = (a + 0.2 * torch.randn(2, 2, 14, 13, generator=g)).clamp(0, 1)
-    k = np.exp(-(np.arange(11) - 5) ** 2 / (2 * 1.5**2))
-    w = np.outer(k, k) / np.outer(k, k).sum()
-    c1, c2 = 0.01**2, 0.03**2
-    expected = np.zeros(2)
-    for n in range(2):
-        values = []
-        for c in range(2):
-            for i in range(14 - 10):
-                for j in range(13 - 10):
-                    x, y = a[n, c, i:i + 11, j:j + 11].double().numpy(), b[n, c, i:i + 11, j:j + 11].double().numpy()
-                    mx, my = (w * x).sum(), (w * y).sum()
-                    vx, vy, cxy = (w * (x - mx) ** 2).sum(), (w * (y - my) ** 2).sum(), (w * (x - mx) * (y - my)).sum()
-                    values.append((2 * mx * my + c1) * (2 * cxy + c2) / ((mx**2 + my**2 + c1) * (vx + vy + c2)))
-        expected[n] = np.mean(values)
-    got = metrics.ssim(a, b).numpy()
-    assert np.allclose(got, expected, atol=1e-10) and (got < 0.99).all()
-    # the official data_range=2 on [0, 1] images (official_code.md §4.2) inflates the score
-    assert (metrics.ssim(a, b, data_range=2.0).numpy() > got).all()
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -190,30 +152,6 @@ def test_generation_mode_npz_against_folder(inception, small_layers, tmp_path, c
 
 # --------------------------------------------------------------------------------------------------------------
 # Generation mode without a download: the stand-in teacher's acc_teacher / fd_teacher
-
-def test_fid_and_precision_recall_refuse_too_few_images():
-    """A covariance needs 2 images and k = 3 neighbour balls 4: fewer is one line naming the counts (torch-fidelity
-    says 'Array must not contain infs or NaNs' / 'kthvalue(): selected number k out of range')."""
-    feats = lambda n: {v: torch.randn(n, 16) for v in evaluate.LAYERS.values()}
-    with pytest.raises(ValueError, match="FID and precision / recall need 4 or more images in each set, got 3 and 9"):
-        metrics.fidelity(feats(3), feats(9))
-    with pytest.raises(ValueError, match="rFID needs 2 or more images in each set, got 1 and 1"):
-        metrics.fidelity(feats(1), feats(1), prc=False)
-    assert set(metrics.fidelity(feats(4), feats(4))) >= {"fid", "precision", "recall"}
-
-
-def test_frechet_equals_the_formula_through_symmetric_square_roots():
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(400, 6, generator=g), torch.randn(300, 6, generator=g) @ torch.randn(6, 6, generator=g) + 1
-    def sqrtm(m):                                               # symmetric PSD square root by eigendecomposition
-        w, v = torch.linalg.eigh(m)
-        return v @ torch.diag(w.clamp(min=0).sqrt()) @ v.T
-    s1, s2 = torch.cov(a.double().T), torch.cov(b.double().T)
-    expected = (a.double().mean(0) - b.double().mean(0)).pow(2).sum() + torch.trace(s1 + s2 - 2 * sqrtm(
-        sqrtm(s1) @ s2 @ sqrtm(s1)))                          # |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^.5 S2 S1^.5)^.5)
-    assert math.isclose(metrics.frechet(a, b), expected.item(), rel_tol=1e-6)
-    assert abs(metrics.frechet(a, a)) < 1e-6
-
 
 @pytest.fixture(scope="module")
 def crops():
@@ -320,27 +258,6 @@ def test_tokenizer_mode_lpips_with_its_weights_equals_lpips_of_the_uint8_images(
         d = lpips(rec / 127.5 - 1, real / 127.5 - 1)                  # (5,) one distance per image
     assert d.shape == (5,) and torch.all(d > 0)
     assert math.isclose(res["lpips"], d.mean().item(), rel_tol=1e-5)
-
-
-def test_class_probe_equals_a_leave_one_out_loop():
-    g = torch.Generator().manual_seed(0)
-    labels = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 3])                  # class 3 has one image: left out
-    features = torch.randn(9, 5, generator=g) + 2 * F.one_hot(labels, 5).float()
-    hits = []
-    for n in range(9):
-        others = [m for m in range(9) if m != n and labels[m] == labels[n]]
-        if not others:
-            continue
-        scores = {}
-        for c in labels.unique().tolist():
-            members = [m for m in range(9) if m != n and labels[m] == c]
-            if members:
-                centroid = torch.stack([F.normalize(features[m], dim=0) for m in members]).sum(0)
-                scores[c] = F.cosine_similarity(centroid, features[n], dim=0).item()
-        hits.append(max(scores, key=scores.get) == labels[n].item())
-    assert len(hits) == 8 and metrics.class_probe(features, labels) == pytest.approx(sum(hits) / len(hits))
-    assert metrics.class_probe(F.one_hot(labels, 5).float(), labels) == 1.0   # separable classes: every hit
-    assert metrics.class_probe(features[[0, 3, 5]], labels[[0, 3, 5]]) is None   # one image per class: no probe
 
 
 def test_usage_counts_the_whole_set_not_each_batch(tok_ckpt, tmp_path, monkeypatch):
