@@ -10,6 +10,9 @@ Every file the project reads or writes that holds weights passes through here:
                           a training run as both training scripts use it: set-up, the lr schedule, exact resume
                           (weights, optimizers, RNG of every rank, data position), the JSONL log, atomic checkpoints
                           (save_last), and the non-finite-loss stop that leaves the last good checkpoint as it was
+  catch_stop_signals, stop_requested, exit_stopped, wait_for_ranks
+                          SIGTERM / Ctrl-C noted and acted on after a step (training) or a batch (sample.py's npz,
+                          whose ranks wait for each other in a barrier that a signal ends)
   read_checkpoint         torch.load(weights_only=True) with one clear line for every way a file can be wrong
   load_tokenizer, load_far
                           our checkpoints and the official FQGAN / FAR ones (renamed, config inferred from shapes)

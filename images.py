@@ -10,7 +10,9 @@ The models (quantizer, tokenizer, losses, far) never import this file; the scrip
   release_free_memory  the heap's free pages back to the kernel before a DataLoader forks its workers
   to_uint8        [-1, 1] -> uint8 exactly as the official sampler writes its PNGs
   image_batches   uint8 batches (with their indices) streamed from an ADM npz or a folder, or a rank's share of
-                  them (evaluate.py's generation mode); write_npz of npz_parts; remove_left_parts (a killed run's)
+                  them (evaluate.py's generation mode; check_sample_set: can it read this path)
+  npz_part        a rank's part file of sample.py's npz, removed on any early end; write_npz joins the parts
+                  (npz_parts); remove_left_parts: those a killed run left
   labelled_samples  a sample set with its class ids (npz labels or class folders); real_crops: seeded random crops
   save_png        atomic PNG writer (temp file + os.replace); save_grid draws a batch as one grid
 """
