@@ -11,13 +11,12 @@ The models (quantizer, tokenizer, losses, far) never import this file; the scrip
   to_uint8        [-1, 1] -> uint8 exactly as the official sampler writes its PNGs
   image_batches   uint8 batches (with their indices) streamed from an ADM npz or a folder, or a rank's share of
                   them (evaluate.py's generation mode; check_sample_set: can it read this path)
-  npz_part        a rank's part file of sample.py's npz, removed on any early end; write_npz joins the parts
-                  (npz_parts); remove_left_parts: those a killed run left
+  write_npz_by_ranks  sample.py's npz, each rank's batches in its own part file (none left on any early end),
+                  joined in order by write_npz (npz_parts); remove_left_parts: those a killed run left
   labelled_samples  a sample set with its class ids (npz labels or class folders); real_crops: seeded random crops
   save_png        atomic PNG writer (temp file + os.replace); save_grid draws a batch as one grid
 """
 import atexit
-import contextlib
 import ctypes
 import glob
 import math
@@ -25,14 +24,16 @@ import multiprocessing
 import os
 import re
 import signal
+import sys
 import zipfile
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from tqdm import tqdm
 
-from checkpoints import check_free_space, memmap
+from checkpoints import STOP, catch_stop_signals, check_free_space, memmap, release_stop_signals, wait_for_ranks
 
 # The bundled photo set (data/README.md): 11 classes, train tiles and a held-out strip; the tiny presets' data.
 BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "photos")
@@ -411,27 +412,45 @@ def remove_left_parts(path, world):
     return left
 
 
-@contextlib.contextmanager
-def npz_part(path, rank, world, rows, image_shape, n):
-    """This rank's part of the npz of n images at path, which sample.py's ranks write (one file each: never two writers
-    of a file): a uint8 memory map (rows, H, W, 3), its blocks allocated now (a full disk: one line, not a bus error).
-    Rank 0 first removes what killed runs left (GBs) and checks room for the n images twice (the parts, the npz).
-    Yields (the map, every rank's part file). Whatever ends the block early (an error, a stop signal, a second Ctrl-C)
-    leaves no part file behind: rank 0 removes every rank's (the others may be past their wait, or write_npz may
-    have removed them), the others their own."""
-    parts = npz_parts(path, world)
-    if rank == 0:
-        for f in remove_left_parts(path, world):
-            print(f"removed {f}, left by a run of sample.py that was killed")
-        check_free_space(os.path.dirname(os.path.abspath(path)), 2 * n * 3 * math.prod(image_shape), "the samples")
-    part = memmap(parts[rank], np.uint8, (rows, *image_shape, 3))
+def write_npz_by_ranks(path, labels, batch, image_shape, make_batch, rank, world, classes=None):
+    """The ADM npz of labels' images at path (write_npz), made across the ranks in global batches of `batch` labels:
+    rank b % world calls make_batch(b, labels of batch b) -> uint8 (B, 3, H, W) and keeps the images in its own part
+    file (never two writers of a file: a uint8 memory map, its blocks allocated now, so a full disk is one line, not a
+    bus error); rank 0 streams the parts into path in global order: the same npz for any number of ranks. Rank 0 first
+    removes what killed runs left (GBs) and checks room for the images twice (the parts, the npz). A stop signal is
+    acted on after the batch: one line, exit 128 + signal. Whatever ends early (a signal, an error, a second Ctrl-C)
+    leaves no part file: rank 0 removes every rank's (the others may be past their wait), the others their own."""
+    n, parts = len(labels), npz_parts(path, world)
+    mine = range(rank, -(-n // batch), world)                         # this rank's global batches, of ceil(n / batch)
+    rows = sum(len(labels[b * batch:(b + 1) * batch]) for b in mine)  # its images: the last batch may be short
+    catch_stop_signals()                     # SIGTERM / Ctrl-C: noted, acted on after the batch (a second: at once)
     try:
-        yield part, parts
-    except BaseException:
-        del part                                                      # our reference to the map
-        for f in parts if rank == 0 else parts[rank:rank + 1]:
-            os.remove(f) if os.path.exists(f) else None
-        raise
+        if rank == 0:
+            for f in remove_left_parts(path, world):
+                print(f"removed {f}, left by a run of sample.py that was killed")
+            check_free_space(os.path.dirname(os.path.abspath(path)), 2 * n * 3 * math.prod(image_shape), "the samples")
+        part = memmap(parts[rank], np.uint8, (rows, *image_shape, 3))
+        try:
+            for i, b in enumerate(bar := tqdm(mine, desc="sample", disable=rank != 0, dynamic_ncols=True)):
+                x = make_batch(b, labels[b * batch:(b + 1) * batch])
+                part[i * batch:i * batch + len(x)] = x.permute(0, 2, 3, 1).numpy()   # (B, 3, H, W) -> (B, H, W, 3)
+                if STOP:
+                    break
+            bar.close()
+            part.flush()                                              # in the file for write_npz (and any rank)
+            if STOP or not wait_for_ranks():                          # every rank's part written, or a signal
+                print(f"stopped by {signal.Signals(STOP['signal']).name}; no {path} written", flush=True) \
+                    if rank == 0 else None
+                sys.exit(128 + STOP["signal"])                        # nothing to resume from: nothing is kept
+            if rank == 0:                        # a signal now is noted and the npz finished: the work is done
+                write_npz(path, parts, batch, labels.numpy(), classes)   # atomic; the parts are removed
+        except BaseException:
+            del part                                                  # the only reference to the map
+            for f in parts if rank == 0 else parts[rank:rank + 1]:
+                os.remove(f) if os.path.exists(f) else None
+            raise
+    finally:
+        release_stop_signals()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -12,17 +12,13 @@ Each batch has its own generator, seeded by (--seed, batch index): the npz is th
 import argparse
 import math
 import os
-import signal
-import sys
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
 
-from checkpoints import (STOP, CheckpointError, catch_stop_signals, check_flags, check_writable, device_flag,
-                         init_distributed, load_pair, release_stop_signals, wait_for_ranks)
+from checkpoints import CheckpointError, check_flags, check_writable, device_flag, init_distributed, load_pair
 from far import generate
-from images import npz_part, save_grid, to_uint8, write_npz
+from images import save_grid, to_uint8, write_npz_by_ranks
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights")   # the shipped tiny FAR + tokenizer
 
@@ -114,38 +110,16 @@ def png(model, tok, classes, args, device):
 
 
 def npz(model, tok, classes, args, device, rank, world):
-    """The ADM npz for FID: class-balanced labels in a seeded order; global batch b is made by rank b % world into its
-    own part file (images.npz_part), and rank 0 streams the parts into --out-npz in order."""
+    """The ADM npz for FID: class-balanced labels in a seeded order; global batch b is made by rank b % world, and
+    rank 0 joins the ranks' parts in order (images.write_npz_by_ranks: none left by a failure or a stop signal)."""
     # NOTE(paper≠code): exactly class-balanced labels (the released sampler draws them at random per batch, §6.4)
-    n, B, (H, W) = args.num_samples, args.batch_size, tok.cfg.image_shape
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(args.seed))
-    labels = (torch.arange(n) % model.cfg.num_classes)[order]
-    mine = range(rank, -(-n // B), world)                              # this rank's global batches, of ceil(n / B)
-    rows = sum(len(labels[b * B:(b + 1) * B]) for b in mine)           # its images: the last batch may be short
-
-    def stop():                                                        # nothing to resume from: nothing is kept
-        print(f"stopped by {signal.Signals(STOP['signal']).name}; no {args.out_npz} written", flush=True) \
-            if rank == 0 else None
-        sys.exit(128 + STOP["signal"])                                 # npz_part removes the part files
-
-    catch_stop_signals()                     # SIGTERM / Ctrl-C: noted, acted on after the batch (a second: at once)
-    try:
-        with npz_part(args.out_npz, rank, world, rows, (H, W), n) as (part, parts):   # no part left by a failure
-            for i, b in enumerate(bar := tqdm(mine, desc="sample", disable=rank != 0, dynamic_ncols=True)):
-                x = sample(model, tok, labels[b * B:(b + 1) * B], args, b, device)   # the last batch may be short
-                part[i * B:i * B + len(x)] = x.permute(0, 2, 3, 1).numpy()   # (B, 3, H, W) -> (B, H, W, 3), ADM
-                if STOP:
-                    bar.close()
-                    stop()
-            part.flush()                                               # in the file for write_npz (and any rank)
-            if not wait_for_ranks():                                   # every rank's part written, or a signal
-                stop()
-            if rank == 0:                        # a signal now is noted and the npz finished: the work is done
-                write_npz(args.out_npz, parts, B, labels.numpy(), classes)   # atomic; the parts are removed
-                print(f"wrote {args.out_npz}: {n} samples ({H}x{W}), {model.cfg.num_classes} classes balanced, "
-                      f"cfg {args.cfg_scale}")
-    finally:
-        release_stop_signals()
+    order = torch.randperm(args.num_samples, generator=torch.Generator().manual_seed(args.seed))
+    labels = (torch.arange(args.num_samples) % model.cfg.num_classes)[order]
+    write_npz_by_ranks(args.out_npz, labels, args.batch_size, tok.cfg.image_shape, rank=rank, world=world,
+                       make_batch=lambda b, y: sample(model, tok, y, args, b, device), classes=classes)
+    if rank == 0:
+        print(f"wrote {args.out_npz}: {args.num_samples} samples ({'x'.join(map(str, tok.cfg.image_shape))}), "
+              f"{model.cfg.num_classes} classes balanced, cfg {args.cfg_scale}")
 
 
 def main(argv=None):
