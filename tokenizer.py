@@ -88,12 +88,16 @@ class TokenizerConfig:
         return size[0] // self.downsample, size[1] // self.downsample
 
 
-# Every preset (the TokenizerConfig defaults above fill the rest). TINY, the CPU-sized trunk of the default tiny:
-# 64 px, 48 channels, 8 per GroupNorm group (one per group is an instance norm, where a decoder grew a spike).
-# TINY64, the same at 64 channels: the shipped weights' and the 16x16 ablation presets' trunk. Why 48 channels and
-# 8 per group: docs/results.md.
-DUAL_CLIP = ("openclip:ViT-L-14:openai",)                          # Tab. 1: Dual's semantic teacher, CLIP ViT-L/14
-TRIPLE_TEACHERS = ("timm:vit_small_patch14_dinov2.lvd142m", "openclip:ViT-B-16:openai")   # DINOv2 S/14, CLIP B/16
+# Every preset (the TokenizerConfig defaults above fill the rest). Tab. 1's branches: DUAL (CLIP ViT-L/14 on the
+# semantic branch), TRIPLE (DINOv2 S/14, CLIP B/16); ONE, a single plain VQ branch (a VQGAN).
+DUAL = dict(num_codebooks=2, branch_names=("vis", "sem"), head_dims=(0, 1024),
+            teachers=(None, "openclip:ViT-L-14:openai"))
+TRIPLE = dict(num_codebooks=3, branch_names=("vis", "sem_mid", "sem_high"), head_dims=(0, 384, 768),
+              teachers=(None, "timm:vit_small_patch14_dinov2.lvd142m", "openclip:ViT-B-16:openai"))
+ONE = dict(num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,), head_dims=(0,))
+# TINY, the CPU-sized trunk of the default tiny: 64 px, 48 channels, 8 per GroupNorm group (one per group is an
+# instance norm, where a decoder grew a spike). TINY64, the same at 64 channels: the shipped weights' and the 16x16
+# ablation presets' trunk. Why 48 channels and 8 per group: docs/results.md.
 TINY = dict(image_size=64, ch=48, ch_mult=(1, 1, 2), num_res_blocks=1, z_channels=64, norm_groups=6)   # 16x16 tokens
 TINY64 = {**TINY, "ch": 64, "norm_groups": 8}                        # 64 channels, 8 per group
 TINY8 = {**TINY64, "ch_mult": (1, 1, 2, 2)}                          # one more level: 8x8 tokens (downsample 8)
@@ -104,28 +108,22 @@ TINY_REP = dict(teachers=(None, "cnn:tiny_teacher.pt"), head_dims=(0, 128), head
 # paper-map: Tab. 1
 PRESETS = {
     # Tab. 1: FQGAN-Dual / -Triple at downsample 16 (16x16 tokens at 256 px) and 8 (32x32 tokens), K = 16384, d = 8
-    "fqgan-dual-16": dict(ch_mult=(1, 1, 2, 2, 4), num_codebooks=2, branch_names=("vis", "sem"),
-                          teachers=(None, *DUAL_CLIP), head_dims=(0, 1024)),
-    "fqgan-triple-16": dict(ch_mult=(1, 1, 2, 2, 4), num_codebooks=3, branch_names=("vis", "sem_mid", "sem_high"),
-                            teachers=(None, *TRIPLE_TEACHERS), head_dims=(0, 384, 768)),
-    "fqgan-dual-8": dict(ch_mult=(1, 2, 2, 4), num_codebooks=2, branch_names=("vis", "sem"),
-                         teachers=(None, *DUAL_CLIP), head_dims=(0, 1024)),
-    "fqgan-triple-8": dict(ch_mult=(1, 2, 2, 4), num_codebooks=3, branch_names=("vis", "sem_mid", "sem_high"),
-                           teachers=(None, *TRIPLE_TEACHERS), head_dims=(0, 384, 768)),
+    "fqgan-dual-16": dict(ch_mult=(1, 1, 2, 2, 4), **DUAL),
+    "fqgan-triple-16": dict(ch_mult=(1, 1, 2, 2, 4), **TRIPLE),
+    "fqgan-dual-8": dict(ch_mult=(1, 2, 2, 4), **DUAL),
+    "fqgan-triple-8": dict(ch_mult=(1, 2, 2, 4), **TRIPLE),
     # Tab. 3 baseline: LlamaGen's VQ-16, one 16384 x 8 codebook, no adapter
-    "vqgan-16": dict(num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,), head_dims=(0,)),
+    "vqgan-16": dict(**ONE),
     # IBQ (arXiv 2412.02692): one 16384 x 256 codebook, raw inner-product logits, 4 res blocks per level.
     # NOTE(paper≠code): IBQ's own encoder is taming's (attention at 16x16 in every block); we reuse ours.
-    "ibq-16": dict(quantizer="ibq", codebook_dim=256, l2_norm=False, entropy_weight=0.05, num_res_blocks=4,
-                   num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,), head_dims=(0,)),
+    "ibq-16": dict(quantizer="ibq", codebook_dim=256, l2_norm=False, entropy_weight=0.05, num_res_blocks=4, **ONE),
     # CPU size: 64 px, downsample 4 -> 16x16 tokens, two 512-entry sub-codebooks, no teacher (no weights offline).
     # NOTE(paper≠code): residual tiny adapters, z_i = z + A_i(z), train faster at this size (docs/results.md).
     "tiny": {**TINY, **TINY_FQ},
     "tiny64": {**TINY64, **TINY_FQ},    # tiny at 64 channels: weights/tiny_tokenizer.pt (fine-tune: --preset tiny64)
     # tiny64's trunk, one plain 1024-entry VQ branch (VQ(2K)): the plain AR baseline's codes (ablate.py --table ar),
     # against FAR on the shipped tiny64 codes
-    "tiny-vq": dict(**TINY64, codebook_size=1024, num_codebooks=1, adapter_layers=0, branch_names=("vis",),
-                    teachers=(None,), head_dims=(0,)),
+    "tiny-vq": dict(**TINY64, codebook_size=1024, **ONE),
     # tiny64 + Sec. 3.2.2 ("+rep"): the offline stand-in teacher (teachers.PhotoCNN) on branch 2, where Dual has CLIP
     # (weights/tiny_dual.pt, beside the shipped tiny64).
     "tiny-dual": {**TINY64, **TINY_FQ, **TINY_REP},
@@ -134,10 +132,9 @@ PRESETS = {
     # --codebook-size 1024); tiny8-ibq as ibq-16: d = z_channels, raw logits, K = 1024 = the 2 x 512 codes FQ stores.
     "tiny8": {**TINY8, **TINY_FQ},
     "tiny8-dual": {**TINY8, **TINY_FQ, **TINY_REP},
-    "tiny8-vq": dict(**TINY8, codebook_size=512, num_codebooks=1, adapter_layers=0, branch_names=("vis",),
-                     teachers=(None,), head_dims=(0,)),
+    "tiny8-vq": dict(**TINY8, codebook_size=512, **ONE),
     "tiny8-ibq": dict(**TINY8, quantizer="ibq", codebook_size=1024, codebook_dim=64, l2_norm=False, entropy_weight=0.05,
-                      num_codebooks=1, adapter_layers=0, branch_names=("vis",), teachers=(None,), head_dims=(0,)),
+                      **ONE),
 }
 
 
