@@ -118,8 +118,8 @@ def npz(model, tok, classes, args, device, rank, world):
     write_npz_by_ranks(args.out_npz, labels, args.batch_size, tok.cfg.image_shape, rank=rank, world=world,
                        make_batch=lambda b, y: sample(model, tok, y, args, b, device), classes=classes)
     if rank == 0:
-        print(f"wrote {args.out_npz}: {args.num_samples} samples ({'x'.join(map(str, tok.cfg.image_shape))}), "
-              f"{model.cfg.num_classes} classes balanced, cfg {args.cfg_scale}")
+        print(f"wrote {args.out_npz}: {args.num_samples} samples ({tok.cfg.image_shape[0]}x{tok.cfg.image_shape[1]}),"
+              f" {model.cfg.num_classes} classes balanced, cfg {args.cfg_scale}")
 
 
 def main(argv=None):
