@@ -134,16 +134,33 @@ def test_quick_table3(tmp_path):
     data = json.loads(out.read_text())
     check_common(data, "3")
     assert list(data["rows"]) == list(ablate.TAB3)
-    for name, row in data["rows"].items():
-        if "rep" in name and "skipped" in row:       # no teacher weights offline: reported, never substituted
-            assert "pretrained weights" in row["skipped"] and not row["runs"]
-            continue
+    for name, row in data["rows"].items():           # +rep: the stand-in teacher is shipped, so no row is skipped
+        assert "skipped" not in row                  # (without it: the test after this one)
         run = row["runs"]["0"]
         assert finite(run["psnr"]) and -1 <= run["ssim"] <= 1 and (run["lpips"] is None or finite(run["lpips"]))
         k = 2 if name.startswith("FQ") else 1          # one usage / perplexity per sub-codebook
         assert len(run["usage"]) == len(run["perplexity"]) == k
         assert all(0 < u <= 1 for u in run["usage"]) and all(p >= 1 for p in run["perplexity"])
         assert run["usage_tokens"] == 40 * 4 * 4        # 40 held-out images x 1 crop x (32 px / 8)^2 tokens
+
+
+def test_a_row_without_its_teacher_is_reported_skipped_and_runs_once_the_file_is_there(tmp_path, monkeypatch, capsys):
+    """Tab. 3's "+rep" rows need their teacher's weights: absent (a Dual preset's CLIP offline), the row is written
+    as skipped with the file it looked for, nothing is trained or substituted, and the table prints the reason; the
+    same command with the file in place runs the row (the skip is not remembered)."""
+    argv = ["--table", "3", "--quick", "--rows", "FQ(Kx2)+rep", "--work-dir", str(tmp_path / "runs"),
+            "--out", str(tmp_path / "tab3.json")]
+    real = ablate.teacher_file
+    monkeypatch.setattr(ablate, "teacher_file", lambda spec: (None, f"/nowhere/{spec[4:]}"))
+    ablate.main(argv)
+    row = json.loads((tmp_path / "tab3.json").read_text())["rows"]["FQ(Kx2)+rep"]
+    reason = "teacher cnn:tiny_teacher.pt needs pretrained weights, absent here (/nowhere/tiny_teacher.pt)"
+    assert row["skipped"].startswith(reason) and row["runs"] == {} and not list(tmp_path.glob("runs/tab3-*"))
+    assert f"FQ(Kx2)+rep        skipped: {reason}" in capsys.readouterr().out
+    monkeypatch.setattr(ablate, "teacher_file", real)
+    ablate.main(argv)
+    row = json.loads((tmp_path / "tab3.json").read_text())["rows"]["FQ(Kx2)+rep"]
+    assert "skipped" not in row and finite(row["runs"]["0"]["psnr"])
 
 
 @pytest.fixture(scope="module")
