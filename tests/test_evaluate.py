@@ -140,6 +140,13 @@ def test_generation_mode_npz_against_folder(inception, small_layers, tmp_path, c
     ref = tmp_path / "ref"
     assert f"note: 1 unreadable images skipped in {ref}: {ref / 'broken.png'}" in capsys.readouterr().out
     assert abs(res["fid"]) < 1e-3 and res["precision"] == res["recall"] == 1.0 and res["inception_score"] > 1 - 1e-9
+    os.makedirs(tmp_path / "none")                             # a reference of unreadable files only: one line, exit 2
+    (tmp_path / "none" / "a.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--samples", str(tmp_path / "samples.npz"), "--reference", str(tmp_path / "none"),
+                       "--inception-weights", inception, "--out-json", str(tmp_path / "none.json")])
+    assert e.value.code == 2 and f"none of the images in {tmp_path / 'none'} could be read" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "none.json")
     np.savez(tmp_path / "bad.npz", arr_0=arr.astype(np.float32))
     with pytest.raises(ValueError, match="uint8"):
         next(image_batches(str(tmp_path / "bad.npz"), 5))

@@ -52,6 +52,8 @@ def test_ssim_equals_a_loop_over_windows():
     assert np.allclose(got, expected, atol=1e-10) and (got < 0.99).all()
     # the official data_range=2 on [0, 1] images (official_code.md §4.2) inflates the score
     assert (metrics.ssim(a, b, data_range=2.0).numpy() > got).all()
+    with pytest.raises(ValueError, match=r"SSIM needs images of at least 11x11 pixels, got \(14, 10\)"):
+        metrics.ssim(a[..., :10], b[..., :10])                 # no valid window position: an error, not a NaN
 
 
 def test_fid_and_precision_recall_refuse_too_few_images():

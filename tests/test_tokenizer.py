@@ -283,3 +283,11 @@ def test_bad_inputs_raise_value_error():
         small_config(2, head_dims=(0,))
     with pytest.raises(ValueError, match="not divisible by the downsample factor"):
         small_config(2, image_size=30).grid
+    with pytest.raises(ValueError, match="quantizer must be 'vq' or 'ibq', got 'lfq'"):
+        small_config(2, quantizer="lfq")
+    with pytest.raises(ValueError, match="width 64 is not divisible by the number of heads 3"):
+        Tokenizer(small_config(2, adapter_heads=3))
+    for quantizer in ("vq", "ibq"):                             # z with the trunk's width instead of d = codebook_dim
+        q = Tokenizer(small_config(1, quantizer=quantizer, l2_norm=quantizer == "vq")).branches[0].quantize
+        with pytest.raises(ValueError, match=rf"expects z of shape \(B, {q.codebook_dim}, h, w\), got \(1, 64, 8, 8\)"):
+            q(torch.zeros(1, 64, 8, 8))

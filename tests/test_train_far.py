@@ -238,13 +238,14 @@ def test_compiled_after_ddp_on_two_processes(tok_ckpt, data, tmp_path, two_ranks
     """What a GPU run does by default, with gloo on this CPU: torch.compile of the DDP-wrapped FAR, the compiled
     backward split at DDP's buckets (dynamo's DDP optimizer; the backend here is aot_eager, AOT_EAGER_SITE). It trains,
     its checkpoint holds the raw module's names (no module. / _orig_mod. prefix), it is compiled once (no recompilation
-    at a later step: each doubles the wait for the first steps), and it samples (the raw module) at the end."""
+    at a later step: each doubles the wait for the first steps), and it samples (the raw module) at the end. The
+    held-out NLL the ranks log together (each its share of --val-path, summed) is the NLL of the whole set."""
     run, site = tmp_path / "run", tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(AOT_EAGER_SITE)
     env = {**os.environ, "TORCH_LOGS": "recompiles,ddp_graphs", "PYTHONPATH": str(site)}
     ranks = two_ranks(["train_far.py", *FAST, "--tokenizer-ckpt", tok_ckpt, "--data-path", data, "--compile",
-                       "--max-steps", "3", "--sample-every", "3", "--out-dir", str(run)], env=env)
+                       "--max-steps", "3", "--sample-every", "3", "--val-path", data, "--out-dir", str(run)], env=env)
     assert not any("__recompiles" in out for out in ranks.out), ranks.out[0][-3000:]   # dynamo's log of a recompile
     assert all("---submod_1 graph---" in out for out in ranks.out)     # the graph split in two at DDP's buckets
     state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
@@ -253,6 +254,36 @@ def test_compiled_after_ddp_on_two_processes(tok_ckpt, data, tmp_path, two_ranks
     losses = [r["loss"] for r in map(json.loads, open(run / "log.jsonl")) if "loss" in r]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert os.path.exists(run / "samples" / "0000003.png")
+    val = [r for r in map(json.loads, open(run / "log.jsonl")) if "val_bits/0" in r]
+    assert [r["step"] for r in val] == [0, 2, 3]                      # before training, --eval-every 2, the end
+    far = train_far.FAR(train_far.FARConfig(**state["config"]))
+    far.load_state_dict(state["model"])
+    whole = train_far.nll_bits(far, codes_module.Codes(*codes_module.load_shards(run / "codes" / "val", 2)), "cpu")
+    assert whole == pytest.approx({k: v for k, v in val[-1].items() if k.startswith("val_bits")}, rel=1e-5)
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_at_that_step(tok_ckpt, data, tmp_path, two_ranks):
+    """A NaN loss on rank 1 alone (an overflow in its share of the batch): both ranks stop after that step, exit 1,
+    with one message, rank 0's, that names the loss (the terms are averaged over the ranks before the check; DDP's
+    gradient all-reduce alone would only make rank 0's grad_norm NaN), and last.pt stays the checkpoint of step 2."""
+    (tmp_path / "run.py").write_text(f"""import os, sys
+sys.path.insert(0, {ROOT!r})
+import train_far
+real, calls = train_far.far_loss, []
+def nan_on_rank_1(*a, **kw):
+    out, calls[len(calls):] = real(*a, **kw), [1]
+    if os.environ["RANK"] == "1" and len(calls) == 3:             # step 3
+        out["loss"] = out["loss"] * float("nan")
+    return out
+train_far.far_loss = nan_on_rank_1
+train_far.main(sys.argv[1:])
+""")
+    run = tmp_path / "run"
+    ranks = two_ranks([str(tmp_path / "run.py"), *FAST, "--tokenizer-ckpt", tok_ckpt, "--data-path", data,
+                       "--max-steps", "4", "--ckpt-every", "2", "--out-dir", str(run)], check=False)
+    assert ranks.codes[0] == 1 and ranks.codes[1] in (1, -signal.SIGTERM, 128 + signal.SIGTERM), ranks.out
+    assert "non-finite loss at step 3: loss" in ranks.out[0] and "non-finite" not in ranks.out[1]
+    assert torch.load(run / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
 
 
 def test_copy_distance_is_bounded_by_the_limits_not_the_data(monkeypatch):

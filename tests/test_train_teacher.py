@@ -5,6 +5,7 @@ Run: python -m pytest tests/test_train_teacher.py -q   (CPU, a few seconds)
 """
 import os
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,16 @@ def test_a_nan_loss_stops_with_the_step_and_keeps_the_old_file(photos, tmp_path,
         train_teacher.main(flags(photos, out, "--steps", "5"))
     assert "the loss is nan at step 3; nothing written" in str(e.value.code)
     assert out.read_bytes() == b"the teacher before" and sorted(os.listdir(tmp_path)) == ["teacher.pt"]
+
+
+def test_a_missing_or_unreadable_teacher_file_is_one_clear_error(tmp_path):
+    """load_teacher("cnn:<file>"): no file names the train_teacher.py command that makes it; a zip that torch cannot
+    load (another program's archive) and a spec of an unknown kind are one-line ValueErrors, not tracebacks."""
+    with pytest.raises(FileNotFoundError, match=f"python train_teacher.py --out {tmp_path / 'absent.pt'}"):
+        load_teacher(f"cnn:{tmp_path / 'absent.pt'}")
+    with zipfile.ZipFile(tmp_path / "other.pt", "w") as zf:              # a complete zip, but no torch checkpoint
+        zf.writestr("notes.txt", "hello")
+    with pytest.raises(ValueError, match="other.pt is not a stand-in teacher of train_teacher.py: it cannot be read"):
+        load_teacher(f"cnn:{tmp_path / 'other.pt'}")
+    with pytest.raises(ValueError, match="must start with 'openclip:', 'timm:' or 'cnn:'"):
+        load_teacher("clip:ViT-L-14")
