@@ -271,7 +271,8 @@ sys.path.insert(0, {ROOT!r})
 import train_far
 real, calls = train_far.far_loss, []
 def nan_on_rank_1(*a, **kw):
-    out, calls[len(calls):] = real(*a, **kw), [1]
+    out = real(*a, **kw)
+    calls.append(1)
     if os.environ["RANK"] == "1" and len(calls) == 3:             # step 3
         out["loss"] = out["loss"] * float("nan")
     return out
