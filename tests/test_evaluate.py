@@ -308,6 +308,16 @@ def test_two_processes_equal_one(tok_ckpt, tmp_path, two_ranks):
             (key, one[key], two[key])
 
 
+def test_fewer_images_than_processes_is_one_line_exit_2(tok_ckpt, tmp_path, monkeypatch, capsys):
+    """--num-images 1 on 2 ranks (rank 0 of them here): every rank needs an image of its own; refused before any work."""
+    monkeypatch.setattr(evaluate, "init_distributed", lambda device: (False, 0, 2, 0, torch.device("cpu")))
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--tokenizer-ckpt", tok_ckpt, "--num-images", "1", "--num-workers", "0", "--no-fid",
+                       "--no-lpips", "--out-json", str(tmp_path / "r.json")])
+    assert e.value.code == 2 and "1 images for 2 processes: every rank needs at least one" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "r.json")
+
+
 def test_generation_mode_two_processes_equal_one(inception, tmp_path, two_ranks):
     # rank r decodes and embeds only the files r, r + 2, ... of a folder (batches r, r + 2, ... of an npz); rank 0 gets
     # every rank's features, back in file order (image_batches' indices: test above; with random weights IS is 1 in
