@@ -309,7 +309,7 @@ def test_two_processes_equal_one(tok_ckpt, tmp_path, two_ranks):
 
 
 def test_fewer_images_than_processes_is_one_line_exit_2(tok_ckpt, tmp_path, monkeypatch, capsys):
-    """--num-images 1 on 2 ranks (rank 0 of them here): every rank needs an image of its own; refused before any work."""
+    """--num-images 1 on 2 ranks (rank 0 of them here): every rank needs an image of its own; refused before any image is measured."""
     monkeypatch.setattr(evaluate, "init_distributed", lambda device: (False, 0, 2, 0, torch.device("cpu")))
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--tokenizer-ckpt", tok_ckpt, "--num-images", "1", "--num-workers", "0", "--no-fid",
